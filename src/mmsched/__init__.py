@@ -1,0 +1,76 @@
+"""mmsched: carry preprocessed multimodal inputs from the tokenizer to every TP scheduler rank.
+
+Inputs are validated and hashed once (:meth:`MultimodalInputs.from_dict`), travel as typed
+messages (:mod:`mmsched.codec`) over a transport chosen by name (:mod:`mmsched.transports`),
+and reach every rank of a :class:`Pipeline` identical.
+"""
+
+from mmsched.codec import Decoder, decode, encode
+from mmsched.config import Config
+from mmsched.errors import (
+    CodecError,
+    ConfigError,
+    EndOfStream,
+    InvalidMultimodalInput,
+    MmschedError,
+    PeerLost,
+    PickleRefused,
+    RequestFailed,
+    TransportClosed,
+    TransportError,
+    UnknownNameError,
+)
+from mmsched.hashing import HashStats, get_hasher, hash_stats
+from mmsched.inputs import Modality, MultimodalDataItem, MultimodalInputs, materialize
+from mmsched.messages import (
+    AbortReq,
+    Batch,
+    ErrorOutput,
+    GenerateOutput,
+    TokenizedGenerateReqInput,
+)
+from mmsched.pipeline import Pipeline
+from mmsched.strategies import STRATEGIES, get_strategy
+from mmsched.tokenizer import RequestTrace
+from mmsched.transports import GroupSpec, Transport, open_transport, transport_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRATEGIES",
+    "AbortReq",
+    "Batch",
+    "CodecError",
+    "Config",
+    "ConfigError",
+    "Decoder",
+    "EndOfStream",
+    "ErrorOutput",
+    "GenerateOutput",
+    "GroupSpec",
+    "HashStats",
+    "InvalidMultimodalInput",
+    "MmschedError",
+    "Modality",
+    "MultimodalDataItem",
+    "MultimodalInputs",
+    "PeerLost",
+    "PickleRefused",
+    "Pipeline",
+    "RequestFailed",
+    "RequestTrace",
+    "TokenizedGenerateReqInput",
+    "Transport",
+    "TransportClosed",
+    "TransportError",
+    "UnknownNameError",
+    "__version__",
+    "decode",
+    "encode",
+    "get_hasher",
+    "get_strategy",
+    "hash_stats",
+    "materialize",
+    "open_transport",
+    "transport_names",
+]

@@ -1,0 +1,6 @@
+"""``python -m mmsched``: the command-line interface (see :mod:`mmsched.cli`)."""
+
+from mmsched.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks that compare strategies and transports on a real pipeline (``mmsched bench``)."""

@@ -1,0 +1,212 @@
+"""``mmsched bench fanout``: how long until every rank holds a request's inputs, per strategy.
+
+For each strategy a real pipeline starts (``tp`` rank processes in a torch.distributed
+group); for each payload size, requests are sent one at a time, so that no request waits
+behind another and the figure is the fan-out itself. Measured per request:
+
+- latency: from "processor output ready in the tokenizer" (``created_at``) to "the last rank
+  holds a usable MultimodalInputs" (the latest ``ready_at`` the ranks report), both read
+  from CLOCK_MONOTONIC, which every process of a host shares;
+- CPU: user + system seconds of the tokenizer and every rank process over the timed
+  requests, from the OS, divided by the number of requests;
+- hashing: hashes and their CPU time, read from each process's own counter
+  (:func:`mmsched.hash_stats`), not assumed from the strategy;
+- identity: every rank reports a fingerprint for every request; for one request per size
+  every rank also reports a digest of all bytes it holds, compared with the tokenizer's.
+
+The payload is built once per size, before timing (its generation is no part of any cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mmsched.codec import encode, encoded_size
+from mmsched.config import Config
+from mmsched.hashing import hash_stats
+from mmsched.inputs import MultimodalInputs
+from mmsched.messages import TokenizedGenerateReqInput
+from mmsched.pipeline import Pipeline
+from mmsched.strategies import MaterializeIn, get_strategy
+from mmsched.tokenizer import RequestTrace
+
+from .cpu import CpuMeter
+from .workloads import Sample, image_of_size
+
+DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer")
+DEFAULT_SIZES_MB = (1.0, 10.0, 50.0, 100.0)
+
+
+@dataclass
+class FanoutRecord:
+    """One (strategy, transport, tp, size) result; ``--json`` writes a list of these."""
+
+    strategy: str
+    transport: str
+    tp: int
+    size_mb: float
+    hasher: str
+    requests: int
+    latency_ms: dict[str, float]
+    cpu_ms_per_request: float
+    hash_ms_per_request: float
+    hashes_per_request: float
+    encoded_bytes: int
+    encoded_bytes_raw_dict: int
+    ranks_identical: bool
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _RankCounters:
+    count: int
+    cpu_seconds: float
+
+
+def _rank_counters(trace: RequestTrace) -> dict[int, _RankCounters]:
+    return {r.rank: _RankCounters(r.hash_count, r.hash_cpu_seconds) for r in trace.reports}
+
+
+def _latency_ms(trace: RequestTrace) -> float:
+    return (trace.all_ranks_ready_at - trace.created_at) * 1000
+
+
+def _identical(trace: RequestTrace, tp: int, reference_digest: str | None) -> bool:
+    reports = trace.reports
+    if len(reports) != tp or any(r.error for r in reports):
+        return False
+    if len({r.fingerprint for r in reports}) != 1:
+        return False
+    if reference_digest is not None:
+        return all(r.content_digest == reference_digest for r in reports)
+    return True
+
+
+def encoded_sizes(sample: Sample, hasher: str) -> tuple[int, int]:
+    """Encoded bytes of a request carrying the built object, and carrying the raw dict."""
+    built = MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher)
+    as_object = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=built)
+    as_dict = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=sample.mm_inputs)
+    return encoded_size(encode(as_object)), encoded_size(encode(as_dict))
+
+
+async def run_strategy(
+    strategy: str,
+    samples: dict[float, Sample],
+    *,
+    tp: int,
+    transport: str,
+    hasher: str,
+    requests: int,
+    warmup: int = 1,
+    on_record: Callable[[FanoutRecord], None] | None = None,
+) -> list[FanoutRecord]:
+    """Time ``requests`` sequential requests of each sample size under one strategy."""
+    config = Config(
+        transport=transport, strategy=strategy, hasher=hasher, tp_size=tp, report_ranks=True
+    )
+    # What crosses from the tokenizer: the built object, or the raw dict.
+    sends_object = get_strategy(strategy).materialize_in is MaterializeIn.TOKENIZER
+    records = []
+    async with Pipeline(config) as pipeline:
+        meter = CpuMeter([os.getpid(), *pipeline.pids])
+        for size_mb, sample in samples.items():
+            reference = MultimodalInputs.from_dict(
+                sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
+            ).content_digest()
+            identical = True
+            last: RequestTrace | None = None
+            for i in range(max(1, warmup)):
+                last = await pipeline.generate_traced(
+                    f"warm-{strategy}-{size_mb}-{i}",
+                    sample.input_ids,
+                    sample.mm_inputs,
+                    check_ranks=True,
+                )
+                identical &= _identical(last, tp, reference)
+            assert last is not None
+            before_ranks = _rank_counters(last)
+            before_local = hash_stats()
+            cpu_before = meter.seconds()
+            latencies = []
+            for i in range(requests):
+                last = await pipeline.generate_traced(
+                    f"{strategy}-{size_mb}-{i}", sample.input_ids, sample.mm_inputs
+                )
+                latencies.append(_latency_ms(last))
+                identical &= _identical(last, tp, None)
+            cpu_s = meter.seconds() - cpu_before
+            local = hash_stats() - before_local
+            after_ranks = _rank_counters(last)
+            hashes = local.count + sum(
+                after_ranks[r].count - before_ranks[r].count for r in after_ranks
+            )
+            hash_s = local.cpu_seconds + sum(
+                after_ranks[r].cpu_seconds - before_ranks[r].cpu_seconds for r in after_ranks
+            )
+            obj_bytes, dict_bytes = encoded_sizes(sample, hasher)
+            record = FanoutRecord(
+                strategy=strategy,
+                transport=transport,
+                tp=tp,
+                size_mb=size_mb,
+                hasher=hasher,
+                requests=requests,
+                latency_ms={
+                    "p50": float(np.percentile(latencies, 50)),
+                    "p99": float(np.percentile(latencies, 99)),
+                    "mean": statistics.fmean(latencies),
+                },
+                cpu_ms_per_request=cpu_s * 1000 / requests,
+                hash_ms_per_request=hash_s * 1000 / requests,
+                hashes_per_request=hashes / requests,
+                encoded_bytes=obj_bytes if sends_object else dict_bytes,
+                encoded_bytes_raw_dict=dict_bytes,
+                ranks_identical=identical,
+            )
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+    return records
+
+
+async def run_fanout(
+    *,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    sizes_mb: Sequence[float] = DEFAULT_SIZES_MB,
+    tp: int = 4,
+    transport: str = "torch",
+    hasher: str = "sha256",
+    requests: int = 20,
+    warmup: int = 1,
+    on_record: Callable[[FanoutRecord], None] | None = None,
+) -> list[FanoutRecord]:
+    """The whole comparison: every strategy at every size, in one run."""
+    samples = {size: image_of_size(size, seed=int(size * 1000)) for size in sizes_mb}
+    records: list[FanoutRecord] = []
+    for strategy in strategies:
+        records += await run_strategy(
+            strategy,
+            samples,
+            tp=tp,
+            transport=transport,
+            hasher=hasher,
+            requests=requests,
+            warmup=warmup,
+            on_record=on_record,
+        )
+    return records
+
+
+def run(**kwargs: Any) -> list[FanoutRecord]:
+    return asyncio.run(run_fanout(**kwargs))

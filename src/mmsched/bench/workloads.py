@@ -1,0 +1,106 @@
+"""Synthetic processor outputs shaped like a real model's, for benchmarks and tests.
+
+No model weights or data sets are needed: tensors are random, shapes and side data follow a
+Qwen2-VL-style processor (14x14 patches, 3 channels x 2 frames x 14 x 14 = 1176 values per
+patch row, 2x2 patch merge per token) and a Whisper-style audio front end (128 mel bins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PATCH_DIM = 1176  # 3 channels * temporal patch 2 * 14 * 14, Qwen2-VL's pixel_values width
+MERGE = 4  # 2x2 patches merge into one token
+IMAGE_TOKEN_ID = 151655
+VIDEO_TOKEN_ID = 151656
+AUDIO_TOKEN_ID = 151646
+
+
+@dataclass
+class Sample:
+    """One request's input ids and the processor output for it."""
+
+    input_ids: list[int]
+    mm_inputs: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            i["feature"].numel() * i["feature"].element_size() for i in self.mm_inputs["mm_items"]
+        )
+
+
+def _ids_around(
+    n_media_tokens: int, token_id: int, prompt: int = 16
+) -> tuple[list[int], tuple[int, int]]:
+    ids = list(range(1, prompt + 1)) + [token_id] * n_media_tokens + list(range(prompt))
+    return ids, (prompt, prompt + n_media_tokens - 1)
+
+
+def image_sample(
+    grid_h: int, grid_w: int, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Sample:
+    """One image of ``grid_h x grid_w`` patches (a 1120x700 image is 50 x 80)."""
+    rows = grid_h * grid_w
+    gen = torch.Generator().manual_seed(seed)
+    feature = torch.randn(rows, PATCH_DIM, generator=gen).to(dtype)
+    ids, span = _ids_around(rows // MERGE, IMAGE_TOKEN_ID)
+    item = {
+        "modality": "image",
+        "feature": feature,
+        "offsets": [span],
+        "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
+    }
+    return Sample(ids, {"mm_items": [item], "im_token_id": IMAGE_TOKEN_ID})
+
+
+def qwen2vl_image(width: int = 1120, height: int = 700, *, seed: int = 0) -> Sample:
+    """What a Qwen2-VL processor emits for one ``width x height`` image: (4000, 1176) f32."""
+    return image_sample(height // 14, width // 14, seed=seed)
+
+
+def image_of_size(size_mb: float, *, seed: int = 0) -> Sample:
+    """One float32 image whose pixel_values take about ``size_mb`` megabytes (10**6 bytes)."""
+    rows = max(4, round(size_mb * 1e6 / (PATCH_DIM * 4)))
+    rows -= rows % 4  # an even grid on both axes, as the 2x2 merge needs
+    return image_sample(2, rows // 2, seed=seed)
+
+
+def video_sample(frames: int = 20, grid_h: int = 40, grid_w: int = 72, *, seed: int = 0) -> Sample:
+    """A video: ``frames`` frames (pairs of frames form one temporal patch).
+
+    The default, 20 frames resized to 560x1008 (10 s of 720p video at 2 fps), is 135 MB of
+    float32 pixel values, the size the field reports for such a clip.
+    """
+    t = frames // 2
+    rows = t * grid_h * grid_w
+    gen = torch.Generator().manual_seed(seed)
+    feature = torch.randn(rows, PATCH_DIM, generator=gen)
+    ids, span = _ids_around(rows // MERGE, VIDEO_TOKEN_ID)
+    item = {
+        "modality": "video",
+        "feature": feature,
+        "offsets": [span],
+        "video_grid_thw": torch.tensor([[t, grid_h, grid_w]]),
+        "second_per_grid_ts": [1.0],
+    }
+    return Sample(ids, {"mm_items": [item], "video_token_id": VIDEO_TOKEN_ID})
+
+
+def audio_sample(clips: int = 1, seconds: float = 30.0, *, seed: int = 0) -> Sample:
+    """Log-mel features of ``clips`` audio clips: (clips, 128, 100 frames per second)."""
+    frames = int(seconds * 100)
+    gen = torch.Generator().manual_seed(seed)
+    feature = torch.randn(clips, 128, frames, generator=gen)
+    n_tokens = clips * (frames // 4)
+    ids, span = _ids_around(n_tokens, AUDIO_TOKEN_ID)
+    item = {
+        "modality": "audio",
+        "feature": feature,
+        "offsets": [span],
+        "audio_feature_lens": torch.full((clips,), frames, dtype=torch.int64),
+    }
+    return Sample(ids, {"mm_items": [item], "audio_token_id": AUDIO_TOKEN_ID})

@@ -1,0 +1,214 @@
+"""Typed messages to frames and back: a small orjson header, tensors as raw frames.
+
+An encoded message is a list of frames::
+
+    frames[0]   orjson header: {"v": 1, "n": <buffer count>, "msg": <tree>}
+    frames[1:]  raw buffers: tensor bytes, ``bytes`` values, pickled opaque values
+
+In the tree a dataclass becomes ``{"$t": KIND, ...fields}``; a tensor becomes
+``{"$tensor": i, "dtype": ..., "shape": [...]}`` where ``i`` indexes the buffers. Tensor
+bytes are never pickled and never copied on encode: the frame is a view of the tensor's
+storage. On decode a tensor is a view of its frame (no copy either), so it shares the
+frame's memory and must be treated as read-only when the frame is.
+
+A value the tree cannot express (an object a model put in its model-specific data) is
+pickled with cloudpickle into its own frame, as a last resort. Unpickling runs arbitrary
+code, so a :class:`Decoder` refuses such frames unless built with ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import warnings
+from collections.abc import Sequence
+from typing import Any, cast
+
+import cloudpickle
+import numpy as np
+import orjson
+import torch
+
+from mmsched.errors import CodecError, PickleRefused
+from mmsched.frames import Buffer, Frames, frames_nbytes
+from mmsched.hashing import tensor_bytes
+from mmsched.inputs import MultimodalDataItem, MultimodalInputs
+from mmsched.messages import MESSAGE_TYPES, Message
+
+CODEC_VERSION = 1
+
+# Dataclasses the tree may hold, by tag: the messages plus the structs nested in them.
+_STRUCTS: dict[str, type[Any]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
+_STRUCTS["mm_inputs"] = MultimodalInputs
+_STRUCTS["mm_item"] = MultimodalDataItem
+_TAG_OF: dict[type[Any], str] = {cls: tag for tag, cls in _STRUCTS.items()}
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+def encode(message: Message) -> Frames:
+    """Encode a message into frames; tensor frames are views of the tensors' storage."""
+    if not isinstance(message, MESSAGE_TYPES):
+        raise CodecError(f"not a message: {type(message).__name__}")
+    buffers: list[Buffer] = []
+    tree = _to_tree(message, buffers)
+    header = orjson.dumps({"v": CODEC_VERSION, "n": len(buffers), "msg": tree})
+    return [header, *buffers]
+
+
+def encoded_size(frames: Sequence[Buffer]) -> int:
+    """Total bytes of a list of frames."""
+    return frames_nbytes(frames)
+
+
+class Decoder:
+    """Decodes frames into messages.
+
+    Args:
+        allow_pickle: unpickle opaque values (runs code chosen by the sender). Off by default:
+            turn it on only where every sender is trusted.
+    """
+
+    def __init__(self, *, allow_pickle: bool = False) -> None:
+        self.allow_pickle = allow_pickle
+
+    def decode(self, frames: Sequence[Buffer]) -> Message:
+        if not frames:
+            raise CodecError("no frames")
+        try:
+            header = orjson.loads(
+                bytes(frames[0]) if isinstance(frames[0], memoryview) else frames[0]
+            )
+        except orjson.JSONDecodeError as exc:
+            raise CodecError(f"header is not JSON: {exc}") from exc
+        if not isinstance(header, dict) or header.get("v") != CODEC_VERSION:
+            raise CodecError(f"unsupported header (codec version {CODEC_VERSION} expected)")
+        if header.get("n") != len(frames) - 1:
+            raise CodecError(f"header announces {header.get('n')} buffers, got {len(frames) - 1}")
+        message = self._from_tree(header.get("msg"), frames[1:])
+        if not isinstance(message, MESSAGE_TYPES):
+            raise CodecError(f"top-level value is not a message: {type(message).__name__}")
+        return cast(Message, message)
+
+    def _from_tree(self, node: Any, buffers: Sequence[Buffer]) -> Any:
+        if isinstance(node, list):
+            return [self._from_tree(x, buffers) for x in node]
+        if not isinstance(node, dict):
+            return node
+        if "$t" in node:
+            cls = _STRUCTS.get(node["$t"])
+            if cls is None:
+                raise CodecError(f"unknown message kind {node['$t']!r}")
+            kwargs = {k: self._from_tree(v, buffers) for k, v in node.items() if k != "$t"}
+            try:
+                return cls(**kwargs)
+            except (TypeError, ValueError) as exc:
+                raise CodecError(f"bad fields for {node['$t']}: {exc}") from exc
+        if "$tensor" in node:
+            return _tensor_from(node, _buffer(buffers, node["$tensor"]))
+        if "$ndarray" in node:
+            buf = _buffer(buffers, node["$ndarray"])
+            return np.frombuffer(buf, dtype=np.dtype(node["dtype"])).reshape(node["shape"])
+        if "$bytes" in node:
+            return bytes(_buffer(buffers, node["$bytes"]))
+        if "$tuple" in node:
+            return tuple(self._from_tree(x, buffers) for x in node["$tuple"])
+        if "$dict" in node:
+            return {
+                self._from_tree(k, buffers): self._from_tree(v, buffers) for k, v in node["$dict"]
+            }
+        if "$pickle" in node:
+            if not self.allow_pickle:
+                raise PickleRefused(
+                    "message holds a pickled value and unpickling is off; build the Decoder "
+                    "with allow_pickle=True (config: allow_pickle) only if every sender is trusted"
+                )
+            return cloudpickle.loads(_buffer(buffers, node["$pickle"]))
+        return {k: self._from_tree(v, buffers) for k, v in node.items()}
+
+
+def decode(frames: Sequence[Buffer], *, allow_pickle: bool = False) -> Message:
+    """Decode frames with a one-off :class:`Decoder`."""
+    return Decoder(allow_pickle=allow_pickle).decode(frames)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, enum.Enum):
+            return value.value
+        return value
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            return _pickled(value, buffers)
+        buffers.append(tensor_bytes(value))
+        return {"$tensor": len(buffers) - 1, "dtype": dtype, "shape": list(value.shape)}
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        buffers.append(np.ascontiguousarray(value).data.cast("B"))
+        return {"$ndarray": len(buffers) - 1, "dtype": value.dtype.str, "shape": list(value.shape)}
+    if isinstance(value, (bytes, bytearray)):
+        buffers.append(value)
+        return {"$bytes": len(buffers) - 1}
+    if isinstance(value, list):
+        return [_to_tree(x, buffers) for x in value]
+    if isinstance(value, tuple):
+        return {"$tuple": [_to_tree(x, buffers) for x in value]}
+    if isinstance(value, dict):
+        # Keys starting with "$" are reserved for the markers above: such a dict goes as pairs.
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: _to_tree(v, buffers) for k, v in value.items()}
+        return {"$dict": [[_to_tree(k, buffers), _to_tree(v, buffers)] for k, v in value.items()]}
+    tag = _TAG_OF.get(type(value))
+    if tag is not None:
+        tree = {"$t": tag}
+        for f in dataclasses.fields(value):
+            tree[f.name] = _to_tree(getattr(value, f.name), buffers)
+        return tree
+    return _pickled(value, buffers)
+
+
+def _pickled(value: Any, buffers: list[Buffer]) -> dict[str, int]:
+    buffers.append(cloudpickle.dumps(value))
+    return {"$pickle": len(buffers) - 1}
+
+
+def _buffer(buffers: Sequence[Buffer], index: Any) -> Buffer:
+    if not isinstance(index, int) or not 0 <= index < len(buffers):
+        raise CodecError(f"buffer index {index!r} out of range ({len(buffers)} buffers)")
+    return buffers[index]
+
+
+def _tensor_from(node: dict[str, Any], buf: Buffer) -> torch.Tensor:
+    dtype = _DTYPES.get(node.get("dtype", ""))
+    if dtype is None:
+        raise CodecError(f"unknown tensor dtype {node.get('dtype')!r}")
+    shape = [int(x) for x in node["shape"]]
+    expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    nbytes = memoryview(buf).nbytes
+    if nbytes != expected:
+        raise CodecError(f"tensor frame holds {nbytes} bytes, dtype and shape need {expected}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # A read-only frame (bytes, a zmq frame) gives a tensor torch calls non-writable;
+        # sharing the frame's memory is the point, and the module docstring says so.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)

@@ -1,0 +1,155 @@
+"""Pipeline configuration: from keyword arguments, a dict, a TOML file or the environment.
+
+Every field can be set in each of these ways; later sources override earlier ones, so a
+deployment can keep a TOML file and override one value with an environment variable::
+
+    config = Config.from_toml("mmsched.toml").with_env()
+
+Environment variables are ``MMSCHED_`` plus the field name in upper case, e.g.
+``MMSCHED_TRANSPORT=torch``, ``MMSCHED_STRATEGY=tokenizer``, ``MMSCHED_TP_SIZE=4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmsched.errors import ConfigError
+from mmsched.hashing import DEFAULT_HASHER, get_hasher
+from mmsched.strategies import get_strategy
+from mmsched.transports import transport_class
+
+ENV_PREFIX = "MMSCHED_"
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a pipeline runs with. Names are resolved (and checked) when the config is made.
+
+    Attributes:
+        transport: how the entry rank fans out to the other ranks (``torch``, ...).
+        strategy: where inputs are materialized (``per-rank``, ``entry-broadcast``,
+            ``tokenizer``).
+        hasher: content hash of features (``blake3``, ``sha256``, ``xxh3``).
+        tp_size: number of scheduler ranks.
+        model_step_ms: cost of the stub model step per non-empty iteration (a sleep, as a
+            GPU forward pass leaves the CPU free).
+        idle_wait_ms: how long the entry rank waits for a first request before announcing an
+            empty iteration (the other ranks' heartbeat).
+        timeout_s: longest wait for a peer in any blocking step before it counts as lost.
+        startup_timeout_s: longest wait for every rank to join at start.
+        max_request_bytes: largest total feature size of one request; ``None``: no limit.
+        allow_pickle: let the codec unpickle opaque values (trust every sender first).
+        report_ranks: every rank reports per request when it held usable inputs, and what
+            it held (for benchmarks and tests).
+        tokenizer_workers: threads that materialize inputs in the tokenizer.
+    """
+
+    transport: str = "torch"
+    strategy: str = "tokenizer"
+    hasher: str = DEFAULT_HASHER
+    tp_size: int = 1
+    model_step_ms: float = 0.0
+    idle_wait_ms: float = 20.0
+    timeout_s: float = 60.0
+    startup_timeout_s: float = 120.0
+    max_request_bytes: int | None = None
+    allow_pickle: bool = False
+    report_ranks: bool = False
+    tokenizer_workers: int = 4
+
+    def __post_init__(self) -> None:
+        transport_class(self.transport)
+        get_strategy(self.strategy)
+        get_hasher(self.hasher)
+        if self.tp_size < 1:
+            raise ConfigError(f"tp_size must be at least 1, got {self.tp_size}")
+        if self.tokenizer_workers < 1:
+            raise ConfigError(f"tokenizer_workers must be at least 1, got {self.tokenizer_workers}")
+        for name in ("model_step_ms", "idle_wait_ms", "timeout_s", "startup_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_request_bytes is not None and self.max_request_bytes <= 0:
+            raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """Build from a mapping; unknown keys are an error that lists the known ones."""
+        return cls().replace(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Config:
+        """Build from a TOML file: top-level keys, or the keys of an ``[mmsched]`` table."""
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls.from_dict(data.get("mmsched", data))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Build from ``MMSCHED_*`` environment variables over the defaults."""
+        return cls().with_env(env)
+
+    def with_env(self, env: Mapping[str, str] | None = None) -> Config:
+        """This config with ``MMSCHED_*`` environment variables applied on top."""
+        env = os.environ if env is None else env
+        values = {
+            f.name: _parse_env(f, env[ENV_PREFIX + f.name.upper()])
+            for f in dataclasses.fields(self)
+            if ENV_PREFIX + f.name.upper() in env
+        }
+        return self.replace(**values)
+
+    def replace(self, **values: Any) -> Config:
+        """A copy with ``values`` changed, checked like a new config."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(known))}")
+            _check_type(known[key], value)
+        return dataclasses.replace(self, **values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(f: dataclasses.Field[Any], value: Any) -> None:
+    expected = {
+        "str": (str,),
+        "int": (int,),
+        "float": (int, float),
+        "bool": (bool,),
+        "int | None": (int, type(None)),
+    }[str(f.type)]
+    if isinstance(value, bool) and bool not in expected:
+        raise ConfigError(f"{f.name} must be {f.type}, got a bool")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
+
+
+def _parse_env(f: dataclasses.Field[Any], text: str) -> Any:
+    name = ENV_PREFIX + f.name.upper()
+    kind = str(f.type)
+    try:
+        if kind == "str":
+            return text
+        if kind == "bool":
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "int | None":
+            return None if text.strip().lower() in ("", "none") else int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {kind}") from None
+    raise ConfigError(f"{name}: unsupported field type {kind}")

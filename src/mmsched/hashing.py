@@ -1,0 +1,165 @@
+"""Content hashes of multimodal feature tensors, chosen by name, and a count of every hash.
+
+A hash names the media: equal media get equal ``pad_value`` token ids, so a prefix (radix)
+cache hits on a repeated image. Three hashers are registered:
+
+- ``blake3`` (default): BLAKE3 over a preimage of a domain tag, the modality, the dtype and
+  the shape, then the raw bytes. Equal bytes under another shape or dtype hash differently,
+  which closes the cache-poisoning hole of hashing bytes alone. Large tensors are hashed on
+  several threads.
+- ``sha256``: compatible with SGLang: ``int.from_bytes(sha256(bytes).digest()[:8], "big")``
+  over the tensor's contiguous bytes. (SGLang upcasts bf16 to float32 before hashing; here
+  bf16 is hashed over its own bytes, so bf16 hashes differ from SGLang's.)
+- ``xxh3``: XXH3-64 over the same preimage as blake3. Fast but *not cryptographic*: anyone
+  who controls inputs can forge collisions. Opt in only where inputs are trusted.
+
+No hasher copies the tensor: bytes are read through a ``memoryview`` of the tensor's storage
+(a non-contiguous tensor is made contiguous once).
+
+Every hash is recorded in a process-wide counter (:func:`hash_stats`), which the benchmark
+reads to report how many hashes a request cost and how much CPU they took.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import blake3 as _blake3
+import orjson
+import torch
+import xxhash
+
+from mmsched.errors import UnknownNameError
+
+PAD_VALUE_MODULUS = 2**30
+"""``pad_value = hash % PAD_VALUE_MODULUS``, as in SGLang, keeps pad ids inside int32."""
+
+_DOMAIN_TAG = b"mmsched.feature.v1\x00"
+
+# Below this size, spawning hashing threads costs more than it saves.
+_BLAKE3_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat ``memoryview``, without copying.
+
+    A non-contiguous tensor, or one on an accelerator, is first made contiguous on the CPU
+    (one copy, unavoidable). The view keeps the storage alive.
+    """
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    # view(uint8) reinterprets any dtype, bf16 included, as its raw bytes.
+    return flat.reshape(-1).view(torch.uint8).numpy().data
+
+
+def _preimage_header(modality: str, tensor: torch.Tensor) -> bytes:
+    # Length-prefixed so that no header can be confused with the start of another's bytes.
+    meta = orjson.dumps([modality, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
+    return _DOMAIN_TAG + len(meta).to_bytes(4, "big") + meta
+
+
+@dataclass(frozen=True)
+class HashStats:
+    """Hashes computed by this process so far and the process CPU time they took."""
+
+    count: int = 0
+    cpu_seconds: float = 0.0
+    nbytes: int = 0
+
+    def __sub__(self, other: HashStats) -> HashStats:
+        return HashStats(
+            self.count - other.count,
+            self.cpu_seconds - other.cpu_seconds,
+            self.nbytes - other.nbytes,
+        )
+
+
+class _HashCounter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = HashStats()
+
+    def record(self, cpu_seconds: float, nbytes: int) -> None:
+        with self._lock:
+            s = self._stats
+            self._stats = HashStats(s.count + 1, s.cpu_seconds + cpu_seconds, s.nbytes + nbytes)
+
+    def snapshot(self) -> HashStats:
+        with self._lock:
+            return self._stats
+
+
+_COUNTER = _HashCounter()
+
+
+def hash_stats() -> HashStats:
+    """Hashes computed in this process since it started (all threads)."""
+    return _COUNTER.snapshot()
+
+
+class Hasher(ABC):
+    """Turns a feature tensor into a 64-bit content hash."""
+
+    name: str
+
+    def hash_tensor(self, modality: str, tensor: torch.Tensor) -> int:
+        """Hash ``tensor`` (a feature of ``modality``) and record the cost in :func:`hash_stats`."""
+        data = tensor_bytes(tensor)
+        # Process CPU time, not thread time, so that BLAKE3's worker threads are counted.
+        start = time.process_time()
+        value = self._digest64(modality, tensor, data)
+        _COUNTER.record(time.process_time() - start, data.nbytes)
+        return value
+
+    @abstractmethod
+    def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int: ...
+
+
+class Blake3Hasher(Hasher):
+    name = "blake3"
+
+    def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int:
+        threads = _blake3.blake3.AUTO if data.nbytes >= _BLAKE3_PARALLEL_MIN_BYTES else 1
+        h = _blake3.blake3(_preimage_header(modality, tensor), max_threads=threads)
+        h.update(data)
+        return int.from_bytes(h.digest(8), "big")
+
+
+class Sha256Hasher(Hasher):
+    name = "sha256"
+
+    def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int:
+        return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+
+
+class Xxh3Hasher(Hasher):
+    name = "xxh3"
+
+    def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int:
+        h = xxhash.xxh3_64(_preimage_header(modality, tensor))
+        h.update(data)
+        return int(h.intdigest())
+
+
+HASHERS: dict[str, Hasher] = {h.name: h for h in (Blake3Hasher(), Sha256Hasher(), Xxh3Hasher())}
+DEFAULT_HASHER = "blake3"
+
+
+def get_hasher(name: str) -> Hasher:
+    """The hasher registered under ``name``; an unknown name lists the known ones."""
+    try:
+        return HASHERS[name]
+    except KeyError:
+        raise UnknownNameError("hasher", name, list(HASHERS)) from None
+
+
+def pad_value_of(hash_value: int) -> int:
+    """The token id that stands for this media in the input ids."""
+    return hash_value % PAD_VALUE_MODULUS

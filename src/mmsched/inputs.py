@@ -1,0 +1,433 @@
+"""The typed multimodal inputs of one request, built once from a processor's raw dict.
+
+A model's processor (in the tokenizer process) emits a plain dict: ``mm_items`` with one
+entry per media item (``modality``, ``feature`` tensor, token ``offsets`` and model-specific
+data such as ``image_grid_thw``), special token ids and M-RoPE positions.
+:meth:`MultimodalInputs.from_dict` validates that dict, hashes each item's feature exactly
+once and sets its ``pad_value``. The result is what every scheduler rank uses; building it
+again on each rank is the cost this library exists to avoid.
+
+Offsets follow SGLang: ``(start, end)`` token index pairs with ``end`` *inclusive*.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import numpy as np
+import torch
+
+from mmsched.errors import InvalidMultimodalInput
+from mmsched.hashing import DEFAULT_HASHER, get_hasher, pad_value_of, tensor_bytes
+
+
+class Modality(enum.StrEnum):
+    """Kind of media an item carries."""
+
+    IMAGE = "image"
+    VIDEO = "video"
+    AUDIO = "audio"
+
+
+# Feature dtypes a vision or audio encoder consumes: float pixel/feature values, or raw
+# uint8 frames for processors that defer normalisation to the model.
+ALLOWED_FEATURE_DTYPES = frozenset(
+    {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8}
+)
+
+_GRID_KEY_OF = {Modality.IMAGE: "image_grid_thw", Modality.VIDEO: "video_grid_thw"}
+_ITEM_KEYS = {"modality", "feature", "offsets"}
+_TOP_LEVEL_KEYS = {"mm_items", "mrope_positions", "mrope_position_delta"}
+
+
+@dataclass(eq=False)
+class MultimodalDataItem:
+    """One media item: its feature tensor, where its tokens sit, and its content hash.
+
+    ``model_specific_data`` holds what only some models need, validated where its meaning is
+    known: ``image_grid_thw`` / ``video_grid_thw`` (int ``(n, 3)``; rows of a 2-D feature
+    equal ``sum(t*h*w)``), ``second_per_grid_ts`` (one per video), ``audio_feature_lens``
+    (one per audio clip). Other keys pass through untouched.
+    """
+
+    modality: Modality
+    feature: torch.Tensor
+    offsets: list[tuple[int, int]]
+    hash: int
+    pad_value: int
+    model_specific_data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A decoder hands back plain strings and lists; restore the declared types.
+        self.modality = Modality(self.modality)
+        self.offsets = [(int(s), int(e)) for s, e in self.offsets]
+
+    @property
+    def nbytes(self) -> int:
+        return self.feature.numel() * self.feature.element_size()
+
+
+@dataclass(eq=False)
+class MultimodalInputs:
+    """All multimodal inputs of one request, validated and hashed (see :meth:`from_dict`)."""
+
+    mm_items: list[MultimodalDataItem]
+    hasher: str = DEFAULT_HASHER
+    special_token_ids: dict[str, int] = field(default_factory=dict)
+    mrope_positions: torch.Tensor | None = None
+    mrope_position_delta: torch.Tensor | None = None
+
+    @classmethod
+    def from_dict(
+        cls,
+        raw: Mapping[str, Any],
+        *,
+        hasher: str = DEFAULT_HASHER,
+        input_len: int | None = None,
+        max_bytes: int | None = None,
+    ) -> MultimodalInputs:
+        """Validate a processor's output and hash each item once.
+
+        Args:
+            raw: the processor output (see the module docstring for its shape).
+            hasher: name of a registered hasher (``blake3``, ``sha256``, ``xxh3``).
+            input_len: length of the request's input ids; when given, offsets and M-RoPE
+                positions are checked against it.
+            max_bytes: largest total feature size accepted, or ``None`` for no limit.
+
+        Raises:
+            InvalidMultimodalInput: naming the first offending field.
+            UnknownNameError: if ``hasher`` is not registered.
+        """
+        hash_fn = get_hasher(hasher)  # resolve first: a bad name is a config error, not input
+        parsed = _parse(raw, input_len=input_len, max_bytes=max_bytes)
+        items = [
+            MultimodalDataItem(
+                modality=modality,
+                feature=feature,
+                offsets=offsets,
+                hash=(h := hash_fn.hash_tensor(modality.value, feature)),
+                pad_value=pad_value_of(h),
+                model_specific_data=extra,
+            )
+            for modality, feature, offsets, extra in parsed.items
+        ]
+        return cls(
+            mm_items=items,
+            hasher=hasher,
+            special_token_ids=parsed.special_token_ids,
+            mrope_positions=parsed.mrope_positions,
+            mrope_position_delta=parsed.mrope_position_delta,
+        )
+
+    @property
+    def im_token_id(self) -> int | None:
+        return self.special_token_ids.get("im_token_id")
+
+    @property
+    def video_token_id(self) -> int | None:
+        return self.special_token_ids.get("video_token_id")
+
+    @property
+    def audio_token_id(self) -> int | None:
+        return self.special_token_ids.get("audio_token_id")
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the feature tensors."""
+        return sum(item.nbytes for item in self.mm_items)
+
+    def pad_input_ids(self, input_ids: Sequence[int]) -> list[int]:
+        """Input ids with each item's placeholder span replaced by its ``pad_value``.
+
+        Equal media then give equal token ids, which is what lets a prefix cache hit.
+        """
+        out = list(input_ids)
+        for item in self.mm_items:
+            for start, end in item.offsets:
+                if end >= len(out):
+                    raise InvalidMultimodalInput(
+                        "offsets", f"span ({start}, {end}) past input of length {len(out)}"
+                    )
+                out[start : end + 1] = [item.pad_value] * (end - start + 1)
+        return out
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Hashes, pad values and offsets: cheap to compare across ranks."""
+        return (
+            self.hasher,
+            tuple((i.modality.value, i.hash, i.pad_value, tuple(i.offsets)) for i in self.mm_items),
+        )
+
+    def content_digest(self) -> str:
+        """A BLAKE3 digest of every tensor's dtype, shape and bytes, and the fingerprint.
+
+        Two ranks with equal digests hold bitwise-equal inputs. Used to *check* that ranks
+        agree; it is not a media hash and is not counted in :func:`mmsched.hash_stats`.
+        """
+        h = blake3.blake3(repr(self.fingerprint()).encode())
+        for tensor in self._tensors():
+            h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            h.update(tensor_bytes(tensor))
+        return h.hexdigest()
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        for item in self.mm_items:
+            yield item.feature
+            for value in item.model_specific_data.values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+        for opt in (self.mrope_positions, self.mrope_position_delta):
+            if opt is not None:
+                yield opt
+
+
+def materialize(
+    mm_inputs: MultimodalInputs | Mapping[str, Any] | None,
+    *,
+    hasher: str = DEFAULT_HASHER,
+    input_len: int | None = None,
+    max_bytes: int | None = None,
+) -> MultimodalInputs | None:
+    """``mm_inputs`` as a :class:`MultimodalInputs`: built from a dict, passed through if built."""
+    if mm_inputs is None or isinstance(mm_inputs, MultimodalInputs):
+        return mm_inputs
+    return MultimodalInputs.from_dict(
+        mm_inputs, hasher=hasher, input_len=input_len, max_bytes=max_bytes
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass
+class _Parsed:
+    items: list[tuple[Modality, torch.Tensor, list[tuple[int, int]], dict[str, Any]]]
+    special_token_ids: dict[str, int]
+    mrope_positions: torch.Tensor | None
+    mrope_position_delta: torch.Tensor | None
+
+
+def _parse(raw: Any, *, input_len: int | None, max_bytes: int | None) -> _Parsed:
+    if not isinstance(raw, Mapping):
+        raise InvalidMultimodalInput("mm_inputs", f"expected a dict, got {type(raw).__name__}")
+    for key in raw:
+        if not isinstance(key, str):
+            raise InvalidMultimodalInput("mm_inputs", f"field names must be strings, got {key!r}")
+        if key not in _TOP_LEVEL_KEYS and not key.endswith("_id"):
+            raise InvalidMultimodalInput(
+                key,
+                "unknown field; expected mm_items, mrope_positions, mrope_position_delta "
+                "or special token ids named *_id",
+            )
+    if "mm_items" not in raw:
+        raise InvalidMultimodalInput("mm_items", "missing")
+    raw_items = raw["mm_items"]
+    if not isinstance(raw_items, (list, tuple)):
+        raise InvalidMultimodalInput("mm_items", f"expected a list, got {type(raw_items).__name__}")
+    if not raw_items:
+        raise InvalidMultimodalInput("mm_items", "empty; omit mm_inputs for a text-only request")
+
+    special = {k: _token_id(k, v) for k, v in raw.items() if k.endswith("_id")}
+    items = [_parse_item(f"mm_items[{i}]", it) for i, it in enumerate(raw_items)]
+    _check_spans(items, input_len)
+
+    total = sum(feature.numel() * feature.element_size() for _, feature, _, _ in items)
+    if max_bytes is not None and total > max_bytes:
+        raise InvalidMultimodalInput(
+            "mm_items", f"features total {total} bytes, over the limit of {max_bytes}"
+        )
+
+    mrope_positions = raw.get("mrope_positions")
+    if mrope_positions is not None:
+        mrope_positions = _tensor("mrope_positions", mrope_positions)
+        if mrope_positions.dtype.is_floating_point or mrope_positions.dim() != 2:
+            raise InvalidMultimodalInput(
+                "mrope_positions",
+                f"expected an integer tensor of shape (3, L), got {mrope_positions.dtype} "
+                f"{tuple(mrope_positions.shape)}",
+            )
+        if mrope_positions.shape[0] != 3:
+            raise InvalidMultimodalInput(
+                "mrope_positions", f"first dimension must be 3, got {mrope_positions.shape[0]}"
+            )
+        if input_len is not None and mrope_positions.shape[1] != input_len:
+            raise InvalidMultimodalInput(
+                "mrope_positions",
+                f"covers {mrope_positions.shape[1]} positions, input has {input_len}",
+            )
+    delta = raw.get("mrope_position_delta")
+    if delta is not None:
+        delta = torch.as_tensor(delta) if isinstance(delta, int) else delta
+        delta = _tensor("mrope_position_delta", delta)
+        if delta.dtype.is_floating_point:
+            raise InvalidMultimodalInput(
+                "mrope_position_delta", f"must be integer, got {delta.dtype}"
+            )
+    return _Parsed(items, special, mrope_positions, delta)
+
+
+def _token_id(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidMultimodalInput(name, f"expected an int token id, got {type(value).__name__}")
+    if value < 0:
+        raise InvalidMultimodalInput(name, f"token id must be non-negative, got {value}")
+    return int(value)
+
+
+def _tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise InvalidMultimodalInput(name, "numpy array of Python objects is not a tensor")
+        return torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise InvalidMultimodalInput(name, f"expected a tensor, got {type(value).__name__}")
+    return value
+
+
+def _parse_item(
+    where: str, raw: Any
+) -> tuple[Modality, torch.Tensor, list[tuple[int, int]], dict[str, Any]]:
+    if not isinstance(raw, Mapping):
+        raise InvalidMultimodalInput(where, f"expected a dict, got {type(raw).__name__}")
+    if not raw:
+        raise InvalidMultimodalInput(where, "empty item")
+    for key in ("modality", "feature", "offsets"):
+        if key not in raw:
+            raise InvalidMultimodalInput(f"{where}.{key}", "missing")
+
+    try:
+        modality = Modality(raw["modality"])
+    except ValueError:
+        known = ", ".join(m.value for m in Modality)
+        raise InvalidMultimodalInput(
+            f"{where}.modality", f"unknown modality {raw['modality']!r}; known: {known}"
+        ) from None
+
+    feature = _tensor(f"{where}.feature", raw["feature"])
+    if feature.dtype not in ALLOWED_FEATURE_DTYPES:
+        allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in ALLOWED_FEATURE_DTYPES))
+        raise InvalidMultimodalInput(
+            f"{where}.feature", f"dtype {feature.dtype} not allowed; allowed: {allowed}"
+        )
+    if feature.dim() == 0 or feature.numel() == 0:
+        raise InvalidMultimodalInput(
+            f"{where}.feature", f"empty tensor of shape {tuple(feature.shape)}"
+        )
+
+    offsets = _parse_offsets(f"{where}.offsets", raw["offsets"])
+    extra = {k: v for k, v in raw.items() if k not in _ITEM_KEYS}
+    for key in ("hash", "pad_value"):
+        if key in extra:
+            raise InvalidMultimodalInput(
+                f"{where}.{key}", "computed by mmsched; the processor must not supply it"
+            )
+    _check_model_specific(where, modality, feature, extra)
+    return modality, feature, offsets, extra
+
+
+def _parse_offsets(where: str, raw: Any) -> list[tuple[int, int]]:
+    if isinstance(raw, torch.Tensor):
+        raw = raw.tolist()
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise InvalidMultimodalInput(where, "expected a non-empty list of (start, end) pairs")
+    spans = []
+    for i, pair in enumerate(raw):
+        ok = (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in pair)
+        )
+        if not ok:
+            raise InvalidMultimodalInput(
+                f"{where}[{i}]", f"expected (start, end) ints, got {pair!r}"
+            )
+        start, end = int(pair[0]), int(pair[1])
+        if start < 0:
+            raise InvalidMultimodalInput(f"{where}[{i}]", f"negative start {start}")
+        if end < start:
+            raise InvalidMultimodalInput(f"{where}[{i}]", f"end {end} before start {start}")
+        spans.append((start, end))
+    return spans
+
+
+def _check_spans(
+    items: list[tuple[Any, Any, list[tuple[int, int]], Any]], input_len: int | None
+) -> None:
+    # Spans of all items together must be disjoint: one token cannot stand for two media.
+    spans = sorted((s, e, i) for i, (_, _, offsets, _) in enumerate(items) for s, e in offsets)
+    for (s0, e0, i0), (s1, e1, i1) in itertools.pairwise(spans):
+        if s1 <= e0:
+            raise InvalidMultimodalInput(
+                f"mm_items[{i1}].offsets",
+                f"span ({s1}, {e1}) overlaps span ({s0}, {e0}) of mm_items[{i0}]",
+            )
+    if input_len is not None and spans and spans[-1][1] >= input_len:
+        s, e, i = spans[-1]
+        raise InvalidMultimodalInput(
+            f"mm_items[{i}].offsets", f"span ({s}, {e}) past input of length {input_len}"
+        )
+
+
+def _check_model_specific(
+    where: str, modality: Modality, feature: torch.Tensor, extra: dict[str, Any]
+) -> None:
+    for grid_modality, grid_key in _GRID_KEY_OF.items():
+        if grid_key not in extra:
+            continue
+        name = f"{where}.{grid_key}"
+        if modality is not grid_modality:
+            raise InvalidMultimodalInput(name, f"not allowed on a {modality.value} item")
+        grid = _tensor(name, extra[grid_key])
+        if grid.dtype.is_floating_point or grid.dim() != 2 or grid.shape[1] != 3:
+            raise InvalidMultimodalInput(
+                name,
+                f"expected an integer tensor of shape (n, 3), got {grid.dtype} {tuple(grid.shape)}",
+            )
+        if bool((grid <= 0).any()):
+            raise InvalidMultimodalInput(name, "every t, h, w must be positive")
+        # Qwen2-VL-style processors emit one feature row per patch: rows == sum(t*h*w).
+        patches = int(grid.prod(dim=1).sum())
+        if feature.dim() == 2 and feature.shape[0] != patches:
+            raise InvalidMultimodalInput(
+                name, f"grid has {patches} patches but feature has {feature.shape[0]} rows"
+            )
+        extra[grid_key] = grid
+
+    if "second_per_grid_ts" in extra:
+        name = f"{where}.second_per_grid_ts"
+        if modality is not Modality.VIDEO:
+            raise InvalidMultimodalInput(name, f"not allowed on a {modality.value} item")
+        values = extra["second_per_grid_ts"]
+        seq = values.tolist() if isinstance(values, torch.Tensor) else values
+        if not isinstance(seq, (list, tuple)) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in seq
+        ):
+            raise InvalidMultimodalInput(name, "expected a list of positive numbers")
+        videos = extra.get("video_grid_thw")
+        if isinstance(videos, torch.Tensor) and len(seq) != videos.shape[0]:
+            raise InvalidMultimodalInput(
+                name, f"{len(seq)} values for {videos.shape[0]} videos in video_grid_thw"
+            )
+
+    if "audio_feature_lens" in extra:
+        name = f"{where}.audio_feature_lens"
+        if modality is not Modality.AUDIO:
+            raise InvalidMultimodalInput(name, f"not allowed on a {modality.value} item")
+        lens = _tensor(name, extra["audio_feature_lens"])
+        if lens.dtype.is_floating_point or lens.dim() != 1:
+            raise InvalidMultimodalInput(name, "expected a 1-D integer tensor")
+        if lens.shape[0] != feature.shape[0]:
+            raise InvalidMultimodalInput(
+                name, f"{lens.shape[0]} lengths for {feature.shape[0]} clips in feature"
+            )
+        if bool((lens < 0).any()) or (
+            feature.dim() >= 2 and bool((lens > feature.shape[-1]).any())
+        ):
+            raise InvalidMultimodalInput(name, "lengths must lie in [0, feature frames]")
+        extra["audio_feature_lens"] = lens

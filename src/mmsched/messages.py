@@ -1,0 +1,151 @@
+"""Typed messages of the tokenizer -> scheduler pipeline.
+
+Every message is a dataclass with a ``KIND`` tag; :mod:`mmsched.codec` encodes the tagged
+union :data:`Message` and decodes it back to the same class. Names follow SGLang's
+``io_struct.py`` where a counterpart exists, so that a server's code reads the same.
+
+Direction of travel:
+
+- tokenizer -> entry rank: :class:`TokenizedGenerateReqInput`, :class:`AbortReq`,
+  :class:`Shutdown`
+- entry rank -> every rank, once per scheduler iteration: :class:`Batch`
+- entry rank -> every rank, once per request (``entry-broadcast`` strategy only):
+  :class:`MaterializedInputs`
+- ranks -> tokenizer: :class:`GenerateOutput`, :class:`ErrorOutput`, :class:`RankReport`,
+  :class:`RankReady`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from mmsched.inputs import MultimodalInputs
+
+
+@dataclass(eq=False)
+class TokenizedGenerateReqInput:
+    """One generate request after tokenization.
+
+    ``mm_inputs`` is a :class:`MultimodalInputs` when the tokenizer materialized it (the
+    ``tokenizer`` and ``zero-copy`` strategies), the processor's raw dict when the scheduler
+    ranks must (``per-rank``, ``entry-broadcast``), or ``None`` for text only. Ranks accept
+    both forms, which keeps old senders working.
+    """
+
+    KIND: ClassVar[str] = "generate"
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+    mm_inputs: MultimodalInputs | dict[str, Any] | None = None
+    # time.monotonic() when the processor output was ready in the tokenizer. CLOCK_MONOTONIC
+    # is shared by all processes of a host, so ranks can measure the fan-out latency.
+    created_at: float = 0.0
+    # Ask every rank to report a digest of its inputs, to prove ranks hold identical data.
+    check_ranks: bool = False
+
+
+@dataclass(eq=False)
+class AbortReq:
+    KIND: ClassVar[str] = "abort"
+    rid: str
+
+
+@dataclass(eq=False)
+class Shutdown:
+    """Asks the ranks to finish the current iteration and exit."""
+
+    KIND: ClassVar[str] = "shutdown"
+
+
+@dataclass(eq=False)
+class Batch:
+    """What the entry rank announces each scheduler iteration: all ranks then run it."""
+
+    KIND: ClassVar[str] = "batch"
+    iteration: int
+    requests: list[TokenizedGenerateReqInput] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    shutdown: bool = False
+
+
+@dataclass(eq=False)
+class MaterializedInputs:
+    """One request's inputs as the entry rank built them, or the error that stopped it."""
+
+    KIND: ClassVar[str] = "materialized"
+    rid: str
+    mm_inputs: MultimodalInputs | None = None
+    error: ErrorOutput | None = None
+
+
+@dataclass(eq=False)
+class GenerateOutput:
+    KIND: ClassVar[str] = "output"
+    rid: str
+    output_ids: list[int]
+    finish_reason: str = "stop"
+    # Pad values of the request's media, so a caller can check which media the model saw.
+    pad_values: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class ErrorOutput:
+    """A request that failed; it fails alone, the pipeline goes on."""
+
+    KIND: ClassVar[str] = "error"
+    rid: str
+    kind: str
+    message: str
+    field: str | None = None
+
+
+@dataclass(eq=False)
+class RankReport:
+    """Sent by every rank for every request when ``report_ranks`` is on (benchmarks, tests).
+
+    ``hash_count`` and ``hash_cpu_seconds`` are the rank process's running totals.
+    """
+
+    KIND: ClassVar[str] = "rank_report"
+    rid: str
+    rank: int
+    iteration: int
+    ready_at: float
+    fingerprint: str
+    hash_count: int
+    hash_cpu_seconds: float
+    content_digest: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class RankReady:
+    KIND: ClassVar[str] = "rank_ready"
+    rank: int
+    pid: int
+
+
+Message = (
+    TokenizedGenerateReqInput
+    | AbortReq
+    | Shutdown
+    | Batch
+    | MaterializedInputs
+    | GenerateOutput
+    | ErrorOutput
+    | RankReport
+    | RankReady
+)
+
+MESSAGE_TYPES: tuple[type[Any], ...] = (
+    TokenizedGenerateReqInput,
+    AbortReq,
+    Shutdown,
+    Batch,
+    MaterializedInputs,
+    GenerateOutput,
+    ErrorOutput,
+    RankReport,
+    RankReady,
+)

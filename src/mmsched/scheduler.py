@@ -1,0 +1,283 @@
+"""One scheduler rank: the per-iteration loop that every TP rank runs in its own process.
+
+Each iteration:
+
+1. the entry rank (rank 0) takes what the tokenizer sent since the last iteration (waiting
+   up to ``idle_wait_ms`` for a first message) and announces it as one :class:`Batch` over
+   the transport; the other ranks receive that batch. All ranks therefore run the same
+   requests in the same iteration, and no rank runs a collective the others skip;
+2. every rank resolves each request's multimodal inputs as the strategy says (use the
+   tokenizer's object; build it here; or, ``entry-broadcast``, receive the entry rank's);
+3. the server's callback sees the iteration's typed requests; the stub model step runs;
+4. rank 0 returns outputs (or per-request errors) to the tokenizer.
+
+A request whose inputs fail to build fails alone: it gets an :class:`ErrorOutput` and the
+iteration goes on. The decision is made identically on every rank (same bytes, same checks,
+or the entry rank's verdict carried over), so ranks never diverge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import blake3
+import zmq
+import zmq.asyncio
+
+from mmsched.codec import Decoder, encode
+from mmsched.config import Config
+from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError
+from mmsched.hashing import hash_stats
+from mmsched.inputs import MultimodalInputs, materialize
+from mmsched.messages import (
+    AbortReq,
+    Batch,
+    ErrorOutput,
+    GenerateOutput,
+    MaterializedInputs,
+    Message,
+    RankReady,
+    RankReport,
+    Shutdown,
+    TokenizedGenerateReqInput,
+)
+from mmsched.strategies import MaterializeIn, get_strategy
+from mmsched.transports import GroupSpec, Transport, open_transport
+
+IterationCallback = Callable[[int, int, list[TokenizedGenerateReqInput]], Awaitable[None] | None]
+"""``callback(rank, iteration, requests)``: requests hold built :class:`MultimodalInputs`."""
+
+
+@dataclass(frozen=True)
+class RankAddresses:
+    """Where a rank finds the tokenizer and its peers."""
+
+    requests: str  # tokenizer PUSH -> entry rank PULL
+    results: str  # every rank PUSH -> tokenizer PULL
+    group: str  # the transport's rendezvous
+
+
+def rank_main(
+    config: Config,
+    rank: int,
+    addresses: RankAddresses,
+    on_iteration: IterationCallback | None = None,
+) -> None:
+    """Process entry point of scheduler rank ``rank``."""
+    asyncio.run(SchedulerRank(config, rank, addresses, on_iteration).run())
+
+
+def error_output(rid: str, exc: BaseException) -> ErrorOutput:
+    field = exc.field if isinstance(exc, InvalidMultimodalInput) else None
+    message = exc.problem if isinstance(exc, InvalidMultimodalInput) else str(exc)
+    return ErrorOutput(rid=rid, kind=type(exc).__name__, message=message, field=field)
+
+
+class SchedulerRank:
+    def __init__(
+        self,
+        config: Config,
+        rank: int,
+        addresses: RankAddresses,
+        on_iteration: IterationCallback | None,
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.addresses = addresses
+        self.on_iteration = on_iteration
+        self.strategy = get_strategy(config.strategy)
+        self.decoder = Decoder(allow_pickle=config.allow_pickle)
+        self._parent = os.getppid()
+        self._zmq = zmq.asyncio.Context()
+        self._results = self._zmq.socket(zmq.PUSH)
+        self._inbox: zmq.asyncio.Socket | None = None
+        self._transport: Transport | None = None
+
+    async def run(self) -> None:
+        self._results.setsockopt(zmq.LINGER, 2000)
+        self._results.connect(self.addresses.results)
+        if self.rank == 0:
+            self._inbox = self._zmq.socket(zmq.PULL)
+            self._inbox.setsockopt(zmq.LINGER, 0)
+            self._inbox.connect(self.addresses.requests)
+        spec = GroupSpec(
+            self.rank, self.config.tp_size, self.addresses.group, self.config.timeout_s
+        )
+        self._transport = await open_transport(self.config.transport, spec)
+        try:
+            await self._send(RankReady(rank=self.rank, pid=os.getpid()))
+            iteration = 0
+            while True:
+                batch = await self._next_batch(iteration)
+                await self._run_batch(batch)
+                if batch.shutdown:
+                    break
+                iteration += 1
+        finally:
+            await self._transport.aclose()
+            self._results.close()
+            if self._inbox is not None:
+                self._inbox.close()
+            self._zmq.term()
+
+    # -- step 1: agree on the iteration's requests ------------------------------------------
+
+    async def _next_batch(self, iteration: int) -> Batch:
+        assert self._transport is not None
+        if self.rank != 0:
+            message = self.decoder.decode(await self._transport.recv())
+            if not isinstance(message, Batch):
+                raise CodecError(
+                    f"expected a batch from the entry rank, got {type(message).__name__}"
+                )
+            return message
+        batch = await self._collect(iteration)
+        await self._transport.send(encode(batch))
+        return batch
+
+    async def _collect(self, iteration: int) -> Batch:
+        """Entry rank: everything that arrived, after waiting briefly for a first message."""
+        assert self._inbox is not None
+        batch = Batch(iteration=iteration)
+        timeout_ms = int(self.config.idle_wait_ms)
+        while await self._inbox.poll(timeout=timeout_ms):
+            timeout_ms = 0  # drain what is there, then go
+            frames = await self._inbox.recv_multipart(copy=False)
+            try:
+                message = self.decoder.decode([f.buffer for f in frames])
+            except CodecError:
+                # No rid to answer to: a frame that is not ours. Drop it; others go on.
+                continue
+            if isinstance(message, TokenizedGenerateReqInput):
+                batch.requests.append(message)
+            elif isinstance(message, AbortReq):
+                batch.aborted.append(message.rid)
+            elif isinstance(message, Shutdown):
+                batch.shutdown = True
+        if os.getppid() != self._parent:
+            batch.shutdown = True  # the tokenizer died: let every rank finish cleanly
+        return batch
+
+    # -- steps 2-4 ----------------------------------------------------------------------------
+
+    async def _run_batch(self, batch: Batch) -> None:
+        aborted = set(batch.aborted)
+        ready: list[TokenizedGenerateReqInput] = []
+        for req in batch.requests:
+            if req.rid in aborted:
+                continue
+            outcome = await self._resolve(req)
+            if isinstance(outcome, ErrorOutput):
+                await self._report(req, batch.iteration, None, outcome)
+                if self.rank == 0:
+                    await self._send(outcome)
+                continue
+            req.mm_inputs = outcome
+            await self._report(req, batch.iteration, outcome, None)
+            ready.append(req)
+
+        if self.on_iteration is not None:
+            result = self.on_iteration(self.rank, batch.iteration, ready)
+            if inspect.isawaitable(result):
+                await result
+        if ready and self.config.model_step_ms > 0:
+            await asyncio.sleep(self.config.model_step_ms / 1000)
+        if self.rank == 0:
+            for req in ready:
+                await self._send(self._stub_output(req))
+
+    async def _resolve(
+        self, req: TokenizedGenerateReqInput
+    ) -> MultimodalInputs | ErrorOutput | None:
+        """This rank's usable inputs for ``req``, or the error every rank agrees on."""
+        how = self.strategy.materialize_in
+        needs_building = isinstance(req.mm_inputs, dict)
+        if how is MaterializeIn.ENTRY_RANK and needs_building:
+            return await self._entry_broadcast(req)
+        # per-rank builds here on every rank; tokenizer normally receives a built object, and
+        # builds here only for a sender that still sends dicts (backward compatibility).
+        try:
+            return await asyncio.to_thread(self._build, req)
+        except MmschedError as exc:
+            return error_output(req.rid, exc)
+
+    def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
+        return materialize(
+            req.mm_inputs,
+            hasher=self.config.hasher,
+            input_len=len(req.input_ids),
+            max_bytes=self.config.max_request_bytes,
+        )
+
+    async def _entry_broadcast(
+        self, req: TokenizedGenerateReqInput
+    ) -> MultimodalInputs | ErrorOutput:
+        """Commit 17a57fd86's path: entry rank builds, then one blocking fan-out per request."""
+        assert self._transport is not None
+        message: MaterializedInputs
+        if self.rank == 0:
+            try:
+                built = await asyncio.to_thread(self._build, req)
+                message = MaterializedInputs(rid=req.rid, mm_inputs=built)
+            except MmschedError as exc:
+                # Unlike the original, the verdict is sent too, so no rank waits forever.
+                message = MaterializedInputs(rid=req.rid, error=error_output(req.rid, exc))
+            await self._transport.send(encode(message))
+        else:
+            received = self.decoder.decode(await self._transport.recv())
+            if not isinstance(received, MaterializedInputs) or received.rid != req.rid:
+                raise CodecError(f"expected the entry rank's inputs for {req.rid!r}")
+            message = received
+        if message.error is not None:
+            return message.error
+        assert message.mm_inputs is not None
+        return message.mm_inputs
+
+    def _stub_output(self, req: TokenizedGenerateReqInput) -> GenerateOutput:
+        # The stub model "generates" the ids it was fed, media spans replaced by pad values:
+        # what a real model step consumes, so callers can check it end to end.
+        mm = req.mm_inputs
+        if isinstance(mm, MultimodalInputs):
+            return GenerateOutput(
+                rid=req.rid,
+                output_ids=mm.pad_input_ids(req.input_ids),
+                pad_values=[i.pad_value for i in mm.mm_items],
+            )
+        return GenerateOutput(rid=req.rid, output_ids=list(req.input_ids))
+
+    async def _report(
+        self,
+        req: TokenizedGenerateReqInput,
+        iteration: int,
+        mm: MultimodalInputs | None,
+        error: ErrorOutput | None,
+    ) -> None:
+        if not self.config.report_ranks:
+            return
+        ready_at = time.monotonic()
+        stats = hash_stats()
+        fingerprint = repr(mm.fingerprint()) if mm is not None else repr(error and error.message)
+        digest = None
+        if req.check_ranks and mm is not None:
+            digest = await asyncio.to_thread(mm.content_digest)
+        await self._send(
+            RankReport(
+                rid=req.rid,
+                rank=self.rank,
+                iteration=iteration,
+                ready_at=ready_at,
+                fingerprint=blake3.blake3(fingerprint.encode()).hexdigest(length=16),
+                hash_count=stats.count,
+                hash_cpu_seconds=stats.cpu_seconds,
+                content_digest=digest,
+                error=error.kind if error is not None else None,
+            )
+        )
+
+    async def _send(self, message: Message) -> None:
+        await self._results.send_multipart(encode(message), copy=False)

@@ -1,0 +1,201 @@
+"""The tokenizer stage: turns processor output into requests and routes results back.
+
+Under the ``tokenizer`` strategy this is where :meth:`MultimodalInputs.from_dict` runs, once
+per request, in a pool of worker threads: hashing releases the GIL, so the event loop stays
+responsive and several requests build at once. A malformed input raises
+:class:`~mmsched.errors.InvalidMultimodalInput` to its own caller and never reaches a rank.
+
+Results from the ranks (outputs, errors and, when enabled, per-rank reports) arrive on one
+socket and resolve the caller's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from mmsched.codec import Decoder, encode
+from mmsched.config import Config
+from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError, RequestFailed
+from mmsched.inputs import MultimodalInputs, materialize
+from mmsched.messages import (
+    AbortReq,
+    ErrorOutput,
+    GenerateOutput,
+    RankReady,
+    RankReport,
+    Shutdown,
+    TokenizedGenerateReqInput,
+)
+from mmsched.strategies import MaterializeIn, get_strategy
+
+
+@dataclass
+class RequestTrace:
+    """One request's result with what the ranks reported (``report_ranks`` on)."""
+
+    output: GenerateOutput
+    created_at: float
+    reports: list[RankReport] = field(default_factory=list)
+
+    @property
+    def all_ranks_ready_at(self) -> float:
+        return max(r.ready_at for r in self.reports)
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[RequestTrace]
+    created_at: float
+    output: GenerateOutput | None = None
+    reports: list[RankReport] = field(default_factory=list)
+
+
+class TokenizerStage:
+    """Sends requests to the entry rank and awaits their results.
+
+    Args:
+        config: the pipeline's config.
+        requests: PUSH socket connected to the entry rank.
+        results: PULL socket every rank pushes results to.
+    """
+
+    def __init__(
+        self, config: Config, requests: zmq.asyncio.Socket, results: zmq.asyncio.Socket
+    ) -> None:
+        self.config = config
+        self.strategy = get_strategy(config.strategy)
+        self._requests = requests
+        self._results = results
+        self._decoder = Decoder(allow_pickle=config.allow_pickle)
+        self._pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="mmsched-tok")
+        self._pending: dict[str, _Pending] = {}
+        self._ready_ranks: dict[int, int] = {}
+        self._ranks_ready = asyncio.Event()
+        self._failure: MmschedError | None = None
+        self._router: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._router = asyncio.create_task(self._route_results(), name="mmsched-results")
+
+    async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
+        """Pids of every rank once all have joined; raises if a rank died first."""
+        await asyncio.wait_for(self._ranks_ready.wait(), timeout)
+        if self._failure is not None:
+            raise self._failure
+        return dict(self._ready_ranks)
+
+    async def submit(
+        self,
+        rid: str,
+        input_ids: list[int],
+        mm_inputs: MultimodalInputs | Mapping[str, Any] | None = None,
+        sampling_params: dict[str, Any] | None = None,
+        *,
+        check_ranks: bool = False,
+    ) -> RequestTrace:
+        """Send one request and wait for its result.
+
+        Raises:
+            InvalidMultimodalInput: the inputs are malformed (whichever process found it).
+            RequestFailed: a rank failed the request for another reason.
+            PeerLost: a rank died; the pipeline is unusable.
+        """
+        if self._failure is not None:
+            raise self._failure
+        if rid in self._pending:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        created_at = time.monotonic()
+        mm: MultimodalInputs | dict[str, Any] | None
+        if self.strategy.materialize_in is MaterializeIn.TOKENIZER:
+            loop = asyncio.get_running_loop()
+            mm = await loop.run_in_executor(
+                self._pool,
+                lambda: materialize(
+                    mm_inputs,
+                    hasher=self.config.hasher,
+                    input_len=len(input_ids),
+                    max_bytes=self.config.max_request_bytes,
+                ),
+            )
+        else:
+            mm = dict(mm_inputs) if isinstance(mm_inputs, Mapping) else mm_inputs
+        req = TokenizedGenerateReqInput(
+            rid=rid,
+            input_ids=list(input_ids),
+            sampling_params=dict(sampling_params or {}),
+            mm_inputs=mm,
+            created_at=created_at,
+            check_ranks=check_ranks,
+        )
+        pending = _Pending(asyncio.get_running_loop().create_future(), created_at)
+        self._pending[rid] = pending
+        try:
+            await self._requests.send_multipart(encode(req), copy=False)
+            return await pending.future
+        except asyncio.CancelledError:
+            if self._failure is None:
+                await self._requests.send_multipart(encode(AbortReq(rid=rid)))
+            raise
+        finally:
+            self._pending.pop(rid, None)
+
+    async def shutdown(self) -> None:
+        """Ask the ranks to exit after their current iteration."""
+        await self._requests.send_multipart(encode(Shutdown()))
+
+    def fail_all(self, error: MmschedError) -> None:
+        """Fail every pending request and every later one with ``error`` (a rank died)."""
+        self._failure = error
+        self._ranks_ready.set()  # wake a start() still waiting for ranks
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    async def aclose(self) -> None:
+        if self._router is not None:
+            self._router.cancel()
+            await asyncio.gather(self._router, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _route_results(self) -> None:
+        while True:
+            frames = await self._results.recv_multipart(copy=False)
+            try:
+                message = self._decoder.decode([f.buffer for f in frames])
+            except CodecError:
+                continue
+            if isinstance(message, RankReady):
+                self._ready_ranks[message.rank] = message.pid
+                if len(self._ready_ranks) == self.config.tp_size:
+                    self._ranks_ready.set()
+                continue
+            pending = self._pending.get(getattr(message, "rid", ""))
+            if pending is None or pending.future.done():
+                continue  # a late report of a request that already failed or was cancelled
+            if isinstance(message, ErrorOutput):
+                pending.future.set_exception(_error_from(message))
+                continue
+            if isinstance(message, GenerateOutput):
+                pending.output = message
+            elif isinstance(message, RankReport):
+                pending.reports.append(message)
+            expected_reports = self.config.tp_size if self.config.report_ranks else 0
+            if pending.output is not None and len(pending.reports) >= expected_reports:
+                pending.future.set_result(
+                    RequestTrace(pending.output, pending.created_at, pending.reports)
+                )
+
+
+def _error_from(message: ErrorOutput) -> MmschedError:
+    # Malformed input is the same exception whichever process found it (tokenizer or rank).
+    if message.kind == InvalidMultimodalInput.__name__ and message.field is not None:
+        return InvalidMultimodalInput(message.field, message.message)
+    return RequestFailed(message.rid, message.kind, message.message)

@@ -1,0 +1,56 @@
+"""Transports, resolved by the name a config gives.
+
+``memory``  in-process, for tests (:mod:`mmsched.transports.memory`)
+``torch``   torch.distributed broadcast over gloo (:mod:`mmsched.transports.torch_dist`)
+
+Implementations are imported on first use, so that a deployment needs only the libraries of
+the transport it picks.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from mmsched.errors import UnknownNameError
+from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport, TransportStatistics
+
+_REGISTRY: dict[str, str] = {
+    "memory": "mmsched.transports.memory:MemoryTransport",
+    "torch": "mmsched.transports.torch_dist:TorchTransport",
+}
+
+# Transports whose ranks can live in different processes (the pipeline needs one).
+CROSS_PROCESS = frozenset({"torch"})
+
+
+def transport_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def transport_class(name: str) -> type[Transport]:
+    """The transport class registered under ``name``; an unknown name lists the known ones."""
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError("transport", name, list(_REGISTRY)) from None
+    module_name, _, attr = target.partition(":")
+    cls: type[Transport] = getattr(importlib.import_module(module_name), attr)
+    return cls
+
+
+async def open_transport(name: str, spec: GroupSpec) -> Transport:
+    """Join a group over the transport named ``name``."""
+    return await transport_class(name).open(spec)
+
+
+__all__ = [
+    "CROSS_PROCESS",
+    "Buffer",
+    "Frames",
+    "GroupSpec",
+    "Transport",
+    "TransportStatistics",
+    "open_transport",
+    "transport_class",
+    "transport_names",
+]

@@ -1,0 +1,127 @@
+"""The abstract transport: one sender to every rank of a group, moving frames.
+
+A transport knows nothing of messages: it moves lists of byte buffers (frames) produced by
+:mod:`mmsched.codec`. Every implementation promises:
+
+- **one sender**: rank 0 of the group sends; every other rank receives;
+- **ordered and lossless**: each receiver gets every message exactly once, in send order,
+  with every frame's bytes and the frame boundaries intact (empty frames included);
+- **close**: after ``aclose()`` on the sender, receivers drain what was sent and then
+  ``recv()`` raises :class:`~mmsched.errors.EndOfStream`; using a transport after closing
+  it *here* raises :class:`~mmsched.errors.TransportClosed`;
+- **peers**: a peer that dies or stops answering surfaces as
+  :class:`~mmsched.errors.PeerLost` within the group's timeout where the implementation can
+  detect it (each implementation's docstring says where it can).
+
+Blocking work (collectives, socket waits) runs off the event loop, in one worker thread per
+transport, so that calls on one rank are issued in the order they were awaited.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mmsched.frames import Buffer, Frames, frames_nbytes
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How one rank joins its transport group.
+
+    Attributes:
+        rank: this rank's index; rank 0 is the sender.
+        world_size: number of ranks, sender included.
+        address: rendezvous made by the transport class's ``new_address``.
+        timeout_s: how long a blocking step may wait for peers before failing.
+        options: transport-specific settings (each transport documents its own).
+    """
+
+    rank: int
+    world_size: int
+    address: str
+    timeout_s: float = 60.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TransportStatistics:
+    """Counters of one transport endpoint."""
+
+    messages_sent: int = 0
+    messages_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+__all__ = ["Buffer", "Frames", "GroupSpec", "Transport", "TransportStatistics"]
+
+
+class Transport(ABC):
+    """One sender (rank 0) to every other rank; ordered; lossless. See the module docstring."""
+
+    name: str = ""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a group of {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self._stats = TransportStatistics()
+
+    @classmethod
+    @abstractmethod
+    def new_address(cls, workdir: Path) -> str:
+        """A fresh rendezvous address for a new group; ``workdir`` is private to the run."""
+
+    @classmethod
+    @abstractmethod
+    async def open(cls, spec: GroupSpec) -> Transport:
+        """Join the group described by ``spec``; returns once this rank can send or receive."""
+
+    @property
+    def is_sender(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        """Send one message to every other rank (sender only)."""
+
+    @abstractmethod
+    async def recv(self) -> Frames:
+        """The next message (receivers only); raises ``EndOfStream`` once the sender closed."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close this endpoint. On the sender, receivers see end-of-stream after the rest."""
+
+    def statistics(self) -> TransportStatistics:
+        return TransportStatistics(**vars(self._stats))
+
+    def _count_sent(self, frames: Sequence[Buffer]) -> None:
+        self._stats.messages_sent += 1
+        self._stats.bytes_sent += frames_nbytes(frames)
+
+    def _count_received(self, frames: Sequence[Buffer]) -> None:
+        self._stats.messages_received += 1
+        self._stats.bytes_received += frames_nbytes(frames)
+
+    def _require_sender(self, sender: bool) -> None:
+        if self.is_sender != sender:
+            role = "the sender (rank 0)" if sender else "a receiver"
+            raise RuntimeError(f"only {role} may call this; this is rank {self.rank}")
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,187 @@
+"""torch.distributed broadcast over a gloo CPU group, with ``broadcast_pyobj`` semantics.
+
+This is how SGLang moves each scheduler iteration's requests from the entry rank to the other
+TP ranks. A message crosses the group as a sequence of collectives, every rank taking part
+in each: the frame count, the frame lengths, then one ``broadcast`` per non-empty frame.
+Frames are broadcast straight from the sender's buffers and into fresh receive buffers: no
+pickling, no concatenation.
+
+Guarantees and limits:
+
+- multi-host capable (gloo over TCP); largest payload limited by memory only;
+- **blocking**: every send is a collective, so the sender waits until every rank has entered
+  the matching receive; a slow rank slows every rank. The waits run in one worker thread per
+  transport, off the event loop;
+- a dead or stuck peer surfaces as :class:`~mmsched.errors.PeerLost` after the group
+  timeout (``GroupSpec.timeout_s``), never gloo's 30-minute default;
+- a pending ``recv()`` can be cancelled, but the collective under it cannot: the group is
+  then unusable and must be closed.
+
+The transport either creates the default process group (``open``) or wraps one the server
+already has (``TorchTransport(group=..., src=...)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from mmsched.errors import EndOfStream, PeerLost, TransportClosed
+from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
+
+_T = TypeVar("_T")
+_END_OF_STREAM = -1
+
+
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TorchTransport(Transport):
+    name = "torch"
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        *,
+        group: Any = None,
+        src: int = 0,
+        owns_group: bool = False,
+    ) -> None:
+        super().__init__(rank, world_size)
+        self._group = group
+        self._src = src  # global rank of the sender, as torch.distributed wants it
+        self._owns_group = owns_group
+        self._closed = False
+        self._ended = False
+        self._broken = False
+        # One thread: collectives on a rank must be issued in the order they were awaited.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsched-torch")
+
+    @classmethod
+    def new_address(cls, workdir: Path) -> str:
+        return f"tcp://127.0.0.1:{_free_tcp_port()}"
+
+    @classmethod
+    async def open(cls, spec: GroupSpec) -> TorchTransport:
+        def init() -> None:
+            dist.init_process_group(
+                "gloo",
+                init_method=spec.address,
+                rank=spec.rank,
+                world_size=spec.world_size,
+                timeout=timedelta(seconds=spec.timeout_s),
+            )
+
+        try:
+            await asyncio.to_thread(init)
+        except (RuntimeError, ValueError) as exc:
+            raise PeerLost(f"could not form the gloo group at {spec.address}: {exc}") from exc
+        return cls(spec.rank, spec.world_size, group=None, src=0, owns_group=True)
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        self._require_sender(True)
+        self._check_open()
+        await self._run(self._send_blocking, list(frames))
+        self._count_sent(frames)
+
+    async def recv(self) -> Frames:
+        self._require_sender(False)
+        self._check_open()
+        if self._ended:
+            raise EndOfStream("the sender closed the transport")
+        frames: Frames | None = await self._run(self._recv_blocking)
+        if frames is None:
+            self._ended = True
+            raise EndOfStream("the sender closed the transport")
+        self._count_received(frames)
+        return frames
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if self.is_sender and not self._broken:
+            # If receivers are gone already, there is nobody left to tell.
+            with contextlib.suppress(PeerLost):
+                await self._run(self._broadcast, torch.tensor([_END_OF_STREAM], dtype=torch.int64))
+        self._closed = True
+        if self._owns_group and not self._broken and dist.is_initialized():
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, dist.destroy_process_group
+            )
+        # A collective cancelled mid-flight still holds the thread; don't wait for it.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- blocking side, run in the worker thread ------------------------------------------
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        dist.broadcast(tensor, src=self._src, group=self._group)
+
+    def _send_blocking(self, frames: list[Buffer]) -> None:
+        lengths = [memoryview(f).nbytes for f in frames]
+        self._broadcast(torch.tensor([len(frames)], dtype=torch.int64))
+        if frames:
+            self._broadcast(torch.tensor(lengths, dtype=torch.int64))
+        for frame, n in zip(frames, lengths, strict=False):
+            if n:
+                self._broadcast(_as_uint8_tensor(frame))
+
+    def _recv_blocking(self) -> Frames | None:
+        count = torch.empty(1, dtype=torch.int64)
+        self._broadcast(count)
+        n_frames = int(count.item())
+        if n_frames == _END_OF_STREAM:
+            return None
+        if n_frames == 0:
+            return []
+        lengths = torch.empty(n_frames, dtype=torch.int64)
+        self._broadcast(lengths)
+        frames: Frames = []
+        for n in lengths.tolist():
+            buf = torch.empty(n, dtype=torch.uint8)
+            if n:
+                self._broadcast(buf)
+            frames.append(buf.numpy().data)
+        return frames
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except asyncio.CancelledError:
+            self._broken = True  # the collective goes on in the thread; the group is spent
+            raise
+        except RuntimeError as exc:
+            # gloo reports timeouts and dead peers as RuntimeError ("Connection closed by
+            # peer", "Timed out waiting ..."); both mean a peer is gone for our purposes.
+            self._broken = True
+            raise PeerLost(
+                f"torch.distributed broadcast failed on rank {self.rank}: {exc}"
+            ) from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+        if self._broken:
+            raise TransportClosed("an earlier collective was cancelled or failed; close and rejoin")
+
+
+def _as_uint8_tensor(frame: Buffer) -> torch.Tensor:
+    view = memoryview(frame)
+    if view.readonly:
+        # gloo wants a writable tensor even to send; small read-only frames (the codec's
+        # header) are copied, tensor frames are writable views and are not.
+        return torch.frombuffer(bytearray(view), dtype=torch.uint8)
+    return torch.frombuffer(view.cast("B") if view.format != "B" else view, dtype=torch.uint8)
