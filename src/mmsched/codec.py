@@ -99,7 +99,12 @@ class Decoder:
             raise CodecError(f"unsupported header (codec version {CODEC_VERSION} expected)")
         if header.get("n") != len(frames) - 1:
             raise CodecError(f"header announces {header.get('n')} buffers, got {len(frames) - 1}")
-        message = self._from_tree(header.get("msg"), frames[1:])
+        try:
+            message = self._from_tree(header.get("msg"), frames[1:])
+        except CodecError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CodecError(f"malformed message tree: {exc!r}") from exc
         if not isinstance(message, MESSAGE_TYPES):
             raise CodecError(f"top-level value is not a message: {type(message).__name__}")
         return cast(Message, message)

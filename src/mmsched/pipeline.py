@@ -135,7 +135,7 @@ class Pipeline:
             await asyncio.gather(self._watchdog, return_exceptions=True)
         if self._stage is not None:
             if any(p.is_alive() for p in self._processes):
-                await self._stage.shutdown()
+                self._stage.shutdown()
             await self._join_ranks()
             await self._stage.aclose()
         if self._zmq is not None:

@@ -12,6 +12,7 @@ socket and resolve the caller's future.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -137,19 +138,31 @@ class TokenizerStage:
         )
         pending = _Pending(asyncio.get_running_loop().create_future(), created_at)
         self._pending[rid] = pending
+        if self._failure is not None:  # a rank died while the inputs were being built
+            del self._pending[rid]
+            raise self._failure
+        # A PUSH to a dead entry rank blocks forever: send in the background and wait on the
+        # result, which the watchdog fails if a rank dies.
+        sending = asyncio.ensure_future(self._requests.send_multipart(encode(req), copy=False))
         try:
-            await self._requests.send_multipart(encode(req), copy=False)
             return await pending.future
         except asyncio.CancelledError:
-            if self._failure is None:
-                await self._requests.send_multipart(encode(AbortReq(rid=rid)))
+            self._send_nowait(encode(AbortReq(rid=rid)))
             raise
         finally:
+            sending.cancel()
             self._pending.pop(rid, None)
 
-    async def shutdown(self) -> None:
+    def shutdown(self) -> None:
         """Ask the ranks to exit after their current iteration."""
-        await self._requests.send_multipart(encode(Shutdown()))
+        self._send_nowait(encode(Shutdown()))
+
+    def _send_nowait(self, frames: list[Any]) -> None:
+        # Control messages must never wait on an entry rank that may be gone.
+        # (The asyncio socket would report zmq.Again through a future; its synchronous shadow
+        # raises it here, where it can be dropped.)
+        with contextlib.suppress(zmq.Again):
+            zmq.Socket.shadow(self._requests.underlying).send_multipart(frames, flags=zmq.NOBLOCK)
 
     def fail_all(self, error: MmschedError) -> None:
         """Fail every pending request and every later one with ``error`` (a rank died)."""

@@ -1,0 +1,192 @@
+"""The codec: bitwise round trips, tensors out of band, pickle only when allowed."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mmsched import (
+    AbortReq,
+    Batch,
+    CodecError,
+    ErrorOutput,
+    GenerateOutput,
+    MultimodalInputs,
+    PickleRefused,
+    TokenizedGenerateReqInput,
+    decode,
+    encode,
+)
+from mmsched.bench.workloads import audio_sample, image_sample, qwen2vl_image, video_sample
+from mmsched.codec import encoded_size
+from mmsched.hashing import tensor_bytes
+from mmsched.messages import MaterializedInputs, RankReady, RankReport, Shutdown
+
+
+def assert_same_inputs(a: MultimodalInputs, b: MultimodalInputs) -> None:
+    assert a.fingerprint() == b.fingerprint()
+    assert a.special_token_ids == b.special_token_ids
+    for x, y in zip(a.mm_items, b.mm_items, strict=True):
+        assert x.feature.dtype == y.feature.dtype and x.feature.shape == y.feature.shape
+        assert bytes(tensor_bytes(x.feature)) == bytes(tensor_bytes(y.feature))
+        assert x.model_specific_data.keys() == y.model_specific_data.keys()
+    assert a.content_digest() == b.content_digest()
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [image_sample(4, 6), video_sample(frames=4, grid_h=2, grid_w=4), audio_sample(2, 0.5)],
+    ids=["image", "video", "audio"],
+)
+def test_materialized_request_round_trips_bitwise(sample) -> None:  # type: ignore[no-untyped-def]
+    mm = MultimodalInputs.from_dict(sample.mm_inputs)
+    req = TokenizedGenerateReqInput("r1", sample.input_ids, {"max_new_tokens": 8}, mm, 12.5, True)
+    back = decode(encode(req))
+    assert isinstance(back, TokenizedGenerateReqInput)
+    assert (back.rid, back.input_ids, back.sampling_params) == (
+        "r1",
+        sample.input_ids,
+        {"max_new_tokens": 8},
+    )
+    assert (back.created_at, back.check_ranks) == (12.5, True)
+    assert isinstance(back.mm_inputs, MultimodalInputs)
+    assert_same_inputs(mm, back.mm_inputs)
+
+
+def test_bf16_and_special_values_survive() -> None:
+    t = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40, 3.0]).to(torch.bfloat16)
+    raw = {"mm_items": [{"modality": "image", "feature": t.reshape(1, 5), "offsets": [(0, 0)]}]}
+    mm = MultimodalInputs.from_dict(raw)
+    back = decode(encode(TokenizedGenerateReqInput("r", [0], mm_inputs=mm)))
+    assert isinstance(back, TokenizedGenerateReqInput) and isinstance(
+        back.mm_inputs, MultimodalInputs
+    )
+    got = back.mm_inputs.mm_items[0].feature
+    assert got.dtype == torch.bfloat16
+    assert bytes(tensor_bytes(got)) == bytes(tensor_bytes(t))
+
+
+def test_raw_dict_round_trips_with_tensors_out_of_band() -> None:
+    sample = image_sample(2, 4)
+    frames = encode(TokenizedGenerateReqInput("r", sample.input_ids, mm_inputs=sample.mm_inputs))
+    feature = sample.mm_inputs["mm_items"][0]["feature"]
+    # The feature travels as its own frame, and that frame is the tensor's memory: no copy.
+    big = [f for f in frames[1:] if memoryview(f).nbytes == feature.numel() * 4]
+    assert len(big) == 1
+    assert np.frombuffer(big[0], dtype=np.uint8).ctypes.data == feature.data_ptr()
+    assert memoryview(frames[0]).nbytes < 2000  # the header stays small
+    back = decode(frames)
+    assert isinstance(back, TokenizedGenerateReqInput) and isinstance(back.mm_inputs, dict)
+    assert torch.equal(back.mm_inputs["mm_items"][0]["feature"], feature)
+    assert back.mm_inputs["mm_items"][0]["offsets"] == [(16, 17)]
+
+
+def test_plain_values_keep_their_types() -> None:
+    extra = {
+        "tuple": (1, 2.5, "x", None, True),
+        "bytes": b"\x00\x01",
+        "ndarray": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "$reserved": {"nested": [1, {"$t": "fake"}]},
+        3: "int key",
+    }
+    back = decode(encode(TokenizedGenerateReqInput("r", [], sampling_params=extra)))
+    assert isinstance(back, TokenizedGenerateReqInput)
+    got = back.sampling_params
+    assert got["tuple"] == (1, 2.5, "x", None, True)
+    assert got["bytes"] == b"\x00\x01"
+    assert np.array_equal(got["ndarray"], extra["ndarray"]) and got["ndarray"].dtype == np.int16
+    assert got["$reserved"] == {"nested": [1, {"$t": "fake"}]}
+    assert got[3] == "int key"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        AbortReq("a"),
+        Shutdown(),
+        Batch(3, [TokenizedGenerateReqInput("x", [1, 2])], ["y"], shutdown=True),
+        MaterializedInputs("m", error=ErrorOutput("m", "InvalidMultimodalInput", "bad", "f")),
+        GenerateOutput("o", [1, 2, 3], "length", [7]),
+        ErrorOutput("e", "RuntimeError", "boom"),
+        RankReport("r", 1, 2, 3.5, "fp", 4, 0.25, "digest", None),
+        RankReady(0, 1234),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_every_message_kind_round_trips(message) -> None:  # type: ignore[no-untyped-def]
+    back = decode(encode(message))
+    assert type(back) is type(message)
+    assert repr(back) == repr(message)
+
+
+class Opaque:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_opaque_values_are_pickled_and_refused_by_default() -> None:
+    frames = encode(TokenizedGenerateReqInput("r", [], sampling_params={"thing": Opaque(5)}))
+    with pytest.raises(PickleRefused, match="allow_pickle"):
+        decode(frames)
+    back = decode(frames, allow_pickle=True)
+    assert isinstance(back, TokenizedGenerateReqInput)
+    assert back.sampling_params["thing"].value == 5
+
+
+@pytest.mark.parametrize(
+    ("frames", "problem"),
+    [
+        ([], "no frames"),
+        ([b"not json"], "not JSON"),
+        ([b'{"v": 99, "n": 0, "msg": null}'], "unsupported header"),
+        ([b'{"v": 1, "n": 2, "msg": null}'], "announces 2 buffers"),
+        ([b'{"v": 1, "n": 0, "msg": {"$t": "nope"}}'], "unknown message kind"),
+        ([b'{"v": 1, "n": 0, "msg": {"$t": "abort"}}'], "bad fields"),
+        ([b'{"v": 1, "n": 0, "msg": 5}'], "not a message"),
+        (
+            [
+                b'{"v": 1, "n": 1, "msg": {"$t": "abort", "rid": {"$tensor": 0, "dtype": "float32",'
+                b' "shape": [4]}}}',
+                b"123",
+            ],
+            "need 16",
+        ),
+        (
+            [
+                b'{"v": 1, "n": 1, "msg": {"$t": "abort", "rid": {"$tensor": 0, "dtype": "float32",'
+                b' "shape": "x"}}}',
+                b"123",
+            ],
+            "malformed",
+        ),
+        ([b'{"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$bytes": 3}}}'], "out of range"),
+    ],
+)
+def test_corrupt_frames_raise_codec_error(frames: list[bytes], problem: str) -> None:
+    with pytest.raises(CodecError, match=problem):
+        decode(frames)
+
+
+def test_encode_refuses_non_messages() -> None:
+    with pytest.raises(CodecError, match="not a message"):
+        encode(MultimodalInputs([]))  # type: ignore[arg-type]
+
+
+def test_built_object_costs_under_5_percent_over_the_raw_dict() -> None:
+    # The request's caution: the materialized object may be a little larger (it carries the
+    # hashes); the difference must stay under 5%.
+    sample = qwen2vl_image()
+    mm = MultimodalInputs.from_dict(sample.mm_inputs)
+    as_dict = encoded_size(
+        encode(TokenizedGenerateReqInput("r", sample.input_ids, mm_inputs=sample.mm_inputs))
+    )
+    as_obj = encoded_size(encode(TokenizedGenerateReqInput("r", sample.input_ids, mm_inputs=mm)))
+    assert as_obj >= as_dict
+    assert (as_obj - as_dict) / as_dict < 0.05
+    # The same holds for pickle, the format SGLang's broadcast_pyobj uses.
+    p_dict = len(pickle.dumps(sample.mm_inputs))
+    p_obj = len(pickle.dumps(mm))
+    assert (p_obj - p_dict) / p_dict < 0.05

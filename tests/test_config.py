@@ -1,0 +1,72 @@
+"""Config from a dict, a TOML file and the environment; names resolved with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmsched import Config, ConfigError, UnknownNameError
+
+
+def test_defaults() -> None:
+    config = Config()
+    assert (config.transport, config.strategy, config.hasher) == ("torch", "tokenizer", "blake3")
+
+
+def test_from_dict() -> None:
+    config = Config.from_dict({"transport": "torch", "strategy": "per-rank", "tp_size": 4})
+    assert (config.strategy, config.tp_size) == ("per-rank", 4)
+
+
+def test_from_toml_top_level_or_table(tmp_path: Path) -> None:
+    flat = tmp_path / "flat.toml"
+    flat.write_text('strategy = "entry-broadcast"\ntp_size = 2\n')
+    table = tmp_path / "table.toml"
+    table.write_text('[mmsched]\nhasher = "sha256"\nmax_request_bytes = 1000\n')
+    assert Config.from_toml(flat).strategy == "entry-broadcast"
+    assert Config.from_toml(table).max_request_bytes == 1000
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('strategy = "per-rank"\ntp_size = 2\n')
+    env = {
+        "MMSCHED_STRATEGY": "tokenizer",
+        "MMSCHED_TRANSPORT": "torch",
+        "MMSCHED_REPORT_RANKS": "yes",
+        "MMSCHED_MODEL_STEP_MS": "2.5",
+        "MMSCHED_MAX_REQUEST_BYTES": "none",
+        "OTHER": "ignored",
+    }
+    config = Config.from_toml(path).with_env(env)
+    assert (config.strategy, config.tp_size, config.report_ranks) == ("tokenizer", 2, True)
+    assert config.model_step_ms == 2.5 and config.max_request_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("values", "error", "message"),
+    [
+        ({"transport": "carrier-pigeon"}, UnknownNameError, "known: memory, torch"),
+        ({"strategy": "fastest"}, UnknownNameError, "entry-broadcast, per-rank, tokenizer"),
+        ({"hasher": "md5"}, UnknownNameError, "blake3, sha256, xxh3"),
+        ({"tp": 4}, ConfigError, "unknown config key 'tp'; known:"),
+        ({"tp_size": 0}, ConfigError, "at least 1"),
+        ({"tp_size": "4"}, ConfigError, "tp_size must be int"),
+        ({"allow_pickle": 1}, ConfigError, "allow_pickle must be bool"),
+        ({"report_ranks": "yes"}, ConfigError, "report_ranks must be bool"),
+        ({"tp_size": True}, ConfigError, "got a bool"),
+        ({"timeout_s": -1}, ConfigError, "must not be negative"),
+        ({"max_request_bytes": 0}, ConfigError, "must be positive"),
+    ],
+)
+def test_bad_values_are_named(
+    values: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Config.from_dict(values)
+
+
+def test_bad_env_value_is_named() -> None:
+    with pytest.raises(ConfigError, match="MMSCHED_TP_SIZE='four'"):
+        Config.from_env({"MMSCHED_TP_SIZE": "four"})

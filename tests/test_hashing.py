@@ -1,0 +1,96 @@
+"""Hashers: SGLang-compatible sha256, domain-separated blake3, xxh3, and the hash counter."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from mmsched import UnknownNameError, get_hasher, hash_stats
+from mmsched.hashing import HASHERS, pad_value_of, tensor_bytes
+
+
+def sglang_reference(tensor: torch.Tensor) -> int:
+    # What SGLang computes for a float32 feature: sha256 over .tobytes(), first 8 bytes BE.
+    return int.from_bytes(hashlib.sha256(tensor.numpy().tobytes()).digest()[:8], "big")
+
+
+def test_sha256_matches_sglang_formula() -> None:
+    t = torch.randn(64, 1176)
+    value = get_hasher("sha256").hash_tensor("image", t)
+    assert value == sglang_reference(t)
+    assert pad_value_of(value) == value % 2**30
+
+
+def test_sha256_ignores_modality_and_shape_as_sglang_does() -> None:
+    t = torch.randn(32, 16)
+    h = get_hasher("sha256")
+    assert h.hash_tensor("image", t) == h.hash_tensor("video", t.reshape(16, 32))
+
+
+@pytest.mark.parametrize("name", ["blake3", "xxh3"])
+def test_preimage_hashers_separate_shape_dtype_and_modality(name: str) -> None:
+    h = get_hasher(name)
+    t = torch.arange(48, dtype=torch.float32)
+    base = h.hash_tensor("image", t.reshape(6, 8))
+    assert base == h.hash_tensor("image", t.reshape(6, 8).clone())  # deterministic
+    assert base != h.hash_tensor("image", t.reshape(8, 6))  # same bytes, other shape
+    assert base != h.hash_tensor("video", t.reshape(6, 8))  # same bytes, other modality
+    as_int = t.view(torch.int32).reshape(6, 8)  # same bytes, other dtype
+    assert tensor_bytes(as_int) == tensor_bytes(t.reshape(6, 8))
+    assert base != h.hash_tensor("image", as_int)
+
+
+@pytest.mark.parametrize("name", sorted(HASHERS))
+def test_hash_changes_with_one_bit(name: str) -> None:
+    t = torch.randn(1000, 100)
+    u = t.clone()
+    u.view(torch.int32)[500, 50] ^= 1
+    h = get_hasher(name)
+    assert h.hash_tensor("image", t) != h.hash_tensor("image", u)
+
+
+@pytest.mark.parametrize("name", sorted(HASHERS))
+def test_non_contiguous_hashes_like_its_contiguous_copy(name: str) -> None:
+    t = torch.randn(64, 32).t()
+    assert not t.is_contiguous()
+    h = get_hasher(name)
+    assert h.hash_tensor("image", t) == h.hash_tensor("image", t.contiguous())
+
+
+def test_bf16_hashed_over_its_own_bytes() -> None:
+    t = torch.randn(128, 64).to(torch.bfloat16)
+    raw = t.view(torch.int16).numpy().tobytes()
+    assert len(raw) == t.numel() * 2
+    expected = int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
+    assert get_hasher("sha256").hash_tensor("image", t) == expected
+
+
+def test_tensor_bytes_shares_memory() -> None:
+    t = torch.zeros(16, dtype=torch.float32)
+    view = tensor_bytes(t)
+    t[0] = 1.0
+    assert bytes(view[:4]) == torch.tensor([1.0]).numpy().tobytes()
+
+
+def test_large_blake3_uses_threads_and_stays_deterministic() -> None:
+    t = torch.randn(4 * (1 << 20) // 4)  # 4 MiB: over the multi-thread threshold
+    h = get_hasher("blake3")
+    assert h.hash_tensor("image", t) == h.hash_tensor("image", t.clone())
+
+
+def test_every_hash_is_counted() -> None:
+    before = hash_stats()
+    t = torch.randn(1000)
+    for name in sorted(HASHERS):
+        get_hasher(name).hash_tensor("audio", t)
+    delta = hash_stats() - before
+    assert delta.count == len(HASHERS)
+    assert delta.nbytes == len(HASHERS) * 4000
+    assert delta.cpu_seconds >= 0
+
+
+def test_unknown_hasher_lists_known() -> None:
+    with pytest.raises(UnknownNameError, match="blake3, sha256, xxh3"):
+        get_hasher("md5")

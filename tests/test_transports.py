@@ -1,0 +1,87 @@
+"""The transport contract, run against every registered transport.
+
+One scenario (``mmsched.testing``): order, nothing lost or duplicated, empty messages and
+empty frames, payloads of several MiB, end-of-stream after close, errors after close, and
+statistics. In-process transports run every rank as a task; the others run every rank in
+its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mmsched import EndOfStream, TransportClosed
+from mmsched.testing import (
+    CONTRACT_MESSAGES,
+    expected_contract_result,
+    run_contract_in_processes,
+    run_contract_rank,
+)
+from mmsched.transports import CROSS_PROCESS, transport_names
+from mmsched.transports.memory import MemoryTransport
+
+WORLD = 3
+
+
+def check_contract(results: dict[int, dict[str, Any]]) -> None:
+    assert sorted(results) == list(range(WORLD)), results
+    for rank, result in results.items():
+        assert "error" not in result, f"rank {rank}: {result['error']}"
+    expected = expected_contract_result()
+    total = sum(sum(len(f) for f in m) for m in CONTRACT_MESSAGES)
+    sender = results[0]
+    assert sender["after_close"] == "TransportClosed"
+    assert sender["stats"]["messages_sent"] == len(CONTRACT_MESSAGES)
+    assert sender["stats"]["bytes_sent"] == total
+    for rank in range(1, WORLD):
+        got = results[rank]
+        assert got["messages"] == expected["messages"], f"rank {rank} got other messages"
+        assert got["after_end"] == expected["after_end"]
+        assert got["after_close"] == expected["after_close"]
+        assert got["stats"]["messages_received"] == len(CONTRACT_MESSAGES)
+        assert got["stats"]["bytes_received"] == total
+
+
+def test_every_transport_is_covered() -> None:
+    # A newly registered transport must join one of the two runs below.
+    assert set(transport_names()) == {"memory"} | set(CROSS_PROCESS)
+
+
+async def test_memory_transport_contract() -> None:
+    group = await MemoryTransport.group(WORLD)
+    results = await asyncio.gather(*(run_contract_rank(t) for t in group))
+    check_contract(dict(enumerate(results)))
+
+
+@pytest.mark.parametrize("name", sorted(CROSS_PROCESS))
+def test_cross_process_transport_contract(name: str, tmp_path: Path) -> None:
+    check_contract(run_contract_in_processes(name, WORLD, tmp_path, timeout_s=120))
+
+
+async def test_memory_cancelled_recv_loses_nothing() -> None:
+    sender, receiver = await MemoryTransport.group(2)
+    pending = asyncio.create_task(receiver.recv())
+    await asyncio.sleep(0)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await sender.send([b"after-cancel"])
+    assert await receiver.recv() == [b"after-cancel"]
+    await sender.aclose()
+    with pytest.raises(EndOfStream):
+        await receiver.recv()
+
+
+async def test_roles_are_enforced() -> None:
+    sender, receiver = await MemoryTransport.group(2)
+    with pytest.raises(RuntimeError, match="only a receiver"):
+        await sender.recv()
+    with pytest.raises(RuntimeError, match="only the sender"):
+        await receiver.send([b"x"])
+    await receiver.aclose()
+    with pytest.raises(TransportClosed):
+        await receiver.recv()
