@@ -47,8 +47,8 @@ def test_env_overrides_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("values", "error", "message"),
     [
-        ({"transport": "carrier-pigeon"}, UnknownNameError, "known: memory, torch"),
-        ({"strategy": "fastest"}, UnknownNameError, "entry-broadcast, per-rank, tokenizer"),
+        ({"transport": "carrier-pigeon"}, UnknownNameError, "known: memory, shm, torch, zmq"),
+        ({"strategy": "fastest"}, UnknownNameError, "per-rank, tokenizer, zero-copy"),
         ({"hasher": "md5"}, UnknownNameError, "blake3, sha256, xxh3"),
         ({"tp": 4}, ConfigError, "unknown config key 'tp'; known:"),
         ({"tp_size": 0}, ConfigError, "at least 1"),

@@ -20,12 +20,27 @@ from mmsched import (
     RequestTrace,
 )
 from mmsched.bench.workloads import Sample, audio_sample, image_sample, video_sample
+from mmsched.shm import live_segments
 from mmsched.testing import IterationRecorder
 
 TP = 2
-STRATEGIES = ["per-rank", "entry-broadcast", "tokenizer"]
+# (strategy, transport): every strategy over every cross-process transport it can use.
+COMBINATIONS = [
+    ("per-rank", "torch"),
+    ("entry-broadcast", "torch"),
+    ("tokenizer", "torch"),
+    ("tokenizer", "zmq"),
+    ("per-rank", "shm"),
+    ("entry-broadcast", "zmq"),
+    ("zero-copy", "shm"),
+]
 # Hashes each rank computes per request, by strategy: the instrumented proof of "hash once".
-RANK_HASHES = {"per-rank": [1, 1], "entry-broadcast": [1, 0], "tokenizer": [0, 0]}
+RANK_HASHES = {
+    "per-rank": [1, 1],
+    "entry-broadcast": [1, 0],
+    "tokenizer": [0, 0],
+    "zero-copy": [0, 0],
+}
 
 SAMPLES = {
     "image": image_sample(6, 8, seed=1),
@@ -34,9 +49,17 @@ SAMPLES = {
 }
 
 
-@pytest.fixture(params=STRATEGIES)
+@pytest.fixture(params=COMBINATIONS, ids=lambda c: f"{c[0]}-{c[1]}")
 async def pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pipeline]:
-    config = Config(strategy=request.param, tp_size=TP, hasher="sha256", report_ranks=True)
+    strategy, transport = request.param
+    config = Config(
+        strategy=strategy,
+        transport=transport,
+        tp_size=TP,
+        hasher="sha256",
+        report_ranks=True,
+        shm_arena_mb=64,
+    )
     recorder = IterationRecorder(tmp_path)
     async with Pipeline(config, on_iteration=recorder) as p:
         yield p
@@ -125,6 +148,44 @@ async def test_dead_rank_fails_requests_fast() -> None:
             await asyncio.wait_for(
                 pipeline.generate("after-kill", sample.input_ids, sample.mm_inputs), timeout=20
             )
+
+
+async def test_zero_copy_moves_headers_only_and_leaks_nothing() -> None:
+    before = set(live_segments())
+    config = Config(
+        strategy="zero-copy",
+        transport="shm",
+        tp_size=TP,
+        report_ranks=True,
+        shm_arena_mb=64,
+        timeout_s=15,
+    )
+    async with Pipeline(config) as pipeline:
+        assert set(live_segments()) == before  # names unlinked once every rank mapped them
+        # A processor can write its output straight into shared memory: nothing is copied.
+        sample = image_sample(6, 8, seed=5)
+        feature = sample.mm_inputs["mm_items"][0]["feature"]
+        in_arena = pipeline.allocate_tensor(feature.shape, feature.dtype)
+        in_arena.copy_(feature)
+        sample.mm_inputs["mm_items"][0]["feature"] = in_arena
+        trace = await pipeline.generate_traced(
+            "in-arena", sample.input_ids, sample.mm_inputs, check_ranks=True
+        )
+        assert_ranks_identical(trace, MultimodalInputs.from_dict(sample.mm_inputs))
+        # The ring reuses space in order: drop the processor output, as a server does once a
+        # request is answered, or it pins everything written after it.
+        del in_arena, sample, feature
+        # Many requests, far more bytes than the 64 MiB arena: space is reclaimed as ranks
+        # release their views.
+        big = image_sample(2, 2000, seed=6)  # about 19 MB
+        for i in range(12):
+            await pipeline.generate(f"big-{i}", big.input_ids, big.mm_inputs)
+    assert set(live_segments()) == before
+
+
+def test_zero_copy_needs_shared_memory() -> None:
+    with pytest.raises(ConfigError, match="needs transport 'shm'"):
+        Config(strategy="zero-copy", transport="torch")
 
 
 def test_in_process_transport_is_refused() -> None:

@@ -48,6 +48,8 @@ class Config:
         report_ranks: every rank reports per request when it held usable inputs, and what
             it held (for benchmarks and tests).
         tokenizer_workers: threads that materialize inputs in the tokenizer.
+        shm_arena_mb: size of each shared-memory arena (the ``shm`` transport's, and the
+            tokenizer's under ``zero-copy``); reserved and faulted in at start.
     """
 
     transport: str = "torch"
@@ -62,10 +64,15 @@ class Config:
     allow_pickle: bool = False
     report_ranks: bool = False
     tokenizer_workers: int = 4
+    shm_arena_mb: int = 1024
 
     def __post_init__(self) -> None:
         transport_class(self.transport)
-        get_strategy(self.strategy)
+        if get_strategy(self.strategy).shared_memory_inputs and self.transport != "shm":
+            raise ConfigError(
+                f"strategy {self.strategy!r} puts tensors in shared memory; it needs transport "
+                f"'shm', not {self.transport!r}"
+            )
         get_hasher(self.hasher)
         if self.tp_size < 1:
             raise ConfigError(f"tp_size must be at least 1, got {self.tp_size}")
@@ -74,6 +81,8 @@ class Config:
         for name in ("model_step_ms", "idle_wait_ms", "timeout_s", "startup_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.shm_arena_mb < 1:
+            raise ConfigError(f"shm_arena_mb must be at least 1, got {self.shm_arena_mb}")
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:
             raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
 

@@ -19,20 +19,23 @@ import asyncio
 import multiprocessing
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
+from mmsched import shm
 from mmsched.config import Config
 from mmsched.errors import ConfigError, PeerLost
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import GenerateOutput
 from mmsched.scheduler import IterationCallback, RankAddresses, rank_main
+from mmsched.strategies import get_strategy
 from mmsched.tokenizer import RequestTrace, TokenizerStage
 from mmsched.transports import CROSS_PROCESS, transport_class
 
@@ -55,6 +58,7 @@ class Pipeline:
         self._processes: list[BaseProcess] = []
         self._stage: TokenizerStage | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._arena: shm.ArenaWriter | None = None
         self._closing = False
 
     @property
@@ -69,14 +73,24 @@ class Pipeline:
         results = self._zmq.socket(zmq.PULL)
         for sock in (requests, results):
             sock.setsockopt(zmq.LINGER, 0)
+        if get_strategy(self.config.strategy).shared_memory_inputs:
+            shm.sweep_stale_segments()  # what a crashed earlier run may have left
+            self._arena = await asyncio.to_thread(
+                shm.ArenaWriter,
+                self.config.shm_arena_mb << 20,
+                self.config.tp_size,
+                timeout_s=self.config.timeout_s,
+            )
+            shm.register_writer(self._arena)
         addresses = RankAddresses(
             requests=f"ipc://{self._workdir}/requests",
             results=f"ipc://{self._workdir}/results",
             group=transport_class(self.config.transport).new_address(self._workdir),
+            data_plane=self._arena.name if self._arena is not None else None,
         )
         requests.bind(addresses.requests)
         results.bind(addresses.results)
-        self._stage = TokenizerStage(self.config, requests, results)
+        self._stage = TokenizerStage(self.config, requests, results, self._arena)
         self._stage.start()
 
         ctx = multiprocessing.get_context("spawn")
@@ -95,6 +109,16 @@ class Pipeline:
         except BaseException:
             await self.aclose()
             raise
+        if self._arena is not None:
+            self._arena.unlink()  # every rank has mapped it: a crash now leaves nothing behind
+
+    def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor for a processor to fill. Under ``zero-copy`` it lives in the
+        shared-memory arena, so sending it copies nothing; otherwise it is ``torch.empty``.
+        """
+        if self._arena is not None:
+            return self._arena.allocate_tensor(shape, dtype)
+        return torch.empty(tuple(shape), dtype=dtype)
 
     async def generate(
         self,
@@ -140,6 +164,9 @@ class Pipeline:
             await self._stage.aclose()
         if self._zmq is not None:
             self._zmq.destroy(linger=0)
+        if self._arena is not None:
+            shm.unregister_writer(self._arena)
+            self._arena.close()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
 

@@ -29,6 +29,7 @@ import blake3
 import zmq
 import zmq.asyncio
 
+from mmsched import shm
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError
@@ -60,6 +61,7 @@ class RankAddresses:
     requests: str  # tokenizer PUSH -> entry rank PULL
     results: str  # every rank PUSH -> tokenizer PULL
     group: str  # the transport's rendezvous
+    data_plane: str | None = None  # the tokenizer's shared-memory arena (zero-copy)
 
 
 def rank_main(
@@ -105,8 +107,20 @@ class SchedulerRank:
             self._inbox = self._zmq.socket(zmq.PULL)
             self._inbox.setsockopt(zmq.LINGER, 0)
             self._inbox.connect(self.addresses.requests)
+        if self.addresses.data_plane is not None:
+            # Map the tokenizer's arena before saying ready: the tokenizer then unlinks its name.
+            await asyncio.to_thread(
+                shm.open_reader,
+                self.addresses.data_plane,
+                self.rank,
+                wait_s=self.config.timeout_s,
+            )
         spec = GroupSpec(
-            self.rank, self.config.tp_size, self.addresses.group, self.config.timeout_s
+            self.rank,
+            self.config.tp_size,
+            self.addresses.group,
+            self.config.timeout_s,
+            options={"arena_bytes": self.config.shm_arena_mb << 20},
         )
         self._transport = await open_transport(self.config.transport, spec)
         try:
@@ -149,7 +163,8 @@ class SchedulerRank:
             timeout_ms = 0  # drain what is there, then go
             frames = await self._inbox.recv_multipart(copy=False)
             try:
-                message = self.decoder.decode([f.buffer for f in frames])
+                # Under zero-copy, tensor frames arrive as refs into the tokenizer's arena.
+                message = self.decoder.decode(shm.unpack([f.buffer for f in frames]))
             except CodecError:
                 # No rid to answer to: a frame that is not ours. Drop it; others go on.
                 continue

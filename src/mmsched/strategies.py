@@ -8,6 +8,9 @@
                      requests serialize and large tensors cross the group twice.
 ``tokenizer``        the requested fix: the tokenizer runs ``from_dict`` once (in worker
                      threads), and the typed object rides the per-iteration broadcast.
+``zero-copy``        as ``tokenizer``, but the tokenizer writes tensor bytes once into a
+                     shared-memory arena every rank maps; only headers of a few hundred bytes
+                     travel, to the entry rank and from it (needs the ``shm`` transport).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class Strategy:
     name: str
     materialize_in: MaterializeIn
     summary: str
+    # Tensor bytes go through the tokenizer's shared-memory arena rather than any socket.
+    shared_memory_inputs: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -44,6 +49,12 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         Strategy(
             "tokenizer", MaterializeIn.TOKENIZER, "tokenizer hashes once; ranks use the object"
+        ),
+        Strategy(
+            "zero-copy",
+            MaterializeIn.TOKENIZER,
+            "tokenizer hashes once and writes tensors once to shared memory; headers travel",
+            shared_memory_inputs=True,
         ),
     )
 }

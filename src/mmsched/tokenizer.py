@@ -22,9 +22,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from mmsched import shm
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError, RequestFailed
+from mmsched.frames import Frames
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
     AbortReq,
@@ -36,6 +38,7 @@ from mmsched.messages import (
     TokenizedGenerateReqInput,
 )
 from mmsched.strategies import MaterializeIn, get_strategy
+from mmsched.transports.shm import DEFAULT_INLINE_MAX_BYTES
 
 
 @dataclass
@@ -69,9 +72,14 @@ class TokenizerStage:
     """
 
     def __init__(
-        self, config: Config, requests: zmq.asyncio.Socket, results: zmq.asyncio.Socket
+        self,
+        config: Config,
+        requests: zmq.asyncio.Socket,
+        results: zmq.asyncio.Socket,
+        arena: shm.ArenaWriter | None = None,
     ) -> None:
         self.config = config
+        self._arena = arena
         self.strategy = get_strategy(config.strategy)
         self._requests = requests
         self._results = results
@@ -113,37 +121,26 @@ class TokenizerStage:
             raise self._failure
         if rid in self._pending:
             raise ValueError(f"request id {rid!r} is already in flight")
-        created_at = time.monotonic()
-        mm: MultimodalInputs | dict[str, Any] | None
-        if self.strategy.materialize_in is MaterializeIn.TOKENIZER:
-            loop = asyncio.get_running_loop()
-            mm = await loop.run_in_executor(
-                self._pool,
-                lambda: materialize(
-                    mm_inputs,
-                    hasher=self.config.hasher,
-                    input_len=len(input_ids),
-                    max_bytes=self.config.max_request_bytes,
-                ),
-            )
-        else:
-            mm = dict(mm_inputs) if isinstance(mm_inputs, Mapping) else mm_inputs
         req = TokenizedGenerateReqInput(
             rid=rid,
             input_ids=list(input_ids),
             sampling_params=dict(sampling_params or {}),
-            mm_inputs=mm,
-            created_at=created_at,
+            mm_inputs=dict(mm_inputs) if isinstance(mm_inputs, Mapping) else mm_inputs,
+            created_at=time.monotonic(),
             check_ranks=check_ranks,
         )
-        pending = _Pending(asyncio.get_running_loop().create_future(), created_at)
+        # Building, hashing and copying into shared memory release the GIL: worker threads
+        # keep the event loop free for other requests.
+        loop = asyncio.get_running_loop()
+        frames = await loop.run_in_executor(self._pool, self._prepare, req)
+        pending = _Pending(loop.create_future(), req.created_at)
         self._pending[rid] = pending
         if self._failure is not None:  # a rank died while the inputs were being built
             del self._pending[rid]
             raise self._failure
         # A PUSH to a dead entry rank blocks forever: send in the background and wait on the
         # result, which the watchdog fails if a rank dies.
-        sending = asyncio.ensure_future(self._requests.send_multipart(encode(req), copy=False))
+        sending = asyncio.ensure_future(self._requests.send_multipart(frames, copy=False))
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -152,6 +149,20 @@ class TokenizerStage:
         finally:
             sending.cancel()
             self._pending.pop(rid, None)
+
+    def _prepare(self, req: TokenizedGenerateReqInput) -> Frames:
+        """The request's frames, inputs built if the strategy says so (worker thread)."""
+        if self.strategy.materialize_in is MaterializeIn.TOKENIZER:
+            req.mm_inputs = materialize(
+                req.mm_inputs,
+                hasher=self.config.hasher,
+                input_len=len(req.input_ids),
+                max_bytes=self.config.max_request_bytes,
+            )
+        frames = encode(req)
+        if self._arena is not None:
+            frames = shm.pack(frames, self._arena, DEFAULT_INLINE_MAX_BYTES)
+        return frames
 
     def shutdown(self) -> None:
         """Ask the ranks to exit after their current iteration."""

@@ -2,6 +2,8 @@
 
 ``memory``  in-process, for tests (:mod:`mmsched.transports.memory`)
 ``torch``   torch.distributed broadcast over gloo (:mod:`mmsched.transports.torch_dist`)
+``zmq``     ZMQ publish-subscribe (:mod:`mmsched.transports.zmq_pubsub`)
+``shm``     shared-memory payloads + ZMQ control (:mod:`mmsched.transports.shm`)
 
 Implementations are imported on first use, so that a deployment needs only the libraries of
 the transport it picks.
@@ -16,11 +18,13 @@ from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport, Transp
 
 _REGISTRY: dict[str, str] = {
     "memory": "mmsched.transports.memory:MemoryTransport",
+    "shm": "mmsched.transports.shm:ShmTransport",
     "torch": "mmsched.transports.torch_dist:TorchTransport",
+    "zmq": "mmsched.transports.zmq_pubsub:ZmqTransport",
 }
 
 # Transports whose ranks can live in different processes (the pipeline needs one).
-CROSS_PROCESS = frozenset({"torch"})
+CROSS_PROCESS = frozenset({"shm", "torch", "zmq"})
 
 
 def transport_names() -> list[str]:

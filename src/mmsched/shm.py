@@ -1,0 +1,501 @@
+"""The shared-memory data plane: one writer, N readers, payloads written once, mapped by all.
+
+An *arena* is one POSIX shared-memory segment in ``/dev/shm``: a header page holding one
+*watermark* per reader, then a data region used as a ring. The writer copies a payload in
+once (or a processor writes it there directly, :meth:`ArenaWriter.allocate_tensor`) and
+sends a small :class:`Ref` instead of the bytes. Readers turn a ref into a ``memoryview`` of
+the mapped segment: no copy.
+
+Lifetime: each allocation has a sequence number. A reader's watermark is the highest
+sequence number below which it holds nothing; it moves when the views it handed out are
+garbage-collected (a finalizer per view), so a tensor built on a view keeps its bytes alive
+for as long as it lives. The writer reuses an allocation only when every reader's
+watermark has passed it. When the ring is full the writer waits, up to a timeout, then
+raises :class:`ArenaFull`. Space is reused in allocation order: a payload still held (by a
+rank, or by the writer's own tensor from :meth:`ArenaWriter.allocate_tensor`) holds back the
+reuse of everything written after it until it is released.
+
+Failure modes addressed:
+
+- ``/dev/shm`` too small: the segment's pages are reserved with ``posix_fallocate`` at
+  start, which fails with a clear error instead of a SIGBUS on first touch later;
+- page faults per request: every mapping is made with ``MAP_POPULATE``, so pages are faulted
+  in once, at start;
+- leaks after a crash: segment names carry the creating process's pid, and
+  :func:`sweep_stale_segments` removes those whose creator is gone. Beyond that the writer
+  unlinks the name as soon as every reader has mapped it, so even ``kill -9`` leaves
+  nothing behind: the memory goes when the last mapping does;
+- a dead reader wedging the writer: waiting for space is bounded by the timeout.
+
+Linux only (``/dev/shm``, ``MAP_POPULATE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from mmsched.errors import ConfigError, TransportError
+from mmsched.frames import Buffer, Frames
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "mmsched-"
+_HEADER_BYTES = 4096  # one page of reader watermarks (up to 512 readers)
+_ALIGN = 64  # cache-line alignment of every allocation
+_PACKED_MAGIC = b"MMSHM1"
+
+
+class ArenaFull(TransportError):
+    """The arena had no room for a payload within the timeout: a reader is slow or gone."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Where a payload lives: arena name, allocation sequence number, offset, length."""
+
+    arena: str
+    seq: int
+    offset: int
+    nbytes: int
+
+
+def new_segment_name() -> str:
+    """A fresh segment name carrying this process's pid, for the stale-segment sweep."""
+    return f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _creator_pid(name: str) -> int | None:
+    try:
+        return int(name[len(SEGMENT_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink mmsched segments whose creating process no longer exists; returns their names."""
+    removed = []
+    for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}*"):
+        pid = _creator_pid(path.name)
+        if pid is not None and not _pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
+def live_segments() -> list[str]:
+    """Names of mmsched segments present in /dev/shm (for tests and operators)."""
+    return sorted(p.name for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}*"))
+
+
+def _address(buf: Buffer) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if memoryview(buf).nbytes else 0
+
+
+class _Mapped:
+    """A mapped segment: the mmap, its base address, and the reader watermarks."""
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name = name
+        self.size = size
+        self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        self.base = _address(memoryview(self.mm))
+        self.watermarks = memoryview(self.mm)[:_HEADER_BYTES].cast("q")
+
+    def contains(self, address: int, nbytes: int) -> bool:
+        return self.base + _HEADER_BYTES <= address and address + nbytes <= self.base + self.size
+
+    def close(self) -> None:
+        self.watermarks.release()
+        # Views still held elsewhere keep the mapping; it goes when they do.
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+
+@dataclass
+class _Allocation:
+    seq: int
+    offset: int
+    nbytes: int
+
+
+class ArenaWriter:
+    """Creates an arena and writes payloads into it.
+
+    Args:
+        size: bytes of payload the ring can hold at once.
+        n_readers: readers that will open the arena (each with its own index).
+        timeout_s: longest wait for room before :class:`ArenaFull`.
+    """
+
+    def __init__(
+        self, size: int, n_readers: int, *, name: str | None = None, timeout_s: float = 60.0
+    ) -> None:
+        if not 1 <= n_readers <= _HEADER_BYTES // 8:
+            raise ConfigError(f"an arena serves 1 to {_HEADER_BYTES // 8} readers, not {n_readers}")
+        total = _HEADER_BYTES + _round_up(size)
+        _check_free_space(total)
+        self.name = name or new_segment_name()
+        self.n_readers = n_readers
+        self.timeout_s = timeout_s
+        self._path = SHM_DIR / self.name
+        # Made under a temporary name and renamed when ready, so that a reader waiting for
+        # the name never maps a segment that is not yet sized and initialised.
+        building = SHM_DIR / f"{self.name}.init"
+        fd = os.open(building, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, total)  # reserve now: ENOSPC here, not SIGBUS later
+            except OSError as exc:
+                building.unlink()
+                raise ConfigError(
+                    f"cannot reserve {total} bytes in {SHM_DIR}: {exc.strerror}; lower the arena "
+                    "size (shm_arena_mb) or enlarge /dev/shm (docker: --shm-size)"
+                ) from exc
+            self._mapped = _Mapped(self.name, fd, total)
+        finally:
+            os.close(fd)
+        for i in range(n_readers):
+            self._mapped.watermarks[i] = -1
+        os.rename(building, self._path)
+        self._data_start = _HEADER_BYTES
+        self._capacity = total - _HEADER_BYTES
+        self._lock = threading.Lock()
+        self._live: deque[_Allocation] = deque()
+        self._head = 0  # next free offset in the data region, relative to _data_start
+        self._next_seq = 0
+        self._writer_held: set[int] = set()
+        self._by_offset: dict[int, _Allocation] = {}
+        _REGISTRY.add(self._mapped)
+        self._unlinked = False
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def unlink(self) -> None:
+        """Remove the name from /dev/shm (mappings stay valid). Call once readers mapped it."""
+        if not self._unlinked:
+            self._unlinked = True
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+
+    def close(self) -> None:
+        self.unlink()
+        _REGISTRY.discard(self._mapped)
+        self._mapped.close()
+
+    def put(self, payload: Buffer) -> Ref:
+        """Copy ``payload`` into the arena once; raises :class:`ArenaFull` after the timeout."""
+        src = memoryview(payload).cast("B")
+        alloc = self._allocate(src.nbytes)
+        start = self._data_start + alloc.offset
+        dst = memoryview(self._mapped.mm)[start : start + src.nbytes]
+        if src.nbytes >= 1 << 20:
+            # torch's copy runs on several threads for large buffers; a memoryview copy on one.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a read-only source is only read
+                source = torch.frombuffer(src, dtype=torch.uint8)
+            torch.frombuffer(dst, dtype=torch.uint8).copy_(source)
+        else:
+            dst[:] = src
+        dst.release()
+        return Ref(self.name, alloc.seq, start, src.nbytes)
+
+    def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor living in the arena, for a processor to fill; sending it copies nothing.
+
+        The space stays reserved while the tensor (or any view of it) lives in this process.
+        """
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        alloc = self._allocate(nbytes, writer_held=True)
+        start = self._data_start + alloc.offset
+        arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=nbytes, offset=start)
+        weakref.finalize(arr, self._writer_release, alloc.seq)
+        return torch.frombuffer(arr.data, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+
+    def ref_for(self, buf: Buffer) -> Ref | None:
+        """The ref of ``buf`` if it is exactly one of this arena's allocations."""
+        n = memoryview(buf).nbytes
+        addr = _address(buf)
+        if not self._mapped.contains(addr, n):
+            return None
+        start = addr - self._mapped.base
+        with self._lock:
+            alloc = self._by_offset.get(start - self._data_start)
+        if alloc is None or alloc.nbytes < n:
+            return None
+        return Ref(self.name, alloc.seq, start, n)
+
+    # -- ring allocation ---------------------------------------------------------------------
+
+    def _allocate(self, nbytes: int, *, writer_held: bool = False) -> _Allocation:
+        size = _round_up(max(nbytes, 1))
+        if size > self._capacity:
+            raise ArenaFull(f"payload of {nbytes} bytes exceeds the arena ({self._capacity} bytes)")
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.0001
+        while True:
+            with self._lock:
+                self._reclaim()
+                offset = self._find_room(size)
+                if offset is not None:
+                    alloc = _Allocation(self._next_seq, offset, size)
+                    self._next_seq += 1
+                    self._live.append(alloc)
+                    self._by_offset[offset] = alloc
+                    self._head = offset + size
+                    if writer_held:
+                        self._writer_held.add(alloc.seq)
+                    return alloc
+            if time.monotonic() > deadline:
+                marks = list(self._mapped.watermarks[: self.n_readers])
+                raise ArenaFull(
+                    f"no room for {nbytes} bytes in {self.timeout_s} s; reader watermarks "
+                    f"{marks}, oldest live allocation {self._live[0].seq}: a reader is slow or gone"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    def _find_room(self, size: int) -> int | None:
+        if not self._live:
+            self._head = 0
+            return 0 if size <= self._capacity else None
+        tail = self._live[0].offset
+        if self._head > tail:  # live data is [tail, head): room after head, else at 0
+            if self._head + size <= self._capacity:
+                return self._head
+            return 0 if size <= tail else None
+        return self._head if self._head + size <= tail else None  # wrapped: room in [head, tail)
+
+    def _reclaim(self) -> None:
+        done = min(self._mapped.watermarks[i] for i in range(self.n_readers))
+        while (
+            self._live and self._live[0].seq <= done and self._live[0].seq not in self._writer_held
+        ):
+            alloc = self._live.popleft()
+            self._by_offset.pop(alloc.offset, None)
+
+    def _writer_release(self, seq: int) -> None:
+        with self._lock:
+            self._writer_held.discard(seq)
+
+
+class ArenaReader:
+    """Maps an arena made by an :class:`ArenaWriter` and hands out views of its payloads.
+
+    Args:
+        name: the arena's segment name.
+        index: this reader's watermark slot, ``0 <= index < n_readers``.
+    """
+
+    def __init__(self, name: str, index: int, *, wait_s: float = 0.0) -> None:
+        self.name = name
+        self.index = index
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fd = os.open(SHM_DIR / name, os.O_RDWR)
+                break
+            except FileNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise TransportError(
+                        f"shared-memory segment {name} does not exist (waited {wait_s} s)"
+                    ) from None
+                time.sleep(0.01)
+        try:
+            self._mapped = _Mapped(name, fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self._lock = threading.Lock()
+        self._outstanding: dict[int, int] = {}
+        self._last_seen = -1
+        self._seq_at: dict[int, int] = {}  # offset -> seq, for views still held
+        _REGISTRY.add(self._mapped)
+
+    def view(self, ref: Ref) -> memoryview:
+        """The payload as a view of shared memory, held until the view is collected."""
+        if not self._mapped.contains(self._mapped.base + ref.offset, ref.nbytes):
+            raise TransportError(f"ref {ref} lies outside arena {self.name}")
+        arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=ref.nbytes, offset=ref.offset)
+        with self._lock:
+            self._outstanding[ref.seq] = self._outstanding.get(ref.seq, 0) + 1
+            self._last_seen = max(self._last_seen, ref.seq)
+            self._seq_at[ref.offset] = ref.seq
+            self._publish()
+        weakref.finalize(arr, self._release, ref.seq, ref.offset)
+        return arr.data
+
+    def ref_for(self, buf: Buffer) -> Ref | None:
+        n = memoryview(buf).nbytes
+        addr = _address(buf)
+        if not self._mapped.contains(addr, n):
+            return None
+        offset = addr - self._mapped.base
+        with self._lock:
+            seq = self._seq_at.get(offset)
+        return None if seq is None else Ref(self.name, seq, offset, n)
+
+    def close(self) -> None:
+        _REGISTRY.discard(self._mapped)
+        _READERS.pop(self.name, None)
+        self._mapped.close()
+
+    def _release(self, seq: int, offset: int) -> None:
+        with self._lock:
+            left = self._outstanding.get(seq, 0) - 1
+            if left > 0:
+                self._outstanding[seq] = left
+            else:
+                self._outstanding.pop(seq, None)
+                if self._seq_at.get(offset) == seq:
+                    del self._seq_at[offset]
+            self._publish()
+
+    def _publish(self) -> None:
+        # Everything below the oldest payload still held is free; with nothing held, all
+        # this reader has seen is.
+        mark = min(self._outstanding) - 1 if self._outstanding else self._last_seen
+        with contextlib.suppress(ValueError):  # the mapping was closed under us at shutdown
+            self._mapped.watermarks[self.index] = mark
+
+
+# -- process-wide registry: which mapped arena a buffer lives in ---------------------------
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mapped: list[_Mapped] = []
+
+    def add(self, mapped: _Mapped) -> None:
+        with self._lock:
+            self._mapped.append(mapped)
+
+    def discard(self, mapped: _Mapped) -> None:
+        with self._lock:
+            if mapped in self._mapped:
+                self._mapped.remove(mapped)
+
+
+_REGISTRY = _Registry()
+_READERS: dict[str, ArenaReader] = {}
+_WRITERS: dict[str, ArenaWriter] = {}
+
+
+def open_reader(name: str, index: int, *, wait_s: float = 0.0) -> ArenaReader:
+    """This process's reader of arena ``name`` (opened once, then shared).
+
+    ``wait_s``: how long to wait for the writer to create the segment.
+    """
+    reader = _READERS.get(name)
+    if reader is None:
+        reader = _READERS[name] = ArenaReader(name, index, wait_s=wait_s)
+    return reader
+
+
+def register_writer(writer: ArenaWriter) -> None:
+    _WRITERS[writer.name] = writer
+
+
+def unregister_writer(writer: ArenaWriter) -> None:
+    _WRITERS.pop(writer.name, None)
+
+
+def find_ref(buf: Buffer) -> Ref | None:
+    """The ref of ``buf`` if it already lives in an arena this process has open."""
+    owners: list[ArenaWriter | ArenaReader] = [*_WRITERS.values(), *_READERS.values()]
+    for owner in owners:
+        ref = owner.ref_for(buf)
+        if ref is not None:
+            return ref
+    return None
+
+
+# -- packing frames: big ones by ref, small ones inline --------------------------------------
+
+
+def pack(frames: Sequence[Buffer], writer: ArenaWriter | None, min_bytes: int) -> Frames:
+    """Frames for the control channel: payloads by :class:`Ref`, the rest inline.
+
+    A frame that already lives in an open arena goes by ref without a copy; another frame of
+    at least ``min_bytes`` is copied into ``writer``'s arena once; smaller ones, or all when
+    ``writer`` is ``None`` or the payload cannot fit the arena at all, travel inline.
+    """
+    descriptors: list[Any] = []
+    inline: Frames = []
+    for frame in frames:
+        n = memoryview(frame).nbytes
+        ref = find_ref(frame) if n >= min_bytes else None
+        if ref is None and writer is not None and min_bytes <= n <= writer.capacity:
+            ref = writer.put(frame)
+        if ref is None:
+            descriptors.append(len(inline))
+            inline.append(frame)
+        else:
+            descriptors.append([ref.arena, ref.seq, ref.offset, ref.nbytes])
+    return [_PACKED_MAGIC + orjson.dumps(descriptors), *inline]
+
+
+def unpack(frames: Sequence[Buffer]) -> Frames:
+    """The original frames: refs turned into views of the arenas this process has open.
+
+    Frames that were not packed come back unchanged.
+    """
+    if not frames or bytes(memoryview(frames[0])[: len(_PACKED_MAGIC)]) != _PACKED_MAGIC:
+        return list(frames)
+    head = bytes(frames[0])
+    out: Frames = []
+    for d in orjson.loads(head[len(_PACKED_MAGIC) :]):
+        if isinstance(d, int):
+            out.append(frames[1 + d])
+            continue
+        reader = _READERS.get(d[0])
+        if reader is None:
+            raise TransportError(
+                f"message refers to arena {d[0]}, which this process has not opened"
+            )
+        out.append(reader.view(Ref(d[0], d[1], d[2], d[3])))
+    return out
+
+
+def _round_up(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _check_free_space(nbytes: int) -> None:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except FileNotFoundError:
+        raise ConfigError(f"{SHM_DIR} does not exist: the shm transport needs Linux") from None
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise ConfigError(
+            f"{SHM_DIR} has {free // 2**20} MiB free, the arena needs {nbytes // 2**20} MiB; lower "
+            "shm_arena_mb or enlarge /dev/shm (docker: --shm-size)"
+        )

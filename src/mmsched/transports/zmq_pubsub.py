@@ -1,0 +1,127 @@
+"""ZMQ publish-subscribe: the sender publishes each message once; every rank subscribes.
+
+The sender binds an XPUB socket; receivers connect SUB sockets. ``open`` on the sender
+returns only after it has seen a subscription from every receiver (XPUB reports each one), so
+no message is lost to a slow joiner. ``ipc://`` addresses serve one host, ``tcp://`` several.
+
+Each message goes as one ZMQ multipart message: a one-byte kind frame (``M`` message,
+``E`` end of stream), then the frames, sent with ``copy=False`` so that large buffers are
+not copied into ZMQ.
+
+Guarantees and limits:
+
+- ordered and lossless: high-water marks are off (unbounded queues), so PUB never drops;
+  memory held for a slow receiver grows until it catches up (backpressure is the
+  ``shm`` transport's job, whose payloads don't travel here);
+- the sender never blocks on receivers;
+- a receiver that hears nothing (not even the pipeline's per-iteration heartbeat) for
+  ``GroupSpec.timeout_s`` raises :class:`~mmsched.errors.PeerLost`; a dead receiver does not
+  disturb the sender or other receivers;
+- a pending ``recv()`` can be cancelled without losing a message.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from mmsched.errors import EndOfStream, PeerLost, TransportClosed
+from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
+
+_MESSAGE = b"M"
+_END = b"E"
+
+
+class ZmqTransport(Transport):
+    name = "zmq"
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        context: zmq.asyncio.Context,
+        socket: zmq.asyncio.Socket,
+        timeout_s: float,
+    ) -> None:
+        super().__init__(rank, world_size)
+        self._context = context
+        self._socket = socket
+        self._timeout_s = timeout_s
+        self._closed = False
+        self._ended = False
+
+    @classmethod
+    def new_address(cls, workdir: Path) -> str:
+        return f"ipc://{workdir}/zmq-{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    async def open(cls, spec: GroupSpec) -> ZmqTransport:
+        context = zmq.asyncio.Context()
+        if spec.rank == 0:
+            socket = context.socket(zmq.XPUB)
+            socket.setsockopt(zmq.SNDHWM, 0)
+            socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, not the first
+            socket.setsockopt(zmq.LINGER, int(spec.timeout_s * 1000))
+            socket.bind(spec.address)
+            transport = cls(spec.rank, spec.world_size, context, socket, spec.timeout_s)
+            await transport._await_subscribers(spec.world_size - 1, spec.timeout_s)
+            return transport
+        socket = context.socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.connect(spec.address)
+        return cls(spec.rank, spec.world_size, context, socket, spec.timeout_s)
+
+    async def _await_subscribers(self, expected: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while seen < expected:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not await self._socket.poll(timeout=remaining_ms):
+                await self.aclose()
+                raise PeerLost(f"only {seen} of {expected} receivers subscribed in {timeout_s} s")
+            event = await self._socket.recv()
+            if event[:1] == b"\x01":  # a subscription (b"\x00" would be an unsubscription)
+                seen += 1
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        self._require_sender(True)
+        if self._closed:
+            raise TransportClosed("send on a closed transport")
+        await self._socket.send_multipart([_MESSAGE, *frames], copy=False)
+        self._count_sent(frames)
+
+    async def recv(self) -> Frames:
+        self._require_sender(False)
+        if self._closed:
+            raise TransportClosed("recv on a closed transport")
+        if self._ended:
+            raise EndOfStream("the sender closed the transport")
+        if not await self._socket.poll(timeout=int(self._timeout_s * 1000)):
+            raise PeerLost(f"rank {self.rank} heard nothing from the sender in {self._timeout_s} s")
+        parts = await self._socket.recv_multipart(copy=False)
+        if parts[0].bytes == _END:
+            self._ended = True
+            raise EndOfStream("the sender closed the transport")
+        frames: Frames = [p.buffer for p in parts[1:]]
+        self._count_received(frames)
+        return frames
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.is_sender:
+            # LINGER (timeout_s) lets queued messages and the end marker reach receivers.
+            await self._socket.send_multipart([_END])
+        self._socket.close()
+        if self.is_sender:
+            self._context.term()  # waits up to LINGER for delivery
+        else:
+            self._context.destroy(linger=0)
