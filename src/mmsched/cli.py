@@ -13,14 +13,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mmsched.bench.fanout import DEFAULT_SIZES_MB, DEFAULT_STRATEGIES, FanoutRecord, run_fanout
+from mmsched.bench.fanout import (
+    DEFAULT_SIZES_MB,
+    DEFAULT_STRATEGIES,
+    DEFAULT_TRANSPORTS,
+    FanoutRecord,
+    run_fanout,
+)
 from mmsched.errors import MmschedError
 from mmsched.hashing import HASHERS
 from mmsched.strategies import get_strategy
-from mmsched.transports import transport_names
+from mmsched.transports import transport_class, transport_names
 
 
-def _csv(kind: type[float] | type[str]) -> Callable[[str], list[Any]]:
+def _csv(kind: type[float] | type[str] | type[int]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         try:
             return [kind(x.strip()) for x in text.split(",") if x.strip()]
@@ -43,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fanout",
         help="latency until every rank holds a request's inputs, per strategy and size",
     )
-    fan.add_argument("--tp", type=int, default=4, help="scheduler ranks (default 4)")
+    fan.add_argument(
+        "--tp", type=_csv(int), default=[4], help="scheduler ranks, comma-separated (default 4)"
+    )
     fan.add_argument(
         "--sizes",
         type=_csv(float),
@@ -54,9 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         type=_csv(str),
         default=list(DEFAULT_STRATEGIES),
-        help="comma-separated (default per-rank,entry-broadcast,tokenizer)",
+        help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy)",
     )
-    fan.add_argument("--transport", default="torch", help=f"one of {', '.join(transport_names())}")
+    fan.add_argument(
+        "--transports",
+        type=_csv(str),
+        default=list(DEFAULT_TRANSPORTS),
+        help=f"comma-separated, of {', '.join(transport_names())} (default torch,zmq,shm); "
+        "zero-copy runs on shm only",
+    )
+    fan.add_argument(
+        "--zero-copy-input",
+        choices=["arena", "copy"],
+        default="arena",
+        help="zero-copy: the processor writes into the arena (default), or the tokenizer copies",
+    )
     fan.add_argument(
         "--hasher",
         default="sha256",
@@ -66,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument(
         "--requests", type=int, default=20, help="timed requests per size (default 20)"
     )
-    fan.add_argument("--warmup", type=int, default=1, help="untimed requests per size (default 1)")
+    fan.add_argument("--warmup", type=int, default=3, help="untimed requests per size (default 3)")
     fan.add_argument("--json", type=Path, help="write one record per row to this file")
     return parser
 
@@ -84,6 +104,8 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
         "hash ms/req",
         "hashes/req",
         "encoded MB",
+        "floor ms",
+        "x floor",
         "identical",
     ):
         table.add_column(col, justify="left" if col in ("strategy", "transport") else "right")
@@ -99,6 +121,8 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
             f"{r.hash_ms_per_request:.1f}",
             f"{r.hashes_per_request:g}",
             f"{r.encoded_bytes / 1e6:.2f}",
+            f"{r.floor_ms:.2f}",
+            f"{r.latency_ms['p50'] / r.floor_ms:.1f}" if r.floor_ms else "-",
             "yes" if r.ranks_identical else "NO",
         )
     return table
@@ -107,28 +131,36 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
 def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
     for name in args.strategies:
         get_strategy(name)
+    for name in args.transports:
+        transport_class(name)
     records: list[FanoutRecord] = []
+
+    def floor(size_mb: float, ms: float) -> None:
+        console.log(f"floor {size_mb:g} MB: one copy + one {args.hasher} hash = {ms:.2f} ms")
 
     def progress(record: FanoutRecord) -> None:
         records.append(record)
         console.log(
-            f"{record.strategy} {record.size_mb:g} MB: p50 {record.latency_ms['p50']:.2f} ms, "
-            f"{record.hashes_per_request:g} hashes/request"
+            f"TP={record.tp} {record.strategy}/{record.transport} {record.size_mb:g} MB: "
+            f"p50 {record.latency_ms['p50']:.2f} ms, {record.hashes_per_request:g} hashes/request"
         )
 
     asyncio.run(
         run_fanout(
             strategies=args.strategies,
+            transports=args.transports,
             sizes_mb=args.sizes,
-            tp=args.tp,
-            transport=args.transport,
+            tps=args.tp,
             hasher=args.hasher,
             requests=args.requests,
             warmup=args.warmup,
+            zero_copy_input=args.zero_copy_input,
+            on_floor=floor,
             on_record=progress,
         )
     )
-    console.print(_fanout_table(records, f"fan-out latency, TP={args.tp}, hasher={args.hasher}"))
+    tps = ",".join(str(t) for t in args.tp)
+    console.print(_fanout_table(records, f"fan-out latency, TP={tps}, hasher={args.hasher}"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([r.as_dict() for r in records], indent=2))

@@ -156,8 +156,8 @@ class ArenaWriter:
     def __init__(
         self, size: int, n_readers: int, *, name: str | None = None, timeout_s: float = 60.0
     ) -> None:
-        if not 1 <= n_readers <= _HEADER_BYTES // 8:
-            raise ConfigError(f"an arena serves 1 to {_HEADER_BYTES // 8} readers, not {n_readers}")
+        if not 0 <= n_readers <= _HEADER_BYTES // 8:
+            raise ConfigError(f"an arena serves 0 to {_HEADER_BYTES // 8} readers, not {n_readers}")
         total = _HEADER_BYTES + _round_up(size)
         _check_free_space(total)
         self.name = name or new_segment_name()
@@ -294,7 +294,10 @@ class ArenaWriter:
         return self._head if self._head + size <= tail else None  # wrapped: room in [head, tail)
 
     def _reclaim(self) -> None:
-        done = min(self._mapped.watermarks[i] for i in range(self.n_readers))
+        # With no readers (a group of one) nothing is ever held by anyone else.
+        done = min(
+            (self._mapped.watermarks[i] for i in range(self.n_readers)), default=self._next_seq
+        )
         while (
             self._live and self._live[0].seq <= done and self._live[0].seq not in self._writer_held
         ):

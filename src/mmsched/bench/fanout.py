@@ -12,14 +12,17 @@ behind another and the figure is the fan-out itself. Measured per request:
 - hashing: hashes and their CPU time, read from each process's own counter
   (:func:`mmsched.hash_stats`), not assumed from the strategy;
 - identity: every rank reports a fingerprint for every request; for one request per size
-  every rank also reports a digest of all bytes it holds, compared with the tokenizer's.
+  every rank also reports a digest of all bytes it holds, compared with the tokenizer's;
+- the floor: one copy plus one hash of the payload on this machine (:mod:`.floor`).
 
 The payload is built once per size, before timing (its generation is no part of any cost).
+Under ``zero-copy`` the processor writes it straight into the tokenizer's arena
+(``zero_copy_input="arena"``, the designed path) or hands over ordinary memory that the
+tokenizer copies in (``"copy"``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -38,9 +41,11 @@ from mmsched.strategies import MaterializeIn, get_strategy
 from mmsched.tokenizer import RequestTrace
 
 from .cpu import CpuMeter
+from .floor import floor_ms
 from .workloads import Sample, image_of_size
 
-DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer")
+DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
+DEFAULT_TRANSPORTS = ("torch", "zmq", "shm")
 DEFAULT_SIZES_MB = (1.0, 10.0, 50.0, 100.0)
 
 
@@ -61,6 +66,7 @@ class FanoutRecord:
     encoded_bytes: int
     encoded_bytes_raw_dict: int
     ranks_identical: bool
+    floor_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -100,27 +106,47 @@ def encoded_sizes(sample: Sample, hasher: str) -> tuple[int, int]:
     return encoded_size(encode(as_object)), encoded_size(encode(as_dict))
 
 
-async def run_strategy(
+def _in_arena(pipeline: Pipeline, sample: Sample) -> Sample:
+    """The same sample with its features written where a zero-copy processor writes them."""
+    items = []
+    for item in sample.mm_inputs["mm_items"]:
+        feature = item["feature"]
+        shared = pipeline.allocate_tensor(feature.shape, feature.dtype)
+        shared.copy_(feature)
+        items.append({**item, "feature": shared})
+    return Sample(sample.input_ids, {**sample.mm_inputs, "mm_items": items})
+
+
+async def run_combination(
     strategy: str,
+    transport: str,
     samples: dict[float, Sample],
+    floors: dict[float, float],
     *,
     tp: int,
-    transport: str,
     hasher: str,
     requests: int,
     warmup: int = 1,
+    zero_copy_input: str = "arena",
     on_record: Callable[[FanoutRecord], None] | None = None,
 ) -> list[FanoutRecord]:
-    """Time ``requests`` sequential requests of each sample size under one strategy."""
+    """Time ``requests`` sequential requests of each sample size under one combination."""
     config = Config(
-        transport=transport, strategy=strategy, hasher=hasher, tp_size=tp, report_ranks=True
+        transport=transport,
+        strategy=strategy,
+        hasher=hasher,
+        tp_size=tp,
+        report_ranks=True,
+        shm_arena_mb=max(256, int(2.5 * max(samples))),
     )
     # What crosses from the tokenizer: the built object, or the raw dict.
     sends_object = get_strategy(strategy).materialize_in is MaterializeIn.TOKENIZER
+    in_arena = get_strategy(strategy).shared_memory_inputs and zero_copy_input == "arena"
     records = []
     async with Pipeline(config) as pipeline:
         meter = CpuMeter([os.getpid(), *pipeline.pids])
-        for size_mb, sample in samples.items():
+        for size_mb, base_sample in samples.items():
+            sample = _in_arena(pipeline, base_sample) if in_arena else base_sample
             reference = MultimodalInputs.from_dict(
                 sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
             ).content_digest()
@@ -128,10 +154,7 @@ async def run_strategy(
             last: RequestTrace | None = None
             for i in range(max(1, warmup)):
                 last = await pipeline.generate_traced(
-                    f"warm-{strategy}-{size_mb}-{i}",
-                    sample.input_ids,
-                    sample.mm_inputs,
-                    check_ranks=True,
+                    f"warm-{size_mb}-{i}", sample.input_ids, sample.mm_inputs, check_ranks=True
                 )
                 identical &= _identical(last, tp, reference)
             assert last is not None
@@ -141,7 +164,7 @@ async def run_strategy(
             latencies = []
             for i in range(requests):
                 last = await pipeline.generate_traced(
-                    f"{strategy}-{size_mb}-{i}", sample.input_ids, sample.mm_inputs
+                    f"{size_mb}-{i}", sample.input_ids, sample.mm_inputs
                 )
                 latencies.append(_latency_ms(last))
                 identical &= _identical(last, tp, None)
@@ -154,7 +177,9 @@ async def run_strategy(
             hash_s = local.cpu_seconds + sum(
                 after_ranks[r].cpu_seconds - before_ranks[r].cpu_seconds for r in after_ranks
             )
-            obj_bytes, dict_bytes = encoded_sizes(sample, hasher)
+            obj_bytes, dict_bytes = encoded_sizes(base_sample, hasher)
+            notes = ["payload written by the processor into the arena"] if in_arena else []
+            del sample, last  # release arena space held by this size before the next
             record = FanoutRecord(
                 strategy=strategy,
                 transport=transport,
@@ -173,6 +198,8 @@ async def run_strategy(
                 encoded_bytes=obj_bytes if sends_object else dict_bytes,
                 encoded_bytes_raw_dict=dict_bytes,
                 ranks_identical=identical,
+                floor_ms=floors[size_mb],
+                notes=notes,
             )
             records.append(record)
             if on_record is not None:
@@ -180,33 +207,49 @@ async def run_strategy(
     return records
 
 
+def combinations(strategies: Sequence[str], transports: Sequence[str]) -> list[tuple[str, str]]:
+    """Every (strategy, transport) pair that can run: zero-copy needs shared memory."""
+    return [
+        (s, t)
+        for s in strategies
+        for t in transports
+        if not get_strategy(s).shared_memory_inputs or t == "shm"
+    ]
+
+
 async def run_fanout(
     *,
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    transports: Sequence[str] = DEFAULT_TRANSPORTS,
     sizes_mb: Sequence[float] = DEFAULT_SIZES_MB,
-    tp: int = 4,
-    transport: str = "torch",
+    tps: Sequence[int] = (4,),
     hasher: str = "sha256",
     requests: int = 20,
-    warmup: int = 1,
+    warmup: int = 3,
+    zero_copy_input: str = "arena",
+    on_floor: Callable[[float, float], None] | None = None,
     on_record: Callable[[FanoutRecord], None] | None = None,
 ) -> list[FanoutRecord]:
-    """The whole comparison: every strategy at every size, in one run."""
+    """The whole comparison: every combination at every size and TP, in one run."""
     samples = {size: image_of_size(size, seed=int(size * 1000)) for size in sizes_mb}
+    floors = {}
+    for size, sample in samples.items():
+        floors[size] = floor_ms(sample.mm_inputs["mm_items"][0]["feature"], hasher)
+        if on_floor is not None:
+            on_floor(size, floors[size])
     records: list[FanoutRecord] = []
-    for strategy in strategies:
-        records += await run_strategy(
-            strategy,
-            samples,
-            tp=tp,
-            transport=transport,
-            hasher=hasher,
-            requests=requests,
-            warmup=warmup,
-            on_record=on_record,
-        )
+    for tp in tps:
+        for strategy, transport in combinations(strategies, transports):
+            records += await run_combination(
+                strategy,
+                transport,
+                samples,
+                floors,
+                tp=tp,
+                hasher=hasher,
+                requests=requests,
+                warmup=warmup,
+                zero_copy_input=zero_copy_input,
+                on_record=on_record,
+            )
     return records
-
-
-def run(**kwargs: Any) -> list[FanoutRecord]:
-    return asyncio.run(run_fanout(**kwargs))

@@ -72,7 +72,7 @@ class ShmTransport(Transport):
             writer = await asyncio.to_thread(
                 shm.ArenaWriter,
                 int(spec.options.get("arena_bytes", DEFAULT_ARENA_BYTES)),
-                max(1, spec.world_size - 1),
+                spec.world_size - 1,
                 name=segment,
                 timeout_s=spec.timeout_s,
             )
