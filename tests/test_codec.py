@@ -190,3 +190,18 @@ def test_built_object_costs_under_5_percent_over_the_raw_dict() -> None:
     p_dict = len(pickle.dumps(sample.mm_inputs))
     p_obj = len(pickle.dumps(mm))
     assert (p_obj - p_dict) / p_dict < 0.05
+
+
+def test_long_int_lists_travel_as_one_frame() -> None:
+    ids = list(range(-5, 5000))
+    frames = encode(TokenizedGenerateReqInput("r", ids, sampling_params={"short": [1, 2, 3]}))
+    assert memoryview(frames[0]).nbytes < 300  # header holds no token ids
+    assert [memoryview(f).nbytes for f in frames[1:]] == [len(ids) * 8]
+    back = decode(frames)
+    assert isinstance(back, TokenizedGenerateReqInput)
+    assert back.input_ids == ids and type(back.input_ids[0]) is int
+    assert back.sampling_params["short"] == [1, 2, 3]
+    mixed = [1] * 100 + [True]  # bools are not ids: the list stays JSON, types intact
+    again = decode(encode(TokenizedGenerateReqInput("r", [], sampling_params={"m": mixed})))
+    assert isinstance(again, TokenizedGenerateReqInput)
+    assert again.sampling_params["m"][-1] is True

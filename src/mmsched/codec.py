@@ -6,7 +6,8 @@ An encoded message is a list of frames::
     frames[1:]  raw buffers: tensor bytes, ``bytes`` values, pickled opaque values
 
 In the tree a dataclass becomes ``{"$t": KIND, ...fields}``; a tensor becomes
-``{"$tensor": i, "dtype": ..., "shape": [...]}`` where ``i`` indexes the buffers. Tensor
+``{"$tensor": i, "dtype": ..., "shape": [...]}`` where ``i`` indexes the buffers; a list of
+64 or more ints (token ids) becomes ``{"$ints": i}``, one int64 frame. Tensor
 bytes are never pickled and never copied on encode: the frame is a view of the tensor's
 storage. On decode a tensor is a view of its frame (no copy either), so it shares the
 frame's memory and must be treated as read-only when the frame is.
@@ -128,6 +129,11 @@ class Decoder:
         if "$ndarray" in node:
             buf = _buffer(buffers, node["$ndarray"])
             return np.frombuffer(buf, dtype=np.dtype(node["dtype"])).reshape(node["shape"])
+        if "$ints" in node:
+            buf = _buffer(buffers, node["$ints"])
+            if memoryview(buf).nbytes % 8:
+                raise CodecError("an int list frame is not a whole number of int64 values")
+            return np.frombuffer(buf, dtype=np.int64).tolist()
         if "$bytes" in node:
             return bytes(_buffer(buffers, node["$bytes"]))
         if "$tuple" in node:
@@ -172,6 +178,11 @@ def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
         buffers.append(value)
         return {"$bytes": len(buffers) - 1}
     if isinstance(value, list):
+        if len(value) >= _INT_RUN_MIN and _all_int64(value):
+            # Token ids: one raw int64 frame instead of thousands of JSON numbers, so headers
+            # stay small and a shared-memory transport can carry the ids by reference.
+            buffers.append(np.asarray(value, dtype=np.int64).data)
+            return {"$ints": len(buffers) - 1}
         return [_to_tree(x, buffers) for x in value]
     if isinstance(value, tuple):
         return {"$tuple": [_to_tree(x, buffers) for x in value]}
@@ -187,6 +198,13 @@ def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
             tree[f.name] = _to_tree(getattr(value, f.name), buffers)
         return tree
     return _pickled(value, buffers)
+
+
+_INT_RUN_MIN = 64
+
+
+def _all_int64(values: list[Any]) -> bool:
+    return all(type(x) is int and -(2**63) <= x < 2**63 for x in values)
 
 
 def _pickled(value: Any, buffers: list[Buffer]) -> dict[str, int]:

@@ -38,7 +38,10 @@ from mmsched.messages import (
     TokenizedGenerateReqInput,
 )
 from mmsched.strategies import MaterializeIn, get_strategy
-from mmsched.transports.shm import DEFAULT_INLINE_MAX_BYTES
+
+# Under zero-copy every frame from this size up (tensors, token ids) goes into shared memory,
+# so what crosses sockets is a header of a few hundred bytes.
+ARENA_MIN_BYTES = 4096
 
 
 @dataclass
@@ -161,7 +164,7 @@ class TokenizerStage:
             )
         frames = encode(req)
         if self._arena is not None:
-            frames = shm.pack(frames, self._arena, DEFAULT_INLINE_MAX_BYTES)
+            frames = shm.pack(frames, self._arena, ARENA_MIN_BYTES)
         return frames
 
     def shutdown(self) -> None:

@@ -8,7 +8,8 @@ behind another and the figure is the fan-out itself. Measured per request:
   holds a usable MultimodalInputs" (the latest ``ready_at`` the ranks report), both read
   from CLOCK_MONOTONIC, which every process of a host shares;
 - CPU: user + system seconds of the tokenizer and every rank process over the timed
-  requests, from the OS, divided by the number of requests;
+  requests, from the OS, divided by the number of requests (the OS counts in 10 ms ticks:
+  time enough requests for the figure to mean something);
 - hashing: hashes and their CPU time, read from each process's own counter
   (:func:`mmsched.hash_stats`), not assumed from the strategy;
 - identity: every rank reports a fingerprint for every request; for one request per size
