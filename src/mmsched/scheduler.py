@@ -214,8 +214,10 @@ class SchedulerRank:
         needs_building = isinstance(req.mm_inputs, dict)
         if how is MaterializeIn.ENTRY_RANK and needs_building:
             return await self._entry_broadcast(req)
-        # per-rank builds here on every rank; tokenizer normally receives a built object, and
-        # builds here only for a sender that still sends dicts (backward compatibility).
+        if not isinstance(req.mm_inputs, dict):  # built by the tokenizer, or text only
+            return req.mm_inputs
+        # per-rank builds here on every rank; tokenizer and zero-copy build here only for a
+        # sender that still sends dicts (backward compatibility).
         try:
             return await asyncio.to_thread(self._build, req)
         except MmschedError as exc:
