@@ -112,11 +112,17 @@ class Hasher(ABC):
     def hash_tensor(self, modality: str, tensor: torch.Tensor) -> int:
         """Hash ``tensor`` (a feature of ``modality``) and record the cost in :func:`hash_stats`."""
         data = tensor_bytes(tensor)
-        # Process CPU time, not thread time, so that BLAKE3's worker threads are counted.
-        start = time.process_time()
+        # A hash on the calling thread is timed on that thread's clock, so that other threads
+        # of the process (an event loop, socket I/O) are not counted; a multi-threaded hash
+        # on the process clock, so that its worker threads are.
+        clock = time.process_time if self._multithreaded(data.nbytes) else time.thread_time
+        start = clock()
         value = self._digest64(modality, tensor, data)
-        _COUNTER.record(time.process_time() - start, data.nbytes)
+        _COUNTER.record(clock() - start, data.nbytes)
         return value
+
+    def _multithreaded(self, nbytes: int) -> bool:
+        return False
 
     @abstractmethod
     def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int: ...
@@ -125,8 +131,11 @@ class Hasher(ABC):
 class Blake3Hasher(Hasher):
     name = "blake3"
 
+    def _multithreaded(self, nbytes: int) -> bool:
+        return nbytes >= _BLAKE3_PARALLEL_MIN_BYTES
+
     def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int:
-        threads = _blake3.blake3.AUTO if data.nbytes >= _BLAKE3_PARALLEL_MIN_BYTES else 1
+        threads = _blake3.blake3.AUTO if self._multithreaded(data.nbytes) else 1
         h = _blake3.blake3(_preimage_header(modality, tensor), max_threads=threads)
         h.update(data)
         return int.from_bytes(h.digest(8), "big")
