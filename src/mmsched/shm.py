@@ -130,6 +130,12 @@ class _Mapped:
     def contains(self, address: int, nbytes: int) -> bool:
         return self.base + _HEADER_BYTES <= address and address + nbytes <= self.base + self.size
 
+    def locate(self, buf: Buffer) -> tuple[int, int] | None:
+        """(offset, nbytes) of ``buf`` in this mapping, or None if it lies elsewhere."""
+        n = memoryview(buf).nbytes
+        address = _address(buf)
+        return (address - self.base, n) if self.contains(address, n) else None
+
     def close(self) -> None:
         self.watermarks.release()
         # Views still held elsewhere keep the mapping; it goes when they do.
@@ -241,11 +247,10 @@ class ArenaWriter:
 
     def ref_for(self, buf: Buffer) -> Ref | None:
         """The ref of ``buf`` if it is exactly one of this arena's allocations."""
-        n = memoryview(buf).nbytes
-        addr = _address(buf)
-        if not self._mapped.contains(addr, n):
+        where = self._mapped.locate(buf)
+        if where is None:
             return None
-        start = addr - self._mapped.base
+        start, n = where
         with self._lock:
             alloc = self._by_offset.get(start - self._data_start)
         if alloc is None or alloc.nbytes < n:
@@ -355,11 +360,11 @@ class ArenaReader:
         return arr.data
 
     def ref_for(self, buf: Buffer) -> Ref | None:
-        n = memoryview(buf).nbytes
-        addr = _address(buf)
-        if not self._mapped.contains(addr, n):
+        """The ref of ``buf`` if it is a view this reader handed out and still tracks."""
+        where = self._mapped.locate(buf)
+        if where is None:
             return None
-        offset = addr - self._mapped.base
+        offset, n = where
         with self._lock:
             seq = self._seq_at.get(offset)
         return None if seq is None else Ref(self.name, seq, offset, n)

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from mmsched.errors import EndOfStream, TransportClosed
 from mmsched.frames import Buffer, Frames, frames_nbytes
 
 
@@ -72,6 +73,8 @@ class Transport(ABC):
         self.rank = rank
         self.world_size = world_size
         self._stats = TransportStatistics()
+        self._closed = False  # closed by this side
+        self._ended = False  # the sender's end of stream was received
 
     @classmethod
     @abstractmethod
@@ -114,6 +117,25 @@ class Transport(ABC):
         if self.is_sender != sender:
             role = "the sender (rank 0)" if sender else "a receiver"
             raise RuntimeError(f"only {role} may call this; this is rank {self.rank}")
+
+    def _check_send(self) -> None:
+        """What every ``send`` checks first: the sender, not closed."""
+        self._require_sender(True)
+        if self._closed:
+            raise TransportClosed("send on a closed transport")
+
+    def _check_recv(self) -> None:
+        """What every ``recv`` checks first: a receiver, not closed, stream not ended."""
+        self._require_sender(False)
+        if self._closed:
+            raise TransportClosed("recv on a closed transport")
+        if self._ended:
+            raise EndOfStream("the sender closed the transport")
+
+    def _end_of_stream(self) -> EndOfStream:
+        """Record that the sender's end marker arrived; returns the error to raise."""
+        self._ended = True
+        return EndOfStream("the sender closed the transport")
 
     async def __aenter__(self) -> Transport:
         return self

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmsched.errors import EndOfStream, TransportClosed
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 
 _END = object()
@@ -43,8 +42,6 @@ class MemoryTransport(Transport):
         super().__init__(rank, world_size)
         self._hub = hub
         self._address = address
-        self._closed = False
-        self._ended = False
 
     @classmethod
     def new_address(cls, workdir: Path) -> str:
@@ -64,9 +61,7 @@ class MemoryTransport(Transport):
         return [await cls.open(GroupSpec(r, world_size, address)) for r in range(world_size)]
 
     async def send(self, frames: Sequence[Buffer]) -> None:
-        self._require_sender(True)
-        if self._closed:
-            raise TransportClosed("send on a closed transport")
+        self._check_send()
         message = list(frames)
         for rank in range(1, self.world_size):
             queue = self._hub.queues.get(rank)
@@ -75,15 +70,10 @@ class MemoryTransport(Transport):
         self._count_sent(message)
 
     async def recv(self) -> Frames:
-        self._require_sender(False)
-        if self._closed:
-            raise TransportClosed("recv on a closed transport")
-        if self._ended:
-            raise EndOfStream("the sender closed the transport")
+        self._check_recv()
         item = await self._hub.queues[self.rank].get()
         if item is _END:
-            self._ended = True
-            raise EndOfStream("the sender closed the transport")
+            raise self._end_of_stream()
         assert isinstance(item, list)
         self._count_received(item)
         return item

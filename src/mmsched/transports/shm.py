@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mmsched import shm
-from mmsched.errors import TransportClosed
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 from mmsched.transports.zmq_pubsub import ZmqTransport
 
@@ -54,7 +53,6 @@ class ShmTransport(Transport):
         self._writer = writer
         self._reader = reader
         self._inline_max = inline_max_bytes
-        self._closed = False
         # Copies into the arena, and waits for room, run here: off the loop, in send order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsched-shm")
 
@@ -90,9 +88,7 @@ class ShmTransport(Transport):
         return cls(control, None, reader, inline_max)
 
     async def send(self, frames: Sequence[Buffer]) -> None:
-        self._require_sender(True)
-        if self._closed:
-            raise TransportClosed("send on a closed transport")
+        self._check_send()
         loop = asyncio.get_running_loop()
         packed = await loop.run_in_executor(
             self._executor, shm.pack, list(frames), self._writer, self._inline_max
@@ -101,9 +97,7 @@ class ShmTransport(Transport):
         self._count_sent(frames)
 
     async def recv(self) -> Frames:
-        self._require_sender(False)
-        if self._closed:
-            raise TransportClosed("recv on a closed transport")
+        self._check_recv()
         frames = shm.unpack(await self._control.recv())
         self._count_received(frames)
         return frames

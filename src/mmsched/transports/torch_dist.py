@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mmsched.errors import EndOfStream, PeerLost, TransportClosed
+from mmsched.errors import PeerLost, TransportClosed
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 
 _T = TypeVar("_T")
@@ -64,8 +64,6 @@ class TorchTransport(Transport):
         self._group = group
         self._src = src  # global rank of the sender, as torch.distributed wants it
         self._owns_group = owns_group
-        self._closed = False
-        self._ended = False
         self._broken = False
         # One thread: collectives on a rank must be issued in the order they were awaited.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsched-torch")
@@ -92,20 +90,17 @@ class TorchTransport(Transport):
         return cls(spec.rank, spec.world_size, group=None, src=0, owns_group=True)
 
     async def send(self, frames: Sequence[Buffer]) -> None:
-        self._require_sender(True)
-        self._check_open()
+        self._check_send()
+        self._check_healthy()
         await self._run(self._send_blocking, list(frames))
         self._count_sent(frames)
 
     async def recv(self) -> Frames:
-        self._require_sender(False)
-        self._check_open()
-        if self._ended:
-            raise EndOfStream("the sender closed the transport")
+        self._check_recv()
+        self._check_healthy()
         frames: Frames | None = await self._run(self._recv_blocking)
         if frames is None:
-            self._ended = True
-            raise EndOfStream("the sender closed the transport")
+            raise self._end_of_stream()
         self._count_received(frames)
         return frames
 
@@ -171,9 +166,7 @@ class TorchTransport(Transport):
                 f"torch.distributed broadcast failed on rank {self.rank}: {exc}"
             ) from exc
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TransportClosed("the transport is closed")
+    def _check_healthy(self) -> None:
         if self._broken:
             raise TransportClosed("an earlier collective was cancelled or failed; close and rejoin")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from mmsched.errors import EndOfStream, PeerLost, TransportClosed
+from mmsched.errors import PeerLost
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 
 _MESSAGE = b"M"
@@ -52,8 +52,6 @@ class ZmqTransport(Transport):
         self._context = context
         self._socket = socket
         self._timeout_s = timeout_s
-        self._closed = False
-        self._ended = False
 
     @classmethod
     def new_address(cls, workdir: Path) -> str:
@@ -91,24 +89,17 @@ class ZmqTransport(Transport):
                 seen += 1
 
     async def send(self, frames: Sequence[Buffer]) -> None:
-        self._require_sender(True)
-        if self._closed:
-            raise TransportClosed("send on a closed transport")
+        self._check_send()
         await self._socket.send_multipart([_MESSAGE, *frames], copy=False)
         self._count_sent(frames)
 
     async def recv(self) -> Frames:
-        self._require_sender(False)
-        if self._closed:
-            raise TransportClosed("recv on a closed transport")
-        if self._ended:
-            raise EndOfStream("the sender closed the transport")
+        self._check_recv()
         if not await self._socket.poll(timeout=int(self._timeout_s * 1000)):
             raise PeerLost(f"rank {self.rank} heard nothing from the sender in {self._timeout_s} s")
         parts = await self._socket.recv_multipart(copy=False)
         if parts[0].bytes == _END:
-            self._ended = True
-            raise EndOfStream("the sender closed the transport")
+            raise self._end_of_stream()
         frames: Frames = [p.buffer for p in parts[1:]]
         self._count_received(frames)
         return frames
