@@ -12,6 +12,7 @@ from mmsched import (
     AbortReq,
     Batch,
     CodecError,
+    Decoder,
     ErrorOutput,
     GenerateOutput,
     MultimodalInputs,
@@ -205,3 +206,12 @@ def test_long_int_lists_travel_as_one_frame() -> None:
     again = decode(encode(TokenizedGenerateReqInput("r", [], sampling_params={"m": mixed})))
     assert isinstance(again, TokenizedGenerateReqInput)
     assert again.sampling_params["m"][-1] is True
+
+
+def test_peek_rid_names_an_undecodable_request() -> None:
+    frames = encode(TokenizedGenerateReqInput("r-9", [], sampling_params={"x": Opaque(1)}))
+    with pytest.raises(PickleRefused):
+        decode(frames)
+    assert Decoder.peek_rid(frames) == "r-9"
+    assert Decoder.peek_rid([b"garbage"]) is None
+    assert Decoder.peek_rid(encode(Shutdown())) is None

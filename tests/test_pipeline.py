@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmsched import (
@@ -17,6 +18,7 @@ from mmsched import (
     MultimodalInputs,
     PeerLost,
     Pipeline,
+    RequestFailed,
     RequestTrace,
 )
 from mmsched.bench.workloads import Sample, audio_sample, image_sample, video_sample
@@ -191,3 +193,17 @@ def test_zero_copy_needs_shared_memory() -> None:
 def test_in_process_transport_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot reach rank processes"):
         Pipeline(Config(transport="memory"))
+
+
+async def test_undecodable_request_is_answered_not_dropped() -> None:
+    # An opaque object in a raw dict is pickled by the codec; the entry rank refuses to
+    # unpickle (the safe default). The request must still get its error, alone.
+    bad = image_sample(2, 2, seed=8)
+    bad.mm_inputs["mm_items"][0]["feature"] = np.array([object()])
+    good = SAMPLES["image"]
+    config = Config(strategy="per-rank", tp_size=TP, timeout_s=20)
+    async with Pipeline(config) as pipeline:
+        with pytest.raises(RequestFailed, match="PickleRefused"):
+            await asyncio.wait_for(pipeline.generate("bad", bad.input_ids, bad.mm_inputs), 20)
+        output = await pipeline.generate("good", good.input_ids, good.mm_inputs)
+        assert output.rid == "good"

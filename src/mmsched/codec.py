@@ -110,6 +110,19 @@ class Decoder:
             raise CodecError(f"top-level value is not a message: {type(message).__name__}")
         return cast(Message, message)
 
+    @staticmethod
+    def peek_rid(frames: Sequence[Buffer]) -> str | None:
+        """The request id in frames that fail to decode, if the header still names one.
+
+        Lets a receiver answer a request it cannot decode instead of dropping it.
+        """
+        try:
+            tree = orjson.loads(bytes(frames[0]))["msg"]
+            rid = tree.get("rid") if isinstance(tree, dict) else None
+        except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
+            return None
+        return rid if isinstance(rid, str) else None
+
     def _from_tree(self, node: Any, buffers: Sequence[Buffer]) -> Any:
         if isinstance(node, list):
             return [self._from_tree(x, buffers) for x in node]

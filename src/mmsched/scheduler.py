@@ -32,7 +32,8 @@ import zmq.asyncio
 from mmsched import shm
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
-from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError
+from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError, TransportError
+from mmsched.frames import Frames
 from mmsched.hashing import hash_stats
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
@@ -162,11 +163,17 @@ class SchedulerRank:
         while await self._inbox.poll(timeout=timeout_ms):
             timeout_ms = 0  # drain what is there, then go
             frames = await self._inbox.recv_multipart(copy=False)
+            buffers: Frames = [f.buffer for f in frames]
             try:
                 # Under zero-copy, tensor frames arrive as refs into the tokenizer's arena.
-                message = self.decoder.decode(shm.unpack([f.buffer for f in frames]))
-            except CodecError:
-                # No rid to answer to: a frame that is not ours. Drop it; others go on.
+                buffers = shm.unpack(buffers)
+                message = self.decoder.decode(buffers)
+            except (CodecError, TransportError) as exc:
+                # The request fails alone: answer it if its header names it, else drop what
+                # is not a request of ours. It never enters a batch, so no rank waits for it.
+                rid = Decoder.peek_rid(buffers)
+                if rid is not None:
+                    await self._send(error_output(rid, exc))
                 continue
             if isinstance(message, TokenizedGenerateReqInput):
                 batch.requests.append(message)
