@@ -188,6 +188,10 @@ class Pipeline:
                     self._stage.fail_all(
                         PeerLost(f"scheduler rank {rank} exited with code {proc.exitcode}")
                     )
+                    # A group missing a rank cannot serve: the others must not wait on it
+                    # (a collective would, until gloo's timeout). Stop them now.
+                    self._stage.shutdown()
+                    await self._join_ranks()
                     return
 
     async def __aenter__(self) -> Pipeline:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import blake3
 import zmq
@@ -100,6 +102,7 @@ class SchedulerRank:
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
         self._transport: Transport | None = None
+        self._orphaned = False
 
     async def run(self) -> None:
         self._results.setsockopt(zmq.LINGER, 2000)
@@ -139,6 +142,8 @@ class SchedulerRank:
             if self._inbox is not None:
                 self._inbox.close()
             self._zmq.term()
+            if self._orphaned:
+                shutil.rmtree(Path(self.addresses.requests.removeprefix("ipc://")).parent, True)
 
     # -- step 1: agree on the iteration's requests ------------------------------------------
 
@@ -182,7 +187,10 @@ class SchedulerRank:
             elif isinstance(message, Shutdown):
                 batch.shutdown = True
         if os.getppid() != self._parent:
-            batch.shutdown = True  # the tokenizer died: let every rank finish cleanly
+            # The tokenizer died (its children were re-parented): every rank finishes this
+            # iteration and exits, and the run's IPC directory goes with it.
+            batch.shutdown = True
+            self._orphaned = True
         return batch
 
     # -- steps 2-4 ----------------------------------------------------------------------------
