@@ -28,6 +28,7 @@ from mmsched import (
     Config,
     InvalidMultimodalInput,
     MultimodalInputs,
+    Overloaded,
     PeerLost,
     Pipeline,
     RequestFailed,
@@ -36,6 +37,7 @@ from mmsched.bench.fanout import combinations
 from mmsched.bench.workloads import image_sample
 from mmsched.shm import live_segments
 from mmsched.strategies import STRATEGIES, MaterializeIn
+from mmsched.testing import SlowRank
 from mmsched.transports import CROSS_PROCESS
 
 pytestmark = pytest.mark.faults
@@ -201,3 +203,47 @@ async def test_killed_tokenizer_lets_ranks_exit_cleanly(
     assert set(live_segments()) == segments_before
     # The entry rank removed the run's IPC directory on its way out.
     assert not any(d.exists() for d in run_dirs)
+
+
+@pytest.mark.parametrize("transport", ["zmq", "torch"])
+async def test_slow_rank_bounds_bytes_in_flight(transport: str) -> None:
+    sample = image_sample(2, 80)  # 752,640 bytes: one fits in 1 MiB, two do not
+    config = Config(
+        strategy="tokenizer",
+        transport=transport,
+        tp_size=2,
+        max_inflight_mb=1,
+        backpressure="reject",
+    )
+    async with Pipeline(config, on_iteration=SlowRank(rank=1, seconds=0.6)) as pipeline:
+        await pipeline.generate("a", sample.input_ids, sample.mm_inputs)
+        # Rank 0 answered, but rank 1 is still on that request: its bytes stay counted.
+        with pytest.raises(Overloaded, match="backpressure='reject'"):
+            await pipeline.generate("b", sample.input_ids, sample.mm_inputs)
+        await asyncio.sleep(1.0)  # rank 1 catches up
+        await pipeline.generate("c", sample.input_ids, sample.mm_inputs)
+
+
+async def test_backpressure_waits_then_gives_up() -> None:
+    sample = image_sample(2, 80)
+    config = Config(
+        strategy="tokenizer",
+        transport="zmq",
+        tp_size=2,
+        max_inflight_mb=1,
+        backpressure_wait_s=5,
+    )
+    async with Pipeline(config, on_iteration=SlowRank(rank=1, seconds=0.5)) as pipeline:
+        await pipeline.generate("a", sample.input_ids, sample.mm_inputs)
+        start = time.monotonic()
+        await pipeline.generate("b", sample.input_ids, sample.mm_inputs)  # waits for rank 1
+        assert time.monotonic() - start > 0.2
+    impatient = config.replace(backpressure_wait_s=0.1)
+    async with Pipeline(impatient, on_iteration=SlowRank(rank=1, seconds=2)) as pipeline:
+        await pipeline.generate("a", sample.input_ids, sample.mm_inputs)
+        with pytest.raises(Overloaded, match=r"within 0\.1 s"):
+            await pipeline.generate("b", sample.input_ids, sample.mm_inputs)
+    with pytest.raises(Overloaded, match="can never fit"):
+        async with Pipeline(config) as pipeline:
+            big = image_sample(2, 200)
+            await pipeline.generate("big", big.input_ids, big.mm_inputs)

@@ -50,6 +50,11 @@ class Config:
         tokenizer_workers: threads that materialize inputs in the tokenizer.
         shm_arena_mb: size of each shared-memory arena (the ``shm`` transport's, and the
             tokenizer's under ``zero-copy``); reserved and faulted in at start.
+        max_inflight_mb: most feature bytes of requests sent and not yet answered; a slow
+            rank then holds back the tokenizer instead of growing queues. ``None``: no bound.
+        backpressure: at that bound, ``wait`` (up to ``backpressure_wait_s``) or ``reject``;
+            both end in :class:`~mmsched.errors.Overloaded` for the request that cannot go.
+        backpressure_wait_s: how long ``wait`` waits for room.
     """
 
     transport: str = "torch"
@@ -65,6 +70,9 @@ class Config:
     report_ranks: bool = False
     tokenizer_workers: int = 4
     shm_arena_mb: int = 1024
+    max_inflight_mb: int | None = 1024
+    backpressure: str = "wait"
+    backpressure_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         transport_class(self.transport)
@@ -78,9 +86,19 @@ class Config:
             raise ConfigError(f"tp_size must be at least 1, got {self.tp_size}")
         if self.tokenizer_workers < 1:
             raise ConfigError(f"tokenizer_workers must be at least 1, got {self.tokenizer_workers}")
-        for name in ("model_step_ms", "idle_wait_ms", "timeout_s", "startup_timeout_s"):
+        for name in (
+            "model_step_ms",
+            "idle_wait_ms",
+            "timeout_s",
+            "startup_timeout_s",
+            "backpressure_wait_s",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.backpressure not in ("wait", "reject"):
+            raise ConfigError(f"backpressure must be 'wait' or 'reject', got {self.backpressure!r}")
+        if self.max_inflight_mb is not None and self.max_inflight_mb < 1:
+            raise ConfigError(f"max_inflight_mb must be at least 1, got {self.max_inflight_mb}")
         if self.shm_arena_mb < 1:
             raise ConfigError(f"shm_arena_mb must be at least 1, got {self.shm_arena_mb}")
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:

@@ -10,6 +10,7 @@
     │   ├── TransportClosed                        used after *this* side closed it
     │   ├── EndOfStream                            the sender closed; nothing more will come
     │   └── PeerLost                               a peer died or stopped answering in time
+    ├── Overloaded                                 too many bytes in flight (backpressure)
     └── RequestFailed                              a request failed on a scheduler rank
 
 Errors from libraries underneath (torch.distributed, zmq) are translated at the transport
@@ -78,6 +79,10 @@ class EndOfStream(TransportError):
 
 class PeerLost(TransportError):
     """A peer process died or did not answer within the configured timeout."""
+
+
+class Overloaded(MmschedError):
+    """The pipeline holds ``max_inflight_mb`` of requests already: rejected, or waited too long."""
 
 
 class RequestFailed(MmschedError):

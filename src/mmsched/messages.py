@@ -11,8 +11,8 @@ Direction of travel:
 - entry rank -> every rank, once per scheduler iteration: :class:`Batch`
 - entry rank -> every rank, once per request (``entry-broadcast`` strategy only):
   :class:`MaterializedInputs`
-- ranks -> tokenizer: :class:`GenerateOutput`, :class:`ErrorOutput`, :class:`RankReport`,
-  :class:`RankReady`
+- ranks -> tokenizer: :class:`GenerateOutput`, :class:`ErrorOutput`, :class:`RankProgress`,
+  :class:`RankReport`, :class:`RankReady`
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ class GenerateOutput:
     finish_reason: str = "stop"
     # Pad values of the request's media, so a caller can check which media the model saw.
     pad_values: list[int] = field(default_factory=list)
+    # The scheduler iteration that ran it (for backpressure, see RankProgress).
+    iteration: int = -1
 
 
 @dataclass(eq=False)
@@ -120,6 +122,20 @@ class RankReport:
 
 
 @dataclass(eq=False)
+class RankProgress:
+    """A rank finished ``iteration``. Sent once per non-empty iteration by every rank.
+
+    The entry rank answers before the others finish; the tokenizer keeps a request's bytes
+    counted as in flight until every rank has passed its iteration, so one slow rank holds
+    back new requests instead of letting its queue grow.
+    """
+
+    KIND: ClassVar[str] = "rank_progress"
+    rank: int
+    iteration: int
+
+
+@dataclass(eq=False)
 class RankReady:
     KIND: ClassVar[str] = "rank_ready"
     rank: int
@@ -134,6 +150,7 @@ Message = (
     | MaterializedInputs
     | GenerateOutput
     | ErrorOutput
+    | RankProgress
     | RankReport
     | RankReady
 )
@@ -146,6 +163,7 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     MaterializedInputs,
     GenerateOutput,
     ErrorOutput,
+    RankProgress,
     RankReport,
     RankReady,
 )

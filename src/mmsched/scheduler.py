@@ -45,6 +45,7 @@ from mmsched.messages import (
     GenerateOutput,
     MaterializedInputs,
     Message,
+    RankProgress,
     RankReady,
     RankReport,
     Shutdown,
@@ -219,7 +220,11 @@ class SchedulerRank:
             await asyncio.sleep(self.config.model_step_ms / 1000)
         if self.rank == 0:
             for req in ready:
-                await self._send(self._stub_output(req))
+                output = self._stub_output(req)
+                output.iteration = batch.iteration
+                await self._send(output)
+        if batch.requests:
+            await self._send(RankProgress(rank=self.rank, iteration=batch.iteration))
 
     async def _resolve(
         self, req: TokenizedGenerateReqInput

@@ -176,3 +176,17 @@ class IterationRecorder:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class SlowRank:
+    """An ``on_iteration`` callback that makes one rank slow: it sleeps on that rank only."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        self.rank = rank
+        self.seconds = seconds
+
+    async def __call__(
+        self, rank: int, iteration: int, requests: list[TokenizedGenerateReqInput]
+    ) -> None:
+        if rank == self.rank and requests:
+            await asyncio.sleep(self.seconds)

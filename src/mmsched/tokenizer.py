@@ -19,19 +19,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 import zmq
 import zmq.asyncio
 
 from mmsched import shm
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
-from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError, RequestFailed
+from mmsched.errors import (
+    CodecError,
+    InvalidMultimodalInput,
+    MmschedError,
+    Overloaded,
+    RequestFailed,
+)
 from mmsched.frames import Frames
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
     AbortReq,
     ErrorOutput,
     GenerateOutput,
+    RankProgress,
     RankReady,
     RankReport,
     Shutdown,
@@ -93,6 +102,12 @@ class TokenizerStage:
         self._ranks_ready = asyncio.Event()
         self._failure: MmschedError | None = None
         self._router: asyncio.Task[None] | None = None
+        self._inflight_bytes = 0
+        self._room = asyncio.Condition()
+        # Backpressure bookkeeping: the last iteration each rank finished, and the bytes of
+        # answered requests still held until every rank has passed their iteration.
+        self._progress = dict.fromkeys(range(config.tp_size), -1)
+        self._held: list[tuple[int, int]] = []
 
     def start(self) -> None:
         self._router = asyncio.create_task(self._route_results(), name="mmsched-results")
@@ -118,12 +133,82 @@ class TokenizerStage:
         Raises:
             InvalidMultimodalInput: the inputs are malformed (whichever process found it).
             RequestFailed: a rank failed the request for another reason.
+            Overloaded: ``max_inflight_mb`` is reached (see ``backpressure``).
             PeerLost: a rank died; the pipeline is unusable.
         """
         if self._failure is not None:
             raise self._failure
         if rid in self._pending:
             raise ValueError(f"request id {rid!r} is already in flight")
+        nbytes = _feature_bytes(mm_inputs)
+        await self._admit(nbytes)
+        held = False
+        try:
+            trace = await self._submit(rid, input_ids, mm_inputs, sampling_params, check_ranks)
+            if trace.output.iteration > min(self._progress.values()):
+                self._held.append((trace.output.iteration, nbytes))  # a rank is still behind
+                held = True
+            return trace
+        finally:
+            if not held:
+                await self._release(nbytes)
+
+    async def _release(self, nbytes: int) -> None:
+        async with self._room:
+            self._inflight_bytes -= nbytes
+            self._room.notify_all()
+
+    async def _rank_progressed(self, message: RankProgress) -> None:
+        self._progress[message.rank] = max(self._progress.get(message.rank, -1), message.iteration)
+        done = min(self._progress.values())
+        behind = [(it, n) for it, n in self._held if it > done]
+        if len(behind) != len(self._held):
+            freed = sum(n for it, n in self._held if it <= done)
+            self._held = behind
+            await self._release(freed)
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Feature bytes of requests sent and not yet answered."""
+        return self._inflight_bytes
+
+    async def _admit(self, nbytes: int) -> None:
+        """Backpressure: hold or refuse a request while the bound is reached."""
+        if self.config.max_inflight_mb is None:
+            return
+        limit = self.config.max_inflight_mb << 20
+        if nbytes > limit:
+            raise Overloaded(
+                f"a request of {nbytes} bytes can never fit max_inflight_mb={limit >> 20}"
+            )
+        async with self._room:
+            if self._inflight_bytes + nbytes > limit:
+                if self.config.backpressure == "reject":
+                    raise Overloaded(
+                        f"{self._inflight_bytes} bytes in flight; {nbytes} more would pass "
+                        f"max_inflight_mb={limit >> 20} (backpressure='reject')"
+                    )
+                try:
+                    await asyncio.wait_for(
+                        self._room.wait_for(lambda: self._inflight_bytes + nbytes <= limit),
+                        self.config.backpressure_wait_s,
+                    )
+                except TimeoutError:
+                    raise Overloaded(
+                        f"no room for {nbytes} bytes within {self.config.backpressure_wait_s} s: "
+                        f"{self._inflight_bytes} bytes in flight (max_inflight_mb={limit >> 20}); "
+                        "a rank is slow"
+                    ) from None
+            self._inflight_bytes += nbytes
+
+    async def _submit(
+        self,
+        rid: str,
+        input_ids: list[int],
+        mm_inputs: MultimodalInputs | Mapping[str, Any] | None,
+        sampling_params: dict[str, Any] | None,
+        check_ranks: bool,
+    ) -> RequestTrace:
         req = TokenizedGenerateReqInput(
             rid=rid,
             input_ids=list(input_ids),
@@ -199,6 +284,9 @@ class TokenizerStage:
                 message = self._decoder.decode([f.buffer for f in frames])
             except CodecError:
                 continue
+            if isinstance(message, RankProgress):
+                await self._rank_progressed(message)
+                continue
             if isinstance(message, RankReady):
                 self._ready_ranks[message.rank] = message.pid
                 if len(self._ready_ranks) == self.config.tp_size:
@@ -219,6 +307,23 @@ class TokenizerStage:
                 pending.future.set_result(
                     RequestTrace(pending.output, pending.created_at, pending.reports)
                 )
+
+
+def _feature_bytes(mm_inputs: MultimodalInputs | Mapping[str, Any] | None) -> int:
+    """Bytes of feature tensors a request carries; 0 where the input is too malformed to tell
+    (validation will reject it)."""
+    if isinstance(mm_inputs, MultimodalInputs):
+        return mm_inputs.nbytes
+    if not isinstance(mm_inputs, Mapping) or not isinstance(mm_inputs.get("mm_items"), list):
+        return 0
+    total = 0
+    for item in mm_inputs["mm_items"]:
+        feature = item.get("feature") if isinstance(item, Mapping) else None
+        if isinstance(feature, torch.Tensor):
+            total += feature.numel() * feature.element_size()
+        elif isinstance(feature, np.ndarray):
+            total += feature.nbytes
+    return total
 
 
 def _error_from(message: ErrorOutput) -> MmschedError:
