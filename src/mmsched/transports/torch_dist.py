@@ -13,7 +13,7 @@ Guarantees and limits:
   the matching receive; a slow rank slows every rank. The waits run in one worker thread per
   transport, off the event loop;
 - a dead or stuck peer surfaces as :class:`~mmsched.errors.PeerLost` after the group
-  timeout (``GroupSpec.timeout_s``), never gloo's 30-minute default;
+  timeout (``GroupSpec.timeout_s``), never torch.distributed's default of 30 minutes;
 - a pending ``recv()`` can be cancelled, but the collective under it cannot: the group is
   then unusable and must be closed.
 
