@@ -191,7 +191,9 @@ class ArenaWriter:
         os.rename(building, self._path)
         self._data_start = _HEADER_BYTES
         self._capacity = total - _HEADER_BYTES
-        self._lock = threading.Lock()
+        # Re-entrant: a view's finalizer takes this lock, and the garbage collector may run
+        # it on a thread that already holds it.
+        self._lock = threading.RLock()
         self._live: deque[_Allocation] = deque()
         self._head = 0  # next free offset in the data region, relative to _data_start
         self._next_seq = 0
@@ -340,7 +342,7 @@ class ArenaReader:
             self._mapped = _Mapped(name, fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant for the same reason as the writer's
         self._outstanding: dict[int, int] = {}
         self._last_seen = -1
         self._seq_at: dict[int, int] = {}  # offset -> seq, for views still held
