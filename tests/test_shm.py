@@ -123,3 +123,22 @@ def test_stale_segments_of_dead_processes_are_swept() -> None:
     finally:
         mine.close()
     assert mine.name not in live_segments()
+
+
+def test_zero_copy_request_crosses_sockets_in_under_1_kb() -> None:
+    # What zero-copy sends to the entry rank for a Qwen2-VL image (18.8 MB of pixel values,
+    # 1000 image tokens): everything over 4 KiB goes by ref, the rest is a small header.
+    from mmsched import MultimodalInputs, TokenizedGenerateReqInput, encode
+    from mmsched.bench.workloads import qwen2vl_image
+    from mmsched.tokenizer import ARENA_MIN_BYTES
+
+    big_arena = ArenaWriter(32 << 20, n_readers=1)
+    try:
+        sample = qwen2vl_image()
+        built = MultimodalInputs.from_dict(sample.mm_inputs)
+        frames = encode(TokenizedGenerateReqInput("r", sample.input_ids, mm_inputs=built))
+        packed = pack(frames, big_arena, ARENA_MIN_BYTES)
+        on_the_wire = sum(memoryview(f).nbytes for f in packed)
+        assert on_the_wire < 1024, on_the_wire
+    finally:
+        big_arena.close()
