@@ -158,6 +158,11 @@ async def test_killed_rank_fails_fast_and_leaves_nothing(
         # The surviving ranks stop by themselves, within the timeout, not gloo's 30 minutes.
         await wait_gone(pids, within_s=timeout_s + 5)
     assert set(live_segments()) == segments_before
+    # A restart finds nothing left over and serves at once.
+    async with Pipeline(config) as restarted:
+        output = await restarted.generate("restarted", sample.input_ids, sample.mm_inputs)
+        assert output.rid == "restarted"
+    assert set(live_segments()) == segments_before
 
 
 TOKENIZER_SCRIPT = textwrap.dedent(
