@@ -1,4 +1,4 @@
-"""The ``mmsched`` command line: ``mmsched bench fanout [...]``."""
+"""The ``mmsched`` command line: ``mmsched bench fanout [...]``, ``mmsched bench load [...]``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from mmsched.bench.fanout import (
@@ -18,8 +19,10 @@ from mmsched.bench.fanout import (
     DEFAULT_STRATEGIES,
     DEFAULT_TRANSPORTS,
     FanoutRecord,
+    combinations,
     run_fanout,
 )
+from mmsched.bench.load import WORKLOADS, LoadRecord, run_load
 from mmsched.errors import MmschedError
 from mmsched.hashing import HASHERS
 from mmsched.strategies import get_strategy
@@ -88,6 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fan.add_argument("--warmup", type=int, default=3, help="untimed requests per size (default 3)")
     fan.add_argument("--json", type=Path, help="write one record per row to this file")
+
+    load = bench.add_parser(
+        "load", help="throughput and tail latency under open-loop Poisson arrivals"
+    )
+    load.add_argument("--tp", type=int, default=4, help="scheduler ranks (default 4)")
+    load.add_argument("--rate", type=float, default=100.0, help="offered requests/s (default 100)")
+    load.add_argument("--rates", type=_csv(float), help="a sweep of offered rates, comma-separated")
+    load.add_argument("--requests", type=int, default=1000, help="requests per rate (default 1000)")
+    load.add_argument(
+        "--workload", choices=list(WORKLOADS), default="image", help="(default image)"
+    )
+    load.add_argument(
+        "--strategy",
+        type=_csv(str),
+        default=list(DEFAULT_STRATEGIES),
+        help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy)",
+    )
+    load.add_argument(
+        "--transport",
+        type=_csv(str),
+        default=["torch"],
+        help="comma-separated (default torch); zero-copy always runs on shm",
+    )
+    load.add_argument("--hasher", default="blake3", choices=sorted(HASHERS))
+    load.add_argument(
+        "--model-step-ms", type=float, default=5.0, help="stub model step (default 5 ms)"
+    )
+    load.add_argument("--zero-copy-input", choices=["arena", "copy"], default="arena")
+    load.add_argument("--json", type=Path, help="write one record per row to this file")
     return parser
 
 
@@ -161,11 +193,104 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
     )
     tps = ",".join(str(t) for t in args.tp)
     console.print(_fanout_table(records, f"fan-out latency, TP={tps}, hasher={args.hasher}"))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([r.as_dict() for r in records], indent=2))
-        console.print(f"wrote {len(records)} records to {args.json}")
+    _write_json(args.json, [r.as_dict() for r in records], console)
     return 0 if all(r.ranks_identical for r in records) else 1
+
+
+def _load_pairs(strategies: list[str], transports: list[str]) -> list[tuple[str, str]]:
+    # zero-copy needs shared memory: asked for, it runs on shm even if shm is not listed.
+    pairs = combinations(strategies, transports)
+    if "zero-copy" in strategies and "shm" not in transports:
+        pairs.append(("zero-copy", "shm"))
+    return pairs
+
+
+def _load_table(records: list[LoadRecord], title: str) -> Table:
+    table = Table(title=title)
+    for col in (
+        "strategy",
+        "transport",
+        "offered/s",
+        "arrived/s",
+        "achieved/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "CPU s/req",
+        "busiest process",
+        "errors",
+        "keeps up",
+    ):
+        table.add_column(col, justify="left" if col in ("strategy", "transport") else "right")
+    for r in records:
+        busiest = max(r.cpu_utilization.items(), key=lambda kv: kv[1])
+        table.add_row(
+            r.strategy,
+            r.transport,
+            f"{r.offered_rps:g}",
+            f"{r.arrival_rps:.1f}",
+            f"{r.achieved_rps:.1f}",
+            f"{r.latency_ms['p50']:.1f}",
+            f"{r.latency_ms['p90']:.1f}",
+            f"{r.latency_ms['p99']:.1f}",
+            f"{r.cpu_seconds_per_request:.4f}",
+            f"{busiest[0]} {busiest[1]:.0%}",
+            str(r.errors),
+            "yes" if r.keeps_up else "NO",
+        )
+    return table
+
+
+def _bench_load(args: argparse.Namespace, console: Console) -> int:
+    for name in args.strategy:
+        get_strategy(name)
+    for name in args.transport:
+        transport_class(name)
+    rates = args.rates or [args.rate]
+    records: list[LoadRecord] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def start(label: str, total: int) -> None:
+            progress.reset(task, description=label, total=total)
+
+        def done() -> None:
+            progress.advance(task)
+
+        def record(r: LoadRecord) -> None:
+            records.append(r)
+            console.log(
+                f"{r.strategy}/{r.transport} @ {r.offered_rps:g}/s: {r.achieved_rps:.1f}/s, "
+                f"p99 {r.latency_ms['p99']:.1f} ms"
+            )
+
+        asyncio.run(
+            run_load(
+                pairs=_load_pairs(args.strategy, args.transport),
+                rates=rates,
+                workload=args.workload,
+                tp=args.tp,
+                requests=args.requests,
+                hasher=args.hasher,
+                model_step_ms=args.model_step_ms,
+                zero_copy_input=args.zero_copy_input,
+                on_start=start,
+                on_done=done,
+                on_record=record,
+            )
+        )
+    title = f"load: {args.workload}, TP={args.tp}, model step {args.model_step_ms:g} ms"
+    console.print(_load_table(records, title))
+    _write_json(args.json, [r.as_dict() for r in records], console)
+    return 0
+
+
+def _write_json(path: Path | None, rows: list[dict[str, Any]], console: Console) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    console.print(f"wrote {len(rows)} records to {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench" and args.bench == "fanout":
             return _bench_fanout(args, console)
+        if args.command == "bench" and args.bench == "load":
+            return _bench_load(args, console)
     except MmschedError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -43,7 +43,7 @@ from mmsched.tokenizer import RequestTrace
 
 from .cpu import CpuMeter
 from .floor import floor_ms
-from .workloads import Sample, image_of_size
+from .workloads import Sample, image_of_size, in_shared_memory
 
 DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
 DEFAULT_TRANSPORTS = ("torch", "zmq", "shm")
@@ -107,17 +107,6 @@ def encoded_sizes(sample: Sample, hasher: str) -> tuple[int, int]:
     return encoded_size(encode(as_object)), encoded_size(encode(as_dict))
 
 
-def _in_arena(pipeline: Pipeline, sample: Sample) -> Sample:
-    """The same sample with its features written where a zero-copy processor writes them."""
-    items = []
-    for item in sample.mm_inputs["mm_items"]:
-        feature = item["feature"]
-        shared = pipeline.allocate_tensor(feature.shape, feature.dtype)
-        shared.copy_(feature)
-        items.append({**item, "feature": shared})
-    return Sample(sample.input_ids, {**sample.mm_inputs, "mm_items": items})
-
-
 async def run_combination(
     strategy: str,
     transport: str,
@@ -147,7 +136,9 @@ async def run_combination(
     async with Pipeline(config) as pipeline:
         meter = CpuMeter([os.getpid(), *pipeline.pids])
         for size_mb, base_sample in samples.items():
-            sample = _in_arena(pipeline, base_sample) if in_arena else base_sample
+            sample = (
+                in_shared_memory(base_sample, pipeline.allocate_tensor) if in_arena else base_sample
+            )
             reference = MultimodalInputs.from_dict(
                 sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
             ).content_digest()

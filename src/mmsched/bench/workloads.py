@@ -7,6 +7,7 @@ patch row, 2x2 patch merge per token) and a Whisper-style audio front end (128 m
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +105,20 @@ def audio_sample(clips: int = 1, seconds: float = 30.0, *, seed: int = 0) -> Sam
         "audio_feature_lens": torch.full((clips,), frames, dtype=torch.int64),
     }
     return Sample(ids, {"mm_items": [item], "audio_token_id": AUDIO_TOKEN_ID})
+
+
+def in_shared_memory(
+    sample: Sample, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]
+) -> Sample:
+    """The same sample with its features written where ``allocate`` puts them.
+
+    With ``Pipeline.allocate_tensor`` under ``zero-copy``, that is the tokenizer's arena: what
+    a processor writing its output straight into shared memory hands over.
+    """
+    items = []
+    for item in sample.mm_inputs["mm_items"]:
+        feature = item["feature"]
+        shared = allocate(feature.shape, feature.dtype)
+        shared.copy_(feature)
+        items.append({**item, "feature": shared})
+    return Sample(sample.input_ids, {**sample.mm_inputs, "mm_items": items})
