@@ -124,23 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
-    table = Table(title=title)
-    for col in (
-        "strategy",
-        "transport",
-        "tp",
-        "MB",
-        "p50 ms",
-        "p99 ms",
-        "CPU ms/req",
-        "hash ms/req",
-        "hashes/req",
-        "encoded MB",
-        "floor ms",
-        "x floor",
-        "identical",
-    ):
-        table.add_column(col, justify="left" if col in ("strategy", "transport") else "right")
+    table = _new_table(
+        title,
+        (
+            "strategy",
+            "transport",
+            "tp",
+            "MB",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/req",
+            "hash ms/req",
+            "hashes/req",
+            "encoded MB",
+            "floor ms",
+            "x floor",
+            "identical",
+        ),
+    )
     for r in records:
         table.add_row(
             r.strategy,
@@ -160,11 +161,23 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
     return table
 
 
-def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
-    for name in args.strategies:
+def _check_names(strategies: list[str], transports: list[str]) -> None:
+    """Fail before any pipeline starts if a name is unknown (the error lists known ones)."""
+    for name in strategies:
         get_strategy(name)
-    for name in args.transports:
+    for name in transports:
         transport_class(name)
+
+
+def _new_table(title: str, columns: Sequence[str]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("strategy", "transport") else "right")
+    return table
+
+
+def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
+    _check_names(args.strategies, args.transports)
     records: list[FanoutRecord] = []
 
     def floor(size_mb: float, ms: float) -> None:
@@ -206,22 +219,23 @@ def _load_pairs(strategies: list[str], transports: list[str]) -> list[tuple[str,
 
 
 def _load_table(records: list[LoadRecord], title: str) -> Table:
-    table = Table(title=title)
-    for col in (
-        "strategy",
-        "transport",
-        "offered/s",
-        "arrived/s",
-        "achieved/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "CPU s/req",
-        "busiest process",
-        "errors",
-        "keeps up",
-    ):
-        table.add_column(col, justify="left" if col in ("strategy", "transport") else "right")
+    table = _new_table(
+        title,
+        (
+            "strategy",
+            "transport",
+            "offered/s",
+            "arrived/s",
+            "achieved/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "CPU s/req",
+            "busiest process",
+            "errors",
+            "keeps up",
+        ),
+    )
     for r in records:
         busiest = max(r.cpu_utilization.items(), key=lambda kv: kv[1])
         table.add_row(
@@ -242,10 +256,7 @@ def _load_table(records: list[LoadRecord], title: str) -> Table:
 
 
 def _bench_load(args: argparse.Namespace, console: Console) -> int:
-    for name in args.strategy:
-        get_strategy(name)
-    for name in args.transport:
-        transport_class(name)
+    _check_names(args.strategy, args.transport)
     rates = args.rates or [args.rate]
     records: list[LoadRecord] = []
     with Progress(console=console, transient=True) as progress:
