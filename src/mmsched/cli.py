@@ -23,6 +23,7 @@ from mmsched.bench.fanout import (
     run_fanout,
 )
 from mmsched.bench.load import WORKLOADS, LoadRecord, run_load
+from mmsched.bench.report import write_report
 from mmsched.errors import MmschedError
 from mmsched.hashing import HASHERS
 from mmsched.strategies import get_strategy
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--zero-copy-input", choices=["arena", "copy"], default="arena")
     load.add_argument("--json", type=Path, help="write one record per row to this file")
+
+    report = bench.add_parser("report", help="a Markdown report with plots from --json files")
+    report.add_argument("inputs", type=Path, nargs="+", help="JSON files from fanout or load")
+    report.add_argument("--out", type=Path, default=Path("bench-results/report"))
     return parser
 
 
@@ -313,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_fanout(args, console)
         if args.command == "bench" and args.bench == "load":
             return _bench_load(args, console)
+        if args.command == "bench" and args.bench == "report":
+            console.print(f"wrote {write_report(args.inputs, args.out)}")
+            return 0
     except MmschedError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

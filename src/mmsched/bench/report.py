@@ -1,0 +1,157 @@
+"""``mmsched bench report``: a Markdown report and PNG plots from benchmark JSON files.
+
+Each input file is one run of ``mmsched bench fanout --json`` or ``mmsched bench load --json``
+(told apart by their fields). For a fan-out run: a table, and latency against payload size,
+one line per strategy and transport. For load runs, pooled: a table, achieved throughput
+against offered rate, and P99 latency against offered rate.
+
+Needs matplotlib (``pip install mmsched[report]``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from mmsched.errors import ConfigError
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("the report needs matplotlib: pip install 'mmsched[report]'") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(records: list[dict[str, Any]], x: str, y: Any) -> dict[str, list[tuple[float, float]]]:
+    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        lines[f"{r['strategy']}/{r['transport']}"].append((float(r[x]), float(y(r))))
+    return {k: sorted(v) for k, v in sorted(lines.items())}
+
+
+def _plot(
+    path: Path,
+    title: str,
+    lines: dict[str, list[tuple[float, float]]],
+    xlabel: str,
+    ylabel: str,
+    *,
+    logx: bool = False,
+    logy: bool = False,
+    diagonal: bool = False,
+) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in lines.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if diagonal:
+        top = max(p[0] for points in lines.values() for p in points)
+        ax.plot([0, top], [0, top], linestyle=":", color="grey", label="offered")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fanout_section(name: str, records: list[dict[str, Any]], out: Path) -> list[str]:
+    tps = sorted({r["tp"] for r in records})
+    lines = []
+    for tp in tps:
+        at_tp = [r for r in records if r["tp"] == tp]
+        image = f"{name}_tp{tp}_latency.png"
+        _plot(
+            out / image,
+            f"{name}: fan-out latency, TP={tp}, {at_tp[0]['hasher']}",
+            _series(at_tp, "size_mb", lambda r: r["latency_ms"]["p50"]),
+            "payload (MB)",
+            "p50 latency (ms)",
+            logx=True,
+            logy=True,
+        )
+        lines.append(f"![{name} TP={tp}]({image})\n")
+    lines += [
+        "| strategy | transport | TP | MB | p50 ms | p99 ms | CPU ms/req | hashes/req | floor ms |"
+        " identical |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['strategy']} | {r['transport']} | {r['tp']} | {r['size_mb']:g} | "
+            f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | "
+            f"{r['cpu_ms_per_request']:.1f} | {r['hashes_per_request']:g} | "
+            f"{r.get('floor_ms', 0):.2f} | {'yes' if r['ranks_identical'] else 'NO'} |"
+        )
+    return lines
+
+
+def _load_section(records: list[dict[str, Any]], out: Path) -> list[str]:
+    _plot(
+        out / "load_throughput.png",
+        "throughput against offered rate",
+        _series(records, "offered_rps", lambda r: r["achieved_rps"]),
+        "offered (requests/s)",
+        "achieved (requests/s)",
+        diagonal=True,
+    )
+    _plot(
+        out / "load_p99.png",
+        "P99 latency against offered rate",
+        _series(records, "offered_rps", lambda r: r["latency_ms"]["p99"]),
+        "offered (requests/s)",
+        "P99 latency (ms)",
+        logy=True,
+    )
+    lines = [
+        "![throughput](load_throughput.png)\n",
+        "![P99 latency](load_p99.png)\n",
+        "| strategy | transport | workload | offered/s | achieved/s | p50 ms | p99 ms | CPU s/req |"
+        " keeps up |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(records, key=lambda r: (r["strategy"], r["transport"], r["offered_rps"])):
+        lines.append(
+            f"| {r['strategy']} | {r['transport']} | {r['workload']} | {r['offered_rps']:g} | "
+            f"{r['achieved_rps']:.1f} | {r['latency_ms']['p50']:.1f} | "
+            f"{r['latency_ms']['p99']:.1f} | {r['cpu_seconds_per_request']:.4f} | "
+            f"{'yes' if r['keeps_up'] else 'no'} |"
+        )
+    return lines
+
+
+def write_report(inputs: list[Path], out: Path) -> Path:
+    """Write ``report.md`` and its plots into ``out``; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    fanout: dict[str, list[dict[str, Any]]] = {}
+    load: list[dict[str, Any]] = []
+    for path in inputs:
+        records = json.loads(path.read_text())
+        if not isinstance(records, list) or not records:
+            raise ConfigError(f"{path}: not a list of benchmark records")
+        if "offered_rps" in records[0]:
+            load += records
+        elif "size_mb" in records[0]:
+            fanout[path.stem] = records
+        else:
+            raise ConfigError(f"{path}: neither fan-out nor load records")
+    lines = ["# mmsched benchmark report", ""]
+    lines += [f"Inputs: {', '.join(p.name for p in inputs)}.", ""]
+    for name, records in fanout.items():
+        lines += [f"## Fan-out: {name}", "", *_fanout_section(name, records, out), ""]
+    if load:
+        lines += ["## Load", "", *_load_section(load, out), ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,33 @@
+"""``mmsched bench report``: the published results become a report with real plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmsched import ConfigError
+from mmsched.cli import main
+
+RESULTS = Path(__file__).parent.parent / "docs" / "results"
+
+
+def test_report_from_the_published_results(tmp_path: Path) -> None:
+    inputs = [RESULTS / "seed_tp4_sha256.json", RESULTS / "load_image_tp4_sweep.json"]
+    assert main(["bench", "report", *map(str, inputs), "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Fan-out: seed_tp4_sha256" in report and "## Load" in report
+    assert "| per-rank | torch | 4 | 100 |" in report
+    for image in ("seed_tp4_sha256_tp4_latency.png", "load_throughput.png", "load_p99.png"):
+        assert f"]({image})" in report
+        assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / image).stat().st_size > 10_000  # a drawn plot, not an empty canvas
+
+
+def test_report_refuses_other_json(tmp_path: Path) -> None:
+    other = tmp_path / "x.json"
+    other.write_text('[{"a": 1}]')
+    from mmsched.bench.report import write_report
+
+    with pytest.raises(ConfigError, match="neither fan-out nor load"):
+        write_report([other], tmp_path / "out")
