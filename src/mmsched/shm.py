@@ -198,7 +198,6 @@ class ArenaWriter:
         self._next_seq = 0
         self._writer_held: set[int] = set()
         self._by_offset: dict[int, _Allocation] = {}
-        _REGISTRY.add(self._mapped)
         self._unlinked = False
 
     @property
@@ -214,7 +213,6 @@ class ArenaWriter:
 
     def close(self) -> None:
         self.unlink()
-        _REGISTRY.discard(self._mapped)
         self._mapped.close()
 
     def put(self, payload: Buffer) -> Ref:
@@ -340,7 +338,6 @@ class ArenaReader:
         self._outstanding: dict[int, int] = {}
         self._last_seen = -1
         self._seq_at: dict[int, int] = {}  # offset -> seq, for views still held
-        _REGISTRY.add(self._mapped)
 
     def view(self, ref: Ref) -> memoryview:
         """The payload as a view of shared memory, held until the view is collected."""
@@ -366,7 +363,6 @@ class ArenaReader:
         return None if seq is None else Ref(self.name, seq, offset, n)
 
     def close(self) -> None:
-        _REGISTRY.discard(self._mapped)
         _READERS.pop(self.name, None)
         self._mapped.close()
 
@@ -389,25 +385,9 @@ class ArenaReader:
             self._mapped.watermarks[self.index] = mark
 
 
-# -- process-wide registry: which mapped arena a buffer lives in ---------------------------
+# -- this process's open arenas: which one a buffer lives in ----------------------------
 
 
-class _Registry:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._mapped: list[_Mapped] = []
-
-    def add(self, mapped: _Mapped) -> None:
-        with self._lock:
-            self._mapped.append(mapped)
-
-    def discard(self, mapped: _Mapped) -> None:
-        with self._lock:
-            if mapped in self._mapped:
-                self._mapped.remove(mapped)
-
-
-_REGISTRY = _Registry()
 _READERS: dict[str, ArenaReader] = {}
 _WRITERS: dict[str, ArenaWriter] = {}
 

@@ -99,19 +99,35 @@ def _identical(trace: RequestTrace, tp: int, reference_digest: str | None) -> bo
     return True
 
 
-def encoded_sizes(sample: Sample, hasher: str) -> tuple[int, int]:
-    """Encoded bytes of a request carrying the built object, and carrying the raw dict."""
-    built = MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher)
+@dataclass(frozen=True)
+class SizeFacts:
+    """What a payload size gives whatever the strategy: measured once per size, not per run."""
+
+    floor_ms: float
+    digest: str  # what every rank must hold, bit for bit
+    object_bytes: int  # encoded request carrying the built object
+    dict_bytes: int  # encoded request carrying the raw dict
+
+
+def size_facts(sample: Sample, hasher: str) -> SizeFacts:
+    built = MultimodalInputs.from_dict(
+        sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
+    )
     as_object = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=built)
     as_dict = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=sample.mm_inputs)
-    return encoded_size(encode(as_object)), encoded_size(encode(as_dict))
+    return SizeFacts(
+        floor_ms=floor_ms(sample.mm_inputs["mm_items"][0]["feature"], hasher),
+        digest=built.content_digest(),
+        object_bytes=encoded_size(encode(as_object)),
+        dict_bytes=encoded_size(encode(as_dict)),
+    )
 
 
 async def run_combination(
     strategy: str,
     transport: str,
     samples: dict[float, Sample],
-    floors: dict[float, float],
+    facts: dict[float, SizeFacts],
     *,
     tp: int,
     hasher: str,
@@ -139,16 +155,13 @@ async def run_combination(
             sample = (
                 in_shared_memory(base_sample, pipeline.allocate_tensor) if in_arena else base_sample
             )
-            reference = MultimodalInputs.from_dict(
-                sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
-            ).content_digest()
             identical = True
             last: RequestTrace | None = None
             for i in range(max(1, warmup)):
                 last = await pipeline.generate_traced(
                     f"warm-{size_mb}-{i}", sample.input_ids, sample.mm_inputs, check_ranks=True
                 )
-                identical &= _identical(last, tp, reference)
+                identical &= _identical(last, tp, facts[size_mb].digest)
             assert last is not None
             before_ranks = _rank_counters(last)
             before_local = hash_stats()
@@ -169,7 +182,6 @@ async def run_combination(
             hash_s = local.cpu_seconds + sum(
                 after_ranks[r].cpu_seconds - before_ranks[r].cpu_seconds for r in after_ranks
             )
-            obj_bytes, dict_bytes = encoded_sizes(base_sample, hasher)
             notes = ["payload written by the processor into the arena"] if in_arena else []
             del sample, last  # release arena space held by this size before the next
             record = FanoutRecord(
@@ -187,10 +199,12 @@ async def run_combination(
                 cpu_ms_per_request=cpu_s * 1000 / requests,
                 hash_ms_per_request=hash_s * 1000 / requests,
                 hashes_per_request=hashes / requests,
-                encoded_bytes=obj_bytes if sends_object else dict_bytes,
-                encoded_bytes_raw_dict=dict_bytes,
+                encoded_bytes=facts[size_mb].object_bytes
+                if sends_object
+                else facts[size_mb].dict_bytes,
+                encoded_bytes_raw_dict=facts[size_mb].dict_bytes,
                 ranks_identical=identical,
-                floor_ms=floors[size_mb],
+                floor_ms=facts[size_mb].floor_ms,
                 notes=notes,
             )
             records.append(record)
@@ -224,11 +238,11 @@ async def run_fanout(
 ) -> list[FanoutRecord]:
     """The whole comparison: every combination at every size and TP, in one run."""
     samples = {size: image_of_size(size, seed=int(size * 1000)) for size in sizes_mb}
-    floors = {}
+    facts = {}
     for size, sample in samples.items():
-        floors[size] = floor_ms(sample.mm_inputs["mm_items"][0]["feature"], hasher)
+        facts[size] = size_facts(sample, hasher)
         if on_floor is not None:
-            on_floor(size, floors[size])
+            on_floor(size, facts[size].floor_ms)
     records: list[FanoutRecord] = []
     for tp in tps:
         for strategy, transport in combinations(strategies, transports):
@@ -236,7 +250,7 @@ async def run_fanout(
                 strategy,
                 transport,
                 samples,
-                floors,
+                facts,
                 tp=tp,
                 hasher=hasher,
                 requests=requests,
