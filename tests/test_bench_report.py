@@ -13,12 +13,19 @@ RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
 
 def test_report_from_the_published_results(tmp_path: Path) -> None:
-    inputs = [RESULTS / "seed_tp4_sha256.json", RESULTS / "load_image_tp4_sweep.json"]
+    inputs = [
+        RESULTS / "seed_tp4_sha256.json",
+        RESULTS / "load_image_tp4_sweep.json",
+        RESULTS / "load_video_tp4_sweep.json",
+    ]
     assert main(["bench", "report", *map(str, inputs), "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "## Fan-out: seed_tp4_sha256" in report and "## Load" in report
+    assert "## Fan-out: seed_tp4_sha256" in report
+    assert "## Load: image" in report and "## Load: video" in report
     assert "| per-rank | torch | 4 | 100 |" in report
-    for image in ("seed_tp4_sha256_tp4_latency.png", "load_throughput.png", "load_p99.png"):
+    images = ["seed_tp4_sha256_tp4_latency.png"]
+    images += [f"load_{w}_{plot}.png" for w in ("image", "video") for plot in ("throughput", "p99")]
+    for image in images:
         assert f"]({image})" in report
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (tmp_path / image).stat().st_size > 10_000  # a drawn plot, not an empty canvas

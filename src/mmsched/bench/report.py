@@ -2,8 +2,9 @@
 
 Each input file is one run of ``mmsched bench fanout --json`` or ``mmsched bench load --json``
 (told apart by their fields). For a fan-out run: a table, and latency against payload size,
-one line per strategy and transport. For load runs, pooled: a table, achieved throughput
-against offered rate, and P99 latency against offered rate.
+one line per strategy and transport. For load runs, pooled per workload (an image request and
+a video request are not comparable points): a table, achieved throughput against offered rate,
+and P99 latency against offered rate.
 
 Needs matplotlib (``pip install mmsched[report]``).
 """
@@ -97,33 +98,34 @@ def _fanout_section(name: str, records: list[dict[str, Any]], out: Path) -> list
     return lines
 
 
-def _load_section(records: list[dict[str, Any]], out: Path) -> list[str]:
+def _load_section(workload: str, records: list[dict[str, Any]], out: Path) -> list[str]:
+    throughput, p99 = f"load_{workload}_throughput.png", f"load_{workload}_p99.png"
     _plot(
-        out / "load_throughput.png",
-        "throughput against offered rate",
+        out / throughput,
+        f"{workload}: throughput against offered rate",
         _series(records, "offered_rps", lambda r: r["achieved_rps"]),
         "offered (requests/s)",
         "achieved (requests/s)",
         diagonal=True,
     )
     _plot(
-        out / "load_p99.png",
-        "P99 latency against offered rate",
+        out / p99,
+        f"{workload}: P99 latency against offered rate",
         _series(records, "offered_rps", lambda r: r["latency_ms"]["p99"]),
         "offered (requests/s)",
         "P99 latency (ms)",
         logy=True,
     )
     lines = [
-        "![throughput](load_throughput.png)\n",
-        "![P99 latency](load_p99.png)\n",
-        "| strategy | transport | workload | offered/s | achieved/s | p50 ms | p99 ms | CPU s/req |"
+        f"![{workload}: throughput]({throughput})\n",
+        f"![{workload}: P99 latency]({p99})\n",
+        "| strategy | transport | offered/s | achieved/s | p50 ms | p99 ms | CPU s/req |"
         " keeps up |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in sorted(records, key=lambda r: (r["strategy"], r["transport"], r["offered_rps"])):
         lines.append(
-            f"| {r['strategy']} | {r['transport']} | {r['workload']} | {r['offered_rps']:g} | "
+            f"| {r['strategy']} | {r['transport']} | {r['offered_rps']:g} | "
             f"{r['achieved_rps']:.1f} | {r['latency_ms']['p50']:.1f} | "
             f"{r['latency_ms']['p99']:.1f} | {r['cpu_seconds_per_request']:.4f} | "
             f"{'yes' if r['keeps_up'] else 'no'} |"
@@ -135,13 +137,14 @@ def write_report(inputs: list[Path], out: Path) -> Path:
     """Write ``report.md`` and its plots into ``out``; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
     fanout: dict[str, list[dict[str, Any]]] = {}
-    load: list[dict[str, Any]] = []
+    load: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in inputs:
         records = json.loads(path.read_text())
         if not isinstance(records, list) or not records:
             raise ConfigError(f"{path}: not a list of benchmark records")
         if "offered_rps" in records[0]:
-            load += records
+            for r in records:
+                load[r["workload"]].append(r)
         elif "size_mb" in records[0]:
             fanout[path.stem] = records
         else:
@@ -150,8 +153,8 @@ def write_report(inputs: list[Path], out: Path) -> Path:
     lines += [f"Inputs: {', '.join(p.name for p in inputs)}.", ""]
     for name, records in fanout.items():
         lines += [f"## Fan-out: {name}", "", *_fanout_section(name, records, out), ""]
-    if load:
-        lines += ["## Load", "", *_load_section(load, out), ""]
+    for workload, records in load.items():
+        lines += [f"## Load: {workload}", "", *_load_section(workload, records, out), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
