@@ -9,6 +9,7 @@ its own process.
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,15 @@ async def test_memory_transport_contract() -> None:
 @pytest.mark.parametrize("name", sorted(CROSS_PROCESS))
 def test_cross_process_transport_contract(name: str, tmp_path: Path) -> None:
     check_contract(run_contract_in_processes(name, WORLD, tmp_path, timeout_s=120))
+
+
+def test_zmq_transport_contract_over_tcp(tmp_path: Path) -> None:
+    # ipc:// serves one host; tcp:// is what ranks on several hosts would use.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    check_contract(run_contract_in_processes("zmq", WORLD, tmp_path, address=address))
 
 
 async def test_memory_cancelled_recv_loses_nothing() -> None:

@@ -32,9 +32,10 @@ class Config:
     """What a pipeline runs with. Names are resolved (and checked) when the config is made.
 
     Attributes:
-        transport: how the entry rank fans out to the other ranks (``torch``, ...).
-        strategy: where inputs are materialized (``per-rank``, ``entry-broadcast``,
-            ``tokenizer``).
+        transport: how the entry rank fans out to the other ranks (``torch``, ``zmq``,
+            ``shm``; ``memory`` only within one process).
+        strategy: where inputs are materialized and how their bytes travel (``per-rank``,
+            ``entry-broadcast``, ``tokenizer``, ``zero-copy``, which needs ``shm``).
         hasher: content hash of features (``blake3``, ``sha256``, ``xxh3``).
         tp_size: number of scheduler ranks.
         model_step_ms: cost of the stub model step per non-empty iteration (a sleep, as a

@@ -104,14 +104,23 @@ def _contract_process(name: str, spec: GroupSpec, results: Any) -> None:
 
 
 def run_contract_in_processes(
-    name: str, world_size: int, workdir: Path, *, timeout_s: float = 120.0
+    name: str,
+    world_size: int,
+    workdir: Path,
+    *,
+    timeout_s: float = 120.0,
+    address: str | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Run the contract with each rank in its own process; returns each rank's result."""
+    """Run the contract with each rank in its own process; returns each rank's result.
+
+    ``address`` is the group's rendezvous; by default the transport makes one in ``workdir``.
+    """
     from mmsched.transports import transport_class
 
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    address = transport_class(name).new_address(workdir)
+    if address is None:
+        address = transport_class(name).new_address(workdir)
     procs = [
         ctx.Process(
             target=_contract_process,
