@@ -1,8 +1,8 @@
 """mmsched: carry preprocessed multimodal inputs from the tokenizer to every TP scheduler rank.
 
-Inputs are validated and hashed once (:meth:`MultimodalInputs.from_dict`), travel as typed
-messages (:mod:`mmsched.codec`) over a transport chosen by name (:mod:`mmsched.transports`),
-and reach every rank of a :class:`Pipeline` identical.
+Inputs are validated and hashed once ([`MultimodalInputs.from_dict`][]), travel as typed
+messages ([`mmsched.codec`][]) over a transport chosen by name ([`mmsched.transports`][]),
+and reach every rank of a [`Pipeline`][] identical.
 """
 
 from mmsched.codec import Decoder, decode, encode

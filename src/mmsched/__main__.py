@@ -1,4 +1,4 @@
-"""``python -m mmsched``: the command-line interface (see :mod:`mmsched.cli`)."""
+"""``python -m mmsched``: the command-line interface (see [`mmsched.cli`][])."""
 
 from mmsched.cli import main
 

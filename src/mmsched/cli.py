@@ -43,6 +43,7 @@ def _csv(kind: type[float] | type[str] | type[int]) -> Callable[[str], list[Any]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mmsched`` argument parser: ``bench fanout``, ``bench load``, ``bench report``."""
     parser = argparse.ArgumentParser(prog="mmsched", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark").add_subparsers(
@@ -310,6 +311,7 @@ def _write_json(path: Path | None, rows: list[dict[str, Any]], console: Console)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
     # Wide enough for the whole table when output goes to a file or CI log.
     console = Console(width=max(150, Console().width))

@@ -1,9 +1,11 @@
 """Typed messages to frames and back: a small orjson header, tensors as raw frames.
 
-An encoded message is a list of frames::
+An encoded message is a list of frames:
 
-    frames[0]   orjson header: {"v": 1, "n": <buffer count>, "msg": <tree>}
-    frames[1:]  raw buffers: tensor bytes, ``bytes`` values, pickled opaque values
+```text
+frames[0]   orjson header: {"v": 1, "n": <buffer count>, "msg": <tree>}
+frames[1:]  raw buffers: tensor bytes, bytes values, pickled opaque values
+```
 
 In the tree a dataclass becomes ``{"$t": KIND, ...fields}``; a tensor becomes
 ``{"$tensor": i, "dtype": ..., "shape": [...]}`` where ``i`` indexes the buffers; a list of
@@ -14,7 +16,7 @@ frame's memory and must be treated as read-only when the frame is.
 
 A value the tree cannot express (an object a model put in its model-specific data) is
 pickled with cloudpickle into its own frame, as a last resort. Unpickling runs arbitrary
-code, so a :class:`Decoder` refuses such frames unless built with ``allow_pickle=True``.
+code, so a [`Decoder`][] refuses such frames unless built with ``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Decoder:
         self.allow_pickle = allow_pickle
 
     def decode(self, frames: Sequence[Buffer]) -> Message:
+        """The message ``frames`` encode; raises [`CodecError`][] naming what is wrong."""
         if not frames:
             raise CodecError("no frames")
         try:
@@ -166,7 +169,7 @@ class Decoder:
 
 
 def decode(frames: Sequence[Buffer], *, allow_pickle: bool = False) -> Message:
-    """Decode frames with a one-off :class:`Decoder`."""
+    """Decode frames with a one-off [`Decoder`][]."""
     return Decoder(allow_pickle=allow_pickle).decode(frames)
 
 

@@ -1,9 +1,11 @@
 """Pipeline configuration: from keyword arguments, a dict, a TOML file or the environment.
 
 Every field can be set in each of these ways; later sources override earlier ones, so a
-deployment can keep a TOML file and override one value with an environment variable::
+deployment can keep a TOML file and override one value with an environment variable:
 
-    config = Config.from_toml("mmsched.toml").with_env()
+```python
+config = Config.from_toml("mmsched.toml").with_env()
+```
 
 Environment variables are ``MMSCHED_`` plus the field name in upper case, e.g.
 ``MMSCHED_TRANSPORT=torch``, ``MMSCHED_STRATEGY=tokenizer``, ``MMSCHED_TP_SIZE=4``.
@@ -54,7 +56,7 @@ class Config:
         max_inflight_mb: most feature bytes of requests sent and not yet answered; a slow
             rank then holds back the tokenizer instead of growing queues. ``None``: no bound.
         backpressure: at that bound, ``wait`` (up to ``backpressure_wait_s``) or ``reject``;
-            both end in :class:`~mmsched.errors.Overloaded` for the request that cannot go.
+            both end in [`Overloaded`][mmsched.errors.Overloaded] for the request that cannot go.
         backpressure_wait_s: how long ``wait`` waits for room.
     """
 
@@ -142,6 +144,7 @@ class Config:
         return dataclasses.replace(self, **values)
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field by name, e.g. for logging the config a run used."""
         return dataclasses.asdict(self)
 
 

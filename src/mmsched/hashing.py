@@ -16,7 +16,7 @@ cache hits on a repeated image. Three hashers are registered:
 No hasher copies the tensor: bytes are read through a ``memoryview`` of the tensor's storage
 (a non-contiguous tensor is made contiguous once).
 
-Every hash is recorded in a process-wide counter (:func:`hash_stats`), which the benchmark
+Every hash is recorded in a process-wide counter ([`hash_stats`][]), which the benchmark
 reads to report how many hashes a request cost and how much CPU they took.
 """
 
@@ -110,7 +110,7 @@ class Hasher(ABC):
     name: str
 
     def hash_tensor(self, modality: str, tensor: torch.Tensor) -> int:
-        """Hash ``tensor`` (a feature of ``modality``) and record the cost in :func:`hash_stats`."""
+        """Hash ``tensor`` (a feature of ``modality``) and record the cost in [`hash_stats`][]."""
         data = tensor_bytes(tensor)
         # A hash on the calling thread is timed on that thread's clock, so that other threads
         # of the process (an event loop, socket I/O) are not counted; a multi-threaded hash
@@ -129,6 +129,9 @@ class Hasher(ABC):
 
 
 class Blake3Hasher(Hasher):
+    """BLAKE3 over a preimage of modality, dtype and shape, then the bytes; multi-threaded
+    for large tensors. The default."""
+
     name = "blake3"
 
     def _multithreaded(self, nbytes: int) -> bool:
@@ -142,6 +145,8 @@ class Blake3Hasher(Hasher):
 
 
 class Sha256Hasher(Hasher):
+    """SHA-256 of the raw bytes, first 8 bytes big-endian: SGLang's value for the same bytes."""
+
     name = "sha256"
 
     def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int:
@@ -149,6 +154,9 @@ class Sha256Hasher(Hasher):
 
 
 class Xxh3Hasher(Hasher):
+    """XXH3-64 over the same preimage as BLAKE3: fast, not collision-resistant against an
+    adversary. For deployments that trust every input."""
+
     name = "xxh3"
 
     def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview) -> int:

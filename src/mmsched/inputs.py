@@ -3,7 +3,7 @@
 A model's processor (in the tokenizer process) emits a plain dict: ``mm_items`` with one
 entry per media item (``modality``, ``feature`` tensor, token ``offsets`` and model-specific
 data such as ``image_grid_thw``), special token ids and M-RoPE positions.
-:meth:`MultimodalInputs.from_dict` validates that dict, hashes each item's feature exactly
+[`MultimodalInputs.from_dict`][] validates that dict, hashes each item's feature exactly
 once and sets its ``pad_value``. The result is what every scheduler rank uses; building it
 again on each rank is the cost this library exists to avoid.
 
@@ -74,7 +74,7 @@ class MultimodalDataItem:
 
 @dataclass(eq=False)
 class MultimodalInputs:
-    """All multimodal inputs of one request, validated and hashed (see :meth:`from_dict`)."""
+    """All multimodal inputs of one request, validated and hashed (see [`from_dict`][])."""
 
     mm_items: list[MultimodalDataItem]
     hasher: str = DEFAULT_HASHER
@@ -168,7 +168,8 @@ class MultimodalInputs:
         """A BLAKE3 digest of every tensor's dtype, shape and bytes, and the fingerprint.
 
         Two ranks with equal digests hold bitwise-equal inputs. Used to *check* that ranks
-        agree; it is not a media hash and is not counted in :func:`mmsched.hash_stats`.
+        agree; it is not a media hash and is not counted in
+        [`hash_stats`][mmsched.hashing.hash_stats].
         """
         h = blake3.blake3(repr(self.fingerprint()).encode())
         for tensor in self._tensors():
@@ -194,7 +195,7 @@ def materialize(
     input_len: int | None = None,
     max_bytes: int | None = None,
 ) -> MultimodalInputs | None:
-    """``mm_inputs`` as a :class:`MultimodalInputs`: built from a dict, passed through if built."""
+    """``mm_inputs`` as a [`MultimodalInputs`][]: built from a dict, passed through if built."""
     if mm_inputs is None or isinstance(mm_inputs, MultimodalInputs):
         return mm_inputs
     return MultimodalInputs.from_dict(

@@ -1,18 +1,18 @@
 """Typed messages of the tokenizer -> scheduler pipeline.
 
-Every message is a dataclass with a ``KIND`` tag; :mod:`mmsched.codec` encodes the tagged
-union :data:`Message` and decodes it back to the same class. Names follow SGLang's
+Every message is a dataclass with a ``KIND`` tag; [`mmsched.codec`][] encodes the tagged
+union [`Message`][] and decodes it back to the same class. Names follow SGLang's
 ``io_struct.py`` where a counterpart exists, so that a server's code reads the same.
 
 Direction of travel:
 
-- tokenizer -> entry rank: :class:`TokenizedGenerateReqInput`, :class:`AbortReq`,
-  :class:`Shutdown`
-- entry rank -> every rank, once per scheduler iteration: :class:`Batch`
+- tokenizer -> entry rank: [`TokenizedGenerateReqInput`][], [`AbortReq`][],
+  [`Shutdown`][]
+- entry rank -> every rank, once per scheduler iteration: [`Batch`][]
 - entry rank -> every rank, once per request (``entry-broadcast`` strategy only):
-  :class:`MaterializedInputs`
-- ranks -> tokenizer: :class:`GenerateOutput`, :class:`ErrorOutput`, :class:`RankProgress`,
-  :class:`RankReport`, :class:`RankReady`
+  [`MaterializedInputs`][]
+- ranks -> tokenizer: [`GenerateOutput`][], [`ErrorOutput`][], [`RankProgress`][],
+  [`RankReport`][], [`RankReady`][]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from mmsched.inputs import MultimodalInputs
 class TokenizedGenerateReqInput:
     """One generate request after tokenization.
 
-    ``mm_inputs`` is a :class:`MultimodalInputs` when the tokenizer materialized it (the
+    ``mm_inputs`` is a [`MultimodalInputs`][] when the tokenizer materialized it (the
     ``tokenizer`` and ``zero-copy`` strategies), the processor's raw dict when the scheduler
     ranks must (``per-rank``, ``entry-broadcast``), or ``None`` for text only. Ranks accept
     both forms, which keeps old senders working.
@@ -47,6 +47,8 @@ class TokenizedGenerateReqInput:
 
 @dataclass(eq=False)
 class AbortReq:
+    """Asks the entry rank to drop request ``rid`` if it has not run yet."""
+
     KIND: ClassVar[str] = "abort"
     rid: str
 
@@ -81,6 +83,8 @@ class MaterializedInputs:
 
 @dataclass(eq=False)
 class GenerateOutput:
+    """A request's result, sent by the entry rank once the iteration that ran it ends."""
+
     KIND: ClassVar[str] = "output"
     rid: str
     output_ids: list[int]
@@ -137,6 +141,8 @@ class RankProgress:
 
 @dataclass(eq=False)
 class RankReady:
+    """Sent by each rank once it has joined the group (and mapped the arena, if any)."""
+
     KIND: ClassVar[str] = "rank_ready"
     rank: int
     pid: int

@@ -1,14 +1,14 @@
 """The embedding API: a tokenizer stage in the caller's process and N scheduler rank processes.
 
-::
-
-    async with Pipeline(Config(tp_size=4, strategy="tokenizer")) as pipeline:
-        output = await pipeline.generate("req-1", input_ids, processor_output)
+```python
+async with Pipeline(Config(tp_size=4, strategy="tokenizer")) as pipeline:
+    output = await pipeline.generate("req-1", input_ids, processor_output)
+```
 
 Ranks are started with the ``spawn`` method (safe with torch and threads), form a group over
 the configured transport, and each calls ``on_iteration(rank, iteration, requests)`` with
 the iteration's typed requests. A watchdog fails every pending request with
-:class:`~mmsched.errors.PeerLost` as soon as a rank process dies. Closing the pipeline asks
+[`PeerLost`][] as soon as a rank process dies. Closing the pipeline asks
 the ranks to exit, waits ``timeout_s`` for them, then kills any left, and removes the run's
 private directory (the IPC endpoints).
 """
@@ -67,6 +67,11 @@ class Pipeline:
         return [p.pid for p in self._processes if p.pid is not None]
 
     async def start(self) -> None:
+        """Start the tokenizer stage and the rank processes; return once every rank is ready.
+
+        Raises [`PeerLost`][] or ``TimeoutError`` (after ``startup_timeout_s``) if a rank
+        does not come up; what was started is then closed again.
+        """
         self._workdir = Path(tempfile.mkdtemp(prefix="mmsched-"))
         self._zmq = zmq.asyncio.Context()
         requests = self._zmq.socket(zmq.PUSH)
@@ -127,7 +132,14 @@ class Pipeline:
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None = None,
         sampling_params: dict[str, Any] | None = None,
     ) -> GenerateOutput:
-        """Run one request; ``mm_inputs`` is the processor's output dict (or a built object)."""
+        """Run one request; ``mm_inputs`` is the processor's output dict (or a built object).
+
+        Raises:
+            InvalidMultimodalInput: the inputs are malformed; this request alone fails.
+            RequestFailed: a rank failed the request for another reason (``kind`` says which).
+            Overloaded: ``max_inflight_mb`` is reached (see ``backpressure``).
+            PeerLost: a rank died; the pipeline is stopped and must be started again.
+        """
         trace = await self.generate_traced(rid, input_ids, mm_inputs, sampling_params)
         return trace.output
 
@@ -140,7 +152,7 @@ class Pipeline:
         *,
         check_ranks: bool = False,
     ) -> RequestTrace:
-        """Like :meth:`generate`, with the ranks' reports when ``config.report_ranks`` is on.
+        """Like [`generate`][], with the ranks' reports when ``config.report_ranks`` is on.
 
         ``check_ranks`` asks every rank for a digest of the bytes it holds.
         """
@@ -151,6 +163,8 @@ class Pipeline:
         )
 
     async def aclose(self) -> None:
+        """Stop the ranks (killed after ``timeout_s`` if they hang) and release everything:
+        sockets, shared memory, the run's private directory. Safe to call twice."""
         if self._closing:
             return
         self._closing = True

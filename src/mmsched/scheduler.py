@@ -3,7 +3,7 @@
 Each iteration:
 
 1. the entry rank (rank 0) takes what the tokenizer sent since the last iteration (waiting
-   up to ``idle_wait_ms`` for a first message) and announces it as one :class:`Batch` over
+   up to ``idle_wait_ms`` for a first message) and announces it as one [`Batch`][] over
    the transport; the other ranks receive that batch. All ranks therefore run the same
    requests in the same iteration, and no rank runs a collective the others skip;
 2. every rank resolves each request's multimodal inputs as the strategy says (use the
@@ -11,7 +11,7 @@ Each iteration:
 3. the server's callback sees the iteration's typed requests; the stub model step runs;
 4. rank 0 returns outputs (or per-request errors) to the tokenizer.
 
-A request whose inputs fail to build fails alone: it gets an :class:`ErrorOutput` and the
+A request whose inputs fail to build fails alone: it gets an [`ErrorOutput`][] and the
 iteration goes on. The decision is made identically on every rank (same bytes, same checks,
 or the entry rank's verdict carried over), so ranks never diverge.
 """
@@ -55,7 +55,7 @@ from mmsched.strategies import MaterializeIn, get_strategy
 from mmsched.transports import GroupSpec, Transport, open_transport
 
 IterationCallback = Callable[[int, int, list[TokenizedGenerateReqInput]], Awaitable[None] | None]
-"""``callback(rank, iteration, requests)``: requests hold built :class:`MultimodalInputs`."""
+"""``callback(rank, iteration, requests)``: requests hold built [`MultimodalInputs`][]."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,15 @@ def rank_main(
 
 
 def error_output(rid: str, exc: BaseException) -> ErrorOutput:
+    """The [`ErrorOutput`][] for ``rid`` failing with ``exc``, naming the field if known."""
     field = exc.field if isinstance(exc, InvalidMultimodalInput) else None
     message = exc.problem if isinstance(exc, InvalidMultimodalInput) else str(exc)
     return ErrorOutput(rid=rid, kind=type(exc).__name__, message=message, field=field)
 
 
 class SchedulerRank:
+    """One scheduler rank: its sockets, its transport endpoint and its iteration loop."""
+
     def __init__(
         self,
         config: Config,
@@ -106,6 +109,7 @@ class SchedulerRank:
         self._orphaned = False
 
     async def run(self) -> None:
+        """Join the group, say ready, then run iterations until shut down or a peer is lost."""
         self._results.setsockopt(zmq.LINGER, 2000)
         self._results.connect(self.addresses.results)
         if self.rank == 0:

@@ -2,8 +2,8 @@
 
 An *arena* is one POSIX shared-memory segment in ``/dev/shm``: a header page holding one
 *watermark* per reader, then a data region used as a ring. The writer copies a payload in
-once (or a processor writes it there directly, :meth:`ArenaWriter.allocate_tensor`) and
-sends a small :class:`Ref` instead of the bytes. Readers turn a ref into a ``memoryview`` of
+once (or a processor writes it there directly, [`ArenaWriter.allocate_tensor`][]) and
+sends a small [`Ref`][] instead of the bytes. Readers turn a ref into a ``memoryview`` of
 the mapped segment: no copy.
 
 Lifetime: each allocation has a sequence number. A reader's watermark is the highest
@@ -11,8 +11,8 @@ sequence number below which it holds nothing; it moves when the views it handed 
 garbage-collected (a finalizer per view), so a tensor built on a view keeps its bytes alive
 for as long as it lives. The writer reuses an allocation only when every reader's
 watermark has passed it. When the ring is full the writer waits, up to a timeout, then
-raises :class:`ArenaFull`. Space is reused in allocation order: a payload still held (by a
-rank, or by the writer's own tensor from :meth:`ArenaWriter.allocate_tensor`) holds back the
+raises [`ArenaFull`][]. Space is reused in allocation order: a payload still held (by a
+rank, or by the writer's own tensor from [`ArenaWriter.allocate_tensor`][]) holds back the
 reuse of everything written after it until it is released.
 
 Failure modes addressed:
@@ -22,7 +22,7 @@ Failure modes addressed:
 - page faults per request: every mapping is made with ``MAP_POPULATE``, so pages are faulted
   in once, at start;
 - leaks after a crash: segment names carry the creating process's pid, and
-  :func:`sweep_stale_segments` removes those whose creator is gone. Beyond that the writer
+  [`sweep_stale_segments`][] removes those whose creator is gone. Beyond that the writer
   unlinks the name as soon as every reader has mapped it, so even ``kill -9`` leaves
   nothing behind: the memory goes when the last mapping does;
 - a dead reader wedging the writer: waiting for space is bounded by the timeout.
@@ -155,7 +155,7 @@ class ArenaWriter:
     Args:
         size: bytes of payload the ring can hold at once.
         n_readers: readers that will open the arena (each with its own index).
-        timeout_s: longest wait for room before :class:`ArenaFull`.
+        timeout_s: longest wait for room before [`ArenaFull`][].
     """
 
     def __init__(
@@ -212,11 +212,12 @@ class ArenaWriter:
                 self._path.unlink()
 
     def close(self) -> None:
+        """Unlink the name if still there and drop this process's mapping."""
         self.unlink()
         self._mapped.close()
 
     def put(self, payload: Buffer) -> Ref:
-        """Copy ``payload`` into the arena once; raises :class:`ArenaFull` after the timeout."""
+        """Copy ``payload`` into the arena once; raises [`ArenaFull`][] after the timeout."""
         src = memoryview(payload).cast("B")
         alloc = self._allocate(src.nbytes)
         start = self._data_start + alloc.offset
@@ -309,7 +310,7 @@ class ArenaWriter:
 
 
 class ArenaReader:
-    """Maps an arena made by an :class:`ArenaWriter` and hands out views of its payloads.
+    """Maps an arena made by an [`ArenaWriter`][] and hands out views of its payloads.
 
     Args:
         name: the arena's segment name.
@@ -363,6 +364,7 @@ class ArenaReader:
         return None if seq is None else Ref(self.name, seq, offset, n)
 
     def close(self) -> None:
+        """Drop this process's mapping; views still held keep their bytes until released."""
         _READERS.pop(self.name, None)
         self._mapped.close()
 
@@ -404,10 +406,12 @@ def open_reader(name: str, index: int, *, wait_s: float = 0.0) -> ArenaReader:
 
 
 def register_writer(writer: ArenaWriter) -> None:
+    """Let [`find_ref`][] recognise buffers in ``writer``'s arena (sent by ref, not copied)."""
     _WRITERS[writer.name] = writer
 
 
 def unregister_writer(writer: ArenaWriter) -> None:
+    """Undo [`register_writer`][] before the arena is closed."""
     _WRITERS.pop(writer.name, None)
 
 
@@ -425,7 +429,7 @@ def find_ref(buf: Buffer) -> Ref | None:
 
 
 def pack(frames: Sequence[Buffer], writer: ArenaWriter | None, min_bytes: int) -> Frames:
-    """Frames for the control channel: payloads by :class:`Ref`, the rest inline.
+    """Frames for the control channel: payloads by [`Ref`][], the rest inline.
 
     A frame that already lives in an open arena goes by ref without a copy; another frame of
     at least ``min_bytes`` is copied into ``writer``'s arena once; smaller ones, or all when

@@ -22,6 +22,8 @@ from mmsched.errors import UnknownNameError
 
 
 class MaterializeIn(enum.Enum):
+    """The process where a request's raw processor output becomes a MultimodalInputs."""
+
     TOKENIZER = "tokenizer"
     EVERY_RANK = "every-rank"
     ENTRY_RANK = "entry-rank"
@@ -29,6 +31,8 @@ class MaterializeIn(enum.Enum):
 
 @dataclass(frozen=True)
 class Strategy:
+    """A named way of carrying inputs to the ranks; see [`STRATEGIES`][] for the four."""
+
     name: str
     materialize_in: MaterializeIn
     summary: str

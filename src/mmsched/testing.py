@@ -1,9 +1,9 @@
 """Test helpers: the transport contract every transport must pass, and a rank-side recorder.
 
-The contract (:func:`run_contract_rank`) is one scenario run on every rank of a group: the
-sender sends :data:`CONTRACT_MESSAGES` and closes; each receiver returns what it got,
+The contract ([`run_contract_rank`][]) is one scenario run on every rank of a group: the
+sender sends [`CONTRACT_MESSAGES`][] and closes; each receiver returns what it got,
 message by message, as (length, BLAKE3) of each frame, plus what happened after the end.
-A new transport passes when every receiver's result equals :func:`expected_contract_result`.
+A new transport passes when every receiver's result equals [`expected_contract_result`][].
 Helpers live in the package, not in ``tests/``, because rank processes started with
 ``spawn`` must be able to import them.
 """
@@ -47,6 +47,7 @@ def _summary(frames: list[Any]) -> list[tuple[int, str]]:
 
 
 def expected_contract_result() -> dict[str, Any]:
+    """What every receiver of [`run_contract_rank`][] must return for a transport to pass."""
     return {
         "messages": [_summary(m) for m in CONTRACT_MESSAGES],
         "after_end": "EndOfStream",
@@ -181,6 +182,7 @@ class IterationRecorder:
                     f.write(json.dumps(line) + "\n")
 
     def read(self, rank: int) -> list[dict[str, Any]]:
+        """What ``rank`` recorded, one dict per request, in the order it saw them."""
         path = Path(self.directory) / f"rank{rank}.jsonl"
         if not path.exists():
             return []

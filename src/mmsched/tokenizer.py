@@ -1,9 +1,9 @@
 """The tokenizer stage: turns processor output into requests and routes results back.
 
-Under the ``tokenizer`` strategy this is where :meth:`MultimodalInputs.from_dict` runs, once
+Under the ``tokenizer`` strategy this is where [`MultimodalInputs.from_dict`][] runs, once
 per request, in a pool of worker threads: hashing releases the GIL, so the event loop stays
 responsive and several requests build at once. A malformed input raises
-:class:`~mmsched.errors.InvalidMultimodalInput` to its own caller and never reaches a rank.
+[`InvalidMultimodalInput`][] to its own caller and never reaches a rank.
 
 Results from the ranks (outputs, errors and, when enabled, per-rank reports) arrive on one
 socket and resolve the caller's future.
@@ -110,6 +110,7 @@ class TokenizerStage:
         self._held: list[tuple[int, int]] = []
 
     def start(self) -> None:
+        """Start routing results from the ranks to the requests waiting for them."""
         self._router = asyncio.create_task(self._route_results(), name="mmsched-results")
 
     async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
@@ -272,6 +273,7 @@ class TokenizerStage:
                 pending.future.set_exception(error)
 
     async def aclose(self) -> None:
+        """Stop routing results and the worker threads."""
         if self._router is not None:
             self._router.cancel()
             await asyncio.gather(self._router, return_exceptions=True)

@@ -12,6 +12,7 @@ class CpuMeter:
         self._procs = [psutil.Process(pid) for pid in pids]
 
     def seconds(self) -> float:
+        """User plus system CPU seconds of the watched processes so far."""
         total = 0.0
         for proc in self._procs:
             t = proc.cpu_times()

@@ -11,10 +11,10 @@ behind another and the figure is the fan-out itself. Measured per request:
   requests, from the OS, divided by the number of requests (the OS counts in 10 ms ticks:
   time enough requests for the figure to mean something);
 - hashing: hashes and their CPU time, read from each process's own counter
-  (:func:`mmsched.hash_stats`), not assumed from the strategy;
+  ([`mmsched.hash_stats`][mmsched.hashing.hash_stats]), not assumed from the strategy;
 - identity: every rank reports a fingerprint for every request; for one request per size
   every rank also reports a digest of all bytes it holds, compared with the tokenizer's;
-- the floor: one copy plus one hash of the payload on this machine (:mod:`.floor`).
+- the floor: one copy plus one hash of the payload on this machine ([`floor`][mmsched.bench.floor]).
 
 The payload is built once per size, before timing (its generation is no part of any cost).
 Under ``zero-copy`` the processor writes it straight into the tokenizer's arena
@@ -71,6 +71,7 @@ class FanoutRecord:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """The record as ``--json`` writes it."""
         return asdict(self)
 
 
@@ -110,6 +111,7 @@ class SizeFacts:
 
 
 def size_facts(sample: Sample, hasher: str) -> SizeFacts:
+    """Measured once per payload size: its floor, reference digest and encoded sizes."""
     built = MultimodalInputs.from_dict(
         sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
     )

@@ -72,6 +72,7 @@ class LoadRecord:
         return self.errors == 0 and self.achieved_rps >= 0.98 * self.arrival_rps
 
     def as_dict(self) -> dict[str, Any]:
+        """The record as ``--json`` writes it, with ``keeps_up``."""
         return {**asdict(self), "keeps_up": self.keeps_up}
 
 

@@ -1,9 +1,9 @@
 """Transports, resolved by the name a config gives.
 
-``memory``  in-process, for tests (:mod:`mmsched.transports.memory`)
-``torch``   torch.distributed broadcast over gloo (:mod:`mmsched.transports.torch_dist`)
-``zmq``     ZMQ publish-subscribe (:mod:`mmsched.transports.zmq_pubsub`)
-``shm``     shared-memory payloads + ZMQ control (:mod:`mmsched.transports.shm`)
+``memory``  in-process, for tests ([`mmsched.transports.memory`][])
+``torch``   torch.distributed broadcast over gloo ([`mmsched.transports.torch_dist`][])
+``zmq``     ZMQ publish-subscribe ([`mmsched.transports.zmq_pubsub`][])
+``shm``     shared-memory payloads + ZMQ control ([`mmsched.transports.shm`][])
 
 Implementations are imported on first use, so that a deployment needs only the libraries of
 the transport it picks.
@@ -28,6 +28,7 @@ CROSS_PROCESS = frozenset({"shm", "torch", "zmq"})
 
 
 def transport_names() -> list[str]:
+    """The registered transport names, sorted."""
     return sorted(_REGISTRY)
 
 

@@ -1,16 +1,16 @@
 """The abstract transport: one sender to every rank of a group, moving frames.
 
 A transport knows nothing of messages: it moves lists of byte buffers (frames) produced by
-:mod:`mmsched.codec`. Every implementation promises:
+[`mmsched.codec`][]. Every implementation promises:
 
 - **one sender**: rank 0 of the group sends; every other rank receives;
 - **ordered and lossless**: each receiver gets every message exactly once, in send order,
   with every frame's bytes and the frame boundaries intact (empty frames included);
 - **close**: after ``aclose()`` on the sender, receivers drain what was sent and then
-  ``recv()`` raises :class:`~mmsched.errors.EndOfStream`; using a transport after closing
-  it *here* raises :class:`~mmsched.errors.TransportClosed`;
+  ``recv()`` raises [`EndOfStream`][]; using a transport after closing
+  it *here* raises [`TransportClosed`][];
 - **peers**: a peer that dies or stops answering surfaces as
-  :class:`~mmsched.errors.PeerLost` within the group's timeout where the implementation can
+  [`PeerLost`][mmsched.errors.PeerLost] within the group's timeout where the implementation can
   detect it (each implementation's docstring says where it can).
 
 Blocking work (collectives, socket waits) runs off the event loop, in one worker thread per
@@ -103,6 +103,7 @@ class Transport(ABC):
         """Close this endpoint. On the sender, receivers see end-of-stream after the rest."""
 
     def statistics(self) -> TransportStatistics:
+        """Messages and bytes this endpoint has sent and received so far (a copy)."""
         return TransportStatistics(**vars(self._stats))
 
     def _count_sent(self, frames: Sequence[Buffer]) -> None:

@@ -1,10 +1,10 @@
 """Shared memory for payloads, ZMQ pub-sub for control: each payload is written once, never sent.
 
-The sender (rank 0) owns an arena (:mod:`mmsched.shm`) that every receiver maps. A message's
+The sender (rank 0) owns an arena ([`mmsched.shm`][]) that every receiver maps. A message's
 frames of at least ``inline_max_bytes`` are copied into the arena once; frames that already
 live in an arena this process has open (a tensor the tokenizer wrote into its own arena, say)
 go by reference with no copy at all. Only a small header (the refs and the small frames)
-crosses the control channel, a :class:`~mmsched.transports.zmq_pubsub.ZmqTransport`.
+crosses the control channel, a [`ZmqTransport`][].
 Receivers get ``memoryview``s of shared memory.
 
 Guarantees and limits:
@@ -12,7 +12,7 @@ Guarantees and limits:
 - one host only (shared memory); ordered and lossless, as the control channel;
 - the sender blocks only when the arena is full, until every receiver has released old
   payloads (their views were collected), up to ``timeout_s``: then
-  :class:`~mmsched.shm.ArenaFull` names the reader watermarks. A dead receiver therefore
+  [`ArenaFull`][mmsched.shm.ArenaFull] names the reader watermarks. A dead receiver therefore
   stalls the sender for at most ``timeout_s``, never forever;
 - a payload larger than the whole arena travels inline over the control channel;
 - the segment's name is unlinked as soon as every receiver has mapped it: a crash of any

@@ -12,7 +12,7 @@ Guarantees and limits:
 - **blocking**: every send is a collective, so the sender waits until every rank has entered
   the matching receive; a slow rank slows every rank. The waits run in one worker thread per
   transport, off the event loop;
-- a dead or stuck peer surfaces as :class:`~mmsched.errors.PeerLost` after the group
+- a dead or stuck peer surfaces as [`PeerLost`][] after the group
   timeout (``GroupSpec.timeout_s``), never torch.distributed's default of 30 minutes;
 - a pending ``recv()`` can be cancelled, but the collective under it cannot: the group is
   then unusable and must be closed.

@@ -15,7 +15,7 @@ Guarantees and limits:
   ``shm`` transport's job, whose payloads don't travel here);
 - the sender never blocks on receivers;
 - a receiver that hears nothing (not even the pipeline's per-iteration heartbeat) for
-  ``GroupSpec.timeout_s`` raises :class:`~mmsched.errors.PeerLost`; a dead receiver does not
+  ``GroupSpec.timeout_s`` raises [`PeerLost`][]; a dead receiver does not
   disturb the sender or other receivers;
 - a pending ``recv()`` can be cancelled without losing a message.
 """
