@@ -4,7 +4,7 @@ The sender (rank 0) owns an arena ([`mmsched.shm`][]) that every receiver maps. 
 frames of at least ``inline_max_bytes`` are copied into the arena once; frames that already
 live in an arena this process has open (a tensor the tokenizer wrote into its own arena, say)
 go by reference with no copy at all. Only a small header (the refs and the small frames)
-crosses the control channel, a [`ZmqTransport`][].
+crosses the control channel, a [`zmq` transport][mmsched.transports.zmq_pubsub].
 Receivers get ``memoryview``s of shared memory.
 
 Guarantees and limits:
