@@ -1,7 +1,7 @@
 """mmsched inside a small server: the worked example of the documentation's embedding page.
 
 A server's request handler gets a processor's output for each request (here: Qwen2-VL-shaped
-images, made up on the spot) and hands it to a :class:`mmsched.Pipeline`. The pipeline
+images, made up on the spot) and hands it to an ``mmsched.Pipeline``. The pipeline
 validates and hashes it once, carries it to every tensor-parallel rank, and on each rank calls
 ``on_iteration`` with the iteration's requests: the place where a real server runs its model.
 

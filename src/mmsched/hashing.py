@@ -145,7 +145,8 @@ class Blake3Hasher(Hasher):
 
 
 class Sha256Hasher(Hasher):
-    """SHA-256 of the raw bytes, first 8 bytes big-endian: SGLang's value for the same bytes."""
+    """SHA-256 of the raw bytes, first 8 bytes big-endian: SGLang's value for the same bytes
+    (except bf16, which SGLang upcasts to float32 first)."""
 
     name = "sha256"
 
