@@ -55,7 +55,9 @@ def on_iteration(rank: int, iteration: int, requests: list[TokenizedGenerateReqI
             )
 
 
-def process_image(prompt: list[int], grid_h: int, grid_w: int, allocate: Allocate) -> Any:
+def process_image(
+    prompt: list[int], grid_h: int, grid_w: int, allocate: Allocate
+) -> tuple[list[int], dict[str, Any]]:
     """A stand-in for an image processor: input ids and the processor's output dict.
 
     The processor writes ``pixel_values`` where ``allocate`` puts them: under ``zero-copy``
