@@ -185,6 +185,40 @@ CATALOGUE: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "mrope_positions",
         "covers 7",
     ),
+    # Found by an adversarial review: each used to escape as an untyped error, kill the
+    # ranks, or be accepted.
+    (
+        "mrope delta beyond int64",
+        _top("mrope_position_delta", 2**63 + 1),
+        "mrope_position_delta",
+        "does not fit in int64",
+    ),
+    (
+        "grid overflowing int64",
+        _set_item("image_grid_thw", torch.tensor([[1, 2**62 + 1, 64]])),
+        "mm_items[0].image_grid_thw",
+        "patches",
+    ),
+    (
+        "complex grid",
+        _set_item("image_grid_thw", torch.tensor([[1, 2, 4]], dtype=torch.complex64)),
+        "mm_items[0].image_grid_thw",
+        "integer",
+    ),
+    (
+        "offset beyond any input",
+        _set_item("offsets", [(10, 2**40)]),
+        "mm_items[0].offsets[0]",
+        "2**31",
+    ),
+    ("token id beyond int32", _top("im_token_id", 2**40), "im_token_id", "below 2**31"),
+    ("NaN in model data", _set_item("scale", float("nan")), "mm_items[0].scale", "finite"),
+    (
+        "int beyond 64 bits in model data",
+        _set_item("scale", [2**63 + 5]),
+        "mm_items[0].scale[0]",
+        "int64",
+    ),
     (
         "mrope delta float",
         _top("mrope_position_delta", torch.tensor([0.5])),

@@ -164,11 +164,54 @@ def test_opaque_values_are_pickled_and_refused_by_default() -> None:
             "malformed",
         ),
         ([b'{"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$bytes": 3}}}'], "out of range"),
+        # Found by an adversarial review: each used to raise something other than CodecError.
+        (
+            [
+                b'{"v": 1, "n": 1, "msg": {"$t": "abort", "rid": {"$tensor": 0, "dtype": "int64",'
+                b' "shape": [-1, 0]}}}',
+                b"",
+            ],
+            "malformed shape",
+        ),
+        (
+            [
+                b'{"v": 1, "n": 1, "msg": {"$t": "abort", "rid": {"$tensor": 0, "dtype": "float32",'
+                b' "shape": [4611686018427387905, 4]}}}',
+                b"\0" * 16,
+            ],
+            "need 73786976294838206480",
+        ),
+        (
+            [
+                b'{"v": 1, "n": 1, "msg": {"$t": "abort", "rid": {"$ndarray": 0, "dtype": "<f4",'
+                b' "shape": [-1]}}}',
+                b"\0" * 16,
+            ],
+            "malformed shape",
+        ),
+        (
+            [
+                b'{"v": 1, "n": 1, "msg": {"$t": "abort", "rid": {"$ndarray": 0, "dtype": "O",'
+                b' "shape": [2]}}}',
+                b"\0" * 16,
+            ],
+            "Python objects",
+        ),
+        ([b'{"v": 1, "n": 0, "msg": ' + b"[" * 900 + b"]" * 900 + b"}"], "malformed message"),
+        ([b'{"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$dict": 5}}}'], "malformed message"),
     ],
 )
 def test_corrupt_frames_raise_codec_error(frames: list[bytes], problem: str) -> None:
     with pytest.raises(CodecError, match=problem):
         decode(frames)
+
+
+def test_encode_refuses_what_it_cannot_carry() -> None:
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    for value in (2**70, "\ud800", cyclic):
+        with pytest.raises(CodecError, match="cannot encode"):
+            encode(ErrorOutput(rid="r", kind="k", message="m", field=value))  # type: ignore[arg-type]
 
 
 def test_encode_refuses_non_messages() -> None:

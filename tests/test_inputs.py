@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from malformed import CATALOGUE, base_sample
 from mmsched import InvalidMultimodalInput, Modality, MultimodalInputs, hash_stats, materialize
 from mmsched.bench.workloads import audio_sample, image_sample, qwen2vl_image, video_sample
+from mmsched.inputs import validate_input_ids
 
 
 def test_image_from_qwen2vl_shapes() -> None:
@@ -125,3 +128,111 @@ def test_invalid_input_hashes_nothing() -> None:
     with pytest.raises(InvalidMultimodalInput):
         MultimodalInputs.from_dict(raw)
     assert (hash_stats() - before).count == 0
+
+
+def _with_feature(feature: Any) -> dict[str, Any]:
+    raw = base_sample().mm_inputs
+    raw["mm_items"][0]["feature"] = feature
+    return raw
+
+
+def test_foreign_byte_order_and_reversed_arrays_hash_as_native() -> None:
+    # Found by an adversarial review: a big-endian array killed every rank that built it.
+    native = base_sample().mm_inputs["mm_items"][0]["feature"].numpy()
+    expected = MultimodalInputs.from_dict(_with_feature(native)).mm_items[0]
+    big_endian = MultimodalInputs.from_dict(_with_feature(native.astype(">f4"))).mm_items[0]
+    assert big_endian.hash == expected.hash
+    assert torch.equal(big_endian.feature, expected.feature)
+    reversed_rows = native[::-1]
+    flipped = MultimodalInputs.from_dict(_with_feature(reversed_rows)).mm_items[0]
+    assert torch.equal(flipped.feature, torch.from_numpy(reversed_rows.copy()))
+
+
+@pytest.mark.parametrize(
+    ("feature", "problem"),
+    [
+        (torch.empty(8, 1176, device="meta"), "meta tensor"),
+        (torch.ones(8, 1176).to_sparse(), "sparse"),
+        (np.zeros(8, dtype=np.complex256), "not a tensor type"),
+    ],
+    ids=["meta", "sparse", "complex256"],
+)
+def test_tensors_without_usable_data_are_refused(feature: Any, problem: str) -> None:
+    with pytest.raises(InvalidMultimodalInput, match=problem) as info:
+        MultimodalInputs.from_dict(_with_feature(feature))
+    assert info.value.field == "mm_items[0].feature"
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "problem"),
+    [
+        ("\ud800", "mm_items[0].note", "not valid UTF-8"),
+        (float("inf"), "mm_items[0].note", "finite"),
+        ({"\ud800": 1}, "mm_items[0].note.<key>", "not valid UTF-8"),
+    ],
+)
+def test_model_data_that_the_codec_would_mangle_is_refused(
+    value: Any, field: str, problem: str
+) -> None:
+    raw = base_sample().mm_inputs
+    raw["mm_items"][0]["note"] = value
+    with pytest.raises(InvalidMultimodalInput, match=problem) as info:
+        MultimodalInputs.from_dict(raw)
+    assert info.value.field == field
+
+
+def test_cycles_and_deep_nesting_are_refused() -> None:
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    deep: Any = 1
+    for _ in range(100):
+        deep = [deep]
+    for value in (cyclic, deep):
+        raw = base_sample().mm_inputs
+        raw["mm_items"][0]["note"] = value
+        with pytest.raises(InvalidMultimodalInput, match="nested over 32 levels, or a cycle"):
+            MultimodalInputs.from_dict(raw)
+
+
+def test_offsets_are_bounded_without_input_len() -> None:
+    raw = base_sample().mm_inputs
+    raw["mm_items"][0]["offsets"] = [(10, 2**40)]
+    with pytest.raises(InvalidMultimodalInput, match="past any input"):
+        MultimodalInputs.from_dict(raw)  # no input_len given
+
+
+def test_unforeseen_failures_are_still_invalid_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmsched.inputs
+
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a case nobody foresaw")
+
+    monkeypatch.setattr(mmsched.inputs, "_check_model_specific", explode)
+    with pytest.raises(InvalidMultimodalInput, match="RuntimeError: a case nobody foresaw") as info:
+        MultimodalInputs.from_dict(base_sample().mm_inputs)
+    assert info.value.field == "mm_inputs"
+
+
+@pytest.mark.parametrize(
+    ("ids", "field", "problem"),
+    [
+        ([1, -1], "input_ids[1]", "[0, 2**31)"),
+        ([None], "input_ids[0]", "NoneType"),
+        (["7"], "input_ids[0]", "str"),
+        ([True], "input_ids[0]", "bool"),
+        ("1234", "input_ids", "str"),
+        (torch.zeros(3), "input_ids", "1-D integer"),
+        ([2**40], "input_ids[0]", "[0, 2**31)"),
+    ],
+)
+def test_input_ids_are_validated(ids: Any, field: str, problem: str) -> None:
+    with pytest.raises(InvalidMultimodalInput, match=re.escape(problem)) as info:
+        validate_input_ids(ids)
+    assert info.value.field == field
+
+
+def test_input_ids_from_numpy_and_tensors_become_ints() -> None:
+    assert validate_input_ids([np.int64(3), np.int32(4)]) == [3, 4]
+    assert validate_input_ids(np.arange(3)) == [0, 1, 2]
+    assert validate_input_ids(torch.arange(2)) == [0, 1]
+    assert all(type(i) is int for i in validate_input_ids(np.arange(3)))

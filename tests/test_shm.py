@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmsched import ConfigError
+from mmsched import ConfigError, TransportError
 from mmsched.shm import (
     SHM_DIR,
     ArenaFull,
     ArenaReader,
     ArenaWriter,
+    Ref,
     live_segments,
     open_reader,
     pack,
@@ -142,3 +143,26 @@ def test_zero_copy_request_crosses_sockets_in_under_1_kb() -> None:
         assert on_the_wire < 1024, on_the_wire
     finally:
         big_arena.close()
+
+
+def test_forged_refs_are_refused(arena: ArenaWriter) -> None:
+    # Found by an adversarial review: nbytes=-1 returned the rest of the arena.
+    reader = open_reader(arena.name, 0)
+    ref = arena.put(os.urandom(1000))
+    forged = [
+        Ref(ref.arena, ref.seq, ref.offset, -1),
+        Ref(ref.arena, -1, ref.offset, 10),
+        Ref(ref.arena, ref.seq, 0, 10),  # the header page of watermarks
+        Ref(ref.arena, ref.seq, ref.offset, 1 << 40),
+        Ref("mmsched-other", ref.seq, ref.offset, 10),
+        Ref(ref.arena, ref.seq, ref.offset, True),  # type: ignore[arg-type]
+    ]
+    for bad in forged:
+        with pytest.raises(TransportError, match="not a payload of arena"):
+            reader.view(bad)
+    for descriptors in (b"{}", b"[[1, 2]]", b"[7]", b"not json", b'[["%s", 0, 4096, -1]]'):
+        frames = [b"MMSHM1" + descriptors.replace(b"%s", arena.name.encode())]
+        with pytest.raises(TransportError):
+            unpack(frames)
+    assert bytes(reader.view(ref)) == bytes(reader.view(ref))  # the real ref still works
+    reader.close()

@@ -5,6 +5,8 @@ messages ([`mmsched.codec`][]) over a transport chosen by name ([`mmsched.transp
 and reach every rank of a [`Pipeline`][] identical.
 """
 
+import logging
+
 from mmsched.codec import Decoder, decode, encode
 from mmsched.config import Config
 from mmsched.errors import (
@@ -36,6 +38,10 @@ from mmsched.tokenizer import RequestTrace
 from mmsched.transports import GroupSpec, Transport, open_transport, transport_names
 
 __version__ = "0.1.0"
+
+# Quiet by default: a server that wants mmsched's lifecycle, fault and backpressure records
+# configures the "mmsched" logger (or the root logger) itself.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "STRATEGIES",

@@ -8,7 +8,8 @@ frames[1:]  raw buffers: tensor bytes, bytes values, pickled opaque values
 ```
 
 In the tree a dataclass becomes ``{"$t": KIND, ...fields}``; a tensor becomes
-``{"$tensor": i, "dtype": ..., "shape": [...]}`` where ``i`` indexes the buffers; a list of
+``{"$tensor": i, "dtype": ..., "shape": [...]}`` where ``i`` indexes the buffers; a float
+that JSON cannot hold becomes ``{"$float": "nan"}`` (or ``"inf"``, ``"-inf"``); a list of
 64 or more ints (token ids) becomes ``{"$ints": i}``, one int64 frame. Tensor
 bytes are never pickled and never copied on encode: the frame is a view of the tensor's
 storage. On decode a tensor is a view of its frame (no copy either), so it shares the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, cast
@@ -64,12 +66,20 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 def encode(message: Message) -> Frames:
-    """Encode a message into frames; tensor frames are views of the tensors' storage."""
+    """Encode a message into frames; tensor frames are views of the tensors' storage.
+
+    Raises:
+        CodecError: the message holds a value the codec cannot carry (an int wider than 64
+            bits, text that is not UTF-8, a cycle, a tensor without data, ...).
+    """
     if not isinstance(message, MESSAGE_TYPES):
         raise CodecError(f"not a message: {type(message).__name__}")
     buffers: list[Buffer] = []
-    tree = _to_tree(message, buffers)
-    header = orjson.dumps({"v": CODEC_VERSION, "n": len(buffers), "msg": tree})
+    try:
+        tree = _to_tree(message, buffers)
+        header = orjson.dumps({"v": CODEC_VERSION, "n": len(buffers), "msg": tree})
+    except Exception as exc:
+        raise CodecError(f"cannot encode {message.KIND}: {type(exc).__name__}: {exc}") from exc
     return [header, *buffers]
 
 
@@ -90,7 +100,21 @@ class Decoder:
         self.allow_pickle = allow_pickle
 
     def decode(self, frames: Sequence[Buffer]) -> Message:
-        """The message ``frames`` encode; raises [`CodecError`][] naming what is wrong."""
+        """The message ``frames`` encode; raises [`CodecError`][] naming what is wrong.
+
+        Frames come from another process and are not trusted: whatever they hold, the
+        outcome is a message or a [`CodecError`][] (never another exception type).
+        """
+        try:
+            return self._decode(frames)
+        except CodecError:
+            raise
+        except Exception as exc:
+            # Deep nesting (RecursionError), absurd shapes, a constructor's own checks:
+            # one error type for the caller, who answers or drops that message alone.
+            raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+
+    def _decode(self, frames: Sequence[Buffer]) -> Message:
         if not frames:
             raise CodecError("no frames")
         try:
@@ -103,12 +127,7 @@ class Decoder:
             raise CodecError(f"unsupported header (codec version {CODEC_VERSION} expected)")
         if header.get("n") != len(frames) - 1:
             raise CodecError(f"header announces {header.get('n')} buffers, got {len(frames) - 1}")
-        try:
-            message = self._from_tree(header.get("msg"), frames[1:])
-        except CodecError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise CodecError(f"malformed message tree: {exc!r}") from exc
+        message = self._from_tree(header.get("msg"), frames[1:])
         if not isinstance(message, MESSAGE_TYPES):
             raise CodecError(f"top-level value is not a message: {type(message).__name__}")
         return cast(Message, message)
@@ -122,7 +141,7 @@ class Decoder:
         try:
             tree = orjson.loads(bytes(frames[0]))["msg"]
             rid = tree.get("rid") if isinstance(tree, dict) else None
-        except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
+        except Exception:  # foreign bytes: anything may fail, and the answer is "no id"
             return None
         return rid if isinstance(rid, str) else None
 
@@ -144,12 +163,20 @@ class Decoder:
             return _tensor_from(node, _buffer(buffers, node["$tensor"]))
         if "$ndarray" in node:
             buf = _buffer(buffers, node["$ndarray"])
-            return np.frombuffer(buf, dtype=np.dtype(node["dtype"])).reshape(node["shape"])
+            dtype = np.dtype(node["dtype"])
+            if dtype.hasobject:
+                raise CodecError("an array of Python objects cannot come as raw bytes")
+            shape = _shape(node, dtype.itemsize, memoryview(buf).nbytes)
+            return np.frombuffer(buf, dtype=dtype).reshape(shape)
         if "$ints" in node:
             buf = _buffer(buffers, node["$ints"])
             if memoryview(buf).nbytes % 8:
                 raise CodecError("an int list frame is not a whole number of int64 values")
             return np.frombuffer(buf, dtype=np.int64).tolist()
+        if "$float" in node:
+            if node["$float"] not in _NON_FINITE:
+                raise CodecError(f"bad non-finite float {node['$float']!r}")
+            return float(node["$float"])
         if "$bytes" in node:
             return bytes(_buffer(buffers, node["$bytes"]))
         if "$tuple" in node:
@@ -180,6 +207,8 @@ def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         if isinstance(value, enum.Enum):
             return value.value
+        if isinstance(value, float) and not math.isfinite(value):
+            return {"$float": str(value)}  # JSON has no NaN: it would arrive as null
         return value
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
@@ -217,6 +246,7 @@ def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
 
 
 _INT_RUN_MIN = 64
+_NON_FINITE = frozenset({"nan", "inf", "-inf"})
 
 
 def _all_int64(values: list[Any]) -> bool:
@@ -234,15 +264,24 @@ def _buffer(buffers: Sequence[Buffer], index: Any) -> Buffer:
     return buffers[index]
 
 
+def _shape(node: dict[str, Any], itemsize: int, nbytes: int) -> list[int]:
+    """The node's shape, checked against the frame: non-negative ints whose product (in
+    Python ints, which cannot overflow) times ``itemsize`` is exactly ``nbytes``."""
+    shape = node.get("shape")
+    if not isinstance(shape, list) or not all(type(x) is int and 0 <= x < 2**63 for x in shape):
+        raise CodecError(f"malformed shape {shape!r}: expected a list of non-negative ints")
+    expected = math.prod(shape) * itemsize
+    if nbytes != expected:
+        raise CodecError(f"frame holds {nbytes} bytes, dtype and shape need {expected}")
+    return shape
+
+
 def _tensor_from(node: dict[str, Any], buf: Buffer) -> torch.Tensor:
     dtype = _DTYPES.get(node.get("dtype", ""))
     if dtype is None:
         raise CodecError(f"unknown tensor dtype {node.get('dtype')!r}")
-    shape = [int(x) for x in node["shape"]]
-    expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     nbytes = memoryview(buf).nbytes
-    if nbytes != expected:
-        raise CodecError(f"tensor frame holds {nbytes} bytes, dtype and shape need {expected}")
+    shape = _shape(node, torch.empty((), dtype=dtype).element_size(), nbytes)
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():

@@ -8,12 +8,20 @@ once and sets its ``pad_value``. The result is what every scheduler rank uses; b
 again on each rank is the cost this library exists to avoid.
 
 Offsets follow SGLang: ``(start, end)`` token index pairs with ``end`` *inclusive*.
+
+This is where foreign data enters: whatever a processor hands over, [`from_dict`][] either
+returns a valid object or raises [`InvalidMultimodalInput`][] naming the field. A failure
+the checks below did not foresee is still turned into that error (field ``mm_inputs``), so
+no other exception type ever escapes to the tokenizer's or a rank's loop. Numpy arrays of
+non-native byte order or with negative strides are accepted and copied once into a native,
+contiguous tensor, so every strategy hashes the same bytes.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +30,8 @@ import blake3
 import numpy as np
 import torch
 
-from mmsched.errors import InvalidMultimodalInput
-from mmsched.hashing import DEFAULT_HASHER, get_hasher, pad_value_of, tensor_bytes
+from mmsched.errors import InvalidMultimodalInput, MmschedError
+from mmsched.hashing import DEFAULT_HASHER, Hasher, get_hasher, pad_value_of, tensor_bytes
 
 
 class Modality(enum.StrEnum):
@@ -39,6 +47,13 @@ class Modality(enum.StrEnum):
 ALLOWED_FEATURE_DTYPES = frozenset(
     {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8}
 )
+
+# Token positions are int32 in every model runtime mmsched serves: an offset or an input
+# length beyond this is malformed whether or not the caller says how long the input is.
+MAX_INPUT_LEN = 2**31
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Model-specific data nests a few levels at most; deeper is hostile (or a cycle).
+_MAX_NESTING = 32
 
 _GRID_KEY_OF = {Modality.IMAGE: "image_grid_thw", Modality.VIDEO: "video_grid_thw"}
 _ITEM_KEYS = {"modality", "feature", "offsets"}
@@ -105,6 +120,26 @@ class MultimodalInputs:
             UnknownNameError: if ``hasher`` is not registered.
         """
         hash_fn = get_hasher(hasher)  # resolve first: a bad name is a config error, not input
+        try:
+            return cls._build(raw, hasher, hash_fn, input_len, max_bytes)
+        except MmschedError:
+            raise
+        except Exception as exc:
+            # A case the checks did not foresee (a tensor type torch refuses to read, say):
+            # still this request's error, never an exception that escapes a serving loop.
+            raise InvalidMultimodalInput(
+                "mm_inputs", f"unusable processor output: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    @classmethod
+    def _build(
+        cls,
+        raw: Mapping[str, Any],
+        hasher: str,
+        hash_fn: Hasher,
+        input_len: int | None,
+        max_bytes: int | None,
+    ) -> MultimodalInputs:
         parsed = _parse(raw, input_len=input_len, max_bytes=max_bytes)
         items = [
             MultimodalDataItem(
@@ -220,6 +255,7 @@ def _parse(raw: Any, *, input_len: int | None, max_bytes: int | None) -> _Parsed
     for key in raw:
         if not isinstance(key, str):
             raise InvalidMultimodalInput("mm_inputs", f"field names must be strings, got {key!r}")
+        _check_text("mm_inputs", key)
         if key not in _TOP_LEVEL_KEYS and not key.endswith("_id"):
             raise InvalidMultimodalInput(
                 key,
@@ -247,7 +283,7 @@ def _parse(raw: Any, *, input_len: int | None, max_bytes: int | None) -> _Parsed
     mrope_positions = raw.get("mrope_positions")
     if mrope_positions is not None:
         mrope_positions = _tensor("mrope_positions", mrope_positions)
-        if mrope_positions.dtype.is_floating_point or mrope_positions.dim() != 2:
+        if not _is_integer(mrope_positions.dtype) or mrope_positions.dim() != 2:
             raise InvalidMultimodalInput(
                 "mrope_positions",
                 f"expected an integer tensor of shape (3, L), got {mrope_positions.dtype} "
@@ -264,9 +300,10 @@ def _parse(raw: Any, *, input_len: int | None, max_bytes: int | None) -> _Parsed
             )
     delta = raw.get("mrope_position_delta")
     if delta is not None:
-        delta = torch.as_tensor(delta) if isinstance(delta, int) else delta
+        if isinstance(delta, (int, np.integer)) and not isinstance(delta, bool):
+            delta = torch.tensor(_int64("mrope_position_delta", delta))
         delta = _tensor("mrope_position_delta", delta)
-        if delta.dtype.is_floating_point:
+        if not _is_integer(delta.dtype):
             raise InvalidMultimodalInput(
                 "mrope_position_delta", f"must be integer, got {delta.dtype}"
             )
@@ -278,17 +315,100 @@ def _token_id(name: str, value: Any) -> int:
         raise InvalidMultimodalInput(name, f"expected an int token id, got {type(value).__name__}")
     if value < 0:
         raise InvalidMultimodalInput(name, f"token id must be non-negative, got {value}")
+    if value >= MAX_INPUT_LEN:
+        raise InvalidMultimodalInput(name, f"token id must be below 2**31, got {value}")
     return int(value)
+
+
+def validate_input_ids(input_ids: Any) -> list[int]:
+    """A request's token ids as a list of Python ints, or [`InvalidMultimodalInput`][].
+
+    Accepts a list or tuple of ints (numpy integers too, as tokenizers return them), or a
+    1-D integer tensor or array; every id must lie in ``[0, 2**31)`` and there may be at most
+    ``MAX_INPUT_LEN`` of them.
+    """
+    if isinstance(input_ids, torch.Tensor | np.ndarray):
+        if input_ids.ndim != 1 or not _is_integer(_torch_dtype_of(input_ids)):
+            raise InvalidMultimodalInput(
+                "input_ids",
+                f"expected a 1-D integer array, got {input_ids.dtype} "
+                f"of shape {tuple(input_ids.shape)}",
+            )
+        input_ids = input_ids.tolist()
+    if not isinstance(input_ids, list | tuple):
+        raise InvalidMultimodalInput(
+            "input_ids", f"expected a list of ints, got {type(input_ids).__name__}"
+        )
+    if len(input_ids) > MAX_INPUT_LEN:
+        raise InvalidMultimodalInput("input_ids", f"{len(input_ids)} ids, over 2**31")
+    out = []
+    for i, value in enumerate(input_ids):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InvalidMultimodalInput(
+                f"input_ids[{i}]", f"expected an int token id, got {type(value).__name__}"
+            )
+        if not 0 <= value < MAX_INPUT_LEN:
+            raise InvalidMultimodalInput(
+                f"input_ids[{i}]", f"token id must lie in [0, 2**31), got {value}"
+            )
+        out.append(int(value))
+    return out
+
+
+def _torch_dtype_of(array: torch.Tensor | np.ndarray) -> torch.dtype:
+    if isinstance(array, torch.Tensor):
+        return array.dtype
+    return torch.int64 if array.dtype.kind in "iu" else torch.float64
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _int64(name: str, value: int | np.integer[Any]) -> int:
+    if not _INT64_MIN <= int(value) <= _INT64_MAX:
+        raise InvalidMultimodalInput(name, f"{value} does not fit in int64")
+    return int(value)
+
+
+def _check_text(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMultimodalInput(name, f"{text!r} is not valid UTF-8 text") from None
 
 
 def _tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise InvalidMultimodalInput(name, "numpy array of Python objects is not a tensor")
-        return torch.from_numpy(value)
+        return _from_numpy(name, value)
     if not isinstance(value, torch.Tensor):
         raise InvalidMultimodalInput(name, f"expected a tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise InvalidMultimodalInput(
+            name, f"{value.layout} tensors are not accepted; use a dense one"
+        )
+    if value.device.type == "meta":
+        raise InvalidMultimodalInput(name, "a meta tensor holds no data")
+    if value.is_quantized:
+        raise InvalidMultimodalInput(name, "quantized tensors are not accepted")
     return value
+
+
+def _from_numpy(name: str, value: np.ndarray[Any, Any]) -> torch.Tensor:
+    if value.dtype.hasobject:
+        raise InvalidMultimodalInput(name, "numpy array of Python objects is not a tensor")
+    if not value.dtype.isnative:
+        # Big-endian data from some file formats: one copy into native order, so that the
+        # bytes every strategy hashes and every rank reads are the same.
+        value = value.astype(value.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in value.strides):
+        value = np.ascontiguousarray(value)  # a reversed view (arr[::-1]): one copy
+    try:
+        return torch.from_numpy(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidMultimodalInput(
+            name, f"numpy {value.dtype} is not a tensor type: {exc}"
+        ) from exc
 
 
 def _parse_item(
@@ -328,8 +448,33 @@ def _parse_item(
             raise InvalidMultimodalInput(
                 f"{where}.{key}", "computed by mmsched; the processor must not supply it"
             )
+    for key, value in extra.items():
+        _check_value(f"{where}.{key}", value, depth=0, seen=set())
     _check_model_specific(where, modality, feature, extra)
     return modality, feature, offsets, extra
+
+
+def _check_value(where: str, value: Any, *, depth: int, seen: set[int]) -> None:
+    """Model-specific data must survive the codec as it is: no NaN turned into null, no text
+    that is not UTF-8, no int wider than 64 bits, no cycle, no unbounded nesting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidMultimodalInput(where, f"{value} is not a finite number; use a tensor")
+    if isinstance(value, int) and not isinstance(value, bool):
+        _int64(where, value)
+    elif isinstance(value, str):
+        _check_text(where, value)
+    elif isinstance(value, torch.Tensor | np.ndarray):
+        _tensor(where, value)
+    elif isinstance(value, list | tuple | dict):
+        if depth >= _MAX_NESTING or id(value) in seen:
+            raise InvalidMultimodalInput(where, f"nested over {_MAX_NESTING} levels, or a cycle")
+        seen.add(id(value))
+        pairs = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, inner in pairs:
+            if isinstance(value, dict):
+                _check_value(f"{where}.<key>", key, depth=depth + 1, seen=seen)
+            _check_value(f"{where}[{key!r}]", inner, depth=depth + 1, seen=seen)
+        seen.discard(id(value))
 
 
 def _parse_offsets(where: str, raw: Any) -> list[tuple[int, int]]:
@@ -353,6 +498,8 @@ def _parse_offsets(where: str, raw: Any) -> list[tuple[int, int]]:
             raise InvalidMultimodalInput(f"{where}[{i}]", f"negative start {start}")
         if end < start:
             raise InvalidMultimodalInput(f"{where}[{i}]", f"end {end} before start {start}")
+        if end >= MAX_INPUT_LEN:
+            raise InvalidMultimodalInput(f"{where}[{i}]", f"end {end} past any input (2**31)")
         spans.append((start, end))
     return spans
 
@@ -385,7 +532,7 @@ def _check_model_specific(
         if modality is not grid_modality:
             raise InvalidMultimodalInput(name, f"not allowed on a {modality.value} item")
         grid = _tensor(name, extra[grid_key])
-        if grid.dtype.is_floating_point or grid.dim() != 2 or grid.shape[1] != 3:
+        if not _is_integer(grid.dtype) or grid.dim() != 2 or grid.shape[1] != 3:
             raise InvalidMultimodalInput(
                 name,
                 f"expected an integer tensor of shape (n, 3), got {grid.dtype} {tuple(grid.shape)}",
@@ -393,7 +540,8 @@ def _check_model_specific(
         if bool((grid <= 0).any()):
             raise InvalidMultimodalInput(name, "every t, h, w must be positive")
         # Qwen2-VL-style processors emit one feature row per patch: rows == sum(t*h*w).
-        patches = int(grid.prod(dim=1).sum())
+        # Python ints: a product in int64 can overflow into a plausible count.
+        patches = sum(t * h * w for t, h, w in grid.tolist())
         if feature.dim() == 2 and feature.shape[0] != patches:
             raise InvalidMultimodalInput(
                 name, f"grid has {patches} patches but feature has {feature.shape[0]} rows"
@@ -407,7 +555,8 @@ def _check_model_specific(
         values = extra["second_per_grid_ts"]
         seq = values.tolist() if isinstance(values, torch.Tensor) else values
         if not isinstance(seq, (list, tuple)) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in seq
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
+            for x in seq
         ):
             raise InvalidMultimodalInput(name, "expected a list of positive numbers")
         videos = extra.get("video_grid_thw")
@@ -421,7 +570,7 @@ def _check_model_specific(
         if modality is not Modality.AUDIO:
             raise InvalidMultimodalInput(name, f"not allowed on a {modality.value} item")
         lens = _tensor(name, extra["audio_feature_lens"])
-        if lens.dtype.is_floating_point or lens.dim() != 1:
+        if not _is_integer(lens.dtype) or lens.dim() != 1:
             raise InvalidMultimodalInput(name, "expected a 1-D integer tensor")
         if lens.shape[0] != feature.shape[0]:
             raise InvalidMultimodalInput(

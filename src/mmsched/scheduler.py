@@ -13,28 +13,40 @@ Each iteration:
 
 A request whose inputs fail to build fails alone: it gets an [`ErrorOutput`][] and the
 iteration goes on. The decision is made identically on every rank (same bytes, same checks,
-or the entry rank's verdict carried over), so ranks never diverge.
+or the entry rank's verdict carried over), so ranks never diverge. Whatever is raised while
+a request's inputs are built (not only mmsched's own errors) is that request's error: one
+request never stops a rank.
+
+A rank outlives nobody: a watcher thread exits the process as soon as the process that
+started it (the tokenizer) is gone, even while the rank is still joining its group, and
+removes the run's directory. A rank that fails (at start-up, say, when ``/dev/shm`` is too
+small) writes its error into the run's directory before exiting, so that the pipeline can
+raise that error rather than a bare exit code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
+import orjson
 import zmq
 import zmq.asyncio
 
 from mmsched import shm
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
-from mmsched.errors import CodecError, InvalidMultimodalInput, MmschedError, TransportError
+from mmsched.errors import CodecError, InvalidMultimodalInput
 from mmsched.frames import Frames
 from mmsched.hashing import hash_stats
 from mmsched.inputs import MultimodalInputs, materialize
@@ -54,18 +66,43 @@ from mmsched.messages import (
 from mmsched.strategies import MaterializeIn, get_strategy
 from mmsched.transports import GroupSpec, Transport, open_transport
 
+log = logging.getLogger(__name__)
+
+_ORPHAN_POLL_S = 0.2
+FAILURE_FILE = "rank-{rank}.failed.json"
+"""Name of the file in the run directory where a failed rank leaves its error."""
+
 IterationCallback = Callable[[int, int, list[TokenizedGenerateReqInput]], Awaitable[None] | None]
 """``callback(rank, iteration, requests)``: requests hold built [`MultimodalInputs`][]."""
 
 
 @dataclass(frozen=True)
 class RankAddresses:
-    """Where a rank finds the tokenizer and its peers."""
+    """Where a rank finds the tokenizer and its peers, and how it proves it belongs to the run.
+
+    ``token`` is the run's secret: the tokenizer's sockets accept only peers that present it
+    (ZMQ PLAIN credentials, checked in the handshake). It reaches the ranks through the
+    spawn pipe, never a command line or a file.
+    """
 
     requests: str  # tokenizer PUSH -> entry rank PULL
     results: str  # every rank PUSH -> tokenizer PULL
     group: str  # the transport's rendezvous
+    run_dir: str  # the run's private directory
+    parent_pid: int  # the process that started the ranks (the tokenizer)
+    token: str = ""  # empty: the tokenizer's sockets ask for no credentials
     data_plane: str | None = None  # the tokenizer's shared-memory arena (zero-copy)
+
+
+CREDENTIALS_USER = b"mmsched"
+"""The PLAIN user name of a run's peers; the password is the run's token."""
+
+
+def present_credentials(socket: zmq.Socket[Any], token: str) -> None:
+    """Make ``socket`` log in to a tokenizer socket that asks for the run's token."""
+    if token:
+        socket.plain_username = CREDENTIALS_USER
+        socket.plain_password = token.encode()
 
 
 def rank_main(
@@ -75,7 +112,47 @@ def rank_main(
     on_iteration: IterationCallback | None = None,
 ) -> None:
     """Process entry point of scheduler rank ``rank``."""
-    asyncio.run(SchedulerRank(config, rank, addresses, on_iteration).run())
+    threading.Thread(
+        target=_exit_if_orphaned, args=(addresses,), name="mmsched-orphan", daemon=True
+    ).start()
+    try:
+        asyncio.run(SchedulerRank(config, rank, addresses, on_iteration).run())
+    except BaseException as exc:
+        log.error("scheduler rank %d failed: %r", rank, exc)
+        _leave_failure(addresses.run_dir, rank, exc)
+        raise
+
+
+def _leave_failure(run_dir: str, rank: int, exc: BaseException) -> None:
+    # Atomic (write, then rename): the pipeline reads it as soon as it sees this process exit.
+    path = Path(run_dir) / FAILURE_FILE.format(rank=rank)
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_bytes(orjson.dumps({"kind": type(exc).__name__, "message": str(exc)}))
+        tmp.rename(path)
+    except OSError as write_error:  # the run directory is gone: nobody is left to tell
+        log.warning("could not leave rank %d's error in %s: %s", rank, run_dir, write_error)
+
+
+def read_failure(run_dir: str | Path, rank: int) -> tuple[str, str] | None:
+    """``(kind, message)`` of the error rank ``rank`` left before exiting, if it left one."""
+    try:
+        data = orjson.loads((Path(run_dir) / FAILURE_FILE.format(rank=rank)).read_bytes())
+        return str(data["kind"]), str(data["message"])
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _exit_if_orphaned(addresses: RankAddresses) -> None:
+    # The parent's pid comes from the parent itself: a rank that read getppid() after the
+    # spawn bootstrap would record 1 if the parent had already died, and never notice.
+    while True:
+        time.sleep(_ORPHAN_POLL_S)
+        if os.getppid() != addresses.parent_pid:
+            log.error("the tokenizer (pid %d) is gone; this rank exits", addresses.parent_pid)
+            shutil.rmtree(addresses.run_dir, ignore_errors=True)
+            shm.sweep_stale_segments()  # the run's segments, named for the dead tokenizer
+            os._exit(1)
 
 
 def error_output(rid: str, exc: BaseException) -> ErrorOutput:
@@ -101,20 +178,20 @@ class SchedulerRank:
         self.on_iteration = on_iteration
         self.strategy = get_strategy(config.strategy)
         self.decoder = Decoder(allow_pickle=config.allow_pickle)
-        self._parent = os.getppid()
         self._zmq = zmq.asyncio.Context()
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
         self._transport: Transport | None = None
-        self._orphaned = False
 
     async def run(self) -> None:
         """Join the group, say ready, then run iterations until shut down or a peer is lost."""
         self._results.setsockopt(zmq.LINGER, 2000)
+        present_credentials(self._results, self.addresses.token)
         self._results.connect(self.addresses.results)
         if self.rank == 0:
             self._inbox = self._zmq.socket(zmq.PULL)
             self._inbox.setsockopt(zmq.LINGER, 0)
+            present_credentials(self._inbox, self.addresses.token)
             self._inbox.connect(self.addresses.requests)
         if self.addresses.data_plane is not None:
             # Map the tokenizer's arena before saying ready: the tokenizer then unlinks its name.
@@ -147,8 +224,6 @@ class SchedulerRank:
             if self._inbox is not None:
                 self._inbox.close()
             self._zmq.term()
-            if self._orphaned:
-                shutil.rmtree(Path(self.addresses.requests.removeprefix("ipc://")).parent, True)
 
     # -- step 1: agree on the iteration's requests ------------------------------------------
 
@@ -178,10 +253,12 @@ class SchedulerRank:
                 # Under zero-copy, tensor frames arrive as refs into the tokenizer's arena.
                 buffers = shm.unpack(buffers)
                 message = self.decoder.decode(buffers)
-            except (CodecError, TransportError) as exc:
+                _check_request(message)
+            except Exception as exc:
                 # The request fails alone: answer it if its header names it, else drop what
                 # is not a request of ours. It never enters a batch, so no rank waits for it.
                 rid = Decoder.peek_rid(buffers)
+                log.warning("entry rank refused a message (request %r): %s", rid, exc)
                 if rid is not None:
                     await self._send(error_output(rid, exc))
                 continue
@@ -191,11 +268,6 @@ class SchedulerRank:
                 batch.aborted.append(message.rid)
             elif isinstance(message, Shutdown):
                 batch.shutdown = True
-        if os.getppid() != self._parent:
-            # The tokenizer died (its children were re-parented): every rank finishes this
-            # iteration and exits, and the run's IPC directory goes with it.
-            batch.shutdown = True
-            self._orphaned = True
         return batch
 
     # -- steps 2-4 ----------------------------------------------------------------------------
@@ -244,7 +316,7 @@ class SchedulerRank:
         # sender that still sends dicts (backward compatibility).
         try:
             return await asyncio.to_thread(self._build, req)
-        except MmschedError as exc:
+        except Exception as exc:  # this request's error, on every rank alike
             return error_output(req.rid, exc)
 
     def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
@@ -265,7 +337,7 @@ class SchedulerRank:
             try:
                 built = await asyncio.to_thread(self._build, req)
                 message = MaterializedInputs(rid=req.rid, mm_inputs=built)
-            except MmschedError as exc:
+            except Exception as exc:
                 # Unlike the original, the verdict is sent too, so no rank waits forever.
                 message = MaterializedInputs(rid=req.rid, error=error_output(req.rid, exc))
             await self._transport.send(encode(message))
@@ -322,3 +394,28 @@ class SchedulerRank:
 
     async def _send(self, message: Message) -> None:
         await self._results.send_multipart(encode(message), copy=False)
+
+
+def _check_request(message: Message) -> None:
+    """What the entry rank accepts into a batch: the fields every rank will rely on, typed.
+
+    The tokenizer validated the request already; this guards the loop every rank runs
+    against a message that decodes but would fail later, on every rank at once.
+    """
+    if isinstance(message, TokenizedGenerateReqInput):
+        ok = (
+            isinstance(message.rid, str)
+            and isinstance(message.input_ids, list)
+            and all(type(i) is int for i in message.input_ids)
+            and isinstance(message.sampling_params, dict)
+            and isinstance(message.mm_inputs, MultimodalInputs | dict | None)
+            and isinstance(message.check_ranks, bool)
+            and isinstance(message.created_at, float | int)
+        )
+        if not ok:
+            raise CodecError(f"malformed request {message.rid!r}")
+    elif isinstance(message, AbortReq):
+        if not isinstance(message.rid, str):
+            raise CodecError("malformed abort")
+    elif not isinstance(message, Shutdown):
+        raise CodecError(f"a {type(message).__name__} is not for the entry rank")

@@ -107,6 +107,15 @@ def sweep_stale_segments() -> list[str]:
     return removed
 
 
+def unlink_segment(name: str) -> None:
+    """Remove segment ``name`` (and a half-built one of that name) if it is still there."""
+    if not name.startswith(SEGMENT_PREFIX) or "/" in name:
+        return  # only mmsched's own names, and only inside /dev/shm
+    for path in (SHM_DIR / name, SHM_DIR / f"{name}.init"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def live_segments() -> list[str]:
     """Names of mmsched segments present in /dev/shm (for tests and operators)."""
     return sorted(p.name for p in SHM_DIR.glob(f"{SEGMENT_PREFIX}*"))
@@ -341,9 +350,19 @@ class ArenaReader:
         self._seq_at: dict[int, int] = {}  # offset -> seq, for views still held
 
     def view(self, ref: Ref) -> memoryview:
-        """The payload as a view of shared memory, held until the view is collected."""
-        if not self._mapped.contains(self._mapped.base + ref.offset, ref.nbytes):
-            raise TransportError(f"ref {ref} lies outside arena {self.name}")
+        """The payload as a view of shared memory, held until the view is collected.
+
+        Raises:
+            TransportError: the ref is not one this arena could have made (another arena,
+                a negative size or sequence number, bytes outside the data region).
+        """
+        fields = (ref.seq, ref.offset, ref.nbytes)
+        if (
+            ref.arena != self.name
+            or not all(type(v) is int and v >= 0 for v in fields)
+            or not self._mapped.contains(self._mapped.base + ref.offset, ref.nbytes)
+        ):
+            raise TransportError(f"ref {ref} is not a payload of arena {self.name}")
         arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=ref.nbytes, offset=ref.offset)
         with self._lock:
             self._outstanding[ref.seq] = self._outstanding.get(ref.seq, 0) + 1
@@ -457,16 +476,23 @@ def unpack(frames: Sequence[Buffer]) -> Frames:
     """
     if not frames or bytes(memoryview(frames[0])[: len(_PACKED_MAGIC)]) != _PACKED_MAGIC:
         return list(frames)
-    head = bytes(frames[0])
+    try:
+        descriptors = orjson.loads(bytes(frames[0])[len(_PACKED_MAGIC) :])
+    except orjson.JSONDecodeError as exc:
+        raise TransportError(f"packed header is not JSON: {exc}") from exc
+    if not isinstance(descriptors, list):
+        raise TransportError("packed header is not a list of descriptors")
     out: Frames = []
-    for d in orjson.loads(head[len(_PACKED_MAGIC) :]):
-        if isinstance(d, int):
+    for d in descriptors:
+        if type(d) is int and 0 <= d < len(frames) - 1:
             out.append(frames[1 + d])
             continue
+        if not (isinstance(d, list) and len(d) == 4 and isinstance(d[0], str)):
+            raise TransportError(f"bad frame descriptor {d!r}")
         reader = _READERS.get(d[0])
         if reader is None:
             raise TransportError(
-                f"message refers to arena {d[0]}, which this process has not opened"
+                f"message refers to arena {d[0]!r}, which this process has not opened"
             )
         out.append(reader.view(Ref(d[0], d[1], d[2], d[3])))
     return out

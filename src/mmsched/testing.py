@@ -201,3 +201,17 @@ class SlowRank:
     ) -> None:
         if rank == self.rank and requests:
             await asyncio.sleep(self.seconds)
+
+
+class FailingRank:
+    """An ``on_iteration`` callback that raises on one rank at its first request, as a
+    server's model step might: the rank process dies, and the pipeline reports why."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(
+        self, rank: int, iteration: int, requests: list[TokenizedGenerateReqInput]
+    ) -> None:
+        if rank == self.rank and requests:
+            raise RuntimeError(f"rank {rank} failed in iteration {iteration} (FailingRank)")

@@ -6,14 +6,22 @@ responsive and several requests build at once. A malformed input raises
 [`InvalidMultimodalInput`][] to its own caller and never reaches a rank.
 
 Results from the ranks (outputs, errors and, when enabled, per-rank reports) arrive on one
-socket and resolve the caller's future.
+socket and resolve the caller's future. That socket is a boundary where foreign bytes enter:
+a frame that does not decode, or decodes to nonsense, is logged and counted and never stops
+the router; if it names a request still waiting, that request fails with the error. Should
+the router stop all the same, every waiting and later caller fails with [`PeerLost`][]
+at once instead of waiting for an answer that cannot come.
+
+Backpressure releases are synchronous: a caller cancelled at any point gives its bytes back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,10 +40,11 @@ from mmsched.errors import (
     InvalidMultimodalInput,
     MmschedError,
     Overloaded,
+    PeerLost,
     RequestFailed,
 )
 from mmsched.frames import Frames
-from mmsched.inputs import MultimodalInputs, materialize
+from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
 from mmsched.messages import (
     AbortReq,
     ErrorOutput,
@@ -47,6 +56,8 @@ from mmsched.messages import (
     TokenizedGenerateReqInput,
 )
 from mmsched.strategies import MaterializeIn, get_strategy
+
+log = logging.getLogger(__name__)
 
 # Under zero-copy every frame from this size up (tensors, token ids) goes into shared memory,
 # so what crosses sockets is a header of a few hundred bytes.
@@ -72,6 +83,65 @@ class _Pending:
     created_at: float
     output: GenerateOutput | None = None
     reports: list[RankReport] = field(default_factory=list)
+
+
+class InflightBudget:
+    """Feature bytes of requests in flight, bounded by ``limit`` (``None``: unbounded).
+
+    [`release`][mmsched.tokenizer.InflightBudget.release] is synchronous, so that no
+    cancellation can skip it: a caller cancelled while waiting for a lock it needed to give
+    bytes back would otherwise leak them, and enough leaked bytes answer every later request
+    with [`Overloaded`][].
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def acquire(self, nbytes: int, *, reject: bool, wait_s: float) -> None:
+        """Count ``nbytes`` in; at the limit, raise (``reject``) or wait up to ``wait_s``."""
+        limit = self.limit
+        if limit is None:
+            self.used += nbytes
+            return
+        if nbytes > limit:
+            raise Overloaded(
+                f"a request of {nbytes} bytes can never fit max_inflight_mb={limit >> 20}"
+            )
+        if self.used + nbytes > limit and reject:
+            raise Overloaded(
+                f"{self.used} bytes in flight; {nbytes} more would pass "
+                f"max_inflight_mb={limit >> 20} (backpressure='reject')"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self.used + nbytes > limit:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("backpressure: no room for %d bytes within %s s", nbytes, wait_s)
+                raise Overloaded(
+                    f"no room for {nbytes} bytes within {wait_s} s: {self.used} bytes in "
+                    f"flight (max_inflight_mb={limit >> 20}); a rank is slow"
+                )
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass  # the loop re-checks room and the deadline
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """Give ``nbytes`` back and wake every waiter (each re-checks for room)."""
+        self.used -= nbytes
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class TokenizerStage:
@@ -102,8 +172,11 @@ class TokenizerStage:
         self._ranks_ready = asyncio.Event()
         self._failure: MmschedError | None = None
         self._router: asyncio.Task[None] | None = None
-        self._inflight_bytes = 0
-        self._room = asyncio.Condition()
+        self._closing = False
+        self._budget = InflightBudget(
+            None if config.max_inflight_mb is None else config.max_inflight_mb << 20
+        )
+        self.rejected = Counter[str]()  # result frames dropped, by reason
         # Backpressure bookkeeping: the last iteration each rank finished, and the bytes of
         # answered requests still held until every rank has passed their iteration.
         self._progress = dict.fromkeys(range(config.tp_size), -1)
@@ -112,6 +185,14 @@ class TokenizerStage:
     def start(self) -> None:
         """Start routing results from the ranks to the requests waiting for them."""
         self._router = asyncio.create_task(self._route_results(), name="mmsched-results")
+        self._router.add_done_callback(self._router_stopped)
+
+    def _router_stopped(self, task: asyncio.Task[None]) -> None:
+        if self._closing:
+            return
+        cause = "was cancelled" if task.cancelled() else f"failed: {task.exception()!r}"
+        log.error("the result router %s; failing every waiting request", cause)
+        self.fail_all(PeerLost(f"the tokenizer's result router {cause}"))
 
     async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
         """Pids of every rank once all have joined; raises if a rank died first."""
@@ -139,10 +220,15 @@ class TokenizerStage:
         """
         if self._failure is not None:
             raise self._failure
-        if rid in self._pending:
-            raise ValueError(f"request id {rid!r} is already in flight")
+        if not isinstance(rid, str) or rid in self._pending:
+            raise InvalidMultimodalInput("rid", f"{rid!r} is not a string, or already in flight")
+        input_ids = validate_input_ids(input_ids)
         nbytes = _feature_bytes(mm_inputs)
-        await self._admit(nbytes)
+        await self._budget.acquire(
+            nbytes,
+            reject=self.config.backpressure == "reject",
+            wait_s=self.config.backpressure_wait_s,
+        )
         held = False
         try:
             trace = await self._submit(rid, input_ids, mm_inputs, sampling_params, check_ranks)
@@ -152,55 +238,23 @@ class TokenizerStage:
             return trace
         finally:
             if not held:
-                await self._release(nbytes)
+                self._budget.release(nbytes)
 
-    async def _release(self, nbytes: int) -> None:
-        async with self._room:
-            self._inflight_bytes -= nbytes
-            self._room.notify_all()
-
-    async def _rank_progressed(self, message: RankProgress) -> None:
-        self._progress[message.rank] = max(self._progress.get(message.rank, -1), message.iteration)
+    def _rank_progressed(self, message: RankProgress) -> None:
+        if message.rank not in self._progress or not isinstance(message.iteration, int):
+            raise CodecError(f"progress of unknown rank {message.rank!r}")
+        self._progress[message.rank] = max(self._progress[message.rank], message.iteration)
         done = min(self._progress.values())
         behind = [(it, n) for it, n in self._held if it > done]
         if len(behind) != len(self._held):
             freed = sum(n for it, n in self._held if it <= done)
             self._held = behind
-            await self._release(freed)
+            self._budget.release(freed)
 
     @property
     def inflight_bytes(self) -> int:
-        """Feature bytes of requests sent and not yet answered."""
-        return self._inflight_bytes
-
-    async def _admit(self, nbytes: int) -> None:
-        """Backpressure: hold or refuse a request while the bound is reached."""
-        if self.config.max_inflight_mb is None:
-            return
-        limit = self.config.max_inflight_mb << 20
-        if nbytes > limit:
-            raise Overloaded(
-                f"a request of {nbytes} bytes can never fit max_inflight_mb={limit >> 20}"
-            )
-        async with self._room:
-            if self._inflight_bytes + nbytes > limit:
-                if self.config.backpressure == "reject":
-                    raise Overloaded(
-                        f"{self._inflight_bytes} bytes in flight; {nbytes} more would pass "
-                        f"max_inflight_mb={limit >> 20} (backpressure='reject')"
-                    )
-                try:
-                    await asyncio.wait_for(
-                        self._room.wait_for(lambda: self._inflight_bytes + nbytes <= limit),
-                        self.config.backpressure_wait_s,
-                    )
-                except TimeoutError:
-                    raise Overloaded(
-                        f"no room for {nbytes} bytes within {self.config.backpressure_wait_s} s: "
-                        f"{self._inflight_bytes} bytes in flight (max_inflight_mb={limit >> 20}); "
-                        "a rank is slow"
-                    ) from None
-            self._inflight_bytes += nbytes
+        """Feature bytes of requests sent and not yet released by every rank."""
+        return self._budget.used
 
     async def _submit(
         self,
@@ -274,6 +328,7 @@ class TokenizerStage:
 
     async def aclose(self) -> None:
         """Stop routing results and the worker threads."""
+        self._closing = True
         if self._router is not None:
             self._router.cancel()
             await asyncio.gather(self._router, return_exceptions=True)
@@ -282,33 +337,50 @@ class TokenizerStage:
     async def _route_results(self) -> None:
         while True:
             frames = await self._results.recv_multipart(copy=False)
+            buffers = [f.buffer for f in frames]
             try:
-                message = self._decoder.decode([f.buffer for f in frames])
-            except CodecError:
-                continue
-            if isinstance(message, RankProgress):
-                await self._rank_progressed(message)
-                continue
-            if isinstance(message, RankReady):
-                self._ready_ranks[message.rank] = message.pid
-                if len(self._ready_ranks) == self.config.tp_size:
-                    self._ranks_ready.set()
-                continue
-            pending = self._pending.get(getattr(message, "rid", ""))
-            if pending is None or pending.future.done():
-                continue  # a late report of a request that already failed or was cancelled
-            if isinstance(message, ErrorOutput):
-                pending.future.set_exception(_error_from(message))
-                continue
-            if isinstance(message, GenerateOutput):
-                pending.output = message
-            elif isinstance(message, RankReport):
-                pending.reports.append(message)
-            expected_reports = self.config.tp_size if self.config.report_ranks else 0
-            if pending.output is not None and len(pending.reports) >= expected_reports:
-                pending.future.set_result(
-                    RequestTrace(pending.output, pending.created_at, pending.reports)
-                )
+                self._route(self._decoder.decode(buffers))
+            except Exception as exc:
+                # Foreign bytes: this frame alone is dropped (its request, if it names one
+                # still waiting, fails with the error); the router goes on.
+                self.rejected[type(exc).__name__] += 1
+                rid = Decoder.peek_rid(buffers)
+                log.warning("dropped a result frame (request %r): %s", rid, exc)
+                pending = self._pending.get(rid) if rid is not None else None
+                if pending is not None and not pending.future.done():
+                    pending.future.set_exception(
+                        RequestFailed(rid or "", type(exc).__name__, f"bad result: {exc}")
+                    )
+
+    def _route(self, message: object) -> None:
+        if isinstance(message, RankProgress):
+            self._rank_progressed(message)
+            return
+        if isinstance(message, RankReady):
+            if message.rank not in self._progress:
+                raise CodecError(f"ready message of unknown rank {message.rank!r}")
+            self._ready_ranks[message.rank] = message.pid
+            if len(self._ready_ranks) == self.config.tp_size:
+                self._ranks_ready.set()
+            return
+        rid = getattr(message, "rid", None)
+        pending = self._pending.get(rid) if isinstance(rid, str) else None
+        if pending is None or pending.future.done():
+            return  # a late report of a request that already failed or was cancelled
+        if isinstance(message, ErrorOutput):
+            pending.future.set_exception(_error_from(message))
+            return
+        if isinstance(message, GenerateOutput):
+            pending.output = message
+        elif isinstance(message, RankReport):
+            pending.reports.append(message)
+        else:
+            raise CodecError(f"a {type(message).__name__} is not a result")
+        expected_reports = self.config.tp_size if self.config.report_ranks else 0
+        if pending.output is not None and len(pending.reports) >= expected_reports:
+            pending.future.set_result(
+                RequestTrace(pending.output, pending.created_at, pending.reports)
+            )
 
 
 def _feature_bytes(mm_inputs: MultimodalInputs | Mapping[str, Any] | None) -> int:

@@ -82,6 +82,13 @@ class Transport(ABC):
         """A fresh rendezvous address for a new group; ``workdir`` is private to the run."""
 
     @classmethod
+    def remove_leftovers(cls, address: str) -> None:
+        """Remove what a group at ``address`` may leave behind if its ranks were killed
+        (a shared-memory segment, say). Called by the process that made the address, after
+        the group is gone; the default has nothing to remove."""
+        return None
+
+    @classmethod
     @abstractmethod
     async def open(cls, spec: GroupSpec) -> Transport:
         """Join the group described by ``spec``; returns once this rank can send or receive."""

@@ -61,6 +61,12 @@ class ShmTransport(Transport):
         return f"{ZmqTransport.new_address(workdir)}{_SEPARATOR}{shm.new_segment_name()}"
 
     @classmethod
+    def remove_leftovers(cls, address: str) -> None:
+        # The sender unlinks the segment once every receiver mapped it; a sender killed
+        # before then leaves the name behind.
+        shm.unlink_segment(address.rpartition(_SEPARATOR)[2])
+
+    @classmethod
     async def open(cls, spec: GroupSpec) -> ShmTransport:
         control_address, _, segment = spec.address.rpartition(_SEPARATOR)
         inline_max = int(spec.options.get("inline_max_bytes", DEFAULT_INLINE_MAX_BYTES))

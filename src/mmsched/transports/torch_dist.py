@@ -17,6 +17,14 @@ Guarantees and limits:
 - a pending ``recv()`` can be cancelled, but the collective under it cannot: the group is
   then unusable and must be closed.
 
+Rendezvous and sockets: a pipeline's group meets through a file in the run's private
+directory (``file://``), so no TCP store listens at all, and gloo's own connections listen
+on 127.0.0.1 only. Across hosts, ``tcp://HOST:PORT`` runs a TCP store on rank 0 bound to
+``HOST`` exactly (never every interface) and gloo listens on ``HOST`` too when it is a
+loopback address; other hosts' gloo devices use the interface gloo picks for the host's name
+(set ``GLOO_SOCKET_IFNAME`` to choose). Any peer that can reach a gloo or store port is
+trusted: keep them on a private network.
+
 The transport either creates the default process group (``open``) or wraps one the server
 already has (``TorchTransport(group=..., src=...)``).
 """
@@ -25,27 +33,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 
-from mmsched.errors import PeerLost, TransportClosed
+from mmsched.errors import ConfigError, PeerLost, TransportClosed
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 
 _T = TypeVar("_T")
 _END_OF_STREAM = -1
 
 
-def _free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _store(spec: GroupSpec) -> tuple[Any, str | None]:
+    """The rendezvous store of ``spec.address`` and the host gloo should listen on."""
+    timeout = timedelta(seconds=spec.timeout_s)
+    url = urlsplit(spec.address)
+    if url.scheme == "file":
+        return dist.FileStore(url.path, spec.world_size), "127.0.0.1"  # type: ignore[attr-defined]
+    if url.scheme != "tcp" or not url.hostname or url.port is None:
+        raise ConfigError(f"torch transport address {spec.address!r}: use file:// or tcp://H:P")
+    host, port = url.hostname, url.port
+    if spec.rank != 0:
+        return dist.TCPStore(host, port, spec.world_size, False, timeout), (  # type: ignore[attr-defined]
+            "127.0.0.1" if _is_loopback(host) else None
+        )
+    # torch's own TCPStore server listens on every interface; hand it a socket bound to the
+    # address asked for instead.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            host, port, spec.world_size, True, timeout, master_listen_fd=listener.fileno()
+        )
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now
+    return store, host
 
 
 class TorchTransport(Transport):
@@ -70,22 +112,32 @@ class TorchTransport(Transport):
 
     @classmethod
     def new_address(cls, workdir: Path) -> str:
-        return f"tcp://127.0.0.1:{_free_tcp_port()}"
+        return f"file://{workdir}/torch-store"
 
     @classmethod
     async def open(cls, spec: GroupSpec) -> TorchTransport:
         def init() -> None:
+            store, gloo_host = _store(spec)
+            # Private in torch 2.x, and the only way to say which address gloo listens on
+            # without changing the process environment (GLOO_SOCKET_IFNAME).
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            options._timeout = timedelta(seconds=spec.timeout_s)
+            if gloo_host is not None:
+                options._devices = [dist.ProcessGroupGloo.create_device(hostname=gloo_host)]
+            else:
+                options._devices = [dist.ProcessGroupGloo.create_default_device()]
             dist.init_process_group(
                 "gloo",
-                init_method=spec.address,
+                store=store,
                 rank=spec.rank,
                 world_size=spec.world_size,
                 timeout=timedelta(seconds=spec.timeout_s),
+                pg_options=options,
             )
 
         try:
             await asyncio.to_thread(init)
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, OSError) as exc:
             raise PeerLost(f"could not form the gloo group at {spec.address}: {exc}") from exc
         return cls(spec.rank, spec.world_size, group=None, src=0, owns_group=True)
 

@@ -1,0 +1,429 @@
+"""Hostile input and faults (``pytest -m faults``): one bad request never kills or wedges the group.
+
+One test (or more) per finding of an adversarial review, each through real processes where
+the boundary is the point: a processor output that used to kill every rank, result frames
+that used to kill the tokenizer's router, cancellations that leaked backpressure bytes,
+wildcard listening sockets, orphaned ranks, a failed start that left files behind, forged
+peers on the local sockets, a rank's start-up error that never reached the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import psutil
+import pytest
+import zmq
+import zmq.asyncio
+
+from malformed import base_sample
+from mmsched import (
+    Config,
+    ConfigError,
+    InvalidMultimodalInput,
+    MultimodalInputs,
+    PeerLost,
+    Pipeline,
+    RequestFailed,
+)
+from mmsched.bench.workloads import image_sample
+from mmsched.codec import encode
+from mmsched.messages import GenerateOutput
+from mmsched.scheduler import present_credentials
+from mmsched.shm import SHM_DIR, live_segments
+from mmsched.testing import SlowRank
+
+pytestmark = pytest.mark.faults
+
+TP = 2
+INPUT_LEN = 200
+
+
+def padded_ids(ids: list[int]) -> list[int]:
+    return ids + [0] * (INPUT_LEN - len(ids))
+
+
+def results_address(pipeline: Pipeline) -> tuple[str, str]:
+    assert pipeline._addresses is not None
+    return pipeline._addresses.results, pipeline._addresses.token
+
+
+def segments_of(pids: list[int]) -> set[str]:
+    """This run's segments: names carry the pid of the process that made them."""
+    return {name for name in live_segments() if any(f"-{pid}-" in name for pid in pids)}
+
+
+# -- 1. one request must not kill every rank ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "transport"), [("per-rank", "zmq"), ("entry-broadcast", "torch")]
+)
+async def test_big_endian_feature_and_huge_delta_fail_or_pass_alone(
+    strategy: str, transport: str
+) -> None:
+    config = Config(
+        strategy=strategy, transport=transport, tp_size=TP, timeout_s=20, report_ranks=True
+    )
+    good = base_sample()
+    big_endian = base_sample()
+    feature = big_endian.mm_inputs["mm_items"][0]["feature"]
+    big_endian.mm_inputs["mm_items"][0]["feature"] = feature.numpy().astype(">f4")
+    # The same values in native order: every rank must hold (and hash) exactly these bytes.
+    expected = MultimodalInputs.from_dict(good.mm_inputs).content_digest()
+    huge_delta = base_sample()
+    huge_delta.mm_inputs["mrope_position_delta"] = 2**63 + 1
+    async with Pipeline(config) as pipeline:
+        trace = await asyncio.wait_for(
+            pipeline.generate_traced(
+                "be", padded_ids(big_endian.input_ids), big_endian.mm_inputs, check_ranks=True
+            ),
+            20,
+        )
+        assert {r.content_digest for r in trace.reports} == {expected}
+        with pytest.raises(InvalidMultimodalInput, match="int64") as info:
+            await asyncio.wait_for(
+                pipeline.generate("delta", padded_ids(huge_delta.input_ids), huge_delta.mm_inputs),
+                20,
+            )
+        assert info.value.field == "mrope_position_delta"
+        for bad_ids, field in (
+            ([None], "input_ids[0]"),
+            ([-5], "input_ids[0]"),
+            ("ids", "input_ids"),
+        ):
+            with pytest.raises(InvalidMultimodalInput) as info:
+                await pipeline.generate("ids", bad_ids, None)  # type: ignore[arg-type]
+            assert info.value.field == field
+        # Every rank is still there and serves the next request, identically.
+        after = await pipeline.generate_traced(
+            "next", padded_ids(good.input_ids), good.mm_inputs, check_ranks=True
+        )
+        assert {r.content_digest for r in after.reports} == {expected}
+
+
+# -- 2. one frame must not wedge the tokenizer -----------------------------------------------
+
+
+def forged_results(pending_rid: str) -> list[list[bytes]]:
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    header = {"v": 1, "n": 1}
+    return [
+        [b"[" * 100_000],  # nesting deeper than any decoder's stack
+        [orjson.dumps({"v": 1, "n": 0, "msg": {"$t": "output", "rid": [[[[[]]]]]}})],
+        [
+            orjson.dumps(
+                {
+                    **header,
+                    "msg": {
+                        "$t": "output",
+                        "rid": pending_rid,
+                        "output_ids": {"$tensor": 0, "dtype": "int64", "shape": [-1, 0]},
+                    },
+                }
+            ),
+            b"",
+        ],
+        [
+            orjson.dumps(
+                {
+                    **header,
+                    "msg": {
+                        "$t": "output",
+                        "rid": "nobody",
+                        "output_ids": {"$tensor": 0, "dtype": "float32", "shape": [2**62 + 1, 4]},
+                    },
+                }
+            ),
+            b"\0" * 16,
+        ],
+        [
+            orjson.dumps(
+                {"v": 1, "n": 0, "msg": {"$t": "rank_progress", "rank": 99, "iteration": 1}}
+            )
+        ],
+    ]
+
+
+async def test_bad_result_frames_fail_their_request_and_the_router_goes_on() -> None:
+    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, timeout_s=20)
+    sample = image_sample(2, 4)
+    async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=1.0)) as pipeline:
+        address, token = results_address(pipeline)
+        ctx = zmq.asyncio.Context()
+        rank_like = ctx.socket(zmq.PUSH)
+        rank_like.setsockopt(zmq.LINGER, 0)
+        present_credentials(rank_like, token)  # as a buggy rank would: a member of the run
+        rank_like.connect(address)
+        try:
+            waiting = asyncio.create_task(
+                pipeline.generate("victim", sample.input_ids, sample.mm_inputs)
+            )
+            await asyncio.sleep(0.3)  # sent, held by the slow entry rank
+            for frames in forged_results("victim"):
+                await rank_like.send_multipart(frames)
+            # The request the bad frame names ends with an error, not a hang ...
+            with pytest.raises(RequestFailed, match="CodecError"):
+                await asyncio.wait_for(waiting, 10)
+            # ... and every later request is served.
+            for i in range(3):
+                out = await asyncio.wait_for(
+                    pipeline.generate(f"after-{i}", sample.input_ids, sample.mm_inputs), 10
+                )
+                assert out.rid == f"after-{i}"
+            assert pipeline._stage is not None
+            assert sum(pipeline._stage.rejected.values()) == len(forged_results("victim"))
+        finally:
+            ctx.destroy(linger=0)
+
+
+async def test_a_dead_result_router_fails_every_waiting_caller() -> None:
+    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, timeout_s=5)
+    sample = image_sample(2, 4)
+    async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=3.0)) as pipeline:
+        waiting = [
+            asyncio.create_task(pipeline.generate(f"w{i}", sample.input_ids, sample.mm_inputs))
+            for i in range(4)
+        ]
+        await asyncio.sleep(0.3)
+        assert pipeline._stage is not None and pipeline._stage._router is not None
+        start = time.monotonic()
+        pipeline._stage._router.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+        assert all(isinstance(r, PeerLost) and "router" in str(r) for r in results)
+        assert time.monotonic() - start < config.timeout_s
+        with pytest.raises(PeerLost, match="router"):
+            await pipeline.generate("later", sample.input_ids, sample.mm_inputs)
+
+
+# -- 3. cancelled callers give their bytes back ---------------------------------------------
+
+
+async def test_cancelled_callers_leak_no_inflight_bytes() -> None:
+    sample = image_sample(2, 20)  # 188 kB
+    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, max_inflight_mb=4)
+    rng = random.Random(7)
+    async with Pipeline(config) as pipeline:
+        stage = pipeline._stage
+        assert stage is not None
+
+        async def cancelled_after(i: int, delay: float) -> None:
+            task = asyncio.create_task(
+                pipeline.generate(f"c{i}", sample.input_ids, sample.mm_inputs)
+            )
+            await asyncio.sleep(delay)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        await asyncio.gather(*(cancelled_after(i, rng.uniform(0.05, 0.2)) for i in range(200)))
+        # Bytes of answered requests are released once every rank passed their iteration:
+        # one more request, answered after the others, lets the ranks report progress.
+        await pipeline.generate("last", sample.input_ids, sample.mm_inputs)
+        deadline = time.monotonic() + 5
+        while stage.inflight_bytes and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert stage.inflight_bytes == 0
+
+
+# -- 4. no listening socket on a wildcard address ----------------------------------------
+
+
+def listening(pids: list[int]) -> list[tuple[str, int]]:
+    found = []
+    for pid in pids:
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                found.append((conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["tokenizer", "entry-broadcast"])
+async def test_torch_transport_listens_on_loopback_only(strategy: str) -> None:
+    config = Config(strategy=strategy, transport="torch", tp_size=TP)
+    sample = image_sample(2, 4)
+    async with Pipeline(config) as pipeline:
+        await pipeline.generate("r", sample.input_ids, sample.mm_inputs)
+        sockets = listening([os.getpid(), *pipeline.pids])
+    assert sockets, "gloo listens somewhere; the check must see it"
+    assert all(ip in ("127.0.0.1", "::1") for ip, _ in sockets), sockets
+
+
+# -- 5. a parent killed during start-up leaves no orphan --------------------------------------
+
+STARTING_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from mmsched import Config, Pipeline
+
+    async def main():
+        config = Config(strategy="zero-copy", transport="shm", tp_size=2, shm_arena_mb=64,
+                        timeout_s=30, startup_timeout_s=60)
+        async with Pipeline(config):
+            print("ready", flush=True)
+            await asyncio.sleep(3600)
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+    """
+)
+
+
+def spawned_children(pid: int) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def test_parent_killed_during_startup_leaves_no_orphan(tmp_path: Path) -> None:
+    script = tmp_path / "starting.py"
+    script.write_text(STARTING_SCRIPT)
+    dirs_before = set(Path(tempfile.gettempdir()).glob("mmsched-*"))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        ranks: list[psutil.Process] = []
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            ranks = spawned_children(proc.pid)
+            await asyncio.sleep(0.01)
+        assert len(ranks) == 2, "the ranks were never spawned"
+        run_dirs = set(Path(tempfile.gettempdir()).glob("mmsched-*")) - dirs_before
+        proc.send_signal(signal.SIGKILL)  # the ranks are still importing torch, not ready
+        proc.wait()
+        assert proc.stdout is not None and "ready" not in proc.stdout.read()
+        gone_by = time.monotonic() + 15
+        while any(alive(r.pid) for r in ranks) and time.monotonic() < gone_by:
+            await asyncio.sleep(0.05)
+        assert not any(alive(r.pid) for r in ranks), "orphaned ranks are still running"
+        assert not any(d.exists() for d in run_dirs), "the run directory was left behind"
+        assert not segments_of([proc.pid]), "the run's shared memory was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- 6. a failed start leaves nothing --------------------------------------------------------
+
+
+async def test_failed_start_leaves_no_directory_or_segment() -> None:
+    dirs_before = set(Path(tempfile.gettempdir()).glob("mmsched-*"))
+    config = Config(strategy="zero-copy", transport="shm", tp_size=TP, shm_arena_mb=16)
+    with pytest.raises(ConfigError, match="module level"):
+        await Pipeline(config, on_iteration=lambda rank, it, reqs: None).start()
+    assert set(Path(tempfile.gettempdir()).glob("mmsched-*")) == dirs_before
+    assert not segments_of([os.getpid()])
+
+
+# -- 8. forged peers on the local sockets -------------------------------------------------
+
+
+async def test_sockets_are_owner_only_and_refuse_peers_without_the_token() -> None:
+    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP)
+    sample = image_sample(2, 4)
+    async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=0.5)) as pipeline:
+        assert pipeline._addresses is not None
+        requests = pipeline._addresses.requests
+        results = pipeline._addresses.results
+        for address in (requests, results):
+            mode = stat.S_IMODE(os.stat(address.removeprefix("ipc://")).st_mode)
+            assert mode == 0o600, oct(mode)
+        ctx = zmq.asyncio.Context()
+        try:
+            forger = ctx.socket(zmq.PUSH)  # same user, no token
+            forger.connect(results)
+            thief = ctx.socket(zmq.PULL)
+            thief.connect(requests)
+            for sock in (forger, thief):
+                sock.setsockopt(zmq.LINGER, 0)
+            await asyncio.sleep(0.2)
+            tasks = [
+                asyncio.create_task(pipeline.generate(f"r{i}", sample.input_ids, sample.mm_inputs))
+                for i in range(10)
+            ]
+            await asyncio.sleep(0.1)
+            forged = encode(GenerateOutput(rid="r0", output_ids=[666], iteration=10**9))
+            await forger.send_multipart(forged)
+            outputs = await asyncio.wait_for(asyncio.gather(*tasks), 20)
+            # No request was stolen by the extra PULL, none answered by the forger.
+            assert [o.rid for o in outputs] == [f"r{i}" for i in range(10)]
+            assert all(o.output_ids != [666] for o in outputs)
+            assert not await thief.poll(100)
+        finally:
+            ctx.destroy(linger=0)
+
+
+# -- 9. a rank's start-up error reaches start() -------------------------------------------
+
+
+async def test_a_rank_start_up_error_reaches_the_caller_promptly() -> None:
+    free_mb = shutil.disk_usage(SHM_DIR).free >> 20
+    # Under tokenizer/shm rank 0 makes the transport's arena: too big for /dev/shm.
+    config = Config(
+        strategy="tokenizer",
+        transport="shm",
+        tp_size=TP,
+        shm_arena_mb=free_mb + 1024,
+        timeout_s=60,
+        startup_timeout_s=120,
+    )
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"scheduler rank 0: .*/dev/shm.*shm-size"):
+        await Pipeline(config).start()
+    assert time.monotonic() - start < 20  # not the other rank's 60 s wait
+    assert not segments_of([os.getpid()])
+
+
+async def test_rank_failure_names_its_cause_in_peer_lost() -> None:
+    from mmsched.testing import FailingRank
+
+    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, timeout_s=10)
+    sample = image_sample(2, 4)
+    async with Pipeline(config, on_iteration=FailingRank(rank=1)) as pipeline:
+        # Under pub-sub the entry rank may answer a few more before the death is seen.
+        with pytest.raises(PeerLost, match="rank 1 exited with code 1: RuntimeError: rank 1"):
+            for i in range(200):
+                await asyncio.wait_for(
+                    pipeline.generate(f"r{i}", sample.input_ids, sample.mm_inputs), 10
+                )
+                await asyncio.sleep(0.05)
+
+
+def test_json_of_failure_is_what_read_failure_reads(tmp_path: Path) -> None:
+    from mmsched.scheduler import _leave_failure, read_failure
+
+    _leave_failure(str(tmp_path), 3, ConfigError("too small"))
+    assert read_failure(tmp_path, 3) == ("ConfigError", "too small")
+    assert read_failure(tmp_path, 4) is None
+    (tmp_path / "rank-5.failed.json").write_text(json.dumps([1]))
+    assert read_failure(tmp_path, 5) is None
+
+
+def test_numpy_int64_token_ids_are_accepted() -> None:
+    ids = [np.int64(i) for i in range(100)]
+    from mmsched.inputs import validate_input_ids
+
+    assert validate_input_ids(ids) == list(range(100))
