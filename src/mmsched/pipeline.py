@@ -58,6 +58,9 @@ from mmsched.transports import CROSS_PROCESS, transport_class
 
 log = logging.getLogger(__name__)
 
+RUN_DIR_PREFIX = "mmsched-"
+"""Run directories are ``mmsched-<pid of the tokenizer>-<random>`` in the temp directory."""
+
 _WATCHDOG_PERIOD_S = 0.2
 # A group that never came up all the way cannot be told to stop: its ranks are killed after
 # this grace rather than after timeout_s.
@@ -113,7 +116,11 @@ class Pipeline:
 
     async def _start(self) -> None:
         _check_picklable(self.on_iteration)
-        self._workdir = Path(tempfile.mkdtemp(prefix="mmsched-"))
+        # What a crashed earlier run may have left: its ranks clean up after it when they
+        # can, but a rank killed with its parent before it ran any code of ours cannot.
+        sweep_stale_run_dirs()
+        shm.sweep_stale_segments()
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         self._zmq = zmq.asyncio.Context()
         token = secrets.token_hex(16)
         self._authenticator = ThreadAuthenticator(zmq.Context.shadow(self._zmq.underlying))
@@ -127,7 +134,6 @@ class Pipeline:
             sock.setsockopt(zmq.LINGER, 0)
             sock.plain_server = True
         if get_strategy(self.config.strategy).shared_memory_inputs:
-            shm.sweep_stale_segments()  # what a crashed earlier run may have left
             self._arena = await asyncio.to_thread(
                 shm.ArenaWriter,
                 self.config.shm_arena_mb << 20,
@@ -298,3 +304,15 @@ def _check_picklable(on_iteration: IterationCallback | None) -> None:
             f"on_iteration {on_iteration!r} cannot be sent to the rank processes ({exc}): "
             "pass a function defined at module level, or a picklable object"
         ) from exc
+
+
+def sweep_stale_run_dirs() -> list[Path]:
+    """Remove run directories whose tokenizer process is gone; returns those removed."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        pid = path.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and path.is_dir() and not shm.pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)  # another user's: not ours to remove
+            if not path.exists():
+                removed.append(path)
+    return removed

@@ -85,7 +85,8 @@ def _creator_pid(name: str) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that pid exists (of any user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ def sweep_stale_segments() -> list[str]:
     removed = []
     for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}*"):
         pid = _creator_pid(path.name)
-        if pid is not None and not _pid_alive(pid):
+        if pid is not None and not pid_alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path.name)

@@ -1,0 +1,32 @@
+"""What one run owns on the host: its segments and the shared memory its processes map.
+
+Tests assert on these rather than on the whole of ``/dev/shm``, so that they hold while other
+mmsched runs (parallel CI jobs, a developer's server) come and go on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from mmsched.shm import SEGMENT_PREFIX, SHM_DIR, live_segments
+
+
+def segments_of(pids: list[int]) -> set[str]:
+    """Segments in /dev/shm whose names carry one of ``pids`` (the process that made them)."""
+    return {name for name in live_segments() if any(f"-{pid}-" in name for pid in pids)}
+
+
+def shared_memory_of(pids: list[int]) -> int:
+    """Bytes of mmsched segments that ``pids`` map, or that carry their pids, counted once."""
+    sizes: dict[str, int] = {}
+    for pid in pids:
+        for region in psutil.Process(pid).memory_maps(grouped=False):
+            name = os.path.basename(region.path).removesuffix(" (deleted)")
+            if region.path.startswith(str(SHM_DIR)) and name.startswith(SEGMENT_PREFIX):
+                start, end = (int(x, 16) for x in region.addr.split("-"))
+                sizes[name] = max(sizes.get(name, 0), end - start)
+    for name in segments_of(pids):
+        sizes.setdefault(name, (SHM_DIR / name).stat().st_size)
+    return sum(sizes.values())
