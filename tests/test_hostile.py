@@ -310,7 +310,14 @@ async def test_parent_killed_during_startup_leaves_no_orphan(tmp_path: Path) -> 
         run_dirs = set(Path(tempfile.gettempdir()).glob("mmsched-*")) - dirs_before
         proc.send_signal(signal.SIGKILL)  # the ranks are still importing torch, not ready
         proc.wait()
-        assert proc.stdout is not None and "ready" not in proc.stdout.read()
+        # Not a blocking read: the ranks hold the pipe open too, until they are gone.
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        try:
+            printed = os.read(proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            printed = b""
+        assert b"ready" not in printed
         gone_by = time.monotonic() + 15
         while any(alive(r.pid) for r in ranks) and time.monotonic() < gone_by:
             await asyncio.sleep(0.05)
