@@ -9,7 +9,8 @@ again on each rank is the cost this library exists to avoid.
 
 Offsets follow SGLang: ``(start, end)`` token index pairs with ``end`` *inclusive*.
 
-This is where foreign data enters: whatever a processor hands over, [`from_dict`][] either
+This is where foreign data enters: whatever a processor hands over,
+[`from_dict`][mmsched.inputs.MultimodalInputs.from_dict] either
 returns a valid object or raises [`InvalidMultimodalInput`][] naming the field. A failure
 the checks below did not foresee is still turned into that error (field ``mm_inputs``), so
 no other exception type ever escapes to the tokenizer's or a rank's loop. Numpy arrays of
