@@ -222,7 +222,6 @@ class TokenizerStage:
             raise self._failure
         if not isinstance(rid, str) or rid in self._pending:
             raise InvalidMultimodalInput("rid", f"{rid!r} is not a string, or already in flight")
-        input_ids = validate_input_ids(input_ids)
         nbytes = _feature_bytes(mm_inputs)
         await self._budget.acquire(
             nbytes,
@@ -266,7 +265,7 @@ class TokenizerStage:
     ) -> RequestTrace:
         req = TokenizedGenerateReqInput(
             rid=rid,
-            input_ids=list(input_ids),
+            input_ids=input_ids,  # checked and made a list of ints in _prepare
             sampling_params=dict(sampling_params or {}),
             mm_inputs=dict(mm_inputs) if isinstance(mm_inputs, Mapping) else mm_inputs,
             created_at=time.monotonic(),
@@ -295,6 +294,7 @@ class TokenizerStage:
 
     def _prepare(self, req: TokenizedGenerateReqInput) -> Frames:
         """The request's frames, inputs built if the strategy says so (worker thread)."""
+        req.input_ids = validate_input_ids(req.input_ids)  # O(ids): off the event loop
         if self.strategy.materialize_in is MaterializeIn.TOKENIZER:
             req.mm_inputs = materialize(
                 req.mm_inputs,
