@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mmsched.errors import InvalidMultimodalInput, MmschedError
-from mmsched.hashing import DEFAULT_HASHER, Hasher, get_hasher, pad_value_of, tensor_bytes
+from mmsched.hashing import DEFAULT_HASHER, get_hasher, pad_value_of, tensor_bytes
 
 
 class Modality(enum.StrEnum):
@@ -122,7 +122,18 @@ class MultimodalInputs:
         """
         hash_fn = get_hasher(hasher)  # resolve first: a bad name is a config error, not input
         try:
-            return cls._build(raw, hasher, hash_fn, input_len, max_bytes)
+            parsed = _parse(raw, input_len=input_len, max_bytes=max_bytes)
+            items = [
+                MultimodalDataItem(
+                    modality=modality,
+                    feature=feature,
+                    offsets=offsets,
+                    hash=(h := hash_fn.hash_tensor(modality.value, feature)),
+                    pad_value=pad_value_of(h),
+                    model_specific_data=extra,
+                )
+                for modality, feature, offsets, extra in parsed.items
+            ]
         except MmschedError:
             raise
         except Exception as exc:
@@ -131,28 +142,6 @@ class MultimodalInputs:
             raise InvalidMultimodalInput(
                 "mm_inputs", f"unusable processor output: {type(exc).__name__}: {exc}"
             ) from exc
-
-    @classmethod
-    def _build(
-        cls,
-        raw: Mapping[str, Any],
-        hasher: str,
-        hash_fn: Hasher,
-        input_len: int | None,
-        max_bytes: int | None,
-    ) -> MultimodalInputs:
-        parsed = _parse(raw, input_len=input_len, max_bytes=max_bytes)
-        items = [
-            MultimodalDataItem(
-                modality=modality,
-                feature=feature,
-                offsets=offsets,
-                hash=(h := hash_fn.hash_tensor(modality.value, feature)),
-                pad_value=pad_value_of(h),
-                model_specific_data=extra,
-            )
-            for modality, feature, offsets, extra in parsed.items
-        ]
         return cls(
             mm_items=items,
             hasher=hasher,
@@ -329,7 +318,12 @@ def validate_input_ids(input_ids: Any) -> list[int]:
     ``MAX_INPUT_LEN`` of them.
     """
     if isinstance(input_ids, torch.Tensor | np.ndarray):
-        if input_ids.ndim != 1 or not _is_integer(_torch_dtype_of(input_ids)):
+        integer = (
+            input_ids.dtype.kind in "iu"
+            if isinstance(input_ids, np.ndarray)
+            else _is_integer(input_ids.dtype)
+        )
+        if input_ids.ndim != 1 or not integer:
             raise InvalidMultimodalInput(
                 "input_ids",
                 f"expected a 1-D integer array, got {input_ids.dtype} "
@@ -359,12 +353,6 @@ def validate_input_ids(input_ids: Any) -> list[int]:
             )
         out.append(int(value))
     return out
-
-
-def _torch_dtype_of(array: torch.Tensor | np.ndarray) -> torch.dtype:
-    if isinstance(array, torch.Tensor):
-        return array.dtype
-    return torch.int64 if array.dtype.kind in "iu" else torch.float64
 
 
 def _is_integer(dtype: torch.dtype) -> bool:

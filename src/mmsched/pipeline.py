@@ -85,7 +85,6 @@ class Pipeline:
         self._watchdog: asyncio.Task[None] | None = None
         self._arena: shm.ArenaWriter | None = None
         self._authenticator: ThreadAuthenticator | None = None
-        self._group_address: str | None = None
         self._addresses: RankAddresses | None = None
         self._ready = False
         self._closing = False
@@ -141,11 +140,10 @@ class Pipeline:
                 timeout_s=self.config.timeout_s,
             )
             shm.register_writer(self._arena)
-        self._group_address = transport_class(self.config.transport).new_address(self._workdir)
         addresses = RankAddresses(
             requests=f"ipc://{self._workdir}/requests",
             results=f"ipc://{self._workdir}/results",
-            group=self._group_address,
+            group=transport_class(self.config.transport).new_address(self._workdir),
             run_dir=str(self._workdir),
             parent_pid=os.getpid(),
             token=token,
@@ -240,8 +238,8 @@ class Pipeline:
         if self._arena is not None:
             shm.unregister_writer(self._arena)
             self._arena.close()
-        if self._group_address is not None:
-            transport_class(self.config.transport).remove_leftovers(self._group_address)
+        if self._addresses is not None:
+            transport_class(self.config.transport).remove_leftovers(self._addresses.group)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         log.info("pipeline closed")

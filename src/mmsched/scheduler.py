@@ -90,7 +90,7 @@ class RankAddresses:
     group: str  # the transport's rendezvous
     run_dir: str  # the run's private directory
     parent_pid: int  # the process that started the ranks (the tokenizer)
-    token: str = ""  # empty: the tokenizer's sockets ask for no credentials
+    token: str  # the run's secret (see above)
     data_plane: str | None = None  # the tokenizer's shared-memory arena (zero-copy)
 
 
@@ -100,9 +100,8 @@ CREDENTIALS_USER = b"mmsched"
 
 def present_credentials(socket: zmq.Socket[Any], token: str) -> None:
     """Make ``socket`` log in to a tokenizer socket that asks for the run's token."""
-    if token:
-        socket.plain_username = CREDENTIALS_USER
-        socket.plain_password = token.encode()
+    socket.plain_username = CREDENTIALS_USER
+    socket.plain_password = token.encode()
 
 
 def rank_main(
