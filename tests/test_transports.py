@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mmsched import EndOfStream, TransportClosed
+from mmsched import ConfigError, EndOfStream, GroupSpec, TransportClosed, open_transport
 from mmsched.testing import (
     CONTRACT_MESSAGES,
     expected_contract_result,
@@ -63,13 +63,21 @@ def test_cross_process_transport_contract(name: str, tmp_path: Path) -> None:
     check_contract(run_contract_in_processes(name, WORLD, tmp_path, timeout_s=120))
 
 
-def test_zmq_transport_contract_over_tcp(tmp_path: Path) -> None:
-    # ipc:// serves one host; tcp:// is what ranks on several hosts would use.
+@pytest.mark.parametrize("name", ["zmq", "torch"])
+def test_transport_contract_over_tcp(name: str, tmp_path: Path) -> None:
+    # One host uses ipc:// or a file rendezvous; tcp:// is what ranks on several hosts use
+    # (torch: a store whose listening socket mmsched binds to the host given).
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
-    check_contract(run_contract_in_processes("zmq", WORLD, tmp_path, address=address))
+    check_contract(run_contract_in_processes(name, WORLD, tmp_path, address=address))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:5000", "tcp://host", "tcp://h:99999", "file://"])
+async def test_torch_transport_refuses_a_malformed_address(address: str) -> None:
+    with pytest.raises(ConfigError, match="use file://PATH or tcp://HOST:PORT"):
+        await open_transport("torch", GroupSpec(0, 1, address, timeout_s=1))
 
 
 async def test_memory_cancelled_recv_loses_nothing() -> None:

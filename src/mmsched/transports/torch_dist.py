@@ -20,9 +20,10 @@ Guarantees and limits:
 Rendezvous and sockets: a pipeline's group meets through a file in the run's private
 directory (``file://``), so no TCP store listens at all, and gloo's own connections listen
 on 127.0.0.1 only. Across hosts, ``tcp://HOST:PORT`` runs a TCP store on rank 0 bound to
-``HOST`` exactly (never every interface) and gloo listens on ``HOST`` too when it is a
-loopback address; other hosts' gloo devices use the interface gloo picks for the host's name
-(set ``GLOO_SOCKET_IFNAME`` to choose). Any peer that can reach a gloo or store port is
+``HOST`` exactly (never every interface), and rank 0's gloo listens on ``HOST`` too (every
+rank's does when ``HOST`` is loopback); other hosts' gloo devices use the interface gloo
+picks for the host's name (set ``GLOO_SOCKET_IFNAME`` to choose). A malformed address is a
+[`ConfigError`][mmsched.errors.ConfigError]. Any peer that can reach a gloo or store port is
 trusted: keep them on a private network.
 
 The transport either creates the default process group (``open``) or wraps one the server
@@ -59,35 +60,40 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _store(spec: GroupSpec) -> tuple[Any, str | None]:
-    """The rendezvous store of ``spec.address`` and the host gloo should listen on."""
+def _parse_address(address: str) -> tuple[str, str, int]:
+    """``("file", path, 0)`` or ``("tcp", host, port)``; anything else is a config error."""
+    url = urlsplit(address)
+    if url.scheme == "file" and url.path:
+        return "file", url.path, 0
+    with contextlib.suppress(ValueError):  # a port out of range
+        if url.scheme == "tcp" and url.hostname and url.port is not None:
+            return "tcp", url.hostname, url.port
+    raise ConfigError(f"torch transport address {address!r}: use file://PATH or tcp://HOST:PORT")
+
+
+def _store(spec: GroupSpec, scheme: str, where: str, port: int) -> Any:
+    """The rendezvous store of ``spec.address`` as ``_parse_address`` split it."""
     timeout = timedelta(seconds=spec.timeout_s)
-    url = urlsplit(spec.address)
-    if url.scheme == "file":
-        return dist.FileStore(url.path, spec.world_size), "127.0.0.1"  # type: ignore[attr-defined]
-    if url.scheme != "tcp" or not url.hostname or url.port is None:
-        raise ConfigError(f"torch transport address {spec.address!r}: use file:// or tcp://H:P")
-    host, port = url.hostname, url.port
+    if scheme == "file":
+        return dist.FileStore(where, spec.world_size)  # type: ignore[attr-defined]
     if spec.rank != 0:
-        return dist.TCPStore(host, port, spec.world_size, False, timeout), (  # type: ignore[attr-defined]
-            "127.0.0.1" if _is_loopback(host) else None
-        )
+        return dist.TCPStore(where, port, spec.world_size, False, timeout)  # type: ignore[attr-defined]
     # torch's own TCPStore server listens on every interface; hand it a socket bound to the
     # address asked for instead.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in where else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
+        listener.bind((where, port))
         listener.listen(128)
         store = dist.TCPStore(  # type: ignore[attr-defined]
-            host, port, spec.world_size, True, timeout, master_listen_fd=listener.fileno()
+            where, port, spec.world_size, True, timeout, master_listen_fd=listener.fileno()
         )
     except BaseException:
         listener.close()
         raise
     listener.detach()  # the store owns the descriptor now
-    return store, host
+    return store
 
 
 class TorchTransport(Transport):
@@ -116,8 +122,19 @@ class TorchTransport(Transport):
 
     @classmethod
     async def open(cls, spec: GroupSpec) -> TorchTransport:
+        scheme, host, port = _parse_address(spec.address)
+        # gloo listens on 127.0.0.1 for a file rendezvous (one host), on the store's host
+        # when that is loopback or this is rank 0 (whose host it is), and elsewhere where gloo
+        # picks for this host's name.
+        if scheme == "file":
+            gloo_host: str | None = "127.0.0.1"
+        elif _is_loopback(host) or spec.rank == 0:
+            gloo_host = host
+        else:
+            gloo_host = None
+
         def init() -> None:
-            store, gloo_host = _store(spec)
+            store = _store(spec, scheme, host, port)
             # Private in torch 2.x, and the only way to say which address gloo listens on
             # without changing the process environment (GLOO_SOCKET_IFNAME).
             options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
