@@ -1,4 +1,5 @@
-"""What one run owns on the host: its segments and the shared memory its processes map.
+"""What one run owns on the host: its segments, the shared memory its processes map, its
+run directories.
 
 Tests assert on these rather than on the whole of ``/dev/shm``, so that they hold while other
 mmsched runs (parallel CI jobs, a developer's server) come and go on the same machine.
@@ -7,9 +8,12 @@ mmsched runs (parallel CI jobs, a developer's server) come and go on the same ma
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import psutil
 
+from mmsched.pipeline import RUN_DIR_PREFIX
 from mmsched.shm import SEGMENT_PREFIX, SHM_DIR, live_segments
 
 
@@ -30,3 +34,9 @@ def shared_memory_of(pids: list[int]) -> int:
     for name in segments_of(pids):
         sizes.setdefault(name, (SHM_DIR / name).stat().st_size)
     return sum(sizes.values())
+
+
+def run_dirs_of(pids: list[int]) -> set[Path]:
+    """Run directories of tokenizers ``pids`` (named ``mmsched-<pid>-...``) that exist."""
+    tmp = Path(tempfile.gettempdir())
+    return {path for pid in pids for path in tmp.glob(f"{RUN_DIR_PREFIX}{pid}-*")}

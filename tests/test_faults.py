@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from mmsched.bench.workloads import image_sample
 from mmsched.strategies import STRATEGIES, MaterializeIn
 from mmsched.testing import SlowRank
 from mmsched.transports import CROSS_PROCESS
-from own_run import segments_of
+from own_run import run_dirs_of, segments_of
 
 pytestmark = pytest.mark.faults
 
@@ -187,14 +186,13 @@ async def test_killed_tokenizer_lets_ranks_exit_cleanly(
 ) -> None:
     script = tmp_path / "tokenizer.py"
     script.write_text(TOKENIZER_SCRIPT)
-    dirs_before = set(Path(tempfile.gettempdir()).glob("mmsched-*"))
     proc = subprocess.Popen(
         [sys.executable, str(script), strategy, transport], stdout=subprocess.PIPE, text=True
     )
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)  # type: ignore[union-attr]
         pids = json.loads(line)["pids"]
-        run_dirs = set(Path(tempfile.gettempdir()).glob("mmsched-*")) - dirs_before
+        run_dirs = run_dirs_of([proc.pid])
         assert len(run_dirs) == 1  # this run's IPC directory
         proc.send_signal(signal.SIGKILL)
         proc.wait()
