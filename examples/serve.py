@@ -97,7 +97,10 @@ async def handle(pipeline: Pipeline, rid: str, grid_h: int, grid_w: int, *, brok
 
 async def main(requests: int) -> None:
     config = Config(strategy="zero-copy", transport="shm", tp_size=2).with_env()
-    print(f"strategy {config.strategy}, transport {config.transport}, TP={config.tp_size}")
+    print(
+        f"strategy {config.strategy}, payload store {config.payload_store}, "
+        f"transport {config.transport}, TP={config.tp_size}"
+    )
     async with Pipeline(config, on_iteration=on_iteration) as pipeline:
         # Requests arrive concurrently, as they do at a server; the third is malformed.
         answers = await asyncio.gather(

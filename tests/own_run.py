@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from mmsched.pipeline import RUN_DIR_PREFIX
-from mmsched.shm import SEGMENT_PREFIX, SHM_DIR, live_segments
+from mmsched.stores.arena import SEGMENT_PREFIX, SHM_DIR, live_segments
 
 
 def segments_of(pids: list[int]) -> set[str]:

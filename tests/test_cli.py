@@ -27,11 +27,13 @@ def test_bench_fanout_small(tmp_path: Path) -> None:
     code = main(["bench", "fanout", *args, "--transports", "torch,shm", "--json", str(out)])
     assert code == 0
     records = json.loads(out.read_text())
-    # Every strategy on every transport it can use; zero-copy only on shared memory.
+    # Every strategy on every transport asked for (zero-copy, a payload store, on all).
     pairs = {(r["strategy"], r["transport"]) for r in records}
     assert pairs == {
-        (s, t) for s in ("per-rank", "entry-broadcast", "tokenizer") for t in ("torch", "shm")
-    } | {("zero-copy", "shm")}
+        (s, t)
+        for s in ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
+        for t in ("torch", "shm")
+    }
     # The OS counts CPU in 10 ms ticks: one tiny row may read 0, the whole run cannot.
     assert sum(r["cpu_ms_per_request"] for r in records) > 0
     by_strategy = {r["strategy"]: r for r in records if r["transport"] == "shm"}

@@ -24,7 +24,7 @@ from mmsched import (
 from mmsched.bench.workloads import audio_sample, image_sample, qwen2vl_image, video_sample
 from mmsched.codec import encoded_size
 from mmsched.hashing import tensor_bytes
-from mmsched.messages import MaterializedInputs, RankReady, RankReport, Shutdown
+from mmsched.messages import MaterializedInputs, ProbeReport, RankReady, Shutdown
 
 
 def assert_same_inputs(a: MultimodalInputs, b: MultimodalInputs) -> None:
@@ -44,7 +44,7 @@ def assert_same_inputs(a: MultimodalInputs, b: MultimodalInputs) -> None:
 )
 def test_materialized_request_round_trips_bitwise(sample) -> None:  # type: ignore[no-untyped-def]
     mm = MultimodalInputs.from_dict(sample.mm_inputs)
-    req = TokenizedGenerateReqInput("r1", sample.input_ids, {"max_new_tokens": 8}, mm, 12.5, True)
+    req = TokenizedGenerateReqInput("r1", sample.input_ids, {"max_new_tokens": 8}, mm)
     back = decode(encode(req))
     assert isinstance(back, TokenizedGenerateReqInput)
     assert (back.rid, back.input_ids, back.sampling_params) == (
@@ -52,7 +52,6 @@ def test_materialized_request_round_trips_bitwise(sample) -> None:  # type: igno
         sample.input_ids,
         {"max_new_tokens": 8},
     )
-    assert (back.created_at, back.check_ranks) == (12.5, True)
     assert isinstance(back.mm_inputs, MultimodalInputs)
     assert_same_inputs(mm, back.mm_inputs)
 
@@ -112,7 +111,7 @@ def test_plain_values_keep_their_types() -> None:
         MaterializedInputs("m", error=ErrorOutput("m", "InvalidMultimodalInput", "bad", "f")),
         GenerateOutput("o", [1, 2, 3], "length", [7]),
         ErrorOutput("e", "RuntimeError", "boom"),
-        RankReport("r", 1, 2, 3.5, "fp", 4, 0.25, "digest", None),
+        ProbeReport("r", 1, {"ready_at": 3.5, "digest": None, "count": 4}),
         RankReady(0, 1234),
     ],
     ids=lambda m: type(m).__name__,

@@ -34,13 +34,15 @@ def test_env_overrides_file(tmp_path: Path) -> None:
     env = {
         "MMSCHED_STRATEGY": "tokenizer",
         "MMSCHED_TRANSPORT": "torch",
-        "MMSCHED_REPORT_RANKS": "yes",
+        "MMSCHED_ALLOW_PICKLE": "yes",
+        "MMSCHED_RESULTS_ADDRESS": "tcp://127.0.0.1:*",
         "MMSCHED_MODEL_STEP_MS": "2.5",
         "MMSCHED_MAX_REQUEST_BYTES": "none",
         "OTHER": "ignored",
     }
     config = Config.from_toml(path).with_env(env)
-    assert (config.strategy, config.tp_size, config.report_ranks) == ("tokenizer", 2, True)
+    assert (config.strategy, config.tp_size, config.allow_pickle) == ("tokenizer", 2, True)
+    assert config.results_address == "tcp://127.0.0.1:*" and config.requests_address is None
     assert config.model_step_ms == 2.5 and config.max_request_bytes is None
 
 
@@ -54,7 +56,10 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ({"tp_size": 0}, ConfigError, "at least 1"),
         ({"tp_size": "4"}, ConfigError, "tp_size must be int"),
         ({"allow_pickle": 1}, ConfigError, "allow_pickle must be bool"),
-        ({"report_ranks": "yes"}, ConfigError, "report_ranks must be bool"),
+        ({"allow_pickle": "yes"}, ConfigError, "allow_pickle must be bool"),
+        ({"payload_store": "nfs"}, UnknownNameError, "known: inline, shm"),
+        ({"requests_address": "http://x"}, ConfigError, "ipc://PATH or tcp://HOST:PORT"),
+        ({"results_address": 5}, ConfigError, "results_address must be str | None"),
         ({"tp_size": True}, ConfigError, "got a bool"),
         ({"timeout_s": -1}, ConfigError, "must not be negative"),
         ({"max_request_bytes": 0}, ConfigError, "must be positive"),
@@ -70,3 +75,13 @@ def test_bad_values_are_named(
 def test_bad_env_value_is_named() -> None:
     with pytest.raises(ConfigError, match="MMSCHED_TP_SIZE='four'"):
         Config.from_env({"MMSCHED_TP_SIZE": "four"})
+
+
+def test_zero_copy_is_a_preset_of_strategy_and_store() -> None:
+    for transport in ("torch", "zmq", "shm", "memory"):
+        config = Config(strategy="zero-copy", transport=transport)
+        assert (config.strategy, config.payload_store) == ("tokenizer", "shm")
+    assert Config.from_dict({"strategy": "zero-copy"}).payload_store == "shm"
+    assert Config().replace(strategy="zero-copy").replace(payload_store="inline").strategy == (
+        "tokenizer"
+    )

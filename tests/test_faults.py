@@ -1,10 +1,11 @@
 """Faults (``pytest -m faults``): bad input, dead ranks, a dead tokenizer, and no leaks.
 
 Every malformed processor output of the catalogue goes through a real pipeline under every
-strategy and transport: each fails alone with a typed error naming its field, and the next
-good request is served identically on every rank. Killing a rank or the tokenizer with
-SIGKILL must end the run within the configured timeout and leave no process and no
-shared-memory segment behind.
+strategy (ranks as tasks, which is where the strategies differ) and through every
+cross-process transport (rank processes): each fails alone with a typed error naming its
+field, and the next good request is served identically on every rank. Killing a rank or
+the tokenizer with SIGKILL must end the run within the configured timeout and leave no
+process and no shared-memory segment behind.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ from mmsched import (
     Overloaded,
     PeerLost,
     Pipeline,
+    RankTimings,
     RequestFailed,
 )
-from mmsched.bench.fanout import combinations
 from mmsched.bench.workloads import image_sample
-from mmsched.strategies import STRATEGIES, MaterializeIn
+from mmsched.strategies import get_strategy, strategy_names
 from mmsched.testing import SlowRank
-from mmsched.transports import CROSS_PROCESS
 from own_run import run_dirs_of, segments_of
 
 pytestmark = pytest.mark.faults
@@ -70,7 +70,12 @@ async def wait_gone(pids: list[int], within_s: float) -> float:
 
 @pytest.mark.parametrize(
     ("strategy", "transport"),
-    combinations(list(STRATEGIES), sorted(CROSS_PROCESS)),
+    [
+        *[(strategy, "memory") for strategy in strategy_names()],
+        ("per-rank", "torch"),
+        ("entry-broadcast", "zmq"),
+        ("zero-copy", "shm"),
+    ],
     ids=lambda v: str(v),
 )
 async def test_every_malformed_input_fails_alone(strategy: str, transport: str) -> None:
@@ -79,17 +84,16 @@ async def test_every_malformed_input_fails_alone(strategy: str, transport: str) 
         transport=transport,
         tp_size=TP,
         hasher="sha256",
-        report_ranks=True,
         shm_arena_mb=64,
         timeout_s=20,
         max_request_bytes=1_000_000,
     )
-    ranks_build = STRATEGIES[strategy].materialize_in is not MaterializeIn.TOKENIZER
+    ranks_build = not get_strategy(strategy).builds_in_tokenizer
     good = base_sample()
     expected_digest = MultimodalInputs.from_dict(good.mm_inputs, hasher="sha256").content_digest()
     oversized = image_sample(2, 200)  # 1.9 MB, over max_request_bytes
     cases = [*CATALOGUE, ("over the limit", None, "mm_items", "over the limit of 1000000")]
-    async with Pipeline(config) as pipeline:
+    async with Pipeline(config, probe=RankTimings(digest_prefix="good-")) as pipeline:
         for i, (name, edit, field, problem) in enumerate(cases):
             sample = oversized if edit is None else base_sample()
             if edit is not None:
@@ -107,9 +111,9 @@ async def test_every_malformed_input_fails_alone(strategy: str, transport: str) 
                 assert (error.field, problem in str(error)) == (field, True), f"{name}: {error}"
             # ... and the next good request is served, identically on every rank.
             trace = await pipeline.generate_traced(
-                f"good-{i}", padded_ids(good.input_ids), good.mm_inputs, check_ranks=True
+                f"good-{i}", padded_ids(good.input_ids), good.mm_inputs
             )
-            assert {r.content_digest for r in trace.reports} == {expected_digest}, name
+            assert {r.data["content_digest"] for r in trace.reports} == {expected_digest}, name
         pids = pipeline.pids
     await wait_gone(pids, within_s=10)
     assert not segments_of([os.getpid()])

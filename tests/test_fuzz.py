@@ -34,15 +34,19 @@ from malformed import base_sample
 from mmsched import (
     CodecError,
     Config,
+    Decoder,
     GenerateOutput,
     MmschedError,
     MultimodalInputs,
     Pipeline,
+    RankTimings,
     TransportError,
     decode,
 )
 from mmsched.scheduler import present_credentials
-from mmsched.shm import ArenaWriter, Ref, open_reader, unpack
+from mmsched.stores import StoreOptions
+from mmsched.stores.arena import ArenaReader, Ref
+from mmsched.stores.shm import ShmStore
 
 pytestmark = pytest.mark.faults
 
@@ -68,7 +72,7 @@ class LivePipeline:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.pipeline = Pipeline(config)
+        self.pipeline = Pipeline(config, probe=RankTimings(digest_prefix=""))
         self.run(self.pipeline.start(), timeout=120)
 
     def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 30) -> _T:
@@ -84,8 +88,8 @@ class LivePipeline:
         good = base_sample()
         ids = good.input_ids + [0] * (INPUT_LEN - len(good.input_ids))
         expected = MultimodalInputs.from_dict(good.mm_inputs, hasher="sha256").content_digest()
-        trace = self.run(self.pipeline.generate_traced(rid, ids, good.mm_inputs, check_ranks=True))
-        assert {r.content_digest for r in trace.reports} == {expected}
+        trace = self.run(self.pipeline.generate_traced(rid, ids, good.mm_inputs))
+        assert {r.data["content_digest"] for r in trace.reports} == {expected}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,6 @@ def live() -> Iterator[LivePipeline]:
         transport="zmq",
         tp_size=2,
         hasher="sha256",
-        report_ranks=True,
         timeout_s=30,
         idle_wait_ms=1,
         max_request_bytes=1 << 20,
@@ -263,37 +266,49 @@ def test_fuzzed_frames_decode_to_a_message_or_codec_error(live: LivePipeline) ->
 
 
 def test_fuzzed_refs_give_a_payload_view_or_transport_error() -> None:
-    writer = ArenaWriter(1 << 20, n_readers=1, timeout_s=0.1)
-    reader = open_reader(writer.name, 0)
-    data_start, size = 4096, 4096 + writer.capacity
+    options = StoreOptions(capacity_bytes=1 << 20, consumers=1, timeout_s=0.1)
+    producer = ShmStore.create(options)
+    arena = producer._writer
+    assert arena is not None and producer.address is not None
+    reader = ArenaReader(producer.address, 0)
+    consumer = ShmStore.attach(producer.address, 0, options)
+    decoder = Decoder(store=consumer)
+    data_start, size = 4096, 4096 + arena.capacity
     count = 0
     try:
         ints = st.one_of(st.integers(-(2**63), 2**63), st.booleans(), st.floats(), st.none())
+        names = st.sampled_from([producer.address, "x", "shm", "uint8", "cpu"])
 
         @FUZZ
         @given(
             st.one_of(
-                st.builds(Ref, st.sampled_from([writer.name, "x"]), ints, ints, ints),
-                st.lists(st.one_of(ints, st.lists(ints, max_size=5)), max_size=3),
+                st.builds(Ref, st.sampled_from([producer.address, "x"]), ints, ints, ints),
+                # payload references as a message carries them: the store's name, a dtype, a
+                # shape, a device, a location, each well-formed or not
+                st.lists(
+                    st.one_of(names, ints, st.lists(st.one_of(ints, names), max_size=5)),
+                    max_size=6,
+                ),
             )
         )
         def one(value: Any) -> None:
             nonlocal count
             count += 1
-            try:
-                if isinstance(value, Ref):
+            if isinstance(value, Ref):
+                try:
                     view = reader.view(value)
-                    assert data_start <= value.offset and value.offset + len(view) <= size
-                    assert len(view) == value.nbytes
-                else:
-                    descriptors = [[writer.name, *d] if isinstance(d, list) else d for d in value]
-                    frames = [b"MMSHM1" + orjson.dumps(descriptors), b"inline"]
-                    unpack(frames)
-            except TransportError:
-                pass
+                except TransportError:
+                    return
+                assert data_start <= value.offset and value.offset + len(view) <= size
+                assert len(view) == value.nbytes
+                return
+            tree = {"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$ref": value}}}
+            with contextlib.suppress(CodecError):
+                decoder.decode([orjson.dumps(tree)])
 
         one()
         assert count >= EXAMPLES
     finally:
         reader.close()
-        writer.close()
+        consumer.close()
+        producer.close()

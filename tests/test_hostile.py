@@ -37,13 +37,14 @@ from mmsched import (
     MultimodalInputs,
     PeerLost,
     Pipeline,
+    RankTimings,
     RequestFailed,
 )
 from mmsched.bench.workloads import image_sample
 from mmsched.codec import encode
 from mmsched.messages import GenerateOutput
 from mmsched.scheduler import present_credentials
-from mmsched.shm import SHM_DIR
+from mmsched.stores.arena import SHM_DIR
 from mmsched.testing import SlowRank
 from own_run import run_dirs_of, segments_of
 
@@ -71,9 +72,7 @@ def results_address(pipeline: Pipeline) -> tuple[str, str]:
 async def test_big_endian_feature_and_huge_delta_fail_or_pass_alone(
     strategy: str, transport: str
 ) -> None:
-    config = Config(
-        strategy=strategy, transport=transport, tp_size=TP, timeout_s=20, report_ranks=True
-    )
+    config = Config(strategy=strategy, transport=transport, tp_size=TP, timeout_s=20)
     good = base_sample()
     big_endian = base_sample()
     feature = big_endian.mm_inputs["mm_items"][0]["feature"]
@@ -82,14 +81,12 @@ async def test_big_endian_feature_and_huge_delta_fail_or_pass_alone(
     expected = MultimodalInputs.from_dict(good.mm_inputs).content_digest()
     huge_delta = base_sample()
     huge_delta.mm_inputs["mrope_position_delta"] = 2**63 + 1
-    async with Pipeline(config) as pipeline:
+    async with Pipeline(config, probe=RankTimings(digest_prefix="")) as pipeline:
         trace = await asyncio.wait_for(
-            pipeline.generate_traced(
-                "be", padded_ids(big_endian.input_ids), big_endian.mm_inputs, check_ranks=True
-            ),
+            pipeline.generate_traced("be", padded_ids(big_endian.input_ids), big_endian.mm_inputs),
             20,
         )
-        assert {r.content_digest for r in trace.reports} == {expected}
+        assert {r.data["content_digest"] for r in trace.reports} == {expected}
         with pytest.raises(InvalidMultimodalInput, match="int64") as info:
             await asyncio.wait_for(
                 pipeline.generate("delta", padded_ids(huge_delta.input_ids), huge_delta.mm_inputs),
@@ -105,10 +102,8 @@ async def test_big_endian_feature_and_huge_delta_fail_or_pass_alone(
                 await pipeline.generate("ids", bad_ids, None)  # type: ignore[arg-type]
             assert info.value.field == field
         # Every rank is still there and serves the next request, identically.
-        after = await pipeline.generate_traced(
-            "next", padded_ids(good.input_ids), good.mm_inputs, check_ranks=True
-        )
-        assert {r.content_digest for r in after.reports} == {expected}
+        after = await pipeline.generate_traced("next", padded_ids(good.input_ids), good.mm_inputs)
+        assert {r.data["content_digest"] for r in after.reports} == {expected}
 
 
 # -- 2. one frame must not wedge the tokenizer -----------------------------------------------
@@ -194,14 +189,30 @@ async def test_a_dead_result_router_fails_every_waiting_caller() -> None:
             for i in range(4)
         ]
         await asyncio.sleep(0.3)
-        assert pipeline._stage is not None and pipeline._stage._router is not None
+        assert pipeline._stage is not None
         start = time.monotonic()
-        pipeline._stage._router.cancel()
+        # The result router's socket fails under it: nothing can arrive any more.
+        pipeline._stage._results.close()
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
-        assert all(isinstance(r, PeerLost) and "router" in str(r) for r in results)
+        assert all(isinstance(r, PeerLost) and "router" in str(r) for r in results), results
         assert time.monotonic() - start < config.timeout_s
         with pytest.raises(PeerLost, match="router"):
             await pipeline.generate("later", sample.input_ids, sample.mm_inputs)
+
+
+async def test_cancelled_background_work_fails_every_waiting_caller() -> None:
+    config = Config(strategy="tokenizer", transport="memory", tp_size=TP, timeout_s=5)
+    sample = image_sample(2, 4)
+    async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=3.0)) as pipeline:
+        waiting = [
+            asyncio.create_task(pipeline.generate(f"w{i}", sample.input_ids, sample.mm_inputs))
+            for i in range(4)
+        ]
+        await asyncio.sleep(0.3)
+        assert pipeline._background is not None
+        pipeline._background.cancel()  # routing and the in-process ranks with it
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+        assert all(isinstance(r, PeerLost) and "cancelled" in str(r) for r in results), results
 
 
 # -- 3. cancelled callers give their bytes back ---------------------------------------------

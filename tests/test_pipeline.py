@@ -1,4 +1,5 @@
-"""The whole pipeline at TP=2: real rank processes, a real gloo group, real ZMQ sockets."""
+"""The whole pipeline at TP=2: real rank processes, a real gloo group, real ZMQ sockets; and
+the same logic with ranks as tasks of this process (the ``memory`` transport)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mmsched import (
     MultimodalInputs,
     PeerLost,
     Pipeline,
+    RankTimings,
     RequestFailed,
     RequestTrace,
 )
@@ -26,16 +28,21 @@ from mmsched.testing import IterationRecorder
 from own_run import segments_of
 
 TP = 2
-# (strategy, transport): every strategy over every cross-process transport it can use.
-COMBINATIONS = [
-    ("per-rank", "torch"),
-    ("entry-broadcast", "torch"),
-    ("tokenizer", "torch"),
-    ("tokenizer", "zmq"),
-    ("per-rank", "shm"),
-    ("entry-broadcast", "zmq"),
-    ("zero-copy", "shm"),
+# (strategy, transport, payload store). Rank processes: every transport, every strategy and
+# both stores at least once. In-process ranks: every strategy with every store (the logic).
+PROCESSES = [
+    ("per-rank", "torch", "inline"),
+    ("entry-broadcast", "zmq", "inline"),
+    ("tokenizer", "shm", "inline"),
+    ("zero-copy", "torch", "shm"),
+    ("zero-copy", "shm", "shm"),
 ]
+IN_PROCESS = [
+    (strategy, "memory", store)
+    for strategy in ("per-rank", "entry-broadcast", "tokenizer")
+    for store in ("inline", "shm")
+]
+COMBINATIONS = PROCESSES + IN_PROCESS
 # Hashes each rank computes per request, by strategy: the instrumented proof of "hash once".
 RANK_HASHES = {
     "per-rank": [1, 1],
@@ -51,19 +58,20 @@ SAMPLES = {
 }
 
 
-@pytest.fixture(params=COMBINATIONS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.fixture(params=COMBINATIONS, ids=lambda c: "-".join(c))
 async def pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pipeline]:
-    strategy, transport = request.param
+    strategy, transport, store = request.param
     config = Config(
         strategy=strategy,
         transport=transport,
+        payload_store=store,
         tp_size=TP,
         hasher="sha256",
-        report_ranks=True,
         shm_arena_mb=64,
     )
     recorder = IterationRecorder(tmp_path)
-    async with Pipeline(config, on_iteration=recorder) as p:
+    probe = RankTimings(digest_prefix="")
+    async with Pipeline(config, on_iteration=recorder, probe=probe) as p:
         yield p
 
 
@@ -73,24 +81,24 @@ def reference(sample: Sample) -> MultimodalInputs:
 
 def assert_ranks_identical(trace: RequestTrace, expected: MultimodalInputs) -> None:
     assert sorted(r.rank for r in trace.reports) == list(range(TP))
-    assert len({r.fingerprint for r in trace.reports}) == 1
-    assert {r.content_digest for r in trace.reports} == {expected.content_digest()}
+    assert len({r.data["fingerprint"] for r in trace.reports}) == 1
+    assert {r.data["content_digest"] for r in trace.reports} == {expected.content_digest()}
 
 
 async def test_every_modality_reaches_every_rank_identical(pipeline: Pipeline) -> None:
     strategy = pipeline.config.strategy
+    # Hash counters are per process: with ranks as tasks they are the tokenizer's too.
+    count_hashes = not pipeline.in_process
     previous: dict[int, int] | None = None
     for name, sample in SAMPLES.items():
         expected = reference(sample)
-        trace = await pipeline.generate_traced(
-            name, sample.input_ids, sample.mm_inputs, check_ranks=True
-        )
+        trace = await pipeline.generate_traced(name, sample.input_ids, sample.mm_inputs)
         assert_ranks_identical(trace, expected)
         # The stub model echoes what it was fed: media spans replaced by the pad values.
         assert trace.output.output_ids == expected.pad_input_ids(sample.input_ids)
         assert trace.output.pad_values == [i.pad_value for i in expected.mm_items]
-        counts = {r.rank: r.hash_count for r in trace.reports}
-        if previous is not None:
+        counts = {r.rank: r.data["hash_count"] for r in trace.reports}
+        if previous is not None and count_hashes:
             per_rank = [counts[r] - previous[r] for r in range(TP)]
             assert per_rank == RANK_HASHES[strategy], f"{strategy} hashed {per_rank}"
         previous = counts
@@ -122,7 +130,7 @@ async def test_bad_request_fails_alone(pipeline: Pipeline) -> None:
     assert "end 1 before start 3" in str(results[0])
     assert not isinstance(results[1], BaseException)
     # ... and the pipeline goes on serving.
-    trace = await pipeline.generate_traced("next", good.input_ids, good.mm_inputs, check_ranks=True)
+    trace = await pipeline.generate_traced("next", good.input_ids, good.mm_inputs)
     assert_ranks_identical(trace, reference(good))
 
 
@@ -135,9 +143,9 @@ async def test_prebuilt_inputs_are_accepted() -> None:
     # A server that built the object itself (or an older sender) works under any strategy.
     sample = SAMPLES["image"]
     built = MultimodalInputs.from_dict(sample.mm_inputs, hasher="sha256")
-    config = Config(strategy="per-rank", tp_size=TP, hasher="sha256", report_ranks=True)
-    async with Pipeline(config) as pipeline:
-        trace = await pipeline.generate_traced("pre", sample.input_ids, built, check_ranks=True)
+    config = Config(strategy="per-rank", transport="memory", tp_size=TP, hasher="sha256")
+    async with Pipeline(config, probe=RankTimings(digest_prefix="")) as pipeline:
+        trace = await pipeline.generate_traced("pre", sample.input_ids, built)
     assert_ranks_identical(trace, built)
 
 
@@ -157,11 +165,10 @@ async def test_zero_copy_moves_headers_only_and_leaks_nothing() -> None:
         strategy="zero-copy",
         transport="shm",
         tp_size=TP,
-        report_ranks=True,
         shm_arena_mb=64,
         timeout_s=15,
     )
-    async with Pipeline(config) as pipeline:
+    async with Pipeline(config, probe=RankTimings(digest_prefix="")) as pipeline:
         assert not segments_of([os.getpid()])  # names unlinked once every rank mapped them
         # A processor can write its output straight into shared memory: nothing is copied.
         sample = image_sample(6, 8, seed=5)
@@ -169,9 +176,7 @@ async def test_zero_copy_moves_headers_only_and_leaks_nothing() -> None:
         in_arena = pipeline.allocate_tensor(feature.shape, feature.dtype)
         in_arena.copy_(feature)
         sample.mm_inputs["mm_items"][0]["feature"] = in_arena
-        trace = await pipeline.generate_traced(
-            "in-arena", sample.input_ids, sample.mm_inputs, check_ranks=True
-        )
+        trace = await pipeline.generate_traced("in-arena", sample.input_ids, sample.mm_inputs)
         assert_ranks_identical(trace, MultimodalInputs.from_dict(sample.mm_inputs))
         # The ring reuses space in order: drop the processor output, as a server does once a
         # request is answered, or it pins everything written after it.
@@ -184,14 +189,25 @@ async def test_zero_copy_moves_headers_only_and_leaks_nothing() -> None:
     assert not segments_of([os.getpid()])
 
 
-def test_zero_copy_needs_shared_memory() -> None:
-    with pytest.raises(ConfigError, match="needs transport 'shm'"):
-        Config(strategy="zero-copy", transport="torch")
+async def test_memory_transport_runs_ranks_as_tasks_of_this_process() -> None:
+    sample = SAMPLES["image"]
+    async with Pipeline(Config(transport="memory", tp_size=3, hasher="sha256")) as pipeline:
+        assert pipeline.in_process and pipeline.pids == []
+        output = await pipeline.generate("r", sample.input_ids, sample.mm_inputs)
+        assert output.output_ids == reference(sample).pad_input_ids(sample.input_ids)
 
 
-def test_in_process_transport_is_refused() -> None:
-    with pytest.raises(ConfigError, match="cannot reach rank processes"):
-        Pipeline(Config(transport="memory"))
+async def test_a_closure_callback_is_refused_only_where_ranks_are_processes() -> None:
+    seen: list[int] = []
+
+    def local_callback(rank: int, iteration: int, requests: list[object]) -> None:
+        seen.extend([rank] * len(requests))
+
+    async with Pipeline(Config(transport="memory", tp_size=2), on_iteration=local_callback) as p:
+        await p.generate("r", [1, 2, 3])
+    assert sorted(seen) == [0, 1]
+    with pytest.raises(ConfigError, match="cannot be sent to the rank processes"):
+        await Pipeline(Config(transport="zmq"), on_iteration=local_callback).start()
 
 
 async def test_undecodable_request_is_answered_not_dropped() -> None:

@@ -1,9 +1,9 @@
-"""The shared-memory arena: written once, viewed without copies, reclaimed, never leaked."""
+"""The shared-memory arena and the ``shm`` payload store: written once, viewed without
+copies, reclaimed, never leaked."""
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -12,21 +12,36 @@ import numpy as np
 import pytest
 import torch
 
-from mmsched import ConfigError, TransportError
-from mmsched.shm import (
-    SHM_DIR,
+from mmsched import (
     ArenaFull,
+    CodecError,
+    ConfigError,
+    Decoder,
+    MultimodalInputs,
+    TokenizedGenerateReqInput,
+    TransportError,
+    encode,
+)
+from mmsched.messages import MaterializedInputs
+from mmsched.stores import PayloadRef, StoreOptions
+from mmsched.stores.arena import (
+    SHM_DIR,
     ArenaReader,
     ArenaWriter,
     Ref,
     live_segments,
-    open_reader,
-    pack,
-    register_writer,
     sweep_stale_segments,
-    unpack,
-    unregister_writer,
 )
+from mmsched.stores.shm import ShmStore
+
+OPTIONS = StoreOptions(capacity_bytes=1 << 20, consumers=1, timeout_s=0.2, min_bytes=1024)
+
+
+@pytest.fixture
+def store() -> ShmStore:
+    producer = ShmStore.create(OPTIONS)
+    yield producer
+    producer.close()
 
 
 @pytest.fixture
@@ -70,36 +85,51 @@ def test_full_arena_raises_naming_the_reader(arena: ArenaWriter) -> None:
     reader.close()
 
 
-def test_oversized_payload_is_refused_and_packs_inline(arena: ArenaWriter) -> None:
-    with pytest.raises(ArenaFull, match="exceeds the arena"):
-        arena.put(b"z" * (2 << 20))
-    packed = pack([b"h", b"z" * (2 << 20)], arena, min_bytes=1024)
-    assert [memoryview(f).nbytes for f in packed[1:]] == [1, 2 << 20]  # both inline
-    assert [bytes(f) for f in unpack(packed)] == [b"h", b"z" * (2 << 20)]
-
-
-def test_pack_sends_big_frames_by_ref_and_in_arena_tensors_without_copy(arena: ArenaWriter) -> None:
-    register_writer(arena)
-    reader = open_reader(arena.name, 0)  # unpack resolves refs through this process's readers
+def test_oversized_payload_is_refused_and_travels_inline(store: ShmStore) -> None:
+    consumer = ShmStore.attach(store.address, 0, OPTIONS)
     try:
-        tensor = arena.allocate_tensor((1000,), torch.float32)
-        tensor.copy_(torch.arange(1000.0))
-        big = os.urandom(100_000)
-        packed = pack([b"header", big, tensor.numpy().data], arena, min_bytes=1024)
-        assert len(packed) == 2  # descriptor + the inline header: two payloads by ref
-        frames = unpack(packed)
-        assert bytes(frames[0]) == b"header" and bytes(frames[1]) == big
-        got = np.frombuffer(frames[2], dtype=np.float32)
-        assert np.array_equal(got, np.arange(1000.0, dtype=np.float32))
-        # The tensor went by a ref to its own allocation, not a copy: same offset, and a
-        # write through the tensor shows in the reader's view of the same memory.
-        descriptors = json.loads(bytes(packed[0])[len(b"MMSHM1") :])
-        assert descriptors[2][2] == tensor.data_ptr() - arena._mapped.base
-        tensor[0] = 42.0
-        assert got[0] == 42.0
+        with pytest.raises(ArenaFull, match="exceeds the arena"):
+            store._writer.put(b"z" * (2 << 20))  # type: ignore[union-attr]
+        big = torch.full((2 << 20,), 7, dtype=torch.uint8)
+        assert store.put(big) is None  # can never fit: the codec sends it in the frames
+        frames = encode(MaterializedInputs(rid="r", mm_inputs=None), store)
+        message = Decoder(store=consumer).decode(frames)
+        assert isinstance(message, MaterializedInputs)
     finally:
-        unregister_writer(arena)
-        reader.close()
+        consumer.close()
+
+
+def test_store_puts_tensors_once_and_allocated_ones_without_copy(store: ShmStore) -> None:
+    consumer = ShmStore.attach(store.address, 0, OPTIONS)
+    try:
+        allocated = store.allocate((1000,), torch.float32)
+        allocated.copy_(torch.arange(1000.0))
+        ordinary = torch.randn(300, 100)
+        in_place = store.put(allocated)
+        copied = store.put(ordinary)
+        assert in_place is not None and copied is not None
+        # The allocated tensor went by a ref to its own allocation, not a copy.
+        assert in_place.location[2] == allocated.data_ptr() - store._writer._mapped.base  # type: ignore[union-attr]
+        assert (in_place.dtype, in_place.shape, in_place.device) == ("float32", (1000,), "cpu")
+        assert len(orjson_dumps(in_place.to_tree())) < 200
+        got = consumer.resolve(in_place)
+        assert torch.equal(got, torch.arange(1000.0)) and torch.equal(
+            consumer.resolve(copied), ordinary
+        )
+        allocated[0] = 42.0  # a write through the producer's tensor shows in the rank's view
+        assert got[0] == 42.0
+        # A consumer forwards what it resolved as the same reference (the entry rank), and
+        # puts nothing else (it cannot write the arena): that travels inline.
+        assert consumer.put(got) == in_place
+        assert consumer.put(torch.randn(1000)) is None
+    finally:
+        consumer.close()
+
+
+def orjson_dumps(value: object) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
 
 
 def test_dev_shm_too_small_is_a_clear_error() -> None:
@@ -128,26 +158,27 @@ def test_stale_segments_of_dead_processes_are_swept() -> None:
 
 def test_zero_copy_request_crosses_sockets_in_under_1_kb() -> None:
     # What zero-copy sends to the entry rank for a Qwen2-VL image (18.8 MB of pixel values,
-    # 1000 image tokens): everything over 4 KiB goes by ref, the rest is a small header.
-    from mmsched import MultimodalInputs, TokenizedGenerateReqInput, encode
+    # 1000 image tokens): the tensors go by reference, the rest is a small header.
     from mmsched.bench.workloads import qwen2vl_image
-    from mmsched.tokenizer import ARENA_MIN_BYTES
 
-    big_arena = ArenaWriter(32 << 20, n_readers=1)
+    big = ShmStore.create(StoreOptions(capacity_bytes=32 << 20, consumers=1, min_bytes=4096))
     try:
         sample = qwen2vl_image()
         built = MultimodalInputs.from_dict(sample.mm_inputs)
-        frames = encode(TokenizedGenerateReqInput("r", sample.input_ids, mm_inputs=built))
-        packed = pack(frames, big_arena, ARENA_MIN_BYTES)
-        on_the_wire = sum(memoryview(f).nbytes for f in packed)
-        assert on_the_wire < 1024, on_the_wire
+        frames = encode(TokenizedGenerateReqInput("r", sample.input_ids, mm_inputs=built), big)
+        on_the_wire = sum(memoryview(f).nbytes for f in frames)
+        # The token ids (1,000 int64) ride along as one frame of 8 kB; everything else is
+        # the header with its references.
+        assert on_the_wire - 8 * len(sample.input_ids) < 1024, on_the_wire
     finally:
-        big_arena.close()
+        big.close()
 
 
-def test_forged_refs_are_refused(arena: ArenaWriter) -> None:
+def test_forged_refs_are_refused(store: ShmStore) -> None:
     # Found by an adversarial review: nbytes=-1 returned the rest of the arena.
-    reader = open_reader(arena.name, 0)
+    arena = store._writer
+    assert arena is not None
+    reader = ArenaReader(arena.name, 0)
     ref = arena.put(os.urandom(1000))
     forged = [
         Ref(ref.arena, ref.seq, ref.offset, -1),
@@ -160,9 +191,23 @@ def test_forged_refs_are_refused(arena: ArenaWriter) -> None:
     for bad in forged:
         with pytest.raises(TransportError, match="not a payload of arena"):
             reader.view(bad)
-    for descriptors in (b"{}", b"[[1, 2]]", b"[7]", b"not json", b'[["%s", 0, 4096, -1]]'):
-        frames = [b"MMSHM1" + descriptors.replace(b"%s", arena.name.encode())]
-        with pytest.raises(TransportError):
-            unpack(frames)
-    assert bytes(reader.view(ref)) == bytes(reader.view(ref))  # the real ref still works
+    consumer = ShmStore.attach(store.address, 0, OPTIONS)
+    good = ["shm", "uint8", [1000], "cpu", [ref.arena, ref.seq, ref.offset, ref.nbytes]]
+    trees = [
+        {},
+        [1, 2],
+        [*good[:4], [ref.arena, ref.seq, ref.offset, -1]],
+        [*good[:4], [ref.arena, ref.seq, 0, 1000]],
+        ["shm", "uint8", [2000], "cpu", good[4]],  # shape says more than the payload
+        ["shm", "complex", [1000], "cpu", good[4]],
+        ["shm", "uint8", [1000], "cuda:0", good[4]],
+        ["other", "uint8", [1000], "cpu", good[4]],
+    ]
+    decoder = Decoder(store=consumer)
+    for tree in trees:
+        frames = [orjson_dumps({"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$ref": tree}}})]
+        with pytest.raises(CodecError):
+            decoder.decode(frames)
+    assert bytes(consumer.resolve(PayloadRef.from_tree(good)).numpy()) == bytes(reader.view(ref))
     reader.close()
+    consumer.close()

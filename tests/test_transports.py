@@ -15,15 +15,25 @@ from typing import Any
 
 import pytest
 
-from mmsched import ConfigError, EndOfStream, GroupSpec, TransportClosed, open_transport
+from mmsched import (
+    ConfigError,
+    EndOfStream,
+    GroupSpec,
+    TransportClosed,
+    TransportError,
+    open_transport,
+)
 from mmsched.testing import (
     CONTRACT_MESSAGES,
     expected_contract_result,
     run_contract_in_processes,
     run_contract_rank,
 )
-from mmsched.transports import CROSS_PROCESS, transport_names
+from mmsched.transports import transport_names
+
 from mmsched.transports.memory import MemoryTransport
+
+CROSS_PROCESS = transport_names(cross_process=True)
 
 WORLD = 3
 
@@ -49,7 +59,8 @@ def check_contract(results: dict[int, dict[str, Any]]) -> None:
 
 def test_every_transport_is_covered() -> None:
     # A newly registered transport must join one of the two runs below.
-    assert set(transport_names()) == {"memory"} | set(CROSS_PROCESS)
+    assert set(transport_names()) == {"memory", "shm", "torch", "zmq"}
+    assert CROSS_PROCESS == ["shm", "torch", "zmq"]
 
 
 async def test_memory_transport_contract() -> None:
@@ -96,9 +107,9 @@ async def test_memory_cancelled_recv_loses_nothing() -> None:
 
 async def test_roles_are_enforced() -> None:
     sender, receiver = await MemoryTransport.group(2)
-    with pytest.raises(RuntimeError, match="only a receiver"):
+    with pytest.raises(TransportError, match="only a receiver"):
         await sender.recv()
-    with pytest.raises(RuntimeError, match="only the sender"):
+    with pytest.raises(TransportError, match="only the sender"):
         await receiver.send([b"x"])
     await receiver.aclose()
     with pytest.raises(TransportClosed):

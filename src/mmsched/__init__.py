@@ -2,7 +2,8 @@
 
 Inputs are validated and hashed once ([`MultimodalInputs.from_dict`][]), travel as typed
 messages ([`mmsched.codec`][]) over a transport chosen by name ([`mmsched.transports`][]),
-and reach every rank of a [`Pipeline`][] identical.
+their tensor bytes through a payload store chosen by name ([`mmsched.stores`][]), and reach
+every rank of a [`Pipeline`][] identical.
 """
 
 import logging
@@ -10,11 +11,13 @@ import logging
 from mmsched.codec import Decoder, decode, encode
 from mmsched.config import Config
 from mmsched.errors import (
+    ArenaFull,
     CodecError,
     ConfigError,
     EndOfStream,
     InvalidMultimodalInput,
     MmschedError,
+    NotRunning,
     Overloaded,
     PeerLost,
     PickleRefused,
@@ -33,7 +36,9 @@ from mmsched.messages import (
     TokenizedGenerateReqInput,
 )
 from mmsched.pipeline import Pipeline
-from mmsched.strategies import STRATEGIES, get_strategy
+from mmsched.probes import Probe, RankTimings
+from mmsched.stores import PayloadRef, PayloadStore, register_store, store_names
+from mmsched.strategies import Strategy, get_strategy, register_strategy, strategy_names
 from mmsched.tokenizer import RequestTrace
 from mmsched.transports import GroupSpec, Transport, open_transport, transport_names
 
@@ -44,8 +49,8 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "STRATEGIES",
     "AbortReq",
+    "ArenaFull",
     "Batch",
     "CodecError",
     "Config",
@@ -61,12 +66,18 @@ __all__ = [
     "Modality",
     "MultimodalDataItem",
     "MultimodalInputs",
+    "NotRunning",
     "Overloaded",
+    "PayloadRef",
+    "PayloadStore",
     "PeerLost",
     "PickleRefused",
     "Pipeline",
+    "Probe",
+    "RankTimings",
     "RequestFailed",
     "RequestTrace",
+    "Strategy",
     "TokenizedGenerateReqInput",
     "Transport",
     "TransportClosed",
@@ -80,5 +91,9 @@ __all__ = [
     "hash_stats",
     "materialize",
     "open_transport",
+    "register_store",
+    "register_strategy",
+    "store_names",
+    "strategy_names",
     "transport_names",
 ]

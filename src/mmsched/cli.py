@@ -73,14 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--transports",
         type=_csv(str),
         default=list(DEFAULT_TRANSPORTS),
-        help=f"comma-separated, of {', '.join(transport_names())} (default torch,zmq,shm); "
-        "zero-copy runs on shm only",
+        help=f"comma-separated, of {', '.join(transport_names())} (default torch,zmq,shm)",
     )
     fan.add_argument(
         "--zero-copy-input",
         choices=["arena", "copy"],
         default="arena",
-        help="zero-copy: the processor writes into the arena (default), or the tokenizer copies",
+        help="the processor writes into Pipeline.allocate_tensor (default; the arena under "
+        "the shm store), or hands over ordinary memory",
     )
     fan.add_argument(
         "--hasher",
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport",
         type=_csv(str),
         default=["torch"],
-        help="comma-separated (default torch); zero-copy always runs on shm",
+        help="comma-separated (default torch)",
     )
     load.add_argument("--hasher", default="blake3", choices=sorted(HASHERS))
     load.add_argument(
@@ -216,14 +216,6 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
     return 0 if all(r.ranks_identical for r in records) else 1
 
 
-def _load_pairs(strategies: list[str], transports: list[str]) -> list[tuple[str, str]]:
-    # zero-copy needs shared memory: asked for, it runs on shm even if shm is not listed.
-    pairs = combinations(strategies, transports)
-    if "zero-copy" in strategies and "shm" not in transports:
-        pairs.append(("zero-copy", "shm"))
-    return pairs
-
-
 def _load_table(records: list[LoadRecord], title: str) -> Table:
     table = _new_table(
         title,
@@ -283,7 +275,7 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
 
         asyncio.run(
             run_load(
-                pairs=_load_pairs(args.strategy, args.transport),
+                pairs=combinations(args.strategy, args.transport),
                 rates=rates,
                 workload=args.workload,
                 tp=args.tp,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -34,11 +33,12 @@ import numpy as np
 import orjson
 import torch
 
-from mmsched.errors import CodecError, PickleRefused
-from mmsched.frames import Buffer, Frames, frames_nbytes
+from mmsched.errors import CodecError, MmschedError, PickleRefused
+from mmsched.frames import DTYPES, Buffer, Frames, checked_shape, frames_nbytes, tensor_from_frame
 from mmsched.hashing import tensor_bytes
 from mmsched.inputs import MultimodalDataItem, MultimodalInputs
 from mmsched.messages import MESSAGE_TYPES, Message
+from mmsched.stores.base import PayloadRef, PayloadStore
 
 CODEC_VERSION = 1
 
@@ -48,36 +48,26 @@ _STRUCTS["mm_inputs"] = MultimodalInputs
 _STRUCTS["mm_item"] = MultimodalDataItem
 _TAG_OF: dict[type[Any], str] = {cls: tag for tag, cls in _STRUCTS.items()}
 
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
 
-
-def encode(message: Message) -> Frames:
+def encode(message: Message, store: PayloadStore | None = None) -> Frames:
     """Encode a message into frames; tensor frames are views of the tensors' storage.
+
+    With a ``store``, each tensor large enough for it is placed there and only its
+    [`PayloadRef`][mmsched.stores.base.PayloadRef] travels (``{"$ref": [...]}``).
 
     Raises:
         CodecError: the message holds a value the codec cannot carry (an int wider than 64
             bits, text that is not UTF-8, a cycle, a tensor without data, ...).
+        ArenaFull: the store had no room for a tensor within its timeout.
     """
     if not isinstance(message, MESSAGE_TYPES):
         raise CodecError(f"not a message: {type(message).__name__}")
     buffers: list[Buffer] = []
     try:
-        tree = _to_tree(message, buffers)
+        tree = _to_tree(message, buffers, store)
         header = orjson.dumps({"v": CODEC_VERSION, "n": len(buffers), "msg": tree})
+    except MmschedError:
+        raise  # the store's own verdict (ArenaFull: backpressure), not a codec fault
     except Exception as exc:
         raise CodecError(f"cannot encode {message.KIND}: {type(exc).__name__}: {exc}") from exc
     return [header, *buffers]
@@ -94,10 +84,13 @@ class Decoder:
     Args:
         allow_pickle: unpickle opaque values (runs code chosen by the sender). Off by default:
             turn it on only where every sender is trusted.
+        store: the payload store that resolves ``$ref`` tensors; without one, a message
+            holding a reference does not decode.
     """
 
-    def __init__(self, *, allow_pickle: bool = False) -> None:
+    def __init__(self, *, allow_pickle: bool = False, store: PayloadStore | None = None) -> None:
         self.allow_pickle = allow_pickle
+        self.store = store
 
     def decode(self, frames: Sequence[Buffer]) -> Message:
         """The message ``frames`` encode; raises [`CodecError`][] naming what is wrong.
@@ -160,13 +153,19 @@ class Decoder:
             except (TypeError, ValueError) as exc:
                 raise CodecError(f"bad fields for {node['$t']}: {exc}") from exc
         if "$tensor" in node:
-            return _tensor_from(node, _buffer(buffers, node["$tensor"]))
+            buf = _buffer(buffers, node["$tensor"])
+            return tensor_from_frame(buf, str(node.get("dtype")), node.get("shape"))
+        if "$ref" in node:
+            ref = PayloadRef.from_tree(node["$ref"])
+            if self.store is None or ref.store != self.store.name:
+                raise CodecError(f"a {ref.store!r} payload reference, and no such store here")
+            return self.store.resolve(ref)
         if "$ndarray" in node:
             buf = _buffer(buffers, node["$ndarray"])
             dtype = np.dtype(node["dtype"])
             if dtype.hasobject:
                 raise CodecError("an array of Python objects cannot come as raw bytes")
-            shape = _shape(node, dtype.itemsize, memoryview(buf).nbytes)
+            shape = checked_shape(node.get("shape"), dtype.itemsize, memoryview(buf).nbytes)
             return np.frombuffer(buf, dtype=dtype).reshape(shape)
         if "$ints" in node:
             buf = _buffer(buffers, node["$ints"])
@@ -203,7 +202,7 @@ def decode(frames: Sequence[Buffer], *, allow_pickle: bool = False) -> Message:
 # ----------------------------------------------------------------------------- internals
 
 
-def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
+def _to_tree(value: Any, buffers: list[Buffer], store: PayloadStore | None) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         if isinstance(value, enum.Enum):
             return value.value
@@ -212,8 +211,12 @@ def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
         return value
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             return _pickled(value, buffers)
+        if store is not None and store.wants(value):
+            ref = store.put(value)
+            if ref is not None:
+                return {"$ref": ref.to_tree()}
         buffers.append(tensor_bytes(value))
         return {"$tensor": len(buffers) - 1, "dtype": dtype, "shape": list(value.shape)}
     if isinstance(value, np.ndarray) and value.dtype != object:
@@ -228,19 +231,23 @@ def _to_tree(value: Any, buffers: list[Buffer]) -> Any:
             # stay small and a shared-memory transport can carry the ids by reference.
             buffers.append(np.asarray(value, dtype=np.int64).data)
             return {"$ints": len(buffers) - 1}
-        return [_to_tree(x, buffers) for x in value]
+        return [_to_tree(x, buffers, store) for x in value]
     if isinstance(value, tuple):
-        return {"$tuple": [_to_tree(x, buffers) for x in value]}
+        return {"$tuple": [_to_tree(x, buffers, store) for x in value]}
     if isinstance(value, dict):
         # Keys starting with "$" are reserved for the markers above: such a dict goes as pairs.
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
-            return {k: _to_tree(v, buffers) for k, v in value.items()}
-        return {"$dict": [[_to_tree(k, buffers), _to_tree(v, buffers)] for k, v in value.items()]}
+            return {k: _to_tree(v, buffers, store) for k, v in value.items()}
+        return {
+            "$dict": [
+                [_to_tree(k, buffers, store), _to_tree(v, buffers, store)] for k, v in value.items()
+            ]
+        }
     tag = _TAG_OF.get(type(value))
     if tag is not None:
         tree = {"$t": tag}
         for f in dataclasses.fields(value):
-            tree[f.name] = _to_tree(getattr(value, f.name), buffers)
+            tree[f.name] = _to_tree(getattr(value, f.name), buffers, store)
         return tree
     return _pickled(value, buffers)
 
@@ -262,31 +269,3 @@ def _buffer(buffers: Sequence[Buffer], index: Any) -> Buffer:
     if not isinstance(index, int) or not 0 <= index < len(buffers):
         raise CodecError(f"buffer index {index!r} out of range ({len(buffers)} buffers)")
     return buffers[index]
-
-
-def _shape(node: dict[str, Any], itemsize: int, nbytes: int) -> list[int]:
-    """The node's shape, checked against the frame: non-negative ints whose product (in
-    Python ints, which cannot overflow) times ``itemsize`` is exactly ``nbytes``."""
-    shape = node.get("shape")
-    if not isinstance(shape, list) or not all(type(x) is int and 0 <= x < 2**63 for x in shape):
-        raise CodecError(f"malformed shape {shape!r}: expected a list of non-negative ints")
-    expected = math.prod(shape) * itemsize
-    if nbytes != expected:
-        raise CodecError(f"frame holds {nbytes} bytes, dtype and shape need {expected}")
-    return shape
-
-
-def _tensor_from(node: dict[str, Any], buf: Buffer) -> torch.Tensor:
-    dtype = _DTYPES.get(node.get("dtype", ""))
-    if dtype is None:
-        raise CodecError(f"unknown tensor dtype {node.get('dtype')!r}")
-    nbytes = memoryview(buf).nbytes
-    shape = _shape(node, torch.empty((), dtype=dtype).element_size(), nbytes)
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # A read-only frame (bytes, a zmq frame) gives a tensor torch calls non-writable;
-        # sharing the frame's memory is the point, and the module docstring says so.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(buf, dtype=torch.uint8)
-    return flat.view(dtype).reshape(shape)

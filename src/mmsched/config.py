@@ -9,6 +9,9 @@ config = Config.from_toml("mmsched.toml").with_env()
 
 Environment variables are ``MMSCHED_`` plus the field name in upper case, e.g.
 ``MMSCHED_TRANSPORT=torch``, ``MMSCHED_STRATEGY=tokenizer``, ``MMSCHED_TP_SIZE=4``.
+
+A strategy *preset* stands for several values: ``strategy="zero-copy"`` gives
+``strategy="tokenizer"`` and ``payload_store="shm"``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 
 from mmsched.errors import ConfigError
 from mmsched.hashing import DEFAULT_HASHER, get_hasher
-from mmsched.strategies import get_strategy
+from mmsched.stores import store_class
+from mmsched.strategies import PRESETS, get_strategy
 from mmsched.transports import transport_class
 
 ENV_PREFIX = "MMSCHED_"
@@ -35,9 +39,16 @@ class Config:
 
     Attributes:
         transport: how the entry rank fans out to the other ranks (``torch``, ``zmq``,
-            ``shm``; ``memory`` only within one process).
-        strategy: where inputs are materialized and how their bytes travel (``per-rank``,
-            ``entry-broadcast``, ``tokenizer``, ``zero-copy``, which needs ``shm``).
+            ``shm``; ``memory`` runs every rank as a task of the caller's process).
+        strategy: where inputs are materialized (``per-rank``, ``entry-broadcast``,
+            ``tokenizer``), or the preset ``zero-copy`` (``tokenizer`` + ``shm`` store).
+        payload_store: where tensor bytes live on their way to the ranks: ``inline`` (in
+            the messages' frames) or ``shm`` (written once into shared memory every rank
+            maps; only references travel).
+        requests_address: where the tokenizer sends requests to the entry rank: ``None``
+            for an ``ipc://`` endpoint in the run's private directory, or
+            ``tcp://HOST:PORT`` (``PORT`` may be ``*``: any free port).
+        results_address: where the ranks send results to the tokenizer; as above.
         hasher: content hash of features (``blake3``, ``sha256``, ``xxh3``).
         tp_size: number of scheduler ranks.
         model_step_ms: cost of the stub model step per non-empty iteration (a sleep, as a
@@ -48,11 +59,9 @@ class Config:
         startup_timeout_s: longest wait for every rank to join at start.
         max_request_bytes: largest total feature size of one request; ``None``: no limit.
         allow_pickle: let the codec unpickle opaque values (trust every sender first).
-        report_ranks: every rank reports per request when it held usable inputs, and what
-            it held (for benchmarks and tests).
         tokenizer_workers: threads that materialize inputs in the tokenizer.
         shm_arena_mb: size of each shared-memory arena (the ``shm`` transport's, and the
-            tokenizer's under ``zero-copy``); reserved and faulted in at start.
+            ``shm`` payload store's); reserved and faulted in at start.
         max_inflight_mb: most feature bytes of requests sent and not yet answered; a slow
             rank then holds back the tokenizer instead of growing queues. ``None``: no bound.
         backpressure: at that bound, ``wait`` (up to ``backpressure_wait_s``) or ``reject``;
@@ -62,6 +71,9 @@ class Config:
 
     transport: str = "torch"
     strategy: str = "tokenizer"
+    payload_store: str = "inline"
+    requests_address: str | None = None
+    results_address: str | None = None
     hasher: str = DEFAULT_HASHER
     tp_size: int = 1
     model_step_ms: float = 0.0
@@ -70,7 +82,6 @@ class Config:
     startup_timeout_s: float = 120.0
     max_request_bytes: int | None = None
     allow_pickle: bool = False
-    report_ranks: bool = False
     tokenizer_workers: int = 4
     shm_arena_mb: int = 1024
     max_inflight_mb: int | None = 1024
@@ -78,12 +89,15 @@ class Config:
     backpressure_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
+        for key, value in PRESETS.get(self.strategy, {}).items():
+            object.__setattr__(self, key, value)  # frozen: a preset is resolved once, here
         transport_class(self.transport)
-        if get_strategy(self.strategy).shared_memory_inputs and self.transport != "shm":
-            raise ConfigError(
-                f"strategy {self.strategy!r} puts tensors in shared memory; it needs transport "
-                f"'shm', not {self.transport!r}"
-            )
+        get_strategy(self.strategy)
+        store_class(self.payload_store)
+        for name in ("requests_address", "results_address"):
+            address = getattr(self, name)
+            if address is not None and not address.startswith(("ipc://", "tcp://")):
+                raise ConfigError(f"{name} must be ipc://PATH or tcp://HOST:PORT, got {address!r}")
         get_hasher(self.hasher)
         if self.tp_size < 1:
             raise ConfigError(f"tp_size must be at least 1, got {self.tp_size}")
@@ -155,6 +169,7 @@ def _check_type(f: dataclasses.Field[Any], value: Any) -> None:
         "float": (int, float),
         "bool": (bool,),
         "int | None": (int, type(None)),
+        "str | None": (str, type(None)),
     }[str(f.type)]
     if isinstance(value, bool) and bool not in expected:
         raise ConfigError(f"{f.name} must be {f.type}, got a bool")
@@ -181,6 +196,8 @@ def _parse_env(f: dataclasses.Field[Any], text: str) -> Any:
             return float(text)
         if kind == "int | None":
             return None if text.strip().lower() in ("", "none") else int(text)
+        if kind == "str | None":
+            return None if text.strip().lower() in ("", "none") else text
     except ValueError:
         raise ConfigError(f"{name}={text!r} is not a valid {kind}") from None
     raise ConfigError(f"{name}: unsupported field type {kind}")

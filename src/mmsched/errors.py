@@ -11,7 +11,9 @@
     │   ├── EndOfStream                            the sender closed; nothing more will come
     │   └── PeerLost                               a peer died or stopped answering in time
     ├── Overloaded                                 too many bytes in flight (backpressure)
-    └── RequestFailed                              a request failed on a scheduler rank
+    │   └── ArenaFull                              a shared-memory arena had no room in time
+    ├── RequestFailed                              a request failed on a scheduler rank
+    └── NotRunning                                 the pipeline is not started, or closed
 
 Errors from libraries underneath (torch.distributed, zmq) are translated at the transport
 boundary so that callers only need to know this tree.
@@ -83,6 +85,15 @@ class PeerLost(TransportError):
 
 class Overloaded(MmschedError):
     """The pipeline holds ``max_inflight_mb`` of requests already: rejected, or waited too long."""
+
+
+class ArenaFull(Overloaded):
+    """A shared-memory arena had no room for a payload within the timeout: a reader is slow,
+    holds old payloads, or is gone."""
+
+
+class NotRunning(MmschedError):
+    """The pipeline was used before ``start()`` or after ``aclose()``."""
 
 
 class RequestFailed(MmschedError):

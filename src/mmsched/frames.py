@@ -1,12 +1,20 @@
-"""The vocabulary shared by the codec and the transports: a message is a list of frames.
+"""The vocabulary shared by the codec, the transports and the payload stores.
 
-The codec produces frames; a transport moves them. Neither needs the other's insides.
+A message is a list of frames: the codec produces them, a transport moves them, and neither
+needs the other's insides. A tensor is a dtype, a shape and bytes: [`tensor_from_frame`][]
+turns bytes back into a tensor (no copy), for the codec and for stores alike.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
+
+import torch
+
+from mmsched.errors import CodecError
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 """One frame: any contiguous byte buffer."""
@@ -18,3 +26,60 @@ Frames: TypeAlias = list[Buffer]
 def frames_nbytes(frames: Sequence[Buffer]) -> int:
     """Total bytes of a message's frames."""
     return sum(memoryview(f).nbytes for f in frames)
+
+
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+"""The tensor dtypes that travel as raw bytes, by name (``float32``, ``bfloat16``, ...)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def checked_shape(shape: Any, itemsize: int, nbytes: int) -> list[int]:
+    """``shape`` if it is a list of non-negative ints whose product (in Python ints, which
+    cannot overflow) times ``itemsize`` is exactly ``nbytes``; else [`CodecError`][]."""
+    if not isinstance(shape, list | tuple) or not all(
+        type(x) is int and 0 <= x < 2**63 for x in shape
+    ):
+        raise CodecError(f"malformed shape {shape!r}: expected a list of non-negative ints")
+    expected = math.prod(shape) * itemsize
+    if nbytes != expected:
+        raise CodecError(f"frame holds {nbytes} bytes, dtype and shape need {expected}")
+    return list(shape)
+
+
+def tensor_from_frame(buf: Buffer, dtype: str, shape: Any) -> torch.Tensor:
+    """A tensor viewing ``buf`` (no copy): it shares the frame's memory and keeps it alive.
+
+    Raises:
+        CodecError: an unknown dtype, or a shape that does not match the frame's size.
+    """
+    torch_dtype = DTYPES.get(dtype)
+    if torch_dtype is None:
+        raise CodecError(f"unknown tensor dtype {dtype!r}")
+    nbytes = memoryview(buf).nbytes
+    dims = checked_shape(shape, torch.empty((), dtype=torch_dtype).element_size(), nbytes)
+    if nbytes == 0:
+        return torch.empty(dims, dtype=torch_dtype)
+    with warnings.catch_warnings():
+        # A read-only frame (bytes, a zmq frame) gives a tensor torch calls non-writable;
+        # sharing the frame's memory is the point.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(torch_dtype).reshape(dims)

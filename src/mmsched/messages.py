@@ -12,7 +12,7 @@ Direction of travel:
 - entry rank -> every rank, once per request (``entry-broadcast`` strategy only):
   [`MaterializedInputs`][]
 - ranks -> tokenizer: [`GenerateOutput`][], [`ErrorOutput`][], [`RankProgress`][],
-  [`RankReport`][], [`RankReady`][]
+  [`RankReady`][], and [`ProbeReport`][] only where a [probe][mmsched.probes] is plugged in
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mmsched.errors import InvalidMultimodalInput
 from mmsched.inputs import MultimodalInputs
 
 
@@ -28,9 +29,9 @@ class TokenizedGenerateReqInput:
     """One generate request after tokenization.
 
     ``mm_inputs`` is a [`MultimodalInputs`][] when the tokenizer materialized it (the
-    ``tokenizer`` and ``zero-copy`` strategies), the processor's raw dict when the scheduler
-    ranks must (``per-rank``, ``entry-broadcast``), or ``None`` for text only. Ranks accept
-    both forms, which keeps old senders working.
+    ``tokenizer`` strategy), the processor's raw dict when the scheduler ranks must
+    (``per-rank``, ``entry-broadcast``), or ``None`` for text only. Ranks accept both forms,
+    which keeps old senders working.
     """
 
     KIND: ClassVar[str] = "generate"
@@ -38,11 +39,6 @@ class TokenizedGenerateReqInput:
     input_ids: list[int]
     sampling_params: dict[str, Any] = field(default_factory=dict)
     mm_inputs: MultimodalInputs | dict[str, Any] | None = None
-    # time.monotonic() when the processor output was ready in the tokenizer. CLOCK_MONOTONIC
-    # is shared by all processes of a host, so ranks can measure the fan-out latency.
-    created_at: float = 0.0
-    # Ask every rank to report a digest of its inputs, to prove ranks hold identical data.
-    check_ranks: bool = False
 
 
 @dataclass(eq=False)
@@ -105,24 +101,25 @@ class ErrorOutput:
     message: str
     field: str | None = None
 
+    @classmethod
+    def from_exception(cls, rid: str, exc: BaseException) -> ErrorOutput:
+        """``rid`` failing with ``exc``, naming the offending field where it is known."""
+        if isinstance(exc, InvalidMultimodalInput):
+            return cls(rid=rid, kind=type(exc).__name__, message=exc.problem, field=exc.field)
+        return cls(rid=rid, kind=type(exc).__name__, message=str(exc))
+
 
 @dataclass(eq=False)
-class RankReport:
-    """Sent by every rank for every request when ``report_ranks`` is on (benchmarks, tests).
+class ProbeReport:
+    """What a rank's [probe][mmsched.probes] observed of one request (benchmarks, tests).
 
-    ``hash_count`` and ``hash_cpu_seconds`` are the rank process's running totals.
+    Sent only where a probe is plugged in; ``data`` is the probe's own (JSON-able values).
     """
 
-    KIND: ClassVar[str] = "rank_report"
+    KIND: ClassVar[str] = "probe_report"
     rid: str
     rank: int
-    iteration: int
-    ready_at: float
-    fingerprint: str
-    hash_count: int
-    hash_cpu_seconds: float
-    content_digest: str | None = None
-    error: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -157,7 +154,7 @@ Message = (
     | GenerateOutput
     | ErrorOutput
     | RankProgress
-    | RankReport
+    | ProbeReport
     | RankReady
 )
 
@@ -170,6 +167,6 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     GenerateOutput,
     ErrorOutput,
     RankProgress,
-    RankReport,
+    ProbeReport,
     RankReady,
 )

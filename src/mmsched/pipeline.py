@@ -1,22 +1,28 @@
-"""The embedding API: a tokenizer stage in the caller's process and N scheduler rank processes.
+"""The embedding API: a tokenizer stage in the caller's process and N scheduler ranks.
 
 ```python
 async with Pipeline(Config(tp_size=4, strategy="tokenizer")) as pipeline:
     output = await pipeline.generate("req-1", input_ids, processor_output)
 ```
 
-Ranks are started with the ``spawn`` method (safe with torch and threads), form a group over
-the configured transport, and each calls ``on_iteration(rank, iteration, requests)`` with
-the iteration's typed requests. A watchdog fails every pending request with
-[`PeerLost`][] as soon as a rank process dies (or with the error a rank left behind, such
-as a [`ConfigError`][] raised while it started). Closing the pipeline asks the ranks to
-exit, waits ``timeout_s`` for them, then kills any left, and removes the run's private
-directory (the IPC endpoints); a ``start()`` that fails closes what it had started.
+Ranks are processes started with the ``spawn`` method (safe with torch and threads); over
+the in-process ``memory`` transport they are tasks of the caller's event loop instead, for
+tests that need no process boundary. They form a group over the configured transport, and
+each calls ``on_iteration(rank, iteration, requests)`` with the iteration's typed requests.
 
-The tokenizer's two sockets are ``ipc://`` files of mode 0600 in that 0700 directory, and
-they accept only peers that present the run's secret token in the ZMQ handshake (PLAIN
-credentials checked by a ZAP handler): another process cannot answer, steal or forge
-requests by connecting to them.
+The pipeline's background work (routing results, watching the ranks, and in-process ranks)
+runs in one anyio task group: if any of it stops unexpectedly, every pending and later
+request fails with [`PeerLost`][mmsched.errors.PeerLost] (or with the error a rank left
+behind, such as a [`ConfigError`][mmsched.errors.ConfigError] raised while it started)
+instead of waiting. Closing the pipeline asks the ranks to exit, waits ``timeout_s`` for
+them, then kills any left, and removes the run's private directory and payload store; a
+``start()`` that fails closes what it had started.
+
+The tokenizer's two sockets are, by default, ``ipc://`` files of mode 0600 in that 0700
+directory (``requests_address`` and ``results_address`` may name ``tcp://`` endpoints
+instead), and they accept only peers that present the run's secret token in the ZMQ
+handshake (PLAIN credentials checked by a ZAP handler): another process cannot answer,
+steal or forge requests by connecting to them.
 """
 
 from __future__ import annotations
@@ -35,26 +41,31 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import anyio
 import torch
 import zmq
 import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 
-from mmsched import shm
 from mmsched.config import Config
-from mmsched.errors import ConfigError, MmschedError, PeerLost
+from mmsched.errors import ConfigError, MmschedError, NotRunning, PeerLost
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import GenerateOutput
+from mmsched.probes import Probe
+from mmsched.processes import pid_alive
 from mmsched.scheduler import (
     CREDENTIALS_USER,
     IterationCallback,
     RankAddresses,
+    SchedulerRank,
     rank_main,
     read_failure,
+    store_options,
+    sweep_stale_stores,
 )
-from mmsched.strategies import get_strategy
+from mmsched.stores import PayloadStore, store_class
 from mmsched.tokenizer import RequestTrace, TokenizerStage
-from mmsched.transports import CROSS_PROCESS, transport_class
+from mmsched.transports import transport_class
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +79,35 @@ _STARTUP_FAILURE_GRACE_S = 1.0
 
 
 class Pipeline:
-    """Tokenizer stage plus ``config.tp_size`` scheduler rank processes."""
+    """Tokenizer stage plus ``config.tp_size`` scheduler ranks.
 
-    def __init__(self, config: Config, *, on_iteration: IterationCallback | None = None) -> None:
-        if config.transport not in CROSS_PROCESS:
-            raise ConfigError(
-                f"transport {config.transport!r} cannot reach rank processes; "
-                f"use one of: {', '.join(sorted(CROSS_PROCESS))}"
-            )
+    Args:
+        config: what to run with.
+        on_iteration: called on every rank with each iteration's requests (must be
+            picklable when ranks are processes: a module-level function, say).
+        probe: instrumentation for benchmarks and tests ([`mmsched.probes`][]); ``None``
+            in production.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_iteration: IterationCallback | None = None,
+        probe: Probe | None = None,
+    ) -> None:
         self.config = config
         self.on_iteration = on_iteration
+        self.probe = probe
+        self.in_process = not transport_class(config.transport).cross_process
         self._workdir: Path | None = None
         self._zmq: zmq.asyncio.Context | None = None
         self._processes: list[BaseProcess] = []
         self._stage: TokenizerStage | None = None
-        self._watchdog: asyncio.Task[None] | None = None
-        self._arena: shm.ArenaWriter | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._ranks_running = 0
+        self._ranks_stopped = asyncio.Event()
+        self._store: PayloadStore | None = None
         self._authenticator: ThreadAuthenticator | None = None
         self._addresses: RankAddresses | None = None
         self._ready = False
@@ -91,17 +115,17 @@ class Pipeline:
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the rank processes, rank order."""
+        """Process ids of the rank processes, rank order (none when ranks are tasks)."""
         return [p.pid for p in self._processes if p.pid is not None]
 
     async def start(self) -> None:
-        """Start the tokenizer stage and the rank processes; return once every rank is ready.
+        """Start the tokenizer stage and the ranks; return once every rank is ready.
 
         Raises:
             ConfigError: the callback cannot reach the rank processes, or a rank found the
                 config unusable where it runs (say ``/dev/shm`` too small for its arena).
-            PeerLost: a rank died while starting.
-            TimeoutError: not every rank was ready within ``startup_timeout_s``.
+            PeerLost: a rank died while starting, or not every rank was ready within
+                ``startup_timeout_s``.
 
         Whatever fails, what was started is closed again: no process, directory or
         segment is left behind.
@@ -114,11 +138,12 @@ class Pipeline:
         log.info("pipeline ready: %d ranks, pids %s", self.config.tp_size, self.pids)
 
     async def _start(self) -> None:
-        _check_picklable(self.on_iteration)
+        if not self.in_process:
+            _check_picklable(self.on_iteration, self.probe)
         # What a crashed earlier run may have left: its ranks clean up after it when they
         # can, but a rank killed with its parent before it ran any code of ours cannot.
         sweep_stale_run_dirs()
-        shm.sweep_stale_segments()
+        sweep_stale_stores()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         self._zmq = zmq.asyncio.Context()
         token = secrets.token_hex(16)
@@ -132,53 +157,105 @@ class Pipeline:
         for sock in (requests, results):
             sock.setsockopt(zmq.LINGER, 0)
             sock.plain_server = True
-        if get_strategy(self.config.strategy).shared_memory_inputs:
-            self._arena = await asyncio.to_thread(
-                shm.ArenaWriter,
-                self.config.shm_arena_mb << 20,
-                self.config.tp_size,
-                timeout_s=self.config.timeout_s,
+        self._store = await asyncio.to_thread(
+            store_class(self.config.payload_store).create, store_options(self.config)
+        )
+        bound = [
+            _bind(sock, address, self._workdir / name)
+            for sock, address, name in (
+                (requests, self.config.requests_address, "requests"),
+                (results, self.config.results_address, "results"),
             )
-            shm.register_writer(self._arena)
+        ]
         addresses = RankAddresses(
-            requests=f"ipc://{self._workdir}/requests",
-            results=f"ipc://{self._workdir}/results",
+            requests=bound[0],
+            results=bound[1],
             group=transport_class(self.config.transport).new_address(self._workdir),
             run_dir=str(self._workdir),
             parent_pid=os.getpid(),
             token=token,
-            data_plane=self._arena.name if self._arena is not None else None,
+            store=self._store.address,
         )
         self._addresses = addresses
-        for sock, address in ((requests, addresses.requests), (results, addresses.results)):
-            sock.bind(address)
-            os.chmod(address.removeprefix("ipc://"), 0o600)  # owner only, as the directory
-        self._stage = TokenizerStage(self.config, requests, results, self._arena)
-        self._stage.start()
-
-        ctx = multiprocessing.get_context("spawn")
-        for rank in range(self.config.tp_size):
-            proc = ctx.Process(
-                target=rank_main,
-                args=(self.config, rank, addresses, self.on_iteration),
-                name=f"mmsched-rank{rank}",
-                daemon=True,
-            )
-            proc.start()
-            self._processes.append(proc)
-        self._watchdog = asyncio.create_task(self._watch(), name="mmsched-watchdog")
-        await self._stage.wait_ranks_ready(self.config.startup_timeout_s)
+        self._stage = TokenizerStage(
+            self.config, requests, results, self._store, probed=self.probe is not None
+        )
+        if not self.in_process:
+            ctx = multiprocessing.get_context("spawn")
+            for rank in range(self.config.tp_size):
+                proc = ctx.Process(
+                    target=rank_main,
+                    args=(self.config, rank, addresses, self.on_iteration, self.probe),
+                    name=f"mmsched-rank{rank}",
+                    daemon=True,
+                )
+                proc.start()
+                self._processes.append(proc)
+        self._background = asyncio.create_task(self._supervise(), name="mmsched-background")
+        self._background.add_done_callback(self._background_stopped)
+        try:
+            await self._stage.wait_ranks_ready(self.config.startup_timeout_s)
+        except TimeoutError:
+            raise PeerLost(
+                f"not every rank was ready within startup_timeout_s={self.config.startup_timeout_s}"
+            ) from None
         self._ready = True
-        if self._arena is not None:
-            self._arena.unlink()  # every rank has mapped it: a crash now leaves nothing behind
+        self._store.consumers_attached()  # every rank has attached: drop the public name
+
+    async def _supervise(self) -> None:
+        """The pipeline's background work, in one task group: if one part fails, the rest
+        is cancelled and the failure reaches every caller (``_background_stopped``)."""
+        assert self._stage is not None
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._stage.route_results, name="mmsched-results")
+            if self.in_process:
+                for rank in range(self.config.tp_size):
+                    self._ranks_running += 1
+                    group.start_soon(self._run_rank_task, rank, name=f"mmsched-rank{rank}")
+            else:
+                group.start_soon(self._watch, name="mmsched-watchdog")
+
+    def _background_stopped(self, task: asyncio.Task[None]) -> None:
+        if self._closing or self._stage is None:
+            return
+        if task.cancelled():
+            cause = "was cancelled"
+        else:
+            exc = task.exception()
+            while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+                exc = exc.exceptions[0]
+            cause = f"failed: {exc}" if exc is not None else "ended"
+        error = PeerLost(f"the tokenizer's background work (result router, ranks) {cause}")
+        log.error("%s; failing every waiting request", error)
+        self._stage.fail_all(error)
+
+    async def _run_rank_task(self, rank: int) -> None:
+        """An in-process rank: its failure fails the pipeline, as a process's death does."""
+        assert self._addresses is not None and self._stage is not None
+        rank_loop = SchedulerRank(self.config, rank, self._addresses, self.on_iteration, self.probe)
+        try:
+            await rank_loop.run()
+        except Exception as exc:
+            error = _rank_error(rank, type(exc).__name__, str(exc))
+            log.error("%s", error)
+            self._stage.fail_all(error)
+            raise  # the group cancels the other ranks: a group missing a rank cannot serve
+        finally:
+            self._ranks_running -= 1
+            if self._ranks_running == 0:
+                self._ranks_stopped.set()
 
     def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """An empty tensor for a processor to fill. Under ``zero-copy`` it lives in the
-        shared-memory arena, so sending it copies nothing; otherwise it is ``torch.empty``.
+        """An empty tensor for a processor to fill. With the ``shm`` payload store it lives
+        in shared memory, so sending it copies nothing; otherwise it is ``torch.empty``.
+
+        Raises:
+            NotRunning: the pipeline is not started.
+            ArenaFull: the store had no room within ``timeout_s``.
         """
-        if self._arena is not None:
-            return self._arena.allocate_tensor(shape, dtype)
-        return torch.empty(tuple(shape), dtype=dtype)
+        if self._store is None:
+            raise NotRunning("the pipeline is not started")
+        return self._store.allocate(shape, dtype)
 
     async def generate(
         self,
@@ -192,8 +269,11 @@ class Pipeline:
         Raises:
             InvalidMultimodalInput: the inputs are malformed; this request alone fails.
             RequestFailed: a rank failed the request for another reason (``kind`` says which).
-            Overloaded: ``max_inflight_mb`` is reached (see ``backpressure``).
+            Overloaded: ``max_inflight_mb`` is reached (see ``backpressure``), or the
+                payload store had no room in time (``ArenaFull``).
+            CodecError: a value in the request cannot be encoded.
             PeerLost: a rank died; the pipeline is stopped and must be started again.
+            NotRunning: the pipeline is not started, or closed.
         """
         trace = await self.generate_traced(rid, input_ids, mm_inputs, sampling_params)
         return trace.output
@@ -204,45 +284,56 @@ class Pipeline:
         input_ids: list[int],
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None = None,
         sampling_params: dict[str, Any] | None = None,
-        *,
-        check_ranks: bool = False,
     ) -> RequestTrace:
-        """Like [`generate`][], with the ranks' reports when ``config.report_ranks`` is on.
+        """Like [`generate`][mmsched.pipeline.Pipeline.generate], with when the request was
+        submitted and every rank's probe report (with a ``probe``).
 
-        ``check_ranks`` asks every rank for a digest of the bytes it holds.
+        Raises:
+            MmschedError: as [`generate`][mmsched.pipeline.Pipeline.generate].
         """
-        if self._stage is None:
-            raise RuntimeError("the pipeline is not started")
-        return await self._stage.submit(
-            rid, input_ids, mm_inputs, sampling_params, check_ranks=check_ranks
-        )
+        if self._stage is None or self._closing:
+            raise NotRunning("the pipeline is not started, or closed")
+        return await self._stage.submit(rid, input_ids, mm_inputs, sampling_params)
 
     async def aclose(self) -> None:
         """Stop the ranks (killed after ``timeout_s`` if they hang) and release everything:
-        sockets, shared memory, the run's private directory. Safe to call twice."""
+        sockets, the payload store, the run's private directory. Safe to call twice."""
         if self._closing:
             return
         self._closing = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
         if self._stage is not None:
-            if any(p.is_alive() for p in self._processes):
-                self._stage.shutdown()
-            await self._join_ranks()
-            await self._stage.aclose()
+            if self.in_process:
+                await self._stop_rank_tasks()
+            else:
+                if any(p.is_alive() for p in self._processes):
+                    self._stage.shutdown()
+                await self._join_ranks()
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+        if self._stage is not None:
+            self._stage.close()
         if self._authenticator is not None:
             self._authenticator.stop()
         if self._zmq is not None:
             self._zmq.destroy(linger=0)
-        if self._arena is not None:
-            shm.unregister_writer(self._arena)
-            self._arena.close()
+        if self._store is not None:
+            self._store.close()
+            store_class(self.config.payload_store).remove_leftovers(self._store.address)
         if self._addresses is not None:
             transport_class(self.config.transport).remove_leftovers(self._addresses.group)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
         log.info("pipeline closed")
+
+    async def _stop_rank_tasks(self) -> None:
+        assert self._stage is not None
+        if self._ranks_running == 0:
+            return
+        self._stage.shutdown()
+        grace = self.config.timeout_s if self._ready else _STARTUP_FAILURE_GRACE_S
+        with anyio.move_on_after(grace):
+            await self._ranks_stopped.wait()  # else the background's cancel stops them
 
     async def _join_ranks(self) -> None:
         grace = self.config.timeout_s if self._ready else _STARTUP_FAILURE_GRACE_S
@@ -260,7 +351,7 @@ class Pipeline:
             await asyncio.sleep(_WATCHDOG_PERIOD_S)
             for rank, proc in enumerate(self._processes):
                 if proc.exitcode is not None and self._stage is not None:
-                    error = self._rank_error(rank, proc.exitcode)
+                    error = self._process_error(rank, proc.exitcode)
                     log.error("%s", error)
                     self._stage.fail_all(error)
                     # A group missing a rank cannot serve: the others must not wait on it
@@ -269,15 +360,12 @@ class Pipeline:
                     await self._join_ranks()
                     return
 
-    def _rank_error(self, rank: int, exitcode: int) -> MmschedError:
-        """What a dead rank's death means to callers: the error it left, if any."""
+    def _process_error(self, rank: int, exitcode: int) -> MmschedError:
+        """What a dead rank process's death means to callers: the error it left, if any."""
         left = read_failure(self._workdir, rank) if self._workdir is not None else None
         if left is None:
             return PeerLost(f"scheduler rank {rank} exited with code {exitcode}")
-        kind, message = left
-        if kind in ("ConfigError", "UnknownNameError"):
-            return ConfigError(f"scheduler rank {rank}: {message}")
-        return PeerLost(f"scheduler rank {rank} exited with code {exitcode}: {kind}: {message}")
+        return _rank_error(rank, *left, exitcode=exitcode)
 
     async def __aenter__(self) -> Pipeline:
         await self.start()
@@ -292,16 +380,39 @@ class Pipeline:
         await self.aclose()
 
 
-def _check_picklable(on_iteration: IterationCallback | None) -> None:
-    # Spawned ranks receive the callback pickled; a lambda or a local function fails there
-    # with an AttributeError that does not say why.
+def _rank_error(rank: int, kind: str, message: str, exitcode: int | None = None) -> MmschedError:
+    if kind in ("ConfigError", "UnknownNameError"):
+        return ConfigError(f"scheduler rank {rank}: {message}")
+    exited = f" exited with code {exitcode}" if exitcode is not None else " failed"
+    return PeerLost(f"scheduler rank {rank}{exited}: {kind}: {message}")
+
+
+def _bind(sock: zmq.asyncio.Socket, address: str | None, ipc_path: Path) -> str:
+    """Bind ``sock`` where the config says (an owner-only ``ipc://`` file by default);
+    returns the address peers connect to (a ``tcp://...:*`` resolved to its port)."""
+    if address is None:
+        sock.bind(f"ipc://{ipc_path}")
+        os.chmod(ipc_path, 0o600)  # owner only, as the directory
+        return f"ipc://{ipc_path}"
     try:
-        ForkingPickler.dumps(on_iteration)
-    except Exception as exc:
-        raise ConfigError(
-            f"on_iteration {on_iteration!r} cannot be sent to the rank processes ({exc}): "
-            "pass a function defined at module level, or a picklable object"
-        ) from exc
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot bind {address}: {exc}") from exc
+    bound = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return bound.decode() if isinstance(bound, bytes) else str(bound)
+
+
+def _check_picklable(*hooks: object) -> None:
+    # Spawned ranks receive the callback and the probe pickled; a lambda or a local function
+    # fails there with an AttributeError that does not say why.
+    for hook in hooks:
+        try:
+            ForkingPickler.dumps(hook)
+        except Exception as exc:
+            raise ConfigError(
+                f"{hook!r} cannot be sent to the rank processes ({exc}): pass a function "
+                "defined at module level, or a picklable object"
+            ) from exc
 
 
 def sweep_stale_run_dirs() -> list[Path]:
@@ -309,7 +420,7 @@ def sweep_stale_run_dirs() -> list[Path]:
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
         pid = path.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and path.is_dir() and not shm.pid_alive(int(pid)):
+        if pid.isdigit() and path.is_dir() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)  # another user's: not ours to remove
             if not path.exists():
                 removed.append(path)

@@ -6,8 +6,10 @@ Each iteration:
    up to ``idle_wait_ms`` for a first message) and announces it as one [`Batch`][] over
    the transport; the other ranks receive that batch. All ranks therefore run the same
    requests in the same iteration, and no rank runs a collective the others skip;
-2. every rank resolves each request's multimodal inputs as the strategy says (use the
-   tokenizer's object; build it here; or, ``entry-broadcast``, receive the entry rank's);
+2. every rank resolves each request's multimodal inputs as its
+   [strategy][mmsched.strategies] says (use the tokenizer's object; build it here; or,
+   ``entry-broadcast``, receive the entry rank's); tensors that travel by reference are
+   resolved through the [payload store][mmsched.stores] as the message is decoded;
 3. the server's callback sees the iteration's typed requests; the stub model step runs;
 4. rank 0 returns outputs (or per-request errors) to the tokenizer.
 
@@ -38,32 +40,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import blake3
 import orjson
 import zmq
 import zmq.asyncio
 
-from mmsched import shm
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
-from mmsched.errors import CodecError, InvalidMultimodalInput
+from mmsched.errors import CodecError
 from mmsched.frames import Frames
-from mmsched.hashing import hash_stats
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
     AbortReq,
     Batch,
     ErrorOutput,
     GenerateOutput,
-    MaterializedInputs,
     Message,
+    ProbeReport,
     RankProgress,
     RankReady,
-    RankReport,
     Shutdown,
     TokenizedGenerateReqInput,
 )
-from mmsched.strategies import MaterializeIn, get_strategy
+from mmsched.probes import Probe
+from mmsched.stores import PayloadStore, StoreOptions, store_class, store_names
+from mmsched.strategies import get_strategy
 from mmsched.transports import GroupSpec, Transport, open_transport
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class RankAddresses:
     run_dir: str  # the run's private directory
     parent_pid: int  # the process that started the ranks (the tokenizer)
     token: str  # the run's secret (see above)
-    data_plane: str | None = None  # the tokenizer's shared-memory arena (zero-copy)
+    store: str | None = None  # where the payload store's consumers attach
 
 
 CREDENTIALS_USER = b"mmsched"
@@ -104,18 +104,38 @@ def present_credentials(socket: zmq.Socket[Any], token: str) -> None:
     socket.plain_password = token.encode()
 
 
+def store_options(config: Config) -> StoreOptions:
+    """What the pipeline's payload store is made with, on the tokenizer and on every rank."""
+    return StoreOptions(
+        capacity_bytes=config.shm_arena_mb << 20,
+        consumers=config.tp_size,
+        timeout_s=config.timeout_s,
+        min_bytes=_STORE_MIN_BYTES,
+    )
+
+
+# Tensors from this size up go through the payload store; smaller ones ride the header.
+_STORE_MIN_BYTES = 4096
+
+
+def sweep_stale_stores() -> list[str]:
+    """What every registered payload store's crashed runs left behind, removed."""
+    return [left for name in store_names() for left in store_class(name).sweep_stale()]
+
+
 def rank_main(
     config: Config,
     rank: int,
     addresses: RankAddresses,
     on_iteration: IterationCallback | None = None,
+    probe: Probe | None = None,
 ) -> None:
     """Process entry point of scheduler rank ``rank``."""
     threading.Thread(
         target=_exit_if_orphaned, args=(addresses,), name="mmsched-orphan", daemon=True
     ).start()
     try:
-        asyncio.run(SchedulerRank(config, rank, addresses, on_iteration).run())
+        asyncio.run(SchedulerRank(config, rank, addresses, on_iteration, probe).run())
     except BaseException as exc:
         log.error("scheduler rank %d failed: %r", rank, exc)
         _leave_failure(addresses.run_dir, rank, exc)
@@ -150,19 +170,15 @@ def _exit_if_orphaned(addresses: RankAddresses) -> None:
         if os.getppid() != addresses.parent_pid:
             log.error("the tokenizer (pid %d) is gone; this rank exits", addresses.parent_pid)
             shutil.rmtree(addresses.run_dir, ignore_errors=True)
-            shm.sweep_stale_segments()  # the run's segments, named for the dead tokenizer
+            sweep_stale_stores()  # the run's segments, named for the dead tokenizer
             os._exit(1)
 
 
-def error_output(rid: str, exc: BaseException) -> ErrorOutput:
-    """The [`ErrorOutput`][] for ``rid`` failing with ``exc``, naming the field if known."""
-    field = exc.field if isinstance(exc, InvalidMultimodalInput) else None
-    message = exc.problem if isinstance(exc, InvalidMultimodalInput) else str(exc)
-    return ErrorOutput(rid=rid, kind=type(exc).__name__, message=message, field=field)
-
-
 class SchedulerRank:
-    """One scheduler rank: its sockets, its transport endpoint and its iteration loop."""
+    """One scheduler rank: its sockets, its transport endpoint and its iteration loop.
+
+    It is the [`RankServices`][mmsched.strategies.base.RankServices] its strategy uses.
+    """
 
     def __init__(
         self,
@@ -170,45 +186,26 @@ class SchedulerRank:
         rank: int,
         addresses: RankAddresses,
         on_iteration: IterationCallback | None,
+        probe: Probe | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
         self.addresses = addresses
         self.on_iteration = on_iteration
+        self.probe = probe
         self.strategy = get_strategy(config.strategy)
+        self._store: PayloadStore | None = None
         self.decoder = Decoder(allow_pickle=config.allow_pickle)
         self._zmq = zmq.asyncio.Context()
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
         self._transport: Transport | None = None
+        self.refused = 0  # messages the entry rank refused (logged one by one)
 
     async def run(self) -> None:
         """Join the group, say ready, then run iterations until shut down or a peer is lost."""
-        self._results.setsockopt(zmq.LINGER, 2000)
-        present_credentials(self._results, self.addresses.token)
-        self._results.connect(self.addresses.results)
-        if self.rank == 0:
-            self._inbox = self._zmq.socket(zmq.PULL)
-            self._inbox.setsockopt(zmq.LINGER, 0)
-            present_credentials(self._inbox, self.addresses.token)
-            self._inbox.connect(self.addresses.requests)
-        if self.addresses.data_plane is not None:
-            # Map the tokenizer's arena before saying ready: the tokenizer then unlinks its name.
-            await asyncio.to_thread(
-                shm.open_reader,
-                self.addresses.data_plane,
-                self.rank,
-                wait_s=self.config.timeout_s,
-            )
-        spec = GroupSpec(
-            self.rank,
-            self.config.tp_size,
-            self.addresses.group,
-            self.config.timeout_s,
-            options={"arena_bytes": self.config.shm_arena_mb << 20},
-        )
-        self._transport = await open_transport(self.config.transport, spec)
         try:
+            await self._join()
             await self._send(RankReady(rank=self.rank, pid=os.getpid()))
             iteration = 0
             while True:
@@ -218,11 +215,41 @@ class SchedulerRank:
                     break
                 iteration += 1
         finally:
-            await self._transport.aclose()
+            if self._transport is not None:
+                await self._transport.aclose()
             self._results.close()
             if self._inbox is not None:
                 self._inbox.close()
             self._zmq.term()
+            if self._store is not None:
+                self._store.close()
+
+    async def _join(self) -> None:
+        self._results.setsockopt(zmq.LINGER, 2000)
+        present_credentials(self._results, self.addresses.token)
+        self._results.connect(self.addresses.results)
+        if self.rank == 0:
+            self._inbox = self._zmq.socket(zmq.PULL)
+            self._inbox.setsockopt(zmq.LINGER, 0)
+            present_credentials(self._inbox, self.addresses.token)
+            self._inbox.connect(self.addresses.requests)
+        # Attach to the payload store before saying ready: the tokenizer may then drop its
+        # public name (the shm store unlinks its segment).
+        self._store = await asyncio.to_thread(
+            store_class(self.config.payload_store).attach,
+            self.addresses.store,
+            self.rank,
+            store_options(self.config),
+        )
+        self.decoder = Decoder(allow_pickle=self.config.allow_pickle, store=self._store)
+        spec = GroupSpec(
+            self.rank,
+            self.config.tp_size,
+            self.addresses.group,
+            self.config.timeout_s,
+            options={"arena_bytes": self.config.shm_arena_mb << 20},
+        )
+        self._transport = await open_transport(self.config.transport, spec)
 
     # -- step 1: agree on the iteration's requests ------------------------------------------
 
@@ -236,7 +263,8 @@ class SchedulerRank:
                 )
             return message
         batch = await self._collect(iteration)
-        await self._transport.send(encode(batch))
+        # Tensors this rank resolved from the store go on as the same references.
+        await self._transport.send(encode(batch, self._store))
         return batch
 
     async def _collect(self, iteration: int) -> Batch:
@@ -249,8 +277,6 @@ class SchedulerRank:
             frames = await self._inbox.recv_multipart(copy=False)
             buffers: Frames = [f.buffer for f in frames]
             try:
-                # Under zero-copy, tensor frames arrive as refs into the tokenizer's arena.
-                buffers = shm.unpack(buffers)
                 message = self.decoder.decode(buffers)
                 _check_request(message)
             except Exception as exc:
@@ -258,8 +284,9 @@ class SchedulerRank:
                 # is not a request of ours. It never enters a batch, so no rank waits for it.
                 rid = Decoder.peek_rid(buffers)
                 log.warning("entry rank refused a message (request %r): %s", rid, exc)
+                self.refused += 1
                 if rid is not None:
-                    await self._send(error_output(rid, exc))
+                    await self._send(ErrorOutput.from_exception(rid, exc))
                 continue
             if isinstance(message, TokenizedGenerateReqInput):
                 batch.requests.append(message)
@@ -277,14 +304,14 @@ class SchedulerRank:
         for req in batch.requests:
             if req.rid in aborted:
                 continue
-            outcome = await self._resolve(req)
+            outcome = await self.strategy.resolve(req, self)
             if isinstance(outcome, ErrorOutput):
-                await self._report(req, batch.iteration, None, outcome)
+                await self._observe(req, batch.iteration, None, outcome)
                 if self.rank == 0:
                     await self._send(outcome)
                 continue
             req.mm_inputs = outcome
-            await self._report(req, batch.iteration, outcome, None)
+            await self._observe(req, batch.iteration, outcome, None)
             ready.append(req)
 
         if self.on_iteration is not None:
@@ -301,54 +328,27 @@ class SchedulerRank:
         if batch.requests:
             await self._send(RankProgress(rank=self.rank, iteration=batch.iteration))
 
-    async def _resolve(
-        self, req: TokenizedGenerateReqInput
-    ) -> MultimodalInputs | ErrorOutput | None:
-        """This rank's usable inputs for ``req``, or the error every rank agrees on."""
-        how = self.strategy.materialize_in
-        needs_building = isinstance(req.mm_inputs, dict)
-        if how is MaterializeIn.ENTRY_RANK and needs_building:
-            return await self._entry_broadcast(req)
-        if not isinstance(req.mm_inputs, dict):  # built by the tokenizer, or text only
-            return req.mm_inputs
-        # per-rank builds here on every rank; tokenizer and zero-copy build here only for a
-        # sender that still sends dicts (backward compatibility).
-        try:
-            return await asyncio.to_thread(self._build, req)
-        except Exception as exc:  # this request's error, on every rank alike
-            return error_output(req.rid, exc)
+    # -- RankServices: what the strategy may use ---------------------------------------------
 
-    def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
-        return materialize(
+    async def build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
+        """Validate and hash ``req``'s raw inputs here, off the event loop (raises if bad)."""
+        return await asyncio.to_thread(
+            materialize,
             req.mm_inputs,
             hasher=self.config.hasher,
             input_len=len(req.input_ids),
             max_bytes=self.config.max_request_bytes,
         )
 
-    async def _entry_broadcast(
-        self, req: TokenizedGenerateReqInput
-    ) -> MultimodalInputs | ErrorOutput:
-        """Commit 17a57fd86's path: entry rank builds, then one blocking fan-out per request."""
+    async def send_to_group(self, message: Message) -> None:
+        """Entry rank: one message to every other rank, its tensors by store reference."""
         assert self._transport is not None
-        message: MaterializedInputs
-        if self.rank == 0:
-            try:
-                built = await asyncio.to_thread(self._build, req)
-                message = MaterializedInputs(rid=req.rid, mm_inputs=built)
-            except Exception as exc:
-                # Unlike the original, the verdict is sent too, so no rank waits forever.
-                message = MaterializedInputs(rid=req.rid, error=error_output(req.rid, exc))
-            await self._transport.send(encode(message))
-        else:
-            received = self.decoder.decode(await self._transport.recv())
-            if not isinstance(received, MaterializedInputs) or received.rid != req.rid:
-                raise CodecError(f"expected the entry rank's inputs for {req.rid!r}")
-            message = received
-        if message.error is not None:
-            return message.error
-        assert message.mm_inputs is not None
-        return message.mm_inputs
+        await self._transport.send(encode(message, self._store))
+
+    async def recv_from_group(self) -> Message:
+        """Other ranks: the entry rank's next message."""
+        assert self._transport is not None
+        return self.decoder.decode(await self._transport.recv())
 
     def _stub_output(self, req: TokenizedGenerateReqInput) -> GenerateOutput:
         # The stub model "generates" the ids it was fed, media spans replaced by pad values:
@@ -362,34 +362,18 @@ class SchedulerRank:
             )
         return GenerateOutput(rid=req.rid, output_ids=list(req.input_ids))
 
-    async def _report(
+    async def _observe(
         self,
         req: TokenizedGenerateReqInput,
         iteration: int,
         mm: MultimodalInputs | None,
         error: ErrorOutput | None,
     ) -> None:
-        if not self.config.report_ranks:
+        if self.probe is None:
             return
-        ready_at = time.monotonic()
-        stats = hash_stats()
-        fingerprint = repr(mm.fingerprint()) if mm is not None else repr(error and error.message)
-        digest = None
-        if req.check_ranks and mm is not None:
-            digest = await asyncio.to_thread(mm.content_digest)
-        await self._send(
-            RankReport(
-                rid=req.rid,
-                rank=self.rank,
-                iteration=iteration,
-                ready_at=ready_at,
-                fingerprint=blake3.blake3(fingerprint.encode()).hexdigest(length=16),
-                hash_count=stats.count,
-                hash_cpu_seconds=stats.cpu_seconds,
-                content_digest=digest,
-                error=error.kind if error is not None else None,
-            )
-        )
+        data = await self.probe.observe(self.rank, iteration, req, mm, error)
+        if data is not None:
+            await self._send(ProbeReport(rid=req.rid, rank=self.rank, data=data))
 
     async def _send(self, message: Message) -> None:
         await self._results.send_multipart(encode(message), copy=False)
@@ -408,8 +392,6 @@ def _check_request(message: Message) -> None:
             and all(type(i) is int for i in message.input_ids)
             and isinstance(message.sampling_params, dict)
             and isinstance(message.mm_inputs, MultimodalInputs | dict | None)
-            and isinstance(message.check_ranks, bool)
-            and isinstance(message.created_at, float | int)
         )
         if not ok:
             raise CodecError(f"malformed request {message.rid!r}")

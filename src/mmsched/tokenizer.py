@@ -32,7 +32,6 @@ import torch
 import zmq
 import zmq.asyncio
 
-from mmsched import shm
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.errors import (
@@ -49,32 +48,26 @@ from mmsched.messages import (
     AbortReq,
     ErrorOutput,
     GenerateOutput,
+    ProbeReport,
     RankProgress,
     RankReady,
-    RankReport,
     Shutdown,
     TokenizedGenerateReqInput,
 )
-from mmsched.strategies import MaterializeIn, get_strategy
+from mmsched.stores import PayloadStore
+from mmsched.strategies import get_strategy
 
 log = logging.getLogger(__name__)
-
-# Under zero-copy every frame from this size up (tensors, token ids) goes into shared memory,
-# so what crosses sockets is a header of a few hundred bytes.
-ARENA_MIN_BYTES = 4096
 
 
 @dataclass
 class RequestTrace:
-    """One request's result with what the ranks reported (``report_ranks`` on)."""
+    """One request's result, when it was submitted (``time.monotonic()``), and what every
+    rank's [probe][mmsched.probes] reported of it (none without a probe)."""
 
     output: GenerateOutput
     created_at: float
-    reports: list[RankReport] = field(default_factory=list)
-
-    @property
-    def all_ranks_ready_at(self) -> float:
-        return max(r.ready_at for r in self.reports)
+    reports: list[ProbeReport] = field(default_factory=list)
 
 
 @dataclass
@@ -82,7 +75,7 @@ class _Pending:
     future: asyncio.Future[RequestTrace]
     created_at: float
     output: GenerateOutput | None = None
-    reports: list[RankReport] = field(default_factory=list)
+    reports: list[ProbeReport] = field(default_factory=list)
 
 
 class InflightBudget:
@@ -151,6 +144,9 @@ class TokenizerStage:
         config: the pipeline's config.
         requests: PUSH socket connected to the entry rank.
         results: PULL socket every rank pushes results to.
+        store: the payload store the requests' tensors go through.
+        probed: every rank sends a probe report per request; a request's result waits
+            for all of them.
     """
 
     def __init__(
@@ -158,10 +154,13 @@ class TokenizerStage:
         config: Config,
         requests: zmq.asyncio.Socket,
         results: zmq.asyncio.Socket,
-        arena: shm.ArenaWriter | None = None,
+        store: PayloadStore,
+        *,
+        probed: bool = False,
     ) -> None:
         self.config = config
-        self._arena = arena
+        self._store = store
+        self._reports_per_request = config.tp_size if probed else 0
         self.strategy = get_strategy(config.strategy)
         self._requests = requests
         self._results = results
@@ -171,8 +170,6 @@ class TokenizerStage:
         self._ready_ranks: dict[int, int] = {}
         self._ranks_ready = asyncio.Event()
         self._failure: MmschedError | None = None
-        self._router: asyncio.Task[None] | None = None
-        self._closing = False
         self._budget = InflightBudget(
             None if config.max_inflight_mb is None else config.max_inflight_mb << 20
         )
@@ -181,18 +178,6 @@ class TokenizerStage:
         # answered requests still held until every rank has passed their iteration.
         self._progress = dict.fromkeys(range(config.tp_size), -1)
         self._held: list[tuple[int, int]] = []
-
-    def start(self) -> None:
-        """Start routing results from the ranks to the requests waiting for them."""
-        self._router = asyncio.create_task(self._route_results(), name="mmsched-results")
-        self._router.add_done_callback(self._router_stopped)
-
-    def _router_stopped(self, task: asyncio.Task[None]) -> None:
-        if self._closing:
-            return
-        cause = "was cancelled" if task.cancelled() else f"failed: {task.exception()!r}"
-        log.error("the result router %s; failing every waiting request", cause)
-        self.fail_all(PeerLost(f"the tokenizer's result router {cause}"))
 
     async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
         """Pids of every rank once all have joined; raises if a rank died first."""
@@ -207,16 +192,16 @@ class TokenizerStage:
         input_ids: list[int],
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None = None,
         sampling_params: dict[str, Any] | None = None,
-        *,
-        check_ranks: bool = False,
     ) -> RequestTrace:
         """Send one request and wait for its result.
 
         Raises:
             InvalidMultimodalInput: the inputs are malformed (whichever process found it).
             RequestFailed: a rank failed the request for another reason.
-            Overloaded: ``max_inflight_mb`` is reached (see ``backpressure``).
+            Overloaded: ``max_inflight_mb`` is reached (see ``backpressure``), or the
+                payload store had no room in time ([`ArenaFull`][mmsched.errors.ArenaFull]).
             PeerLost: a rank died; the pipeline is unusable.
+            CodecError: a value in the request cannot be encoded.
         """
         if self._failure is not None:
             raise self._failure
@@ -230,7 +215,7 @@ class TokenizerStage:
         )
         held = False
         try:
-            trace = await self._submit(rid, input_ids, mm_inputs, sampling_params, check_ranks)
+            trace = await self._submit(rid, input_ids, mm_inputs, sampling_params)
             if trace.output.iteration > min(self._progress.values()):
                 self._held.append((trace.output.iteration, nbytes))  # a rank is still behind
                 held = True
@@ -261,21 +246,19 @@ class TokenizerStage:
         input_ids: list[int],
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None,
         sampling_params: dict[str, Any] | None,
-        check_ranks: bool,
     ) -> RequestTrace:
+        created_at = time.monotonic()
         req = TokenizedGenerateReqInput(
             rid=rid,
             input_ids=input_ids,  # checked and made a list of ints in _prepare
             sampling_params=dict(sampling_params or {}),
             mm_inputs=dict(mm_inputs) if isinstance(mm_inputs, Mapping) else mm_inputs,
-            created_at=time.monotonic(),
-            check_ranks=check_ranks,
         )
         # Building, hashing and copying into shared memory release the GIL: worker threads
         # keep the event loop free for other requests.
         loop = asyncio.get_running_loop()
         frames = await loop.run_in_executor(self._pool, self._prepare, req)
-        pending = _Pending(loop.create_future(), req.created_at)
+        pending = _Pending(loop.create_future(), created_at)
         self._pending[rid] = pending
         if self._failure is not None:  # a rank died while the inputs were being built
             del self._pending[rid]
@@ -295,17 +278,16 @@ class TokenizerStage:
     def _prepare(self, req: TokenizedGenerateReqInput) -> Frames:
         """The request's frames, inputs built if the strategy says so (worker thread)."""
         req.input_ids = validate_input_ids(req.input_ids)  # O(ids): off the event loop
-        if self.strategy.materialize_in is MaterializeIn.TOKENIZER:
-            req.mm_inputs = materialize(
-                req.mm_inputs,
-                hasher=self.config.hasher,
-                input_len=len(req.input_ids),
-                max_bytes=self.config.max_request_bytes,
-            )
-        frames = encode(req)
-        if self._arena is not None:
-            frames = shm.pack(frames, self._arena, ARENA_MIN_BYTES)
-        return frames
+        self.strategy.prepare(req, self._build)
+        return encode(req, self._store)
+
+    def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
+        return materialize(
+            req.mm_inputs,
+            hasher=self.config.hasher,
+            input_len=len(req.input_ids),
+            max_bytes=self.config.max_request_bytes,
+        )
 
     def shutdown(self) -> None:
         """Ask the ranks to exit after their current iteration."""
@@ -319,24 +301,33 @@ class TokenizerStage:
             zmq.Socket.shadow(self._requests.underlying).send_multipart(frames, flags=zmq.NOBLOCK)
 
     def fail_all(self, error: MmschedError) -> None:
-        """Fail every pending request and every later one with ``error`` (a rank died)."""
-        self._failure = error
+        """Fail every pending request and every later one with ``error`` (a rank died).
+
+        The first failure is the one callers see: what follows from it (the other ranks
+        stopping, the background work ending) does not replace it.
+        """
+        if self._failure is None:
+            self._failure = error
         self._ranks_ready.set()  # wake a start() still waiting for ranks
         for pending in self._pending.values():
             if not pending.future.done():
-                pending.future.set_exception(error)
+                pending.future.set_exception(self._failure)
 
-    async def aclose(self) -> None:
-        """Stop routing results and the worker threads."""
-        self._closing = True
-        if self._router is not None:
-            self._router.cancel()
-            await asyncio.gather(self._router, return_exceptions=True)
+    def close(self) -> None:
+        """Stop the worker threads (the pipeline has stopped routing results)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _route_results(self) -> None:
+    async def route_results(self) -> None:
+        """Route results from the ranks to the requests waiting for them, until cancelled.
+
+        Raises:
+            PeerLost: the results socket itself failed; nothing more can arrive.
+        """
         while True:
-            frames = await self._results.recv_multipart(copy=False)
+            try:
+                frames = await self._results.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                raise PeerLost(f"the tokenizer's result router failed: {exc}") from exc
             buffers = [f.buffer for f in frames]
             try:
                 self._route(self._decoder.decode(buffers))
@@ -372,12 +363,11 @@ class TokenizerStage:
             return
         if isinstance(message, GenerateOutput):
             pending.output = message
-        elif isinstance(message, RankReport):
+        elif isinstance(message, ProbeReport):
             pending.reports.append(message)
         else:
             raise CodecError(f"a {type(message).__name__} is not a result")
-        expected_reports = self.config.tp_size if self.config.report_ranks else 0
-        if pending.output is not None and len(pending.reports) >= expected_reports:
+        if pending.output is not None and len(pending.reports) >= self._reports_per_request:
             pending.future.set_result(
                 RequestTrace(pending.output, pending.created_at, pending.reports)
             )

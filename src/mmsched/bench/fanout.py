@@ -36,9 +36,10 @@ from mmsched.codec import encode, encoded_size
 from mmsched.config import Config
 from mmsched.hashing import hash_stats
 from mmsched.inputs import MultimodalInputs
-from mmsched.messages import TokenizedGenerateReqInput
+from mmsched.messages import ProbeReport, TokenizedGenerateReqInput
 from mmsched.pipeline import Pipeline
-from mmsched.strategies import MaterializeIn, get_strategy
+from mmsched.probes import RankTimings
+from mmsched.strategies import get_strategy
 from mmsched.tokenizer import RequestTrace
 
 from .cpu import CpuMeter
@@ -82,21 +83,25 @@ class _RankCounters:
 
 
 def _rank_counters(trace: RequestTrace) -> dict[int, _RankCounters]:
-    return {r.rank: _RankCounters(r.hash_count, r.hash_cpu_seconds) for r in trace.reports}
+    return {
+        r.rank: _RankCounters(int(r.data["hash_count"]), float(r.data["hash_cpu_seconds"]))
+        for r in trace.reports
+    }
 
 
 def _latency_ms(trace: RequestTrace) -> float:
-    return (trace.all_ranks_ready_at - trace.created_at) * 1000
+    all_ranks_ready_at = max(float(r.data["ready_at"]) for r in trace.reports)
+    return (all_ranks_ready_at - trace.created_at) * 1000
 
 
 def _identical(trace: RequestTrace, tp: int, reference_digest: str | None) -> bool:
-    reports = trace.reports
-    if len(reports) != tp or any(r.error for r in reports):
+    reports: list[ProbeReport] = trace.reports
+    if len(reports) != tp or any(r.data["error"] for r in reports):
         return False
-    if len({r.fingerprint for r in reports}) != 1:
+    if len({r.data["fingerprint"] for r in reports}) != 1:
         return False
     if reference_digest is not None:
-        return all(r.content_digest == reference_digest for r in reports)
+        return all(r.data["content_digest"] == reference_digest for r in reports)
     return True
 
 
@@ -144,14 +149,16 @@ async def run_combination(
         strategy=strategy,
         hasher=hasher,
         tp_size=tp,
-        report_ranks=True,
         shm_arena_mb=max(256, int(2.5 * max(samples))),
     )
     # What crosses from the tokenizer: the built object, or the raw dict.
-    sends_object = get_strategy(strategy).materialize_in is MaterializeIn.TOKENIZER
-    in_arena = get_strategy(strategy).shared_memory_inputs and zero_copy_input == "arena"
+    sends_object = get_strategy(strategy).builds_in_tokenizer
+    # "arena": the processor writes into memory the pipeline's payload store hands out (shared
+    # memory under the shm store, where sending then copies nothing; plain memory otherwise).
+    in_arena = zero_copy_input == "arena"
     records = []
-    async with Pipeline(config) as pipeline:
+    # Warm-up requests also prove that every rank holds the same bytes: their ranks digest.
+    async with Pipeline(config, probe=RankTimings(digest_prefix="warm-")) as pipeline:
         meter = CpuMeter([os.getpid(), *pipeline.pids])
         for size_mb, base_sample in samples.items():
             sample = (
@@ -161,7 +168,7 @@ async def run_combination(
             last: RequestTrace | None = None
             for i in range(max(1, warmup)):
                 last = await pipeline.generate_traced(
-                    f"warm-{size_mb}-{i}", sample.input_ids, sample.mm_inputs, check_ranks=True
+                    f"warm-{size_mb}-{i}", sample.input_ids, sample.mm_inputs
                 )
                 identical &= _identical(last, tp, facts[size_mb].digest)
             assert last is not None
@@ -184,7 +191,11 @@ async def run_combination(
             hash_s = local.cpu_seconds + sum(
                 after_ranks[r].cpu_seconds - before_ranks[r].cpu_seconds for r in after_ranks
             )
-            notes = ["payload written by the processor into the arena"] if in_arena else []
+            notes = (
+                ["payload written by the processor into Pipeline.allocate_tensor"]
+                if in_arena
+                else []
+            )
             del sample, last  # release arena space held by this size before the next
             record = FanoutRecord(
                 strategy=strategy,
@@ -216,13 +227,8 @@ async def run_combination(
 
 
 def combinations(strategies: Sequence[str], transports: Sequence[str]) -> list[tuple[str, str]]:
-    """Every (strategy, transport) pair that can run: zero-copy needs shared memory."""
-    return [
-        (s, t)
-        for s in strategies
-        for t in transports
-        if not get_strategy(s).shared_memory_inputs or t == "shm"
-    ]
+    """Every (strategy, transport) pair, in the order given."""
+    return [(s, t) for s in strategies for t in transports]
 
 
 async def run_fanout(

@@ -17,8 +17,10 @@ Workloads: ``image`` (one 1120x700 image as a Qwen2-VL processor emits it: pixel
 float32 (4000, 1176), 18.8 MB, with image_grid_thw), ``video`` (10 s of 720p at 2 fps,
 135 MB), ``mixed`` (nine images to one video). A few distinct samples are made before the
 run and reused: making 18.8 MB of random pixels per request would cost more than the
-pipeline does. Under ``zero-copy`` they are made in the tokenizer's arena, as a processor
-writing its output there would.
+pipeline does. They are made in
+[`Pipeline.allocate_tensor`][mmsched.pipeline.Pipeline.allocate_tensor] (``--zero-copy-input
+arena``): under the ``shm`` payload store, in the tokenizer's arena, as a processor writing
+its output there would.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import numpy as np
 from mmsched.config import Config
 from mmsched.errors import MmschedError
 from mmsched.pipeline import Pipeline
-from mmsched.strategies import get_strategy
 
 from .cpu import CpuMeter
 from .workloads import Sample, in_shared_memory, qwen2vl_image, video_sample
@@ -162,7 +163,9 @@ async def run_load(
             shm_arena_mb=2048 if workload != "image" else 1024,
             max_inflight_mb=None,  # measure the queue, do not cap it
         )
-        in_arena = get_strategy(strategy).shared_memory_inputs and zero_copy_input == "arena"
+        # "arena": samples live in memory the payload store hands out (shared memory under
+        # the shm store, as a processor writing its output there would).
+        in_arena = zero_copy_input == "arena"
         async with Pipeline(config) as pipeline:
             pool = base_pool
             if in_arena:

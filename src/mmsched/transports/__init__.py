@@ -1,6 +1,6 @@
 """Transports, resolved by the name a config gives.
 
-``memory``  in-process, for tests ([`mmsched.transports.memory`][])
+``memory``  in-process: ranks as tasks of one event loop ([`mmsched.transports.memory`][])
 ``torch``   torch.distributed broadcast over gloo ([`mmsched.transports.torch_dist`][])
 ``zmq``     ZMQ publish-subscribe ([`mmsched.transports.zmq_pubsub`][])
 ``shm``     shared-memory payloads + ZMQ control ([`mmsched.transports.shm`][])
@@ -23,13 +23,19 @@ _REGISTRY: dict[str, str] = {
     "zmq": "mmsched.transports.zmq_pubsub:ZmqTransport",
 }
 
-# Transports whose ranks can live in different processes (the pipeline needs one).
-CROSS_PROCESS = frozenset({"shm", "torch", "zmq"})
+
+def transport_names(*, cross_process: bool | None = None) -> list[str]:
+    """The registered transport names, sorted; only those that do (or do not) cross
+    processes when ``cross_process`` is given."""
+    names = sorted(_REGISTRY)
+    if cross_process is None:
+        return names
+    return [n for n in names if transport_class(n).cross_process == cross_process]
 
 
-def transport_names() -> list[str]:
-    """The registered transport names, sorted."""
-    return sorted(_REGISTRY)
+def register_transport(name: str, target: str) -> None:
+    """Register a transport class, as ``"module:Class"``, under ``name``."""
+    _REGISTRY[name] = target
 
 
 def transport_class(name: str) -> type[Transport]:
@@ -49,13 +55,13 @@ async def open_transport(name: str, spec: GroupSpec) -> Transport:
 
 
 __all__ = [
-    "CROSS_PROCESS",
     "Buffer",
     "Frames",
     "GroupSpec",
     "Transport",
     "TransportStatistics",
     "open_transport",
+    "register_transport",
     "transport_class",
     "transport_names",
 ]

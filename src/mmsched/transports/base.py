@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
-from mmsched.errors import EndOfStream, TransportClosed
+from mmsched.errors import ConfigError, EndOfStream, TransportClosed, TransportError
 from mmsched.frames import Buffer, Frames, frames_nbytes
 
 
@@ -66,10 +66,13 @@ class Transport(ABC):
     """One sender (rank 0) to every other rank; ordered; lossless. See the module docstring."""
 
     name: str = ""
+    # Whether ranks may live in different processes; the pipeline runs the ranks of a
+    # transport that cannot as tasks of the caller's process.
+    cross_process: ClassVar[bool] = True
 
     def __init__(self, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a group of {world_size}")
+            raise ConfigError(f"rank {rank} outside a group of {world_size}")
         self.rank = rank
         self.world_size = world_size
         self._stats = TransportStatistics()
@@ -124,7 +127,7 @@ class Transport(ABC):
     def _require_sender(self, sender: bool) -> None:
         if self.is_sender != sender:
             role = "the sender (rank 0)" if sender else "a receiver"
-            raise RuntimeError(f"only {role} may call this; this is rank {self.rank}")
+            raise TransportError(f"only {role} may call this; this is rank {self.rank}")
 
     def _check_send(self) -> None:
         """What every ``send`` checks first: the sender, not closed."""

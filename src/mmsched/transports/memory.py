@@ -1,8 +1,9 @@
 """In-process transport for tests: every rank is a coroutine in one event loop.
 
 Guarantees: ordered, lossless, unbounded. Frames are delivered by reference (no copy), so
-receivers must not mutate them. Cannot cross processes: the pipeline, whose ranks are
-processes, refuses it. Peers cannot die independently, so it never raises ``PeerLost``.
+receivers must not mutate them. Cannot cross processes: a pipeline over it runs its ranks as
+tasks of the caller's event loop. Peers cannot die independently, so it never raises
+``PeerLost``.
 A pending ``recv()`` can be cancelled without losing a message.
 """
 
@@ -37,6 +38,7 @@ _names = itertools.count()
 
 class MemoryTransport(Transport):
     name = "memory"
+    cross_process = False
 
     def __init__(self, rank: int, world_size: int, hub: _Hub, address: str) -> None:
         super().__init__(rank, world_size)

@@ -43,24 +43,18 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import orjson
 import torch
 
-from mmsched.errors import ConfigError, TransportError
-from mmsched.frames import Buffer, Frames
+from mmsched.errors import ArenaFull, ConfigError, TransportError
+from mmsched.frames import Buffer
+from mmsched.processes import pid_alive
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "mmsched-"
 _HEADER_BYTES = 4096  # one page of reader watermarks (up to 512 readers)
 _ALIGN = 64  # cache-line alignment of every allocation
-_PACKED_MAGIC = b"MMSHM1"
-
-
-class ArenaFull(TransportError):
-    """The arena had no room for a payload within the timeout: a reader is slow or gone."""
 
 
 @dataclass(frozen=True)
@@ -83,17 +77,6 @@ def _creator_pid(name: str) -> int | None:
         return int(name[len(SEGMENT_PREFIX) :].split("-", 1)[0])
     except ValueError:
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of that pid exists (of any user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def sweep_stale_segments() -> list[str]:
@@ -139,11 +122,9 @@ class _Mapped:
     def contains(self, address: int, nbytes: int) -> bool:
         return self.base + _HEADER_BYTES <= address and address + nbytes <= self.base + self.size
 
-    def locate(self, buf: Buffer) -> tuple[int, int] | None:
-        """(offset, nbytes) of ``buf`` in this mapping, or None if it lies elsewhere."""
-        n = memoryview(buf).nbytes
-        address = _address(buf)
-        return (address - self.base, n) if self.contains(address, n) else None
+    def locate(self, address: int, nbytes: int) -> int | None:
+        """The offset in this mapping of ``nbytes`` at ``address``, or None if elsewhere."""
+        return address - self.base if self.contains(address, nbytes) else None
 
     def close(self) -> None:
         self.watermarks.release()
@@ -250,12 +231,11 @@ class ArenaWriter:
         weakref.finalize(arr, self._writer_release, alloc.seq)
         return torch.frombuffer(arr.data, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
 
-    def ref_for(self, buf: Buffer) -> Ref | None:
-        """The ref of ``buf`` if it is exactly one of this arena's allocations."""
-        where = self._mapped.locate(buf)
-        if where is None:
+    def ref_at(self, address: int, n: int) -> Ref | None:
+        """The ref of ``n`` bytes at ``address`` if they lie in one of this arena's allocations."""
+        start = self._mapped.locate(address, n)
+        if start is None:
             return None
-        start, n = where
         with self._lock:
             alloc = self._by_offset.get(start - self._data_start)
         if alloc is None or alloc.nbytes < n:
@@ -373,19 +353,18 @@ class ArenaReader:
         weakref.finalize(arr, self._release, ref.seq, ref.offset)
         return arr.data
 
-    def ref_for(self, buf: Buffer) -> Ref | None:
-        """The ref of ``buf`` if it is a view this reader handed out and still tracks."""
-        where = self._mapped.locate(buf)
-        if where is None:
+    def ref_at(self, address: int, n: int) -> Ref | None:
+        """The ref of ``n`` bytes at ``address`` if they start a view this reader handed out
+        and still tracks."""
+        offset = self._mapped.locate(address, n)
+        if offset is None:
             return None
-        offset, n = where
         with self._lock:
             seq = self._seq_at.get(offset)
         return None if seq is None else Ref(self.name, seq, offset, n)
 
     def close(self) -> None:
         """Drop this process's mapping; views still held keep their bytes until released."""
-        _READERS.pop(self.name, None)
         self._mapped.close()
 
     def _release(self, seq: int, offset: int) -> None:
@@ -405,98 +384,6 @@ class ArenaReader:
         mark = min(self._outstanding) - 1 if self._outstanding else self._last_seen
         with contextlib.suppress(ValueError):  # the mapping was closed under us at shutdown
             self._mapped.watermarks[self.index] = mark
-
-
-# -- this process's open arenas: which one a buffer lives in ----------------------------
-
-
-_READERS: dict[str, ArenaReader] = {}
-_WRITERS: dict[str, ArenaWriter] = {}
-
-
-def open_reader(name: str, index: int, *, wait_s: float = 0.0) -> ArenaReader:
-    """This process's reader of arena ``name`` (opened once, then shared).
-
-    ``wait_s``: how long to wait for the writer to create the segment.
-    """
-    reader = _READERS.get(name)
-    if reader is None:
-        reader = _READERS[name] = ArenaReader(name, index, wait_s=wait_s)
-    return reader
-
-
-def register_writer(writer: ArenaWriter) -> None:
-    """Let [`find_ref`][] recognise buffers in ``writer``'s arena (sent by ref, not copied)."""
-    _WRITERS[writer.name] = writer
-
-
-def unregister_writer(writer: ArenaWriter) -> None:
-    """Undo [`register_writer`][] before the arena is closed."""
-    _WRITERS.pop(writer.name, None)
-
-
-def find_ref(buf: Buffer) -> Ref | None:
-    """The ref of ``buf`` if it already lives in an arena this process has open."""
-    owners: list[ArenaWriter | ArenaReader] = [*_WRITERS.values(), *_READERS.values()]
-    for owner in owners:
-        ref = owner.ref_for(buf)
-        if ref is not None:
-            return ref
-    return None
-
-
-# -- packing frames: big ones by ref, small ones inline --------------------------------------
-
-
-def pack(frames: Sequence[Buffer], writer: ArenaWriter | None, min_bytes: int) -> Frames:
-    """Frames for the control channel: payloads by [`Ref`][], the rest inline.
-
-    A frame that already lives in an open arena goes by ref without a copy; another frame of
-    at least ``min_bytes`` is copied into ``writer``'s arena once; smaller ones, or all when
-    ``writer`` is ``None`` or the payload cannot fit the arena at all, travel inline.
-    """
-    descriptors: list[Any] = []
-    inline: Frames = []
-    for frame in frames:
-        n = memoryview(frame).nbytes
-        ref = find_ref(frame) if n >= min_bytes else None
-        if ref is None and writer is not None and min_bytes <= n <= writer.capacity:
-            ref = writer.put(frame)
-        if ref is None:
-            descriptors.append(len(inline))
-            inline.append(frame)
-        else:
-            descriptors.append([ref.arena, ref.seq, ref.offset, ref.nbytes])
-    return [_PACKED_MAGIC + orjson.dumps(descriptors), *inline]
-
-
-def unpack(frames: Sequence[Buffer]) -> Frames:
-    """The original frames: refs turned into views of the arenas this process has open.
-
-    Frames that were not packed come back unchanged.
-    """
-    if not frames or bytes(memoryview(frames[0])[: len(_PACKED_MAGIC)]) != _PACKED_MAGIC:
-        return list(frames)
-    try:
-        descriptors = orjson.loads(bytes(frames[0])[len(_PACKED_MAGIC) :])
-    except orjson.JSONDecodeError as exc:
-        raise TransportError(f"packed header is not JSON: {exc}") from exc
-    if not isinstance(descriptors, list):
-        raise TransportError("packed header is not a list of descriptors")
-    out: Frames = []
-    for d in descriptors:
-        if type(d) is int and 0 <= d < len(frames) - 1:
-            out.append(frames[1 + d])
-            continue
-        if not (isinstance(d, list) and len(d) == 4 and isinstance(d[0], str)):
-            raise TransportError(f"bad frame descriptor {d!r}")
-        reader = _READERS.get(d[0])
-        if reader is None:
-            raise TransportError(
-                f"message refers to arena {d[0]!r}, which this process has not opened"
-            )
-        out.append(reader.view(Ref(d[0], d[1], d[2], d[3])))
-    return out
 
 
 def _round_up(n: int) -> int:

@@ -1,0 +1,59 @@
+"""Payload stores, resolved by the name a config gives (``payload_store``).
+
+``inline``  tensor bytes travel inside the frames ([`mmsched.stores.inline`][])
+``shm``     tensor bytes live in one shared-memory arena every rank maps
+            ([`mmsched.stores.shm`][])
+
+The interface is [`PayloadStore`][mmsched.stores.base.PayloadStore]. A new store is one module
+plus one line in ``_REGISTRY`` (or a call to [`register_store`][]); implementations are
+imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from mmsched.errors import UnknownNameError
+from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
+
+_REGISTRY: dict[str, str | type[PayloadStore]] = {
+    "inline": "mmsched.stores.inline:InlineStore",
+    "shm": "mmsched.stores.shm:ShmStore",
+}
+
+
+def store_names() -> list[str]:
+    """The registered store names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def register_store(name: str, target: str | type[PayloadStore]) -> None:
+    """Register a store class (or ``"module:Class"``) under ``name``.
+
+    Rank processes are started with ``spawn``: a store registered at run time must be
+    registered again in them (at import of the callback's module, say), or listed here.
+    """
+    _REGISTRY[name] = target
+
+
+def store_class(name: str) -> type[PayloadStore]:
+    """The store class registered under ``name``; an unknown name lists the known ones."""
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError("payload store", name, list(_REGISTRY)) from None
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        loaded: type[PayloadStore] = getattr(importlib.import_module(module_name), attr)
+        return loaded
+    return target
+
+
+__all__ = [
+    "PayloadRef",
+    "PayloadStore",
+    "StoreOptions",
+    "register_store",
+    "store_class",
+    "store_names",
+]

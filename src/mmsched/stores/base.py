@@ -1,0 +1,156 @@
+"""The payload-store interface: where tensor bytes live, and how a rank gets them back.
+
+A message's tensors either travel inside its frames, or a store holds their bytes and the
+message carries a [`PayloadRef`][mmsched.stores.base.PayloadRef] instead: a few hundred bytes
+naming the store, the dtype, the shape, the device and the location. One store object exists
+per process and pipeline:
+
+- the **producer** (the tokenizer) makes it with
+  [`create`][mmsched.stores.base.PayloadStore.create]; [`put`][mmsched.stores.base.PayloadStore.put]
+  places a tensor (or [`allocate`][mmsched.stores.base.PayloadStore.allocate] gives a processor
+  a tensor to fill in place, and ``put`` then copies nothing);
+- every **consumer** (each scheduler rank) joins it with
+  [`attach`][mmsched.stores.base.PayloadStore.attach], and
+  [`resolve`][mmsched.stores.base.PayloadStore.resolve] turns a reference into a usable
+  tensor. A consumer's ``put`` forwards a tensor it resolved (the entry rank passing a
+  request on to its peers) as the same reference, and returns ``None`` for any other.
+
+Lifetime: a resolved tensor holds its bytes for as long as it (or a view of it) lives; the
+store reuses them only after every consumer has let go. A store whose bytes cannot follow
+the garbage collector gives them back in
+[`release`][mmsched.stores.base.PayloadStore.release].
+
+The codec calls ``put`` and ``resolve`` ([`mmsched.codec`][]); the pipeline calls the rest.
+A new store is one module with a subclass plus one line in [`mmsched.stores`][].
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from mmsched.errors import CodecError
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """What a pipeline tells its store.
+
+    Attributes:
+        capacity_bytes: bytes the store may hold at once.
+        consumers: how many processes attach (the scheduler ranks).
+        timeout_s: longest wait for room before [`ArenaFull`][mmsched.errors.ArenaFull].
+        min_bytes: tensors smaller than this travel inside the frames.
+    """
+
+    capacity_bytes: int = 256 << 20
+    consumers: int = 1
+    timeout_s: float = 60.0
+    min_bytes: int = 64 << 10
+
+
+@dataclass(frozen=True)
+class PayloadRef:
+    """Where a tensor's bytes are and what they are: all a consumer needs to get it back.
+
+    Attributes:
+        store: name of the store that made it.
+        dtype: torch dtype name without the ``torch.`` prefix, e.g. ``float32``.
+        shape: the tensor's shape.
+        device: where the bytes live: ``cpu``, or ``cuda:N``.
+        location: the store's own coordinates (strings and non-negative ints).
+    """
+
+    store: str
+    dtype: str
+    shape: tuple[int, ...]
+    device: str
+    location: tuple[str | int, ...]
+
+    def to_tree(self) -> list[Any]:
+        """The reference as JSON-able values (what the codec writes)."""
+        return [self.store, self.dtype, list(self.shape), self.device, list(self.location)]
+
+    @classmethod
+    def from_tree(cls, tree: Any) -> PayloadRef:
+        """The reference a decoded tree holds; [`CodecError`][] for anything else (it comes
+        from another process)."""
+        ok = (
+            isinstance(tree, list)
+            and len(tree) == 5
+            and all(isinstance(tree[i], str) for i in (0, 1, 3))
+            and isinstance(tree[2], list)
+            and all(type(x) is int and 0 <= x < 2**63 for x in tree[2])
+            and isinstance(tree[4], list)
+            and all(isinstance(x, str) or (type(x) is int and 0 <= x < 2**63) for x in tree[4])
+        )
+        if not ok:
+            raise CodecError(f"malformed payload reference {str(tree)[:200]}")
+        return cls(tree[0], tree[1], tuple(tree[2]), tree[3], tuple(tree[4]))
+
+
+class PayloadStore(ABC):
+    """Where tensor bytes live between the tokenizer and the ranks (module docstring)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, options: StoreOptions) -> None:
+        self.options = options
+
+    # -- lifecycle (the pipeline) ------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def create(cls, options: StoreOptions) -> PayloadStore:
+        """The producer's store, made once per pipeline (may block: called off the loop)."""
+
+    @classmethod
+    @abstractmethod
+    def attach(cls, address: str | None, consumer: int, options: StoreOptions) -> PayloadStore:
+        """Consumer ``consumer``'s view of the store the producer made at ``address``."""
+
+    @property
+    def address(self) -> str | None:
+        """What consumers pass to ``attach``; ``None`` when there is nothing to find."""
+        return None
+
+    def consumers_attached(self) -> None:  # noqa: B027 (optional hook, nothing to do by default)
+        """Every consumer has attached (a store may now drop its public name)."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook, nothing to do by default)
+        """Give back what this process holds of the store."""
+
+    @classmethod
+    def sweep_stale(cls) -> list[str]:
+        """Remove what crashed earlier runs of this store left behind; returns what went."""
+        return []
+
+    @classmethod
+    def remove_leftovers(cls, address: str | None) -> None:
+        """Remove what this run's store may leave if its processes were killed."""
+        return None
+
+    # -- data (the codec) --------------------------------------------------------------------
+
+    def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor for a producer to fill; ``put`` of it then copies nothing."""
+        return torch.empty(tuple(shape), dtype=dtype)
+
+    @abstractmethod
+    def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        """A reference to ``tensor``'s bytes in this store, or ``None``: it travels inline."""
+
+    @abstractmethod
+    def resolve(self, ref: PayloadRef) -> torch.Tensor:
+        """The tensor ``ref`` names; it keeps its bytes alive while it lives."""
+
+    def release(self, ref: PayloadRef) -> None:  # noqa: B027 (optional hook)
+        """Give ``ref``'s bytes back early; by default they go with the last tensor on them."""
+
+    def wants(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is large enough to go by reference rather than inline."""
+        return tensor.numel() * tensor.element_size() >= self.options.min_bytes

@@ -1,0 +1,73 @@
+"""Where a request's multimodal inputs are materialized, by name; and the presets.
+
+``per-rank``         every rank builds ([`mmsched.strategies.per_rank`][])
+``entry-broadcast``  the entry rank builds, then fans out per request
+                     ([`mmsched.strategies.entry_broadcast`][])
+``tokenizer``        the tokenizer builds once ([`mmsched.strategies.tokenizer`][])
+
+A *preset* is a name that stands for several config values. ``zero-copy`` is the
+``tokenizer`` strategy with the ``shm`` payload store: tensor bytes are written once into
+shared memory and only references of a few hundred bytes travel, over any transport.
+
+A new strategy is one module with a [`Strategy`][mmsched.strategies.base.Strategy]
+subclass plus one line in ``_REGISTRY`` (or a call to [`register_strategy`][]).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from mmsched.errors import UnknownNameError
+from mmsched.strategies.base import RankServices, Strategy
+
+_REGISTRY: dict[str, str | type[Strategy]] = {
+    "per-rank": "mmsched.strategies.per_rank:PerRank",
+    "entry-broadcast": "mmsched.strategies.entry_broadcast:EntryBroadcast",
+    "tokenizer": "mmsched.strategies.tokenizer:TokenizerStrategy",
+}
+
+PRESETS: dict[str, Mapping[str, Any]] = {
+    "zero-copy": {"strategy": "tokenizer", "payload_store": "shm"},
+}
+"""Names that stand for several config values; a config given one takes its values."""
+
+
+def strategy_names() -> list[str]:
+    """The registered strategies and the presets, sorted."""
+    return sorted([*_REGISTRY, *PRESETS])
+
+
+def register_strategy(name: str, target: str | type[Strategy]) -> None:
+    """Register a strategy class (or ``"module:Class"``) under ``name``.
+
+    Rank processes are started with ``spawn``: a strategy registered at run time must be
+    registered again in them (at import of the callback's module, say), or listed here.
+    """
+    _REGISTRY[name] = target
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered under ``name`` (a preset gives its strategy); an unknown name
+    lists the known ones."""
+    name = str(PRESETS.get(name, {}).get("strategy", name))
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError("strategy", name, strategy_names()) from None
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module_name), attr)
+    assert isinstance(target, type) and issubclass(target, Strategy)
+    return target()
+
+
+__all__ = [
+    "PRESETS",
+    "RankServices",
+    "Strategy",
+    "get_strategy",
+    "register_strategy",
+    "strategy_names",
+]
