@@ -30,7 +30,6 @@ from mmsched.testing import (
     run_contract_rank,
 )
 from mmsched.transports import transport_names
-
 from mmsched.transports.memory import MemoryTransport
 
 CROSS_PROCESS = transport_names(cross_process=True)
