@@ -10,12 +10,12 @@ from mmsched.cli import main
 
 def test_bench_load_small(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    args = ["--tp", "2", "--rates", "4,8", "--requests", "16", "--model-step-ms", "1"]
+    args = ["--tp", "2", "--rates", "8,16", "--requests", "16", "--model-step-ms", "1"]
     pick = ["--strategy", "tokenizer,zero-copy", "--transport", "zmq"]
     assert main(["bench", "load", *args, *pick, "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert {(r["strategy"], r["transport"], r["offered_rps"]) for r in records} == {
-        (s, "zmq", rate) for s in ("tokenizer", "zero-copy") for rate in (4, 8)
+        (s, "zmq", rate) for s in ("tokenizer", "zero-copy") for rate in (8, 16)
     }
     for r in records:
         assert r["workload"] == "image" and r["tp"] == 2

@@ -209,7 +209,7 @@ async def test_killed_tokenizer_lets_ranks_exit_cleanly(
     assert not any(d.exists() for d in run_dirs)
 
 
-@pytest.mark.parametrize("transport", ["zmq", "torch"])
+@pytest.mark.parametrize("transport", ["memory", "torch"])
 async def test_slow_rank_bounds_bytes_in_flight(transport: str) -> None:
     sample = image_sample(2, 80)  # 752,640 bytes: one fits in 1 MiB, two do not
     config = Config(
@@ -232,7 +232,7 @@ async def test_backpressure_waits_then_gives_up() -> None:
     sample = image_sample(2, 80)
     config = Config(
         strategy="tokenizer",
-        transport="zmq",
+        transport="memory",
         tp_size=2,
         max_inflight_mb=1,
         backpressure_wait_s=5,

@@ -4,11 +4,13 @@ Three boundaries, 2,000 generated inputs each, derandomized so that CI runs the 
 every time:
 
 - processor output: mutated processor dicts go through a real TP=2 pipeline whose ranks
-  build the inputs (``per-rank`` over ``zmq``: the tokenizer's codec and the ranks'
-  ``from_dict`` both see them);
+  build the inputs (``per-rank``, ranks as tasks over the ``memory`` transport, behind the
+  real request and result sockets: the tokenizer's codec and the ranks' ``from_dict`` both
+  see them);
 - frames: generated frame lists go to the decoder, and to the live pipeline's result socket
   as a member of the run would send them;
-- store references: generated refs and packed descriptors go to a shared-memory reader.
+- store references: generated arena refs go to a shared-memory reader, and generated
+  payload references to a decoder whose ``shm`` store must resolve them or refuse them.
 
 Every outcome must be a value or an mmsched error; after each run the pipeline serves a good
 request identically on every rank.
@@ -96,7 +98,7 @@ class LivePipeline:
 def live() -> Iterator[LivePipeline]:
     config = Config(
         strategy="per-rank",
-        transport="zmq",
+        transport="memory",  # ranks as tasks: every rank builds, over real sockets
         tp_size=2,
         hasher="sha256",
         timeout_s=30,

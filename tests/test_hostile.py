@@ -10,6 +10,7 @@ peers on the local sockets, a rank's start-up error that never reached the calle
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import json
 import os
@@ -148,8 +149,11 @@ def forged_results(pending_rid: str) -> list[list[bytes]]:
     ]
 
 
-async def test_bad_result_frames_fail_their_request_and_the_router_goes_on() -> None:
-    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, timeout_s=20)
+async def test_bad_result_frames_fail_their_request_and_the_router_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mmsched")
+    config = Config(strategy="tokenizer", transport="memory", tp_size=TP, timeout_s=20)
     sample = image_sample(2, 4)
     async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=1.0)) as pipeline:
         address, token = results_address(pipeline)
@@ -176,12 +180,14 @@ async def test_bad_result_frames_fail_their_request_and_the_router_goes_on() -> 
                 assert out.rid == f"after-{i}"
             assert pipeline._stage is not None
             assert sum(pipeline._stage.rejected.values()) == len(forged_results("victim"))
+            dropped = [r for r in caplog.records if "dropped a result frame" in r.getMessage()]
+            assert len(dropped) == len(forged_results("victim"))  # one log line per frame
         finally:
             ctx.destroy(linger=0)
 
 
 async def test_a_dead_result_router_fails_every_waiting_caller() -> None:
-    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, timeout_s=5)
+    config = Config(strategy="tokenizer", transport="memory", tp_size=TP, timeout_s=5)
     sample = image_sample(2, 4)
     async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=3.0)) as pipeline:
         waiting = [
@@ -220,7 +226,7 @@ async def test_cancelled_background_work_fails_every_waiting_caller() -> None:
 
 async def test_cancelled_callers_leak_no_inflight_bytes() -> None:
     sample = image_sample(2, 20)  # 188 kB
-    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, max_inflight_mb=4)
+    config = Config(strategy="tokenizer", transport="memory", tp_size=TP, max_inflight_mb=4)
     rng = random.Random(7)
     async with Pipeline(config) as pipeline:
         stage = pipeline._stage
@@ -265,6 +271,51 @@ async def test_torch_transport_listens_on_loopback_only(strategy: str) -> None:
         sockets = listening([os.getpid(), *pipeline.pids])
     assert sockets, "gloo listens somewhere; the check must see it"
     assert all(ip in ("127.0.0.1", "::1") for ip, _ in sockets), sockets
+
+
+async def test_tcp_legs_bind_where_asked_and_still_want_the_token() -> None:
+    config = Config(
+        strategy="tokenizer",
+        transport="zmq",
+        tp_size=TP,
+        requests_address="tcp://127.0.0.1:*",
+        results_address="tcp://127.0.0.1:*",
+    )
+    sample = image_sample(2, 4)
+    async with Pipeline(config) as pipeline:
+        output = await pipeline.generate("r", sample.input_ids, sample.mm_inputs)
+        assert output.rid == "r"
+        assert pipeline._addresses is not None
+        legs = [pipeline._addresses.requests, pipeline._addresses.results]
+        assert all(leg.startswith("tcp://127.0.0.1:") for leg in legs), legs
+        ports = {int(leg.rsplit(":", 1)[1]) for leg in legs}
+        assert ports <= {port for ip, port in listening([os.getpid()]) if ip == "127.0.0.1"}
+        # A peer without the run's token gets nothing from the results leg over TCP either.
+        ctx = zmq.Context()
+        try:
+            thief = ctx.socket(zmq.PUSH)
+            thief.setsockopt(zmq.LINGER, 0)
+            thief.connect(pipeline._addresses.results)
+            thief.send_multipart(encode(GenerateOutput(rid="r2", output_ids=[1])), flags=0)
+            await asyncio.sleep(0.3)
+            assert pipeline._stage is not None and not pipeline._stage.rejected
+        finally:
+            ctx.destroy(linger=0)
+        again = await pipeline.generate("r2", sample.input_ids, sample.mm_inputs)
+        assert again.output_ids != [1]  # the forged answer never arrived
+
+
+async def test_a_busy_tcp_address_is_a_config_error() -> None:
+    holder = zmq.Context()
+    try:
+        taken = holder.socket(zmq.PULL)
+        port = taken.bind_to_random_port("tcp://127.0.0.1")
+        config = Config(transport="memory", results_address=f"tcp://127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match="cannot bind"):
+            await Pipeline(config).start()
+    finally:
+        holder.destroy(linger=0)
+    assert not run_dirs_of([os.getpid()])
 
 
 # -- 5. a parent killed during start-up leaves no orphan --------------------------------------

@@ -93,10 +93,14 @@ class Decoder:
         self.store = store
 
     def decode(self, frames: Sequence[Buffer]) -> Message:
-        """The message ``frames`` encode; raises [`CodecError`][] naming what is wrong.
+        """The message ``frames`` encode.
 
         Frames come from another process and are not trusted: whatever they hold, the
         outcome is a message or a [`CodecError`][] (never another exception type).
+
+        Raises:
+            CodecError: what is wrong with the frames, named (a bad payload reference too).
+            PickleRefused: a frame needs unpickling and ``allow_pickle`` is off.
         """
         try:
             return self._decode(frames)

@@ -123,23 +123,42 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
-        """Build from a mapping; unknown keys are an error that lists the known ones."""
+        """Build from a mapping; unknown keys are an error that lists the known ones.
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type, or one out of range.
+        """
         return cls().replace(**values)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Config:
-        """Build from a TOML file: top-level keys, or the keys of an ``[mmsched]`` table."""
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        """Build from a TOML file: top-level keys, or the keys of an ``[mmsched]`` table.
+
+        Raises:
+            ConfigError: the file cannot be read, is not TOML, or holds a bad value.
+        """
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         return cls.from_dict(data.get("mmsched", data))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        """Build from ``MMSCHED_*`` environment variables over the defaults."""
+        """Build from ``MMSCHED_*`` environment variables over the defaults.
+
+        Raises:
+            ConfigError: a variable's value does not parse, or is out of range.
+        """
         return cls().with_env(env)
 
     def with_env(self, env: Mapping[str, str] | None = None) -> Config:
-        """This config with ``MMSCHED_*`` environment variables applied on top."""
+        """This config with ``MMSCHED_*`` environment variables applied on top.
+
+        Raises:
+            ConfigError: a variable's value does not parse, or is out of range.
+        """
         env = os.environ if env is None else env
         values = {
             f.name: _parse_env(f, env[ENV_PREFIX + f.name.upper()])
@@ -149,7 +168,11 @@ class Config:
         return self.replace(**values)
 
     def replace(self, **values: Any) -> Config:
-        """A copy with ``values`` changed, checked like a new config."""
+        """A copy with ``values`` changed, checked like a new config.
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type, or one out of range.
+        """
         known = {f.name: f for f in dataclasses.fields(self)}
         for key, value in values.items():
             if key not in known:

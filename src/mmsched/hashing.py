@@ -171,7 +171,11 @@ DEFAULT_HASHER = "blake3"
 
 
 def get_hasher(name: str) -> Hasher:
-    """The hasher registered under ``name``; an unknown name lists the known ones."""
+    """The hasher registered under ``name``.
+
+    Raises:
+        UnknownNameError: no hasher of that name; the message lists the known ones.
+    """
     try:
         return HASHERS[name]
     except KeyError:

@@ -220,7 +220,12 @@ def materialize(
     input_len: int | None = None,
     max_bytes: int | None = None,
 ) -> MultimodalInputs | None:
-    """``mm_inputs`` as a [`MultimodalInputs`][]: built from a dict, passed through if built."""
+    """``mm_inputs`` as a [`MultimodalInputs`][]: built from a dict, passed through if built.
+
+    Raises:
+        InvalidMultimodalInput: the dict fails validation (the message names the field).
+        UnknownNameError: no hasher of that name.
+    """
     if mm_inputs is None or isinstance(mm_inputs, MultimodalInputs):
         return mm_inputs
     return MultimodalInputs.from_dict(

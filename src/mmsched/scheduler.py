@@ -207,6 +207,7 @@ class SchedulerRank:
         try:
             await self._join()
             await self._send(RankReady(rank=self.rank, pid=os.getpid()))
+            log.debug("scheduler rank %d joined its group", self.rank)
             iteration = 0
             while True:
                 batch = await self._next_batch(iteration)
@@ -308,6 +309,7 @@ class SchedulerRank:
             if isinstance(outcome, ErrorOutput):
                 await self._observe(req, batch.iteration, None, outcome)
                 if self.rank == 0:
+                    log.info("request %r failed: %s: %s", req.rid, outcome.kind, outcome.message)
                     await self._send(outcome)
                 continue
             req.mm_inputs = outcome

@@ -103,6 +103,7 @@ class InflightBudget:
                 f"a request of {nbytes} bytes can never fit max_inflight_mb={limit >> 20}"
             )
         if self.used + nbytes > limit and reject:
+            log.warning("backpressure: rejected %d bytes, %d in flight", nbytes, self.used)
             raise Overloaded(
                 f"{self.used} bytes in flight; {nbytes} more would pass "
                 f"max_inflight_mb={limit >> 20} (backpressure='reject')"

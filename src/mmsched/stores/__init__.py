@@ -37,7 +37,11 @@ def register_store(name: str, target: str | type[PayloadStore]) -> None:
 
 
 def store_class(name: str) -> type[PayloadStore]:
-    """The store class registered under ``name``; an unknown name lists the known ones."""
+    """The store class registered under ``name``.
+
+    Raises:
+        UnknownNameError: no store of that name; the message lists the known ones.
+    """
     try:
         target = _REGISTRY[name]
     except KeyError:

@@ -77,8 +77,11 @@ class PayloadRef:
 
     @classmethod
     def from_tree(cls, tree: Any) -> PayloadRef:
-        """The reference a decoded tree holds; [`CodecError`][] for anything else (it comes
-        from another process)."""
+        """The reference a decoded tree holds (it comes from another process).
+
+        Raises:
+            CodecError: ``tree`` is not a well-formed reference.
+        """
         ok = (
             isinstance(tree, list)
             and len(tree) == 5
@@ -142,11 +145,20 @@ class PayloadStore(ABC):
 
     @abstractmethod
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
-        """A reference to ``tensor``'s bytes in this store, or ``None``: it travels inline."""
+        """A reference to ``tensor``'s bytes in this store, or ``None``: it travels inline.
+
+        Raises:
+            ArenaFull: no room within the store's timeout.
+        """
 
     @abstractmethod
     def resolve(self, ref: PayloadRef) -> torch.Tensor:
-        """The tensor ``ref`` names; it keeps its bytes alive while it lives."""
+        """The tensor ``ref`` names; it keeps its bytes alive while it lives.
+
+        Raises:
+            TransportError: the reference is not one this store could have made.
+            CodecError: its dtype or shape does not match the bytes it names.
+        """
 
     def release(self, ref: PayloadRef) -> None:  # noqa: B027 (optional hook)
         """Give ``ref``'s bytes back early; by default they go with the last tensor on them."""

@@ -49,8 +49,11 @@ def register_strategy(name: str, target: str | type[Strategy]) -> None:
 
 
 def get_strategy(name: str) -> Strategy:
-    """The strategy registered under ``name`` (a preset gives its strategy); an unknown name
-    lists the known ones."""
+    """The strategy registered under ``name`` (a preset gives its strategy).
+
+    Raises:
+        UnknownNameError: no strategy or preset of that name; the message lists the known.
+    """
     name = str(PRESETS.get(name, {}).get("strategy", name))
     try:
         target = _REGISTRY[name]

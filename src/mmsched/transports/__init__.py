@@ -39,7 +39,11 @@ def register_transport(name: str, target: str) -> None:
 
 
 def transport_class(name: str) -> type[Transport]:
-    """The transport class registered under ``name``; an unknown name lists the known ones."""
+    """The transport class registered under ``name``.
+
+    Raises:
+        UnknownNameError: no transport of that name; the message lists the known ones.
+    """
     try:
         target = _REGISTRY[name]
     except KeyError:
@@ -50,7 +54,13 @@ def transport_class(name: str) -> type[Transport]:
 
 
 async def open_transport(name: str, spec: GroupSpec) -> Transport:
-    """Join a group over the transport named ``name``."""
+    """Join a group over the transport named ``name``.
+
+    Raises:
+        UnknownNameError: no transport of that name.
+        ConfigError: the address or an option is malformed.
+        TransportError: the group could not be joined (``PeerLost`` within its timeout).
+    """
     return await transport_class(name).open(spec)
 
 

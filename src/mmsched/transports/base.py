@@ -102,11 +102,23 @@ class Transport(ABC):
 
     @abstractmethod
     async def send(self, frames: Sequence[Buffer]) -> None:
-        """Send one message to every other rank (sender only)."""
+        """Send one message to every other rank (sender only).
+
+        Raises:
+            TransportClosed: this side closed the transport.
+            PeerLost: a receiver died or stopped answering (where detectable).
+            ArenaFull: the ``shm`` transport's arena had no room within the timeout.
+        """
 
     @abstractmethod
     async def recv(self) -> Frames:
-        """The next message (receivers only); raises ``EndOfStream`` once the sender closed."""
+        """The next message (receivers only).
+
+        Raises:
+            EndOfStream: the sender closed; nothing more will arrive.
+            TransportClosed: this side closed the transport.
+            PeerLost: the sender died or went quiet for longer than the timeout.
+        """
 
     @abstractmethod
     async def aclose(self) -> None:
