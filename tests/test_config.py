@@ -36,14 +36,14 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         "MMSCHED_TRANSPORT": "torch",
         "MMSCHED_ALLOW_PICKLE": "yes",
         "MMSCHED_RESULTS_ADDRESS": "tcp://127.0.0.1:*",
-        "MMSCHED_MODEL_STEP_MS": "2.5",
+        "MMSCHED_IDLE_WAIT_MS": "2.5",
         "MMSCHED_MAX_REQUEST_BYTES": "none",
         "OTHER": "ignored",
     }
     config = Config.from_toml(path).with_env(env)
     assert (config.strategy, config.tp_size, config.allow_pickle) == ("tokenizer", 2, True)
     assert config.results_address == "tcp://127.0.0.1:*" and config.requests_address is None
-    assert config.model_step_ms == 2.5 and config.max_request_bytes is None
+    assert config.idle_wait_ms == 2.5 and config.max_request_bytes is None
 
 
 @pytest.mark.parametrize(

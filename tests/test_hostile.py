@@ -10,9 +10,9 @@ peers on the local sockets, a rank's start-up error that never reached the calle
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -30,6 +30,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from conftest import RunOnLoop
 from malformed import base_sample
 from mmsched import (
     Config,
@@ -186,7 +187,12 @@ async def test_bad_result_frames_fail_their_request_and_the_router_goes_on(
             ctx.destroy(linger=0)
 
 
-async def test_a_dead_result_router_fails_every_waiting_caller() -> None:
+@pytest.mark.parametrize("how", ["socket fails", "cancelled"])
+def test_a_dead_result_router_fails_every_waiting_caller(how: str, on_each_loop: RunOnLoop) -> None:
+    on_each_loop(_dead_router(how))
+
+
+async def _dead_router(how: str) -> None:
     config = Config(strategy="tokenizer", transport="memory", tp_size=TP, timeout_s=5)
     sample = image_sample(2, 4)
     async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=3.0)) as pipeline:
@@ -195,10 +201,12 @@ async def test_a_dead_result_router_fails_every_waiting_caller() -> None:
             for i in range(4)
         ]
         await asyncio.sleep(0.3)
-        assert pipeline._stage is not None
+        assert pipeline._stage is not None and pipeline._background is not None
         start = time.monotonic()
-        # The result router's socket fails under it: nothing can arrive any more.
-        pipeline._stage._results.close()
+        if how == "socket fails":
+            pipeline._stage._results.close()  # nothing can arrive any more
+        else:
+            pipeline._background.cancel()  # routing and the in-process ranks with it
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         assert all(isinstance(r, PeerLost) and "router" in str(r) for r in results), results
         assert time.monotonic() - start < config.timeout_s
@@ -206,25 +214,14 @@ async def test_a_dead_result_router_fails_every_waiting_caller() -> None:
             await pipeline.generate("later", sample.input_ids, sample.mm_inputs)
 
 
-async def test_cancelled_background_work_fails_every_waiting_caller() -> None:
-    config = Config(strategy="tokenizer", transport="memory", tp_size=TP, timeout_s=5)
-    sample = image_sample(2, 4)
-    async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=3.0)) as pipeline:
-        waiting = [
-            asyncio.create_task(pipeline.generate(f"w{i}", sample.input_ids, sample.mm_inputs))
-            for i in range(4)
-        ]
-        await asyncio.sleep(0.3)
-        assert pipeline._background is not None
-        pipeline._background.cancel()  # routing and the in-process ranks with it
-        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
-        assert all(isinstance(r, PeerLost) and "cancelled" in str(r) for r in results), results
-
-
 # -- 3. cancelled callers give their bytes back ---------------------------------------------
 
 
-async def test_cancelled_callers_leak_no_inflight_bytes() -> None:
+def test_cancelled_callers_leak_no_inflight_bytes(on_each_loop: RunOnLoop) -> None:
+    on_each_loop(_cancelled_callers())
+
+
+async def _cancelled_callers() -> None:
     sample = image_sample(2, 20)  # 188 kB
     config = Config(strategy="tokenizer", transport="memory", tp_size=TP, max_inflight_mb=4)
     rng = random.Random(7)
@@ -488,3 +485,23 @@ def test_json_of_failure_is_what_read_failure_reads(tmp_path: Path) -> None:
     assert read_failure(tmp_path, 4) is None
     (tmp_path / "rank-5.failed.json").write_text(json.dumps([1]))
     assert read_failure(tmp_path, 5) is None
+
+
+# -- 10. every request gets an answer within timeout_s ---------------------------------------
+
+
+async def test_a_request_without_an_answer_fails_alone_within_the_timeout() -> None:
+    async def stuck_on_one(rank: int, iteration: int, requests: list[object]) -> None:
+        if rank == 0 and any(getattr(r, "rid", "") == "stuck" for r in requests):
+            await asyncio.sleep(2.0)  # longer than timeout_s: its answer comes too late
+
+    config = Config(transport="memory", tp_size=2, timeout_s=0.5)
+    sample = image_sample(2, 4)
+    async with Pipeline(config, on_iteration=stuck_on_one) as pipeline:
+        start = time.monotonic()
+        with pytest.raises(PeerLost, match="no answer to request 'stuck' within"):
+            await pipeline.generate("stuck", sample.input_ids, sample.mm_inputs)
+        assert time.monotonic() - start < 1.5
+        await asyncio.sleep(2.0)  # the late answer arrives and is dropped
+        output = await pipeline.generate("next", sample.input_ids, sample.mm_inputs)
+        assert output.rid == "next"

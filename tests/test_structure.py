@@ -121,3 +121,20 @@ def test_the_tree_in_the_errors_docstring_is_the_class_tree() -> None:
     ]
     assert sorted(drawn) == sorted(c for c in classes if c != "MmschedError")
     assert issubclass(errors.ArenaFull, errors.Overloaded)
+
+
+def test_production_messages_and_config_carry_no_instrumentation() -> None:
+    import dataclasses
+
+    from mmsched import Config, TokenizedGenerateReqInput
+    from mmsched.messages import Batch, GenerateOutput
+
+    assert [f.name for f in dataclasses.fields(TokenizedGenerateReqInput)] == [
+        "rid",
+        "input_ids",
+        "sampling_params",
+        "mm_inputs",
+    ]
+    probes_only = {"created_at", "check_ranks", "report_ranks", "model_step_ms", "ready_at"}
+    for cls in (TokenizedGenerateReqInput, Batch, GenerateOutput, Config):
+        assert probes_only.isdisjoint(f.name for f in dataclasses.fields(cls)), cls

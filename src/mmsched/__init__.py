@@ -36,7 +36,7 @@ from mmsched.messages import (
     TokenizedGenerateReqInput,
 )
 from mmsched.pipeline import Pipeline
-from mmsched.probes import Probe, RankTimings
+from mmsched.probes import ModelStub, Probe, RankTimings
 from mmsched.stores import PayloadRef, PayloadStore, register_store, store_names
 from mmsched.strategies import Strategy, get_strategy, register_strategy, strategy_names
 from mmsched.tokenizer import RequestTrace
@@ -64,6 +64,7 @@ __all__ = [
     "InvalidMultimodalInput",
     "MmschedError",
     "Modality",
+    "ModelStub",
     "MultimodalDataItem",
     "MultimodalInputs",
     "NotRunning",

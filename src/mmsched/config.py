@@ -51,8 +51,6 @@ class Config:
         results_address: where the ranks send results to the tokenizer; as above.
         hasher: content hash of features (``blake3``, ``sha256``, ``xxh3``).
         tp_size: number of scheduler ranks.
-        model_step_ms: cost of the stub model step per non-empty iteration (a sleep, as a
-            GPU forward pass leaves the CPU free).
         idle_wait_ms: how long the entry rank waits for a first request before announcing an
             empty iteration (the other ranks' heartbeat).
         timeout_s: longest wait for a peer in any blocking step before it counts as lost.
@@ -76,7 +74,6 @@ class Config:
     results_address: str | None = None
     hasher: str = DEFAULT_HASHER
     tp_size: int = 1
-    model_step_ms: float = 0.0
     idle_wait_ms: float = 20.0
     timeout_s: float = 60.0
     startup_timeout_s: float = 120.0
@@ -104,7 +101,6 @@ class Config:
         if self.tokenizer_workers < 1:
             raise ConfigError(f"tokenizer_workers must be at least 1, got {self.tokenizer_workers}")
         for name in (
-            "model_step_ms",
             "idle_wait_ms",
             "timeout_s",
             "startup_timeout_s",

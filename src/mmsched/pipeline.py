@@ -178,7 +178,11 @@ class Pipeline:
         )
         self._addresses = addresses
         self._stage = TokenizerStage(
-            self.config, requests, results, self._store, probed=self.probe is not None
+            self.config,
+            requests,
+            results,
+            self._store,
+            probed=bool(self.probe and self.probe.reports),
         )
         if not self.in_process:
             ctx = multiprocessing.get_context("spawn")
@@ -272,7 +276,8 @@ class Pipeline:
             Overloaded: ``max_inflight_mb`` is reached (see ``backpressure``), or the
                 payload store had no room in time (``ArenaFull``).
             CodecError: a value in the request cannot be encoded.
-            PeerLost: a rank died; the pipeline is stopped and must be started again.
+            PeerLost: a rank died; the pipeline is stopped and must be started again. Or
+                this request got no answer within ``timeout_s`` (it alone fails).
             NotRunning: the pipeline is not started, or closed.
         """
         trace = await self.generate_traced(rid, input_ids, mm_inputs, sampling_params)

@@ -2,22 +2,29 @@
 
 A [`Probe`][mmsched.probes.Probe] is one object handed to
 [`Pipeline`][mmsched.pipeline.Pipeline] (``probe=``). It travels to every rank with the
-callback, and each rank calls [`observe`][mmsched.probes.Probe.observe] once per request, as
-soon as it holds the request's inputs (or their error). What ``observe`` returns goes back to
-the tokenizer as a [`ProbeReport`][mmsched.messages.ProbeReport], and
-[`Pipeline.generate_traced`][mmsched.pipeline.Pipeline.generate_traced] returns every rank's
-with the output. Without a probe nothing of this runs, no report travels, and no production
-message carries a field for it.
+callback, and each rank calls it at two points:
 
-[`RankTimings`][mmsched.probes.RankTimings] is the probe of ``mmsched bench`` and the tests:
-when each rank was ready, what it held, what it hashed.
+- [`observe`][mmsched.probes.Probe.observe], once per request, as soon as the rank holds the
+  request's inputs (or their error). Where the probe ``reports``, what it returns goes back
+  to the tokenizer as a [`ProbeReport`][mmsched.messages.ProbeReport], and
+  [`Pipeline.generate_traced`][mmsched.pipeline.Pipeline.generate_traced] returns every
+  rank's with the output;
+- [`model_step`][mmsched.probes.Probe.model_step], once per iteration that has requests,
+  after the server's callback: where a benchmark puts the cost of a model's forward pass.
+
+Without a probe nothing of this runs, no report travels, and no production message or
+config field exists for it.
+
+[`ModelStub`][mmsched.probes.ModelStub] stands in for a model's step (``mmsched bench
+load``); [`RankTimings`][mmsched.probes.RankTimings] also reports when each rank was ready,
+what it held and what it hashed (``mmsched bench fanout`` and the tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import blake3
 
@@ -28,6 +35,9 @@ from mmsched.messages import ErrorOutput, TokenizedGenerateReqInput
 
 class Probe:
     """Base class: observes nothing. Subclasses must be picklable (they reach the ranks)."""
+
+    # Whether every rank reports every request, and a request's result waits for them all.
+    reports: ClassVar[bool] = False
 
     async def observe(
         self,
@@ -40,8 +50,30 @@ class Probe:
         """Rank side: what to report of ``req`` (JSON-able values), or ``None`` for nothing."""
         return None
 
+    async def model_step(
+        self, rank: int, iteration: int, requests: list[TokenizedGenerateReqInput]
+    ) -> None:
+        """Rank side, once per iteration that has requests, after the server's callback."""
 
-class RankTimings(Probe):
+
+class ModelStub(Probe):
+    """A model step that costs ``step_ms`` of waiting per iteration with requests: a sleep,
+    as a GPU forward pass leaves the CPU free."""
+
+    def __init__(self, step_ms: float = 0.0) -> None:
+        self.step_ms = step_ms
+
+    async def model_step(
+        self, rank: int, iteration: int, requests: list[TokenizedGenerateReqInput]
+    ) -> None:
+        if self.step_ms > 0:
+            await asyncio.sleep(self.step_ms / 1000)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ModelStub, (self.step_ms,))
+
+
+class RankTimings(ModelStub):
     """Every rank reports, per request: when it held usable inputs, what, and its hashing.
 
     Report keys: ``ready_at`` (``time.monotonic()``, a clock every process of a host
@@ -49,9 +81,13 @@ class RankTimings(Probe):
     ``hash_cpu_seconds`` (the rank process's running totals), ``error`` (the error's kind,
     if the request failed), and ``content_digest``, a digest of every byte held, for the
     requests whose id starts with ``digest_prefix`` (``None``: no request; ``""``: all).
+    The model step costs ``step_ms``, as in [`ModelStub`][mmsched.probes.ModelStub].
     """
 
-    def __init__(self, digest_prefix: str | None = None) -> None:
+    reports = True
+
+    def __init__(self, digest_prefix: str | None = None, step_ms: float = 0.0) -> None:
+        super().__init__(step_ms)
         self.digest_prefix = digest_prefix
 
     async def observe(
@@ -83,4 +119,4 @@ class RankTimings(Probe):
         }
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RankTimings, (self.digest_prefix,))
+        return (RankTimings, (self.digest_prefix, self.step_ms))

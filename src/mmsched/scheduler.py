@@ -320,8 +320,8 @@ class SchedulerRank:
             result = self.on_iteration(self.rank, batch.iteration, ready)
             if inspect.isawaitable(result):
                 await result
-        if ready and self.config.model_step_ms > 0:
-            await asyncio.sleep(self.config.model_step_ms / 1000)
+        if ready and self.probe is not None:
+            await self.probe.model_step(self.rank, batch.iteration, ready)
         if self.rank == 0:
             for req in ready:
                 output = self._stub_output(req)
@@ -374,7 +374,7 @@ class SchedulerRank:
         if self.probe is None:
             return
         data = await self.probe.observe(self.rank, iteration, req, mm, error)
-        if data is not None:
+        if data is not None and self.probe.reports:
             await self._send(ProbeReport(rid=req.rid, rank=self.rank, data=data))
 
     async def _send(self, message: Message) -> None:

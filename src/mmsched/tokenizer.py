@@ -203,6 +203,7 @@ class TokenizerStage:
                 payload store had no room in time ([`ArenaFull`][mmsched.errors.ArenaFull]).
             PeerLost: a rank died; the pipeline is unusable.
             CodecError: a value in the request cannot be encoded.
+            PeerLost: no answer came within ``timeout_s`` of sending (this request alone).
         """
         if self._failure is not None:
             raise self._failure
@@ -268,7 +269,15 @@ class TokenizerStage:
         # result, which the watchdog fails if a rank dies.
         sending = asyncio.ensure_future(self._requests.send_multipart(frames, copy=False))
         try:
-            return await pending.future
+            # The answer comes in the iteration after the request reaches the entry rank, and
+            # no iteration may take longer than timeout_s: past that, nobody is answering.
+            return await asyncio.wait_for(pending.future, self.config.timeout_s)
+        except TimeoutError:
+            self._send_nowait(encode(AbortReq(rid=rid)))
+            log.warning("no answer to request %r within timeout_s=%s", rid, self.config.timeout_s)
+            raise PeerLost(
+                f"no answer to request {rid!r} within timeout_s={self.config.timeout_s}"
+            ) from None
         except asyncio.CancelledError:
             self._send_nowait(encode(AbortReq(rid=rid)))
             raise

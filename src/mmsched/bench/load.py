@@ -38,6 +38,7 @@ import numpy as np
 from mmsched.config import Config
 from mmsched.errors import MmschedError
 from mmsched.pipeline import Pipeline
+from mmsched.probes import ModelStub
 
 from .cpu import CpuMeter
 from .workloads import Sample, in_shared_memory, qwen2vl_image, video_sample
@@ -159,14 +160,13 @@ async def run_load(
             transport=transport,
             tp_size=tp,
             hasher=hasher,
-            model_step_ms=model_step_ms,
             shm_arena_mb=2048 if workload != "image" else 1024,
             max_inflight_mb=None,  # measure the queue, do not cap it
         )
         # "arena": samples live in memory the payload store hands out (shared memory under
         # the shm store, as a processor writing its output there would).
         in_arena = zero_copy_input == "arena"
-        async with Pipeline(config) as pipeline:
+        async with Pipeline(config, probe=ModelStub(model_step_ms)) as pipeline:
             pool = base_pool
             if in_arena:
                 pool = [in_shared_memory(s, pipeline.allocate_tensor) for s in base_pool]

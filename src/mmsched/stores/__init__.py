@@ -11,9 +11,7 @@ imported on first use.
 
 from __future__ import annotations
 
-import importlib
-
-from mmsched.errors import UnknownNameError
+from mmsched.registry import lookup
 from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
 
 _REGISTRY: dict[str, str | type[PayloadStore]] = {
@@ -42,15 +40,8 @@ def store_class(name: str) -> type[PayloadStore]:
     Raises:
         UnknownNameError: no store of that name; the message lists the known ones.
     """
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError("payload store", name, list(_REGISTRY)) from None
-    if isinstance(target, str):
-        module_name, _, attr = target.partition(":")
-        loaded: type[PayloadStore] = getattr(importlib.import_module(module_name), attr)
-        return loaded
-    return target
+    store: type[PayloadStore] = lookup("payload store", _REGISTRY, name, PayloadStore)
+    return store
 
 
 __all__ = [

@@ -15,11 +15,11 @@ subclass plus one line in ``_REGISTRY`` (or a call to [`register_strategy`][]).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from mmsched.errors import UnknownNameError
+from mmsched.registry import lookup
 from mmsched.strategies.base import RankServices, Strategy
 
 _REGISTRY: dict[str, str | type[Strategy]] = {
@@ -54,16 +54,12 @@ def get_strategy(name: str) -> Strategy:
     Raises:
         UnknownNameError: no strategy or preset of that name; the message lists the known.
     """
-    name = str(PRESETS.get(name, {}).get("strategy", name))
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError("strategy", name, strategy_names()) from None
-    if isinstance(target, str):
-        module_name, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module_name), attr)
-    assert isinstance(target, type) and issubclass(target, Strategy)
-    return target()
+    if name in PRESETS:
+        name = str(PRESETS[name]["strategy"])
+    elif name not in _REGISTRY:
+        raise UnknownNameError("strategy", name, strategy_names())
+    strategy: type[Strategy] = lookup("strategy", _REGISTRY, name, Strategy)
+    return strategy()
 
 
 __all__ = [

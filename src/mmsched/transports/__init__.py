@@ -11,12 +11,10 @@ the transport it picks.
 
 from __future__ import annotations
 
-import importlib
-
-from mmsched.errors import UnknownNameError
+from mmsched.registry import lookup
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport, TransportStatistics
 
-_REGISTRY: dict[str, str] = {
+_REGISTRY: dict[str, str | type[Transport]] = {
     "memory": "mmsched.transports.memory:MemoryTransport",
     "shm": "mmsched.transports.shm:ShmTransport",
     "torch": "mmsched.transports.torch_dist:TorchTransport",
@@ -33,8 +31,8 @@ def transport_names(*, cross_process: bool | None = None) -> list[str]:
     return [n for n in names if transport_class(n).cross_process == cross_process]
 
 
-def register_transport(name: str, target: str) -> None:
-    """Register a transport class, as ``"module:Class"``, under ``name``."""
+def register_transport(name: str, target: str | type[Transport]) -> None:
+    """Register a transport class (or ``"module:Class"``) under ``name``."""
     _REGISTRY[name] = target
 
 
@@ -44,13 +42,8 @@ def transport_class(name: str) -> type[Transport]:
     Raises:
         UnknownNameError: no transport of that name; the message lists the known ones.
     """
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError("transport", name, list(_REGISTRY)) from None
-    module_name, _, attr = target.partition(":")
-    cls: type[Transport] = getattr(importlib.import_module(module_name), attr)
-    return cls
+    transport: type[Transport] = lookup("transport", _REGISTRY, name, Transport)
+    return transport
 
 
 async def open_transport(name: str, spec: GroupSpec) -> Transport:
