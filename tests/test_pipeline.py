@@ -7,10 +7,10 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from mmsched import (
     Config,
@@ -58,8 +58,17 @@ SAMPLES = {
 }
 
 
-@pytest.fixture(params=COMBINATIONS, ids=lambda c: "-".join(c))
-async def pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Pipeline]:
+# One pipeline per combination serves every test of this module that asks for it: starting
+# rank processes is what costs, not the requests.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(
+    params=COMBINATIONS, ids=lambda c: "-".join(c), scope="module", loop_scope="module"
+)
+async def pipeline(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Pipeline]:
     strategy, transport, store = request.param
     config = Config(
         strategy=strategy,
@@ -69,7 +78,7 @@ async def pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         hasher="sha256",
         shm_arena_mb=64,
     )
-    recorder = IterationRecorder(tmp_path)
+    recorder = IterationRecorder(tmp_path_factory.mktemp("iterations"))
     probe = RankTimings(digest_prefix="")
     async with Pipeline(config, on_iteration=recorder, probe=probe) as p:
         yield p
@@ -107,7 +116,8 @@ async def test_every_modality_reaches_every_rank_identical(pipeline: Pipeline) -
     assert isinstance(recorder, IterationRecorder)
     # Rank 0 answers once its own step is done; another rank's callback may still be running.
     for _ in range(100):
-        seen = [recorder.read(rank) for rank in range(TP)]
+        # The pipeline is shared by this module's tests: only this test's requests count.
+        seen = [[e for e in recorder.read(rank) if e["rid"] in SAMPLES] for rank in range(TP)]
         if all(len(s) == len(SAMPLES) for s in seen):
             break
         await asyncio.sleep(0.05)
