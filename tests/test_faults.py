@@ -131,7 +131,7 @@ async def test_every_malformed_input_fails_alone(strategy: str, transport: str) 
 async def test_killed_rank_fails_fast_and_leaves_nothing(
     strategy: str, transport: str, victim: int
 ) -> None:
-    timeout_s = 3.0  # short: the surviving ranks of a dead entry rank wait this long
+    timeout_s = 5.0
     config = Config(
         strategy=strategy, transport=transport, tp_size=3, timeout_s=timeout_s, shm_arena_mb=64
     )

@@ -311,7 +311,7 @@ class Pipeline:
                 await self._stop_rank_tasks()
             else:
                 if any(p.is_alive() for p in self._processes):
-                    self._stage.shutdown()
+                    await self._stage.shutdown_when_connected(self._shutdown_wait_s())
                 await self._join_ranks()
         if self._background is not None:
             self._background.cancel()
@@ -331,11 +331,15 @@ class Pipeline:
             shutil.rmtree(self._workdir, ignore_errors=True)
         log.info("pipeline closed")
 
+    def _shutdown_wait_s(self) -> float:
+        # A group that never came up may have no entry rank to connect: do not wait long.
+        return min(self.config.timeout_s, 5.0) if self._ready else 0.1
+
     async def _stop_rank_tasks(self) -> None:
         assert self._stage is not None
         if self._ranks_running == 0:
             return
-        self._stage.shutdown()
+        await self._stage.shutdown_when_connected(self._shutdown_wait_s())
         grace = self.config.timeout_s if self._ready else _STARTUP_FAILURE_GRACE_S
         with anyio.move_on_after(grace):
             await self._ranks_stopped.wait()  # else the background's cancel stops them

@@ -300,8 +300,22 @@ class TokenizerStage:
         )
 
     def shutdown(self) -> None:
-        """Ask the ranks to exit after their current iteration."""
+        """Ask the ranks to exit after their current iteration, if the entry rank's
+        connection can take it at once (it may be dead: this never waits)."""
         self._send_nowait(encode(Shutdown()))
+
+    async def shutdown_when_connected(self, wait_s: float) -> bool:
+        """Ask the ranks to exit, waiting up to ``wait_s`` for the entry rank's connection.
+
+        Right after start the entry rank may be ready while its connection is still in its
+        handshake: a message sent without waiting would be dropped, and the ranks would
+        run on until killed. Returns whether the request went out.
+        """
+        try:
+            await asyncio.wait_for(self._requests.send_multipart(encode(Shutdown())), wait_s)
+        except (TimeoutError, zmq.ZMQError):
+            return False
+        return True
 
     def _send_nowait(self, frames: list[Any]) -> None:
         # Control messages must never wait on an entry rank that may be gone.
