@@ -121,7 +121,7 @@ class ShmTransport(Transport):
         for frame in frames:
             ref = None
             if memoryview(frame).nbytes >= self._inline_max:
-                ref = self._store.put(torch.frombuffer(_writable_bytes(frame), dtype=torch.uint8))
+                ref = self._store.put(torch.frombuffer(_flat_bytes(frame), dtype=torch.uint8))
             if ref is None:
                 descriptors.append(len(inline))
                 inline.append(frame)
@@ -152,7 +152,7 @@ class ShmTransport(Transport):
         return out
 
 
-def _writable_bytes(frame: Buffer) -> memoryview:
-    # torch.frombuffer wants a flat byte buffer; it only reads this one (the store copies).
+def _flat_bytes(frame: Buffer) -> memoryview:
+    # A flat byte view for torch.frombuffer; only read (the store copies it into the arena).
     view = memoryview(frame)
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
