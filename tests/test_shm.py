@@ -32,6 +32,7 @@ from mmsched.stores.arena import (
     live_segments,
     sweep_stale_segments,
 )
+from mmsched.stores.copying import ParallelCopier
 from mmsched.stores.shm import ShmStore
 
 OPTIONS = StoreOptions(capacity_bytes=1 << 20, consumers=1, timeout_s=0.2, min_bytes=1024)
@@ -124,6 +125,48 @@ def test_store_puts_tensors_once_and_allocated_ones_without_copy(store: ShmStore
         assert consumer.put(torch.randn(1000)) is None
     finally:
         consumer.close()
+
+
+def test_staged_copies_run_beside_the_hash_and_put_returns_them() -> None:
+    # 3 MB is above the size the copy is split into chunks for.
+    options = StoreOptions(capacity_bytes=8 << 20, consumers=1, timeout_s=0.2, min_bytes=1024)
+    producer = ShmStore.create(options)
+    consumer = ShmStore.attach(producer.address, 0, options)
+    try:
+        first, second = torch.randn(750_001), torch.randn(5_000)  # an odd length: a short tail
+        small = torch.randn(10)  # below min_bytes: not staged, travels inline
+        with producer.staging([first, second, small]):
+            # Both copies were started before any put: their room is already reserved.
+            assert len(producer._writer._live) == 2  # type: ignore[union-attr]
+            refs = [producer.put(first), producer.put(second)]
+            assert producer.put(small) is not None  # not staged: an ordinary copy
+        assert all(r is not None for r in refs)
+        got = [consumer.resolve(r) for r in refs if r is not None]
+        assert torch.equal(got[0], first) and torch.equal(got[1], second)
+        # Staged room never sent is reclaimed like any payload once later ones are read.
+        with producer.staging([torch.randn(300_000)]):
+            pass
+        del got
+        gc.collect()
+        for _ in range(4):  # 2.8 MB each: the ring wraps past the unsent room
+            ref = producer.put(torch.randn(700_000))
+            assert ref is not None
+            consumer.resolve(ref)  # read and dropped at once
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_parallel_copy_matches_for_any_length() -> None:
+    copier = ParallelCopier(threads=3)
+    try:
+        for n in (0, 1, 65, (1 << 20) - 1, (3 << 20) + 7):
+            src = torch.randint(0, 256, (n,), dtype=torch.uint8)
+            dst = torch.zeros(n, dtype=torch.uint8)
+            copier.copy(dst.data_ptr(), src.data_ptr(), n)
+            assert torch.equal(dst, src), n
+    finally:
+        copier.close()
 
 
 def orjson_dumps(value: object) -> bytes:

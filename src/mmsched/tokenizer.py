@@ -288,8 +288,14 @@ class TokenizerStage:
     def _prepare(self, req: TokenizedGenerateReqInput) -> Frames:
         """The request's frames, inputs built if the strategy says so (worker thread)."""
         req.input_ids = validate_input_ids(req.input_ids)  # O(ids): off the event loop
-        self.strategy.prepare(req, self._build)
-        return encode(req, self._store)
+        # The store starts copying the features in now, so that the copy overlaps the hash
+        # that prepare() computes over the same bytes.
+        # A request over the size limit is refused by prepare() without being copied.
+        limit = self.config.max_request_bytes
+        too_large = limit is not None and _feature_bytes(req.mm_inputs) > limit
+        with self._store.staging([] if too_large else _feature_tensors(req.mm_inputs)):
+            self.strategy.prepare(req, self._build)
+            return encode(req, self._store)
 
     def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
         return materialize(
@@ -402,16 +408,26 @@ def _feature_bytes(mm_inputs: MultimodalInputs | Mapping[str, Any] | None) -> in
     (validation will reject it)."""
     if isinstance(mm_inputs, MultimodalInputs):
         return mm_inputs.nbytes
-    if not isinstance(mm_inputs, Mapping) or not isinstance(mm_inputs.get("mm_items"), list):
-        return 0
     total = 0
-    for item in mm_inputs["mm_items"]:
-        feature = item.get("feature") if isinstance(item, Mapping) else None
+    for feature in _raw_features(mm_inputs):
         if isinstance(feature, torch.Tensor):
             total += feature.numel() * feature.element_size()
         elif isinstance(feature, np.ndarray):
             total += feature.nbytes
     return total
+
+
+def _feature_tensors(mm_inputs: MultimodalInputs | Mapping[str, Any] | None) -> list[torch.Tensor]:
+    """The feature tensors of a request (built or raw); none where malformed."""
+    if isinstance(mm_inputs, MultimodalInputs):
+        return [item.feature for item in mm_inputs.mm_items]
+    return [f for f in _raw_features(mm_inputs) if isinstance(f, torch.Tensor)]
+
+
+def _raw_features(mm_inputs: Mapping[str, Any] | None) -> list[Any]:
+    if not isinstance(mm_inputs, Mapping) or not isinstance(mm_inputs.get("mm_items"), list):
+        return []
+    return [item.get("feature") for item in mm_inputs["mm_items"] if isinstance(item, Mapping)]
 
 
 def _error_from(message: ErrorOutput) -> MmschedError:

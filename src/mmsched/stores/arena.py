@@ -50,6 +50,7 @@ import torch
 from mmsched.errors import ArenaFull, ConfigError, TransportError
 from mmsched.frames import Buffer
 from mmsched.processes import pid_alive
+from mmsched.stores.copying import shared_copier
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "mmsched-"
@@ -210,14 +211,22 @@ class ArenaWriter:
     def put(self, payload: Buffer) -> Ref:
         """Copy ``payload`` into the arena once; raises [`ArenaFull`][] after the timeout."""
         src = memoryview(payload).cast("B")
-        alloc = self._allocate(src.nbytes)
+        ref, dst = self.reserve(src.nbytes)
+        # Chunks on a few pool threads (idle threads sleep: an OpenMP copy's team kept
+        # spinning after each copy, and under load burned 12 cores on the entry rank).
+        shared_copier().copy(dst, _address(src), src.nbytes)
+        return ref
+
+    def reserve(self, nbytes: int) -> tuple[Ref, int]:
+        """Room for ``nbytes``: its ref and the address to write them at.
+
+        The caller must finish writing before it sends the ref; the room is reclaimed like
+        any payload's (once every reader has moved past it), so a ref never sent only waits
+        for later payloads to be read. Raises [`ArenaFull`][] after the timeout.
+        """
+        alloc = self._allocate(nbytes)
         start = self._data_start + alloc.offset
-        dst = memoryview(self._mapped.mm)[start : start + src.nbytes]
-        # One plain memcpy. A multi-threaded copy is faster alone, but its worker threads
-        # keep spinning after each copy: under load the entry rank burned 12 cores on it.
-        dst[:] = src
-        dst.release()
-        return Ref(self.name, alloc.seq, start, src.nbytes)
+        return Ref(self.name, alloc.seq, start, nbytes), self._mapped.base + start
 
     def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A tensor living in the arena, for a processor to fill; sending it copies nothing.

@@ -26,8 +26,9 @@ A new store is one module with a subclass plus one line in [`mmsched.stores`][].
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -142,6 +143,19 @@ class PayloadStore(ABC):
     def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An empty tensor for a producer to fill; ``put`` of it then copies nothing."""
         return torch.empty(tuple(shape), dtype=dtype)
+
+    @contextlib.contextmanager
+    def staging(self, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+        """Start placing ``tensors`` while the caller does other work (the producer hashes).
+
+        Inside the block, ``put`` of one of them waits for its placement and returns its
+        reference; on leaving, every placement has finished. By default nothing is started
+        and ``put`` places as usual.
+
+        Raises:
+            ArenaFull: no room within the store's timeout.
+        """
+        yield
 
     @abstractmethod
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:

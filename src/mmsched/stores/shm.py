@@ -2,7 +2,10 @@
 
 The tokenizer owns the arena ([`mmsched.stores.arena`][]); a tensor is copied in once, or
 not at all when the processor filled a tensor from
-[`allocate`][mmsched.stores.shm.ShmStore.allocate] (it already lives there). Ranks resolve
+[`allocate`][mmsched.stores.shm.ShmStore.allocate] (it already lives there). The copy is
+cut into chunks on a few threads ([`mmsched.stores.copying`][]) and, through
+[`staging`][mmsched.stores.shm.ShmStore.staging], runs while the tokenizer hashes the
+same bytes. Ranks resolve
 a reference to a tensor viewing the mapped arena: no copy, and the bytes stay reserved
 until every rank's tensor is gone. The entry rank forwards
 a tensor it resolved as the same reference, so a request's bytes are written once whatever
@@ -13,7 +16,11 @@ One host only (shared memory); Linux only (``/dev/shm``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +29,14 @@ from mmsched.frames import DTYPES, dtype_name, tensor_from_frame
 from mmsched.hashing import tensor_bytes
 from mmsched.stores import arena
 from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
+from mmsched.stores.copying import shared_copier, wait
+
+
+@dataclass
+class _Staged:
+    ref: arena.Ref
+    copy: list[Future[int]]
+    source: torch.Tensor  # kept alive until its copy is done
 
 
 class ShmStore(PayloadStore):
@@ -36,6 +51,8 @@ class ShmStore(PayloadStore):
         super().__init__(options)
         self._writer = writer
         self._reader = reader
+        # Placements staged by one tokenizer worker thread, found by its own put().
+        self._local = threading.local()
 
     @classmethod
     def create(cls, options: StoreOptions, *, name: str | None = None) -> ShmStore:
@@ -91,14 +108,52 @@ class ShmStore(PayloadStore):
             return super().allocate(shape, dtype)
         return self._writer.allocate_tensor(shape, dtype)
 
+    @contextlib.contextmanager
+    def staging(self, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+        # The copy into the arena runs on the copier's threads while the caller hashes the
+        # same source bytes on others: the two passes overlap instead of adding up.
+        writer = self._writer
+        if writer is None:  # a consumer places nothing
+            yield
+            return
+        staged: dict[tuple[int, int], _Staged] = {}
+        try:
+            for tensor in tensors:
+                nbytes = tensor.numel() * tensor.element_size()
+                if (
+                    not self.wants(tensor)
+                    or dtype_name(tensor.dtype) not in DTYPES
+                    or tensor.device.type != "cpu"
+                    or not tensor.is_contiguous()
+                    or nbytes > self.capacity
+                    or (tensor.data_ptr(), nbytes) in staged
+                    or writer.ref_at(tensor.data_ptr(), nbytes) is not None
+                ):
+                    continue
+                ref, dst = writer.reserve(nbytes)
+                copy = shared_copier().start(dst, tensor.data_ptr(), nbytes)
+                staged[(tensor.data_ptr(), nbytes)] = _Staged(ref, copy, tensor)
+            self._local.staged = staged
+            yield
+        finally:
+            self._local.staged = {}
+            for entry in staged.values():  # no copy may still run into room that gets reused
+                wait(entry.copy)
+
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
         if dtype_name(tensor.dtype) not in DTYPES:
             return None
         owner = self._writer or self._reader
         assert owner is not None
         ref = None
+        nbytes = tensor.numel() * tensor.element_size()
         if tensor.device.type == "cpu" and tensor.is_contiguous():
-            ref = owner.ref_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+            staged = getattr(self._local, "staged", {}).get((tensor.data_ptr(), nbytes))
+            if staged is not None:
+                wait(staged.copy)
+                ref = staged.ref
+            else:
+                ref = owner.ref_at(tensor.data_ptr(), nbytes)
         if ref is None and self._writer is not None:
             if tensor.numel() * tensor.element_size() > self._writer.capacity:
                 return None  # can never fit: it travels inline
