@@ -22,8 +22,8 @@ def test_report_from_the_published_results(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "## Fan-out: seed_tp4_sha256" in report
     assert "## Load: image" in report and "## Load: video" in report
-    assert "| per-rank | torch | 4 | 100 |" in report
-    images = ["seed_tp4_sha256_tp4_latency.png"]
+    assert "| per-rank | torch | - | - | 4 | 100 |" in report  # records from before input/consume
+    images = ["seed_tp4_sha256_tp4_none_latency.png"]
     images += [f"load_{w}_{plot}.png" for w in ("image", "video") for plot in ("throughput", "p99")]
     for image in images:
         assert f"]({image})" in report

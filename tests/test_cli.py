@@ -10,9 +10,16 @@ from mmsched.cli import main
 FIELDS = {
     "strategy",
     "transport",
+    "payload_store",
     "tp",
     "size_mb",
+    "hasher",
+    "input",
+    "consume",
     "latency_ms",
+    "floor_ms",
+    "floor_parts_ms",
+    "x_floor",
     "cpu_ms_per_request",
     "hash_ms_per_request",
     "hashes_per_request",
@@ -27,23 +34,33 @@ def test_bench_fanout_small(tmp_path: Path) -> None:
     code = main(["bench", "fanout", *args, "--transports", "shm", "--json", str(out)])
     assert code == 0
     records = json.loads(out.read_text())
-    # Every strategy on every transport asked for.
-    pairs = {(r["strategy"], r["transport"]) for r in records}
-    assert pairs == {(s, "shm") for s in ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")}
+    # Every strategy on every transport asked for, copy path and (where the store shares its
+    # allocations) arena path, each consume mode.
+    rows = {(r["strategy"], r["transport"], r["input"], r["consume"]) for r in records}
+    strategies = ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
+    assert rows == {
+        (s, "shm", path, consume)
+        for s in strategies
+        for path in ("copy", "arena")
+        for consume in ("none", "read")
+        if path == "copy" or s == "zero-copy"
+    }
     # The OS counts CPU in 10 ms ticks: one tiny row may read 0, the whole run cannot.
     assert sum(r["cpu_ms_per_request"] for r in records) > 0
-    by_strategy = {r["strategy"]: r for r in records if r["transport"] == "shm"}
     for r in records:
         assert set(r) >= FIELDS
+        assert r["hasher"] == "blake3"  # one default, the one Config has
         assert r["ranks_identical"] is True
         assert r["latency_ms"]["p50"] > 0 and r["latency_ms"]["p99"] >= r["latency_ms"]["p50"]
         assert r["cpu_ms_per_request"] >= 0
         assert r["encoded_bytes"] > 990_000  # 1 MB of pixel values, rounded to whole patches
-        assert r["floor_ms"] > 0
-    assert by_strategy["per-rank"]["hashes_per_request"] == 2
-    assert by_strategy["entry-broadcast"]["hashes_per_request"] == 1
-    assert by_strategy["tokenizer"]["hashes_per_request"] == 1
-    assert by_strategy["zero-copy"]["hashes_per_request"] == 1
+        parts = r["floor_parts_ms"]
+        assert parts["hash_ms"] > 0 and parts["copy_ms"] > 0
+        assert (parts["read_ms"] > 0) == (r["consume"] == "read")
+        # The floor is a lower bound measured beside the row: a row below it is a bug.
+        assert r["floor_ms"] > 0 and r["x_floor"] >= 1.0, r
+        expected = {"per-rank": 2, "entry-broadcast": 1, "tokenizer": 1, "zero-copy": 1}
+        assert r["hashes_per_request"] == expected[r["strategy"]], r
 
 
 def test_unknown_strategy_is_an_error(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -10,22 +10,33 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from mmsched.bench.fanout import (
     DEFAULT_SIZES_MB,
     DEFAULT_STRATEGIES,
     DEFAULT_TRANSPORTS,
+    INPUTS,
     FanoutRecord,
     combinations,
+    requests_in_run,
     run_fanout,
 )
 from mmsched.bench.load import WORKLOADS, LoadRecord, run_load
 from mmsched.bench.report import write_report
 from mmsched.errors import MmschedError
-from mmsched.hashing import HASHERS
+from mmsched.hashing import DEFAULT_HASHER, HASHERS
+from mmsched.probes import CONSUME_MODES
 from mmsched.strategies import get_strategy
 from mmsched.transports import transport_class, transport_names
 
@@ -76,17 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, of {', '.join(transport_names())} (default torch,zmq,shm)",
     )
     fan.add_argument(
-        "--zero-copy-input",
-        choices=["arena", "copy"],
-        default="arena",
-        help="the processor writes into Pipeline.allocate_tensor (default; the arena under "
-        "the shm store), or hands over ordinary memory",
+        "--input",
+        type=_csv(str),
+        default=list(INPUTS),
+        help="comma-separated, of copy (the processor's output in ordinary memory, copied in: "
+        "the realistic path) and arena (the processor writes into Pipeline.allocate_tensor; "
+        "only where the payload store shares its allocations) (default copy,arena)",
+    )
+    fan.add_argument(
+        "--consume",
+        type=_csv(str),
+        default=list(CONSUME_MODES),
+        help="what a rank does before it counts as ready, comma-separated: none (holds usable "
+        "tensors), read (reads every byte once) (default none,read)",
     )
     fan.add_argument(
         "--hasher",
-        default="sha256",
+        default=DEFAULT_HASHER,
         choices=sorted(HASHERS),
-        help="content hash for every strategy (default sha256, as SGLang)",
+        help=f"content hash for every strategy (default {DEFAULT_HASHER}, as Config)",
     )
     fan.add_argument(
         "--requests", type=int, default=20, help="timed requests per size (default 20)"
@@ -135,16 +154,16 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
         (
             "strategy",
             "transport",
-            "tp",
+            "input",
+            "consume",
             "MB",
             "p50 ms",
             "p99 ms",
-            "CPU ms/req",
-            "hash ms/req",
-            "hashes/req",
-            "encoded MB",
             "floor ms",
             "x floor",
+            "CPU ms/req",
+            "hashes/req",
+            "encoded MB",
             "identical",
         ),
     )
@@ -152,19 +171,36 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
         table.add_row(
             r.strategy,
             r.transport,
-            str(r.tp),
+            r.input,
+            r.consume,
             f"{r.size_mb:g}",
             f"{r.latency_ms['p50']:.2f}",
             f"{r.latency_ms['p99']:.2f}",
+            f"{r.floor_ms:.2f}",
+            f"{r.x_floor:.2f}",
             f"{r.cpu_ms_per_request:.1f}",
-            f"{r.hash_ms_per_request:.1f}",
             f"{r.hashes_per_request:g}",
             f"{r.encoded_bytes / 1e6:.2f}",
-            f"{r.floor_ms:.2f}",
-            f"{r.latency_ms['p50'] / r.floor_ms:.1f}" if r.floor_ms else "-",
             "yes" if r.ranks_identical else "NO",
         )
     return table
+
+
+FANOUT_LEGEND = """\
+input      copy: each request's pixels are a new tensor in ordinary memory (a processor's output);
+           arena: the processor wrote them into a fresh Pipeline.allocate_tensor (shared memory)
+consume    none: the last rank holds usable tensors; read: it has also read every byte once
+p50, p99   from the call into the pipeline to the last rank done (fresh bytes every request)
+floor      median over the row's requests of the least work its path needs, measured right
+           after each request on its bytes: copy path min(copy + hash, copy and hash at once),
+           arena path one hash, plus one read pass under read (docs: Benchmarks, the floor)
+x floor    p50 / floor: 1.0 is this machine's limit; below 1 is a measurement bug
+CPU ms/req user + system CPU of the tokenizer and every rank, per request
+hashes/req content hashes computed per request, all processes (1 = hashed once)
+encoded MB bytes of the request as sent by the tokenizer, tensors inline (a reference under
+           the shm store is a few hundred bytes)
+identical  every rank held the same inputs as the tokenizer (fingerprints, and all bytes of
+           the warm-up and last requests)"""
 
 
 def _check_names(strategies: list[str], transports: list[str]) -> None:
@@ -176,44 +212,70 @@ def _check_names(strategies: list[str], transports: list[str]) -> None:
 
 
 def _new_table(title: str, columns: Sequence[str]) -> Table:
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("strategy", "transport") else "right")
+        # Numbers never wrap; headers and names may, so that the table fits the terminal.
+        text = col in ("strategy", "transport", "input", "consume", "busiest process")
+        table.add_column(col, justify="left" if text else "right", no_wrap=not text)
     return table
 
 
 def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
     _check_names(args.strategies, args.transports)
     records: list[FanoutRecord] = []
-
-    def floor(size_mb: float, ms: float) -> None:
-        console.log(f"floor {size_mb:g} MB: one copy + one {args.hasher} hash = {ms:.2f} ms")
-
-    def progress(record: FanoutRecord) -> None:
-        records.append(record)
-        console.log(
-            f"TP={record.tp} {record.strategy}/{record.transport} {record.size_mb:g} MB: "
-            f"p50 {record.latency_ms['p50']:.2f} ms, {record.hashes_per_request:g} hashes/request"
-        )
-
-    asyncio.run(
-        run_fanout(
-            strategies=args.strategies,
-            transports=args.transports,
-            sizes_mb=args.sizes,
-            tps=args.tp,
-            hasher=args.hasher,
-            requests=args.requests,
-            warmup=args.warmup,
-            zero_copy_input=args.zero_copy_input,
-            on_floor=floor,
-            on_record=progress,
-        )
+    total = requests_in_run(
+        strategies=args.strategies,
+        transports=args.transports,
+        sizes_mb=args.sizes,
+        tps=args.tp,
+        requests=args.requests,
+        inputs=args.input,
+        consume=args.consume,
     )
+    with _progress(console) as progress:
+        task = progress.add_task(f"fan-out, {total} timed requests", total=total)
+
+        def record(r: FanoutRecord) -> None:
+            records.append(r)
+            progress.console.log(
+                f"TP={r.tp} {r.strategy}/{r.transport} {r.input} {r.consume} {r.size_mb:g} MB: "
+                f"p50 {r.latency_ms['p50']:.2f} ms, floor {r.floor_ms:.2f} ms"
+            )
+
+        asyncio.run(
+            run_fanout(
+                strategies=args.strategies,
+                transports=args.transports,
+                sizes_mb=args.sizes,
+                tps=args.tp,
+                hasher=args.hasher,
+                requests=args.requests,
+                warmup=args.warmup,
+                inputs=args.input,
+                consume=args.consume,
+                on_request=lambda: progress.advance(task),
+                on_record=record,
+            )
+        )
     tps = ",".join(str(t) for t in args.tp)
-    console.print(_fanout_table(records, f"fan-out latency, TP={tps}, hasher={args.hasher}"))
+    title = f"fan-out latency, TP={tps}, hasher={args.hasher}, {args.requests} requests per row"
+    console.print(_fanout_table(records, title))
+    console.print(FANOUT_LEGEND, highlight=False, markup=False)
     _write_json(args.json, [r.as_dict() for r in records], console)
     return 0 if all(r.ranks_identical for r in records) else 1
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _load_table(records: list[LoadRecord], title: str) -> Table:
@@ -257,7 +319,7 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
     _check_names(args.strategy, args.transport)
     rates = args.rates or [args.rate]
     records: list[LoadRecord] = []
-    with Progress(console=console, transient=True) as progress:
+    with _progress(console) as progress:
         task = progress.add_task("starting", total=None)
 
         def start(label: str, total: int) -> None:
@@ -305,8 +367,8 @@ def _write_json(path: Path | None, rows: list[dict[str, Any]], console: Console)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
-    # Wide enough for the whole table when output goes to a file or CI log.
-    console = Console(width=max(150, Console().width))
+    # A terminal's own width (rich fits the tables to it); a file or CI log gets a wide one.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         if args.command == "bench" and args.bench == "fanout":
             return _bench_fanout(args, console)

@@ -73,6 +73,13 @@ class HashStats:
     cpu_seconds: float = 0.0
     nbytes: int = 0
 
+    def __add__(self, other: HashStats) -> HashStats:
+        return HashStats(
+            self.count + other.count,
+            self.cpu_seconds + other.cpu_seconds,
+            self.nbytes + other.nbytes,
+        )
+
     def __sub__(self, other: HashStats) -> HashStats:
         return HashStats(
             self.count - other.count,

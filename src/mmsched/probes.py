@@ -27,7 +27,10 @@ import time
 from typing import Any, ClassVar
 
 import blake3
+import numpy as np
+import torch
 
+from mmsched.errors import ConfigError
 from mmsched.hashing import hash_stats
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import ErrorOutput, TokenizedGenerateReqInput
@@ -73,22 +76,49 @@ class ModelStub(Probe):
         return (ModelStub, (self.step_ms,))
 
 
+CONSUME_MODES = ("none", "read")
+"""What a rank does with a request's features before it counts as ready: ``none`` (it holds
+usable tensors), ``read`` (it reads every byte once, as a CPU consumer would)."""
+
+
+def read_pass(tensor: torch.Tensor) -> int:
+    """Read every byte of ``tensor`` once: a sum over its bytes, eight at a time.
+
+    On the calling thread, with numpy: each rank reads its own copy of the features at the
+    same time as the others, and torch's thread team would keep spinning after each sum,
+    taking cores from the other ranks.
+    """
+    data = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+    whole = data.size // 8 * 8
+    words = data[:whole].view(np.uint64) if data.ctypes.data % 8 == 0 else data[:whole]
+    return int(np.add.reduce(words, dtype=np.uint64)) + int(data[whole:].sum())
+
+
 class RankTimings(ModelStub):
     """Every rank reports, per request: when it held usable inputs, what, and its hashing.
 
     Report keys: ``ready_at`` (``time.monotonic()``, a clock every process of a host
-    shares), ``fingerprint`` (of the inputs' hashes and layout), ``hash_count`` and
+    shares, read after the rank consumed the features as ``consume`` says),
+    ``fingerprint`` (of the inputs' hashes and layout), ``hash_count`` and
     ``hash_cpu_seconds`` (the rank process's running totals), ``error`` (the error's kind,
     if the request failed), and ``content_digest``, a digest of every byte held, for the
     requests whose id starts with ``digest_prefix`` (``None``: no request; ``""``: all).
     The model step costs ``step_ms``, as in [`ModelStub`][mmsched.probes.ModelStub].
+
+    Raises:
+        ConfigError: ``consume`` is not one of [`CONSUME_MODES`][mmsched.probes.CONSUME_MODES].
     """
 
     reports = True
 
-    def __init__(self, digest_prefix: str | None = None, step_ms: float = 0.0) -> None:
+    def __init__(
+        self, digest_prefix: str | None = None, step_ms: float = 0.0, consume: str = "none"
+    ) -> None:
         super().__init__(step_ms)
+        if consume not in CONSUME_MODES:
+            raise ConfigError(f"consume must be one of {', '.join(CONSUME_MODES)}, not {consume!r}")
         self.digest_prefix = digest_prefix
+        self.consume = consume
 
     async def observe(
         self,
@@ -98,6 +128,9 @@ class RankTimings(ModelStub):
         inputs: MultimodalInputs | None,
         error: ErrorOutput | None,
     ) -> dict[str, Any] | None:
+        if inputs is not None and self.consume == "read":
+            for item in inputs.mm_items:
+                read_pass(item.feature)
         ready_at = time.monotonic()
         stats = hash_stats()
         held = repr(inputs.fingerprint()) if inputs is not None else repr(error and error.message)
@@ -119,4 +152,4 @@ class RankTimings(ModelStub):
         }
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RankTimings, (self.digest_prefix, self.step_ms))
+        return (RankTimings, (self.digest_prefix, self.step_ms, self.consume))

@@ -1,25 +1,32 @@
-"""``mmsched bench fanout``: how long until every rank holds a request's inputs, per strategy.
+"""``mmsched bench fanout``: how long until every rank has a request's inputs, per design.
 
-For each strategy a real pipeline starts (``tp`` rank processes in a torch.distributed
-group); for each payload size, requests are sent one at a time, so that no request waits
-behind another and the figure is the fan-out itself. Measured per request:
+For each strategy and transport a real pipeline starts (``tp`` rank processes in a
+torch.distributed group); requests are sent one at a time, so that no request waits behind
+another and the figure is the fan-out itself. Every request, warm-up included, carries
+fresh, distinct bytes made before its clock starts:
 
-- latency: from "processor output ready in the tokenizer" (``created_at``) to "the last rank
-  holds a usable MultimodalInputs" (the latest ``ready_at`` the ranks report), both read
-  from CLOCK_MONOTONIC, which every process of a host shares;
-- CPU: user + system seconds of the tokenizer and every rank process over the timed
-  requests, from the OS, divided by the number of requests (the OS counts in 10 ms ticks:
-  time enough requests for the figure to mean something);
+- ``input="copy"``: the processor's output is a new tensor in ordinary memory, as a Hugging
+  Face processor's is (the realistic path);
+- ``input="arena"``: the processor writes each request's output into a fresh
+  [`Pipeline.allocate_tensor`][mmsched.pipeline.Pipeline.allocate_tensor]; only for payload
+  stores whose allocations the ranks share, where the ring of the arena then wraps and its
+  slots are reclaimed during the run.
+
+Measured per request:
+
+- latency: from the call into the pipeline (the processor's output is ready) to the last rank
+  having consumed the inputs (``consume``: ``none``, it holds usable tensors; ``read``, it
+  read every byte once), both read from CLOCK_MONOTONIC, which every process of a host
+  shares;
+- CPU: user + system seconds of the tokenizer and every rank process during the requests,
+  from the OS (10 ms ticks: time enough requests for the figure to mean something);
 - hashing: hashes and their CPU time, read from each process's own counter
   ([`mmsched.hash_stats`][mmsched.hashing.hash_stats]), not assumed from the strategy;
-- identity: every rank reports a fingerprint for every request; for one request per size
-  every rank also reports a digest of all bytes it holds, compared with the tokenizer's;
-- the floor: one copy plus one hash of the payload on this machine ([`floor`][mmsched.bench.floor]).
-
-The payload is built once per size, before timing (its generation is no part of any cost).
-Under ``zero-copy`` the processor writes it straight into the tokenizer's arena
-(``zero_copy_input="arena"``, the designed path) or hands over ordinary memory that the
-tokenizer copies in (``"copy"``).
+- identity: every rank reports a fingerprint for every request; for the warm-up requests
+  and the last timed one, every rank also reports a digest of all bytes it holds, compared
+  with the tokenizer's;
+- the floor: right after each request, the least work its path needs on this machine, on
+  the same bytes ([`mmsched.bench.floor`][]); a row's floor is the median of its requests'.
 """
 
 from __future__ import annotations
@@ -31,62 +38,62 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmsched.codec import encode, encoded_size
 from mmsched.config import Config
-from mmsched.hashing import hash_stats
+from mmsched.errors import ConfigError
+from mmsched.hashing import DEFAULT_HASHER, HashStats, hash_stats
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import ProbeReport, TokenizedGenerateReqInput
 from mmsched.pipeline import Pipeline
-from mmsched.probes import RankTimings
+from mmsched.probes import CONSUME_MODES, RankTimings
+from mmsched.stores import store_class
 from mmsched.strategies import get_strategy
 from mmsched.tokenizer import RequestTrace
 
 from .cpu import CpuMeter
-from .floor import floor_ms
-from .workloads import Sample, image_of_size, in_shared_memory
+from .floor import Floor, FloorMeter
+from .workloads import FreshPayloads, Sample
 
 DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
 DEFAULT_TRANSPORTS = ("torch", "zmq", "shm")
 DEFAULT_SIZES_MB = (1.0, 10.0, 50.0, 100.0)
+INPUTS = ("copy", "arena")
 
 
 @dataclass
 class FanoutRecord:
-    """One (strategy, transport, tp, size) result; ``--json`` writes a list of these."""
+    """One (strategy, transport, tp, size, input, consume) result; ``--json`` writes these."""
 
     strategy: str
     transport: str
+    payload_store: str
     tp: int
     size_mb: float
     hasher: str
+    input: str  # "copy" or "arena"
+    consume: str  # "none" or "read"
     requests: int
     latency_ms: dict[str, float]
+    floor_ms: float  # median over the requests of each one's floor for this row's path
+    floor_parts_ms: dict[str, float]  # medians of the floor's parts
     cpu_ms_per_request: float
     hash_ms_per_request: float
     hashes_per_request: float
     encoded_bytes: int
     encoded_bytes_raw_dict: int
     ranks_identical: bool
-    floor_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def x_floor(self) -> float:
+        """p50 over the floor: 1.0 is the best this machine can do."""
+        return self.latency_ms["p50"] / self.floor_ms if self.floor_ms > 0 else float("nan")
+
     def as_dict(self) -> dict[str, Any]:
-        """The record as ``--json`` writes it."""
-        return asdict(self)
-
-
-@dataclass
-class _RankCounters:
-    count: int
-    cpu_seconds: float
-
-
-def _rank_counters(trace: RequestTrace) -> dict[int, _RankCounters]:
-    return {
-        r.rank: _RankCounters(int(r.data["hash_count"]), float(r.data["hash_cpu_seconds"]))
-        for r in trace.reports
-    }
+        """The record as ``--json`` writes it, with ``x_floor``."""
+        return {**asdict(self), "x_floor": self.x_floor}
 
 
 def _latency_ms(trace: RequestTrace) -> float:
@@ -105,130 +112,202 @@ def _identical(trace: RequestTrace, tp: int, reference_digest: str | None) -> bo
     return True
 
 
-@dataclass(frozen=True)
-class SizeFacts:
-    """What a payload size gives whatever the strategy: measured once per size, not per run."""
-
-    floor_ms: float
-    digest: str  # what every rank must hold, bit for bit
-    object_bytes: int  # encoded request carrying the built object
-    dict_bytes: int  # encoded request carrying the raw dict
+def _rank_hashes(trace: RequestTrace) -> HashStats:
+    """The ranks' hash counters summed (running totals as of this request)."""
+    return HashStats(
+        sum(int(r.data["hash_count"]) for r in trace.reports),
+        sum(float(r.data["hash_cpu_seconds"]) for r in trace.reports),
+    )
 
 
-def size_facts(sample: Sample, hasher: str) -> SizeFacts:
-    """Measured once per payload size: its floor, reference digest and encoded sizes."""
+def encoded_sizes(sample: Sample, hasher: str) -> tuple[int, int]:
+    """Bytes of one request encoded carrying the built object, and the raw dict."""
     built = MultimodalInputs.from_dict(
         sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
     )
     as_object = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=built)
     as_dict = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=sample.mm_inputs)
-    return SizeFacts(
-        floor_ms=floor_ms(sample.mm_inputs["mm_items"][0]["feature"], hasher),
-        digest=built.content_digest(),
-        object_bytes=encoded_size(encode(as_object)),
-        dict_bytes=encoded_size(encode(as_dict)),
+    return encoded_size(encode(as_object)), encoded_size(encode(as_dict))
+
+
+@dataclass
+class _Row:
+    """What one row accumulates over its requests."""
+
+    latencies: list[float] = field(default_factory=list)
+    floors: list[Floor] = field(default_factory=list)
+    cpu_s: float = 0.0
+    tokenizer_hashes: HashStats = field(default_factory=HashStats)
+    identical: bool = True
+
+
+async def _one_request(
+    pipeline: Pipeline,
+    payloads: FreshPayloads,
+    rid: str,
+    row: _Row,
+    *,
+    path: str,
+    hasher: str,
+    meter: CpuMeter,
+    floors: FloorMeter,
+    consume: str,
+    tp: int,
+    timed: bool,
+    check_bytes: bool,
+) -> RequestTrace:
+    allocate = pipeline.allocate_tensor if path == "arena" else _ordinary
+    sample = payloads.next(allocate)  # fresh bytes, made before the clock starts
+    digest = (
+        MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher).content_digest()
+        if check_bytes
+        else None
     )
+    cpu_before, hashes_before = meter.seconds(), hash_stats()
+    trace = await pipeline.generate_traced(rid, sample.input_ids, sample.mm_inputs)
+    cpu_s, hashes = meter.seconds() - cpu_before, hash_stats() - hashes_before
+    # The floor of this very request, on its bytes, while the pipeline is idle.
+    feature = sample.mm_inputs["mm_items"][0]["feature"]
+    floor = floors.measure(feature, read=consume == "read")
+    row.identical &= _identical(trace, tp, digest)
+    if timed:
+        row.latencies.append(_latency_ms(trace))
+        row.floors.append(floor)
+        row.cpu_s += cpu_s
+        row.tokenizer_hashes = row.tokenizer_hashes + hashes
+    return trace
+
+
+def _ordinary(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype)
 
 
 async def run_combination(
     strategy: str,
     transport: str,
-    samples: dict[float, Sample],
-    facts: dict[float, SizeFacts],
+    sizes_mb: Sequence[float],
     *,
     tp: int,
     hasher: str,
     requests: int,
     warmup: int = 1,
-    zero_copy_input: str = "arena",
+    inputs: Sequence[str] = INPUTS,
+    consume: str = "none",
+    floors: FloorMeter,
+    on_request: Callable[[], None] | None = None,
     on_record: Callable[[FanoutRecord], None] | None = None,
 ) -> list[FanoutRecord]:
-    """Time ``requests`` sequential requests of each sample size under one combination."""
+    """Time ``requests`` sequential requests per size and input under one combination."""
     config = Config(
         transport=transport,
         strategy=strategy,
         hasher=hasher,
         tp_size=tp,
-        shm_arena_mb=max(256, int(2.5 * max(samples))),
+        shm_arena_mb=max(256, int(2.5 * max(sizes_mb))),
     )
-    # What crosses from the tokenizer: the built object, or the raw dict.
+    # The arena path exists where the store's allocations are what the ranks read.
+    shares = store_class(config.payload_store).shares_allocations
+    paths = [p for p in inputs if p == "copy" or shares]
     sends_object = get_strategy(strategy).builds_in_tokenizer
-    # "arena": the processor writes into memory the pipeline's payload store hands out (shared
-    # memory under the shm store, where sending then copies nothing; plain memory otherwise).
-    in_arena = zero_copy_input == "arena"
     records = []
-    # Warm-up requests also prove that every rank holds the same bytes: their ranks digest.
-    async with Pipeline(config, probe=RankTimings(digest_prefix="warm-")) as pipeline:
+    # Warm-ups and the last timed request prove that every rank holds the same bytes.
+    probe = RankTimings(digest_prefix="check-", consume=consume)
+    async with Pipeline(config, probe=probe) as pipeline:
         meter = CpuMeter([os.getpid(), *pipeline.pids])
-        for size_mb, base_sample in samples.items():
-            sample = (
-                in_shared_memory(base_sample, pipeline.allocate_tensor) if in_arena else base_sample
-            )
-            identical = True
-            last: RequestTrace | None = None
-            for i in range(max(1, warmup)):
-                last = await pipeline.generate_traced(
-                    f"warm-{size_mb}-{i}", sample.input_ids, sample.mm_inputs
+        for size_mb in sizes_mb:
+            payloads = FreshPayloads(size_mb, seed=int(size_mb * 1000))
+            object_bytes, dict_bytes = encoded_sizes(payloads.next(_ordinary), hasher)
+            for path in paths:
+                row = _Row()
+                warm = max(1, warmup)
+                baseline: RequestTrace | None = None
+                for i in range(warm + requests):
+                    timed = i >= warm
+                    check = not timed or i == warm + requests - 1
+                    trace = await _one_request(
+                        pipeline,
+                        payloads,
+                        f"{'check-' if check else ''}{path}-{size_mb:g}-{i}",
+                        row,
+                        path=path,
+                        hasher=hasher,
+                        meter=meter,
+                        floors=floors,
+                        consume=consume,
+                        tp=tp,
+                        timed=timed,
+                        check_bytes=check,
+                    )
+                    if i == warm - 1:
+                        baseline = trace  # the ranks' hash counters before the timed requests
+                    if timed and on_request is not None:
+                        on_request()
+                assert baseline is not None
+                rank_hashes = _rank_hashes(trace) - _rank_hashes(baseline)
+                hashes = row.tokenizer_hashes.count + rank_hashes.count
+                hash_s = row.tokenizer_hashes.cpu_seconds + rank_hashes.cpu_seconds
+                n = len(row.latencies)
+                record = FanoutRecord(
+                    strategy=strategy,
+                    transport=transport,
+                    payload_store=config.payload_store,
+                    tp=tp,
+                    size_mb=size_mb,
+                    hasher=hasher,
+                    input=path,
+                    consume=consume,
+                    requests=requests,
+                    latency_ms={
+                        "p50": float(np.percentile(row.latencies, 50)),
+                        "p99": float(np.percentile(row.latencies, 99)),
+                        "mean": statistics.fmean(row.latencies),
+                    },
+                    floor_ms=statistics.median(f.total_ms(path, consume) for f in row.floors),
+                    floor_parts_ms={
+                        part: statistics.median(getattr(f, part) for f in row.floors)
+                        for part in ("copy_ms", "hash_ms", "copy_and_hash_ms", "read_ms")
+                    },
+                    cpu_ms_per_request=row.cpu_s * 1000 / n,
+                    hash_ms_per_request=hash_s * 1000 / n,
+                    hashes_per_request=hashes / n,
+                    encoded_bytes=object_bytes if sends_object else dict_bytes,
+                    encoded_bytes_raw_dict=dict_bytes,
+                    ranks_identical=row.identical,
+                    notes=_notes(path),
                 )
-                identical &= _identical(last, tp, facts[size_mb].digest)
-            assert last is not None
-            before_ranks = _rank_counters(last)
-            before_local = hash_stats()
-            cpu_before = meter.seconds()
-            latencies = []
-            for i in range(requests):
-                last = await pipeline.generate_traced(
-                    f"{size_mb}-{i}", sample.input_ids, sample.mm_inputs
-                )
-                latencies.append(_latency_ms(last))
-                identical &= _identical(last, tp, None)
-            cpu_s = meter.seconds() - cpu_before
-            local = hash_stats() - before_local
-            after_ranks = _rank_counters(last)
-            hashes = local.count + sum(
-                after_ranks[r].count - before_ranks[r].count for r in after_ranks
-            )
-            hash_s = local.cpu_seconds + sum(
-                after_ranks[r].cpu_seconds - before_ranks[r].cpu_seconds for r in after_ranks
-            )
-            notes = (
-                ["payload written by the processor into Pipeline.allocate_tensor"]
-                if in_arena
-                else []
-            )
-            del sample, last  # release arena space held by this size before the next
-            record = FanoutRecord(
-                strategy=strategy,
-                transport=transport,
-                tp=tp,
-                size_mb=size_mb,
-                hasher=hasher,
-                requests=requests,
-                latency_ms={
-                    "p50": float(np.percentile(latencies, 50)),
-                    "p99": float(np.percentile(latencies, 99)),
-                    "mean": statistics.fmean(latencies),
-                },
-                cpu_ms_per_request=cpu_s * 1000 / requests,
-                hash_ms_per_request=hash_s * 1000 / requests,
-                hashes_per_request=hashes / requests,
-                encoded_bytes=facts[size_mb].object_bytes
-                if sends_object
-                else facts[size_mb].dict_bytes,
-                encoded_bytes_raw_dict=facts[size_mb].dict_bytes,
-                ranks_identical=identical,
-                floor_ms=facts[size_mb].floor_ms,
-                notes=notes,
-            )
-            records.append(record)
-            if on_record is not None:
-                on_record(record)
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
     return records
+
+
+def _notes(path: str) -> list[str]:
+    if path == "arena":
+        return ["each request written by the processor into a fresh Pipeline.allocate_tensor"]
+    return ["each request a new tensor in ordinary memory, copied in by the pipeline"]
 
 
 def combinations(strategies: Sequence[str], transports: Sequence[str]) -> list[tuple[str, str]]:
     """Every (strategy, transport) pair, in the order given."""
     return [(s, t) for s in strategies for t in transports]
+
+
+def requests_in_run(
+    *,
+    strategies: Sequence[str],
+    transports: Sequence[str],
+    sizes_mb: Sequence[float],
+    tps: Sequence[int],
+    requests: int,
+    inputs: Sequence[str] = INPUTS,
+    consume: Sequence[str] = ("none",),
+) -> int:
+    """Timed requests a run makes (for a progress bar)."""
+    rows = 0
+    for strategy, transport in combinations(strategies, transports):
+        shares = store_class(Config(strategy=strategy, transport=transport).payload_store)
+        rows += len([p for p in inputs if p == "copy" or shares.shares_allocations])
+    return rows * len(sizes_mb) * len(tps) * len(consume) * requests
 
 
 async def run_fanout(
@@ -237,33 +316,45 @@ async def run_fanout(
     transports: Sequence[str] = DEFAULT_TRANSPORTS,
     sizes_mb: Sequence[float] = DEFAULT_SIZES_MB,
     tps: Sequence[int] = (4,),
-    hasher: str = "sha256",
+    hasher: str = DEFAULT_HASHER,
     requests: int = 20,
     warmup: int = 3,
-    zero_copy_input: str = "arena",
-    on_floor: Callable[[float, float], None] | None = None,
+    inputs: Sequence[str] = INPUTS,
+    consume: Sequence[str] = ("none",),
+    on_request: Callable[[], None] | None = None,
     on_record: Callable[[FanoutRecord], None] | None = None,
 ) -> list[FanoutRecord]:
-    """The whole comparison: every combination at every size and TP, in one run."""
-    samples = {size: image_of_size(size, seed=int(size * 1000)) for size in sizes_mb}
-    facts = {}
-    for size, sample in samples.items():
-        facts[size] = size_facts(sample, hasher)
-        if on_floor is not None:
-            on_floor(size, facts[size].floor_ms)
+    """The whole comparison: every combination at every size, TP, input and consume mode.
+
+    Raises:
+        ConfigError: an unknown input or consume mode.
+    """
+    for mode in consume:
+        if mode not in CONSUME_MODES:
+            raise ConfigError(f"consume must be among {', '.join(CONSUME_MODES)}, not {mode!r}")
+    for path in inputs:
+        if path not in INPUTS:
+            raise ConfigError(f"input must be among {', '.join(INPUTS)}, not {path!r}")
+    floors = FloorMeter(int(max(sizes_mb) * 1e6) + (1 << 20), hasher)
     records: list[FanoutRecord] = []
-    for tp in tps:
-        for strategy, transport in combinations(strategies, transports):
-            records += await run_combination(
-                strategy,
-                transport,
-                samples,
-                facts,
-                tp=tp,
-                hasher=hasher,
-                requests=requests,
-                warmup=warmup,
-                zero_copy_input=zero_copy_input,
-                on_record=on_record,
-            )
+    try:
+        for tp in tps:
+            for mode in consume:
+                for strategy, transport in combinations(strategies, transports):
+                    records += await run_combination(
+                        strategy,
+                        transport,
+                        sizes_mb,
+                        tp=tp,
+                        hasher=hasher,
+                        requests=requests,
+                        warmup=warmup,
+                        inputs=inputs,
+                        consume=mode,
+                        floors=floors,
+                        on_request=on_request,
+                        on_record=on_record,
+                    )
+    finally:
+        floors.close()
     return records

@@ -1,36 +1,100 @@
-"""The physical floor of a fan-out on this machine: one copy of the payload plus one hash.
+"""The physical floor of one request's fan-out on this machine, measured beside it.
 
-Any design must at least hash the bytes once and put them once where every rank can read
-them. The copy goes into a buffer whose pages are already faulted in, as an arena's are.
+Whatever the design, the bytes must be hashed once; on the copy path (the processor's output
+in ordinary memory) they must also be put once where every rank can read them; where ranks
+read every byte (``consume="read"``) one read pass follows. The floor is the best this
+machine does for exactly that work, on the same request's bytes, measured right after the
+request (interleaved, so that both see the same machine state), each part the best of
+three tries:
+
+- copy: the faster of one ``memmove`` and the chunked copy on several threads
+  ([`mmsched.stores.copying`][]), into a buffer whose pages are faulted in, as an arena's are;
+- hash: the benchmark's hasher as the pipeline calls it (BLAKE3 on several threads);
+- copy and hash at once (the copy on its threads while the hash runs), since a design may
+  overlap them;
+- read: [`read_pass`][mmsched.probes.read_pass], what a ``read`` rank does.
+
+Copy path: ``min(copy + hash, copy and hash at once)``; arena path (the processor wrote into
+shared memory): ``hash``; plus ``read`` under ``consume="read"``. A row faster than its floor
+is a measurement bug.
 """
 
 from __future__ import annotations
 
-import statistics
+import ctypes
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 
 from mmsched.hashing import get_hasher
+from mmsched.probes import read_pass
+from mmsched.stores.copying import ParallelCopier, wait
 
 
-def floor_ms(payload: torch.Tensor, hasher: str, *, repeats: int = 9) -> float:
-    """Median milliseconds of one copy of ``payload`` plus median ms of one ``hasher`` hash.
+@dataclass(frozen=True)
+class Floor:
+    """Milliseconds of each part of one request's unavoidable work."""
 
-    Each is timed on its own: run back to back, the copy's worker threads (still spinning
-    after the copy) slow the hash's, which would make the floor look higher than it is.
-    """
-    flat = payload.reshape(-1).view(torch.uint8)
-    target = torch.empty_like(flat)
-    target.fill_(0)  # fault the pages in once, as the arena does at start
-    hash_fn = get_hasher(hasher)
-    copies, hashes = [], []
-    for _ in range(repeats):
+    copy_ms: float
+    hash_ms: float
+    copy_and_hash_ms: float  # both at once
+    read_ms: float
+
+    def total_ms(self, path: str, consume: str) -> float:
+        """The floor of a row: ``path`` is ``copy`` or ``arena``, ``consume`` its mode."""
+        base = (
+            self.hash_ms
+            if path == "arena"
+            else min(self.copy_ms + self.hash_ms, self.copy_and_hash_ms)
+        )
+        return base + (self.read_ms if consume == "read" else 0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class FloorMeter:
+    """Measures [`Floor`][mmsched.bench.floor.Floor]s of payloads up to ``max_nbytes``."""
+
+    def __init__(self, max_nbytes: int, hasher: str) -> None:
+        self._target = torch.empty(max_nbytes, dtype=torch.uint8)
+        self._target.fill_(0)  # fault the pages in once, as the arena does at start
+        self._hasher = get_hasher(hasher)
+        self._copier = ParallelCopier()
+
+    def measure(self, payload: torch.Tensor, *, read: bool, repeats: int = 3) -> Floor:
+        """One floor of ``payload`` (a contiguous CPU tensor): the best of ``repeats`` tries
+        of each part, so that a moment of noise does not raise the bound."""
+        src, nbytes = payload.data_ptr(), payload.numel() * payload.element_size()
+        dst = self._target.data_ptr()
+
+        def both() -> None:
+            copying = self._copier.start(dst, src, nbytes)
+            self._hasher.hash_tensor("image", payload)
+            wait(copying)
+
+        hash_s = _best(repeats, lambda: self._hasher.hash_tensor("image", payload))
+        single_s = _best(repeats, lambda: ctypes.memmove(dst, src, nbytes))
+        parallel_s = _best(repeats, lambda: self._copier.copy(dst, src, nbytes))
+        both_s = _best(repeats, both)
+        read_s = _best(repeats, lambda: read_pass(payload)) if read else 0.0
+        return Floor(
+            copy_ms=min(single_s, parallel_s) * 1000,
+            hash_ms=hash_s * 1000,
+            copy_and_hash_ms=both_s * 1000,
+            read_ms=read_s * 1000,
+        )
+
+    def close(self) -> None:
+        self._copier.close()
+
+
+def _best(repeats: int, work: Callable[[], object]) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        target.copy_(flat)
-        copies.append(time.perf_counter() - start)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        hash_fn.hash_tensor("image", payload)
-        hashes.append(time.perf_counter() - start)
-    return (statistics.median(copies) + statistics.median(hashes)) * 1000
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -12,6 +12,7 @@ Needs matplotlib (``pip install mmsched[report]``).
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,28 @@ def _pyplot() -> Any:
     return plt
 
 
+def _design(r: dict[str, Any]) -> str:
+    label = f"{r['strategy']}/{r['transport']}"
+    return f"{label}, {r['input']}" if "input" in r else label
+
+
 def _series(records: list[dict[str, Any]], x: str, y: Any) -> dict[str, list[tuple[float, float]]]:
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in records:
-        lines[f"{r['strategy']}/{r['transport']}"].append((float(r[x]), float(y(r))))
+        lines[_design(r)].append((float(r[x]), float(y(r))))
     return {k: sorted(v) for k, v in sorted(lines.items())}
+
+
+def _floors(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per input path, the median of the rows' floors at each size (rows measure their own)."""
+    by_path: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.get("floor_ms") and "input" in r:
+            by_path[r["input"]][float(r["size_mb"])].append(float(r["floor_ms"]))
+    return {
+        f"floor, {path}": sorted((size, statistics.median(v)) for size, v in sizes.items())
+        for path, sizes in sorted(by_path.items())
+    }
 
 
 def _plot(
@@ -47,11 +65,15 @@ def _plot(
     logx: bool = False,
     logy: bool = False,
     diagonal: bool = False,
+    floors: dict[str, list[tuple[float, float]]] | None = None,
 ) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in lines.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for label, points in (floors or {}).items():
+        style = "--" if label.endswith("copy") else ":"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, color="black", label=label)
     if diagonal:
         top = max(p[0] for points in lines.values() for p in points)
         ax.plot([0, top], [0, top], linestyle=":", color="grey", label="offered")
@@ -68,32 +90,36 @@ def _plot(
 
 
 def _fanout_section(name: str, records: list[dict[str, Any]], out: Path) -> list[str]:
-    tps = sorted({r["tp"] for r in records})
     lines = []
-    for tp in tps:
-        at_tp = [r for r in records if r["tp"] == tp]
-        image = f"{name}_tp{tp}_latency.png"
+    groups = sorted({(r["tp"], r.get("consume", "none")) for r in records})
+    for tp, consume in groups:
+        rows = [r for r in records if r["tp"] == tp and r.get("consume", "none") == consume]
+        image = f"{name}_tp{tp}_{consume}_latency.png"
         _plot(
             out / image,
-            f"{name}: fan-out latency, TP={tp}, {at_tp[0]['hasher']}",
-            _series(at_tp, "size_mb", lambda r: r["latency_ms"]["p50"]),
+            f"{name}: fan-out latency, TP={tp}, consume={consume}, {rows[0]['hasher']}",
+            _series(rows, "size_mb", lambda r: r["latency_ms"]["p50"]),
             "payload (MB)",
             "p50 latency (ms)",
             logx=True,
             logy=True,
+            floors=_floors(rows),
         )
-        lines.append(f"![{name} TP={tp}]({image})\n")
+        lines.append(f"![{name} TP={tp} consume={consume}]({image})\n")
     lines += [
-        "| strategy | transport | TP | MB | p50 ms | p99 ms | CPU ms/req | hashes/req | floor ms |"
-        " identical |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| strategy | transport | input | consume | TP | MB | p50 ms | p99 ms | floor ms |"
+        " x floor | CPU ms/req | hashes/req | identical |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
+        floor = float(r.get("floor_ms", 0))
+        x_floor = f"{r['latency_ms']['p50'] / floor:.2f}" if floor else "-"
         lines.append(
-            f"| {r['strategy']} | {r['transport']} | {r['tp']} | {r['size_mb']:g} | "
-            f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | "
-            f"{r['cpu_ms_per_request']:.1f} | {r['hashes_per_request']:g} | "
-            f"{r.get('floor_ms', 0):.2f} | {'yes' if r['ranks_identical'] else 'NO'} |"
+            f"| {r['strategy']} | {r['transport']} | {r.get('input', '-')} | "
+            f"{r.get('consume', '-')} | {r['tp']} | {r['size_mb']:g} | "
+            f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | {floor:.2f} | "
+            f"{x_floor} | {r['cpu_ms_per_request']:.1f} | {r['hashes_per_request']:g} | "
+            f"{'yes' if r['ranks_identical'] else 'NO'} |"
         )
     return lines
 

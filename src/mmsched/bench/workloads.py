@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mmsched.stores.copying import shared_copier
+
 PATCH_DIM = 1176  # 3 channels * temporal patch 2 * 14 * 14, Qwen2-VL's pixel_values width
 MERGE = 4  # 2x2 patches merge into one token
 IMAGE_TOKEN_ID = 151655
@@ -105,6 +107,54 @@ def audio_sample(clips: int = 1, seconds: float = 30.0, *, seed: int = 0) -> Sam
         "audio_feature_lens": torch.full((clips,), frames, dtype=torch.int64),
     }
     return Sample(ids, {"mm_items": [item], "audio_token_id": AUDIO_TOKEN_ID})
+
+
+def restamped(
+    base: Sample, stamp: int, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]
+) -> Sample:
+    """A copy of ``base`` in memory from ``allocate`` whose bytes differ from every other stamp.
+
+    The features are copied on several threads, then one value in every 4 KiB is set to
+    ``stamp`` (a float, so the pixels stay finite): distinct bytes and hashes for the price of
+    one copy, where drawing fresh random pixels would cost many times that.
+    """
+    items = []
+    for item in base.mm_inputs["mm_items"]:
+        source = item["feature"]
+        feature = allocate(source.shape, source.dtype)
+        shared_copier().copy(
+            feature.data_ptr(), source.data_ptr(), source.numel() * source.element_size()
+        )
+        feature.view(-1)[:: 4096 // source.element_size()] = float(stamp)
+        items.append({**item, "feature": feature})
+    return Sample(base.input_ids, {**base.mm_inputs, "mm_items": items})
+
+
+class FreshPayloads:
+    """A new, distinct payload of about ``size_mb`` for every request.
+
+    Two random images are drawn once; each call to ``next`` copies one into memory from
+    ``allocate`` (a new tensor, or the pipeline's arena) and stamps it with a request count.
+    """
+
+    def __init__(self, size_mb: float, *, seed: int = 0) -> None:
+        self._bases = [image_of_size(size_mb, seed=seed + k) for k in range(2)]
+        self._count = 0
+
+    def next(self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> Sample:
+        """The next request's sample (its bytes made now, before any clock starts)."""
+        self._count += 1
+        return restamped(self._bases[self._count % 2], self._count, allocate)
+
+
+def distinct_pool(make: Callable[[int], Sample], n: int, *, bases: int = 4) -> list[Sample]:
+    """``n`` samples with distinct bytes, in ordinary memory, from ``bases`` random draws."""
+    drawn = [make(seed) for seed in range(min(bases, n))]
+    return [restamped(drawn[i % len(drawn)], i + 1, _empty) for i in range(n)]
+
+
+def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype)
 
 
 def in_shared_memory(

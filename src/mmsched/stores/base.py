@@ -101,6 +101,9 @@ class PayloadStore(ABC):
     """Where tensor bytes live between the tokenizer and the ranks (module docstring)."""
 
     name: ClassVar[str] = ""
+    # Whether allocate() hands out memory the consumers read in place: a producer that
+    # fills it sends its tensor without any copy.
+    shares_allocations: ClassVar[bool] = False
 
     def __init__(self, options: StoreOptions) -> None:
         self.options = options

@@ -41,6 +41,7 @@ class _Staged:
 
 class ShmStore(PayloadStore):
     name = "shm"
+    shares_allocations = True
 
     def __init__(
         self,
