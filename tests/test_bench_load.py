@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mmsched.bench.load import make_pool
 from mmsched.cli import main
+from mmsched.hashing import get_hasher
 
 
 def test_bench_load_small(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     args = ["--tp", "2", "--rates", "8,16", "--requests", "16", "--model-step-ms", "1"]
+    args += ["--distinct", "8"]
     pick = ["--strategy", "tokenizer,zero-copy", "--transport", "zmq"]
     assert main(["bench", "load", *args, *pick, "--json", str(out)]) == 0
     records = json.loads(out.read_text())
@@ -19,8 +22,33 @@ def test_bench_load_small(tmp_path: Path) -> None:
     }
     for r in records:
         assert r["workload"] == "image" and r["tp"] == 2
+        assert r["input"] == "copy" and r["distinct"] == 8 and r["hasher"] == "blake3"
         assert r["completed"] == 16 and r["errors"] == 0
         assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
         assert r["arrival_rps"] > 0 and r["achieved_rps"] > 0
         assert set(r["cpu_utilization"]) == {"tokenizer", "rank0", "rank1"}
         assert r["cpu_seconds_per_request"] >= 0
+
+
+def test_arena_input_wraps_the_ring_under_load(tmp_path: Path) -> None:
+    # 70 requests of 18.8 MB, each written by its processor into a fresh allocation of a
+    # 1 GiB arena: 1.3 GB in all, so the ring wraps and reclaims while requests run.
+    out = tmp_path / "load.json"
+    args = ["--tp", "2", "--rate", "20", "--requests", "70", "--model-step-ms", "1"]
+    args += ["--distinct", "4", "--input", "arena", "--strategy", "zero-copy"]
+    assert main(["bench", "load", *args, "--transport", "zmq", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["input"] == "arena"
+    assert record["completed"] == 70 and record["errors"] == 0
+
+
+def test_samples_are_distinct() -> None:
+    pool, order = make_pool("image", 8)
+    assert sorted(order) == list(range(8))
+    hashes = {
+        get_hasher("blake3").hash_tensor("image", s.mm_inputs["mm_items"][0]["feature"])
+        for s in pool
+    }
+    assert len(hashes) == 8
+    mixed, order = make_pool("mixed", 9)
+    assert len(mixed) == 10 and order.count(9) == 9  # one video in every ten requests

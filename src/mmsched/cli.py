@@ -32,7 +32,8 @@ from mmsched.bench.fanout import (
     requests_in_run,
     run_fanout,
 )
-from mmsched.bench.load import WORKLOADS, LoadRecord, run_load
+from mmsched.bench.load import DISTINCT, WORKLOADS, LoadRecord, run_load
+from mmsched.bench.load import INPUTS as LOAD_INPUTS
 from mmsched.bench.report import write_report
 from mmsched.errors import MmschedError
 from mmsched.hashing import DEFAULT_HASHER, HASHERS
@@ -135,11 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=["torch"],
         help="comma-separated (default torch)",
     )
-    load.add_argument("--hasher", default="blake3", choices=sorted(HASHERS))
+    load.add_argument(
+        "--hasher",
+        default=DEFAULT_HASHER,
+        choices=sorted(HASHERS),
+        help=f"(default {DEFAULT_HASHER}, as Config)",
+    )
     load.add_argument(
         "--model-step-ms", type=float, default=5.0, help="stub model step (default 5 ms)"
     )
-    load.add_argument("--zero-copy-input", choices=["arena", "copy"], default="arena")
+    load.add_argument(
+        "--input",
+        choices=list(LOAD_INPUTS),
+        default="copy",
+        help="copy: pixels in ordinary memory, copied in by the pipeline (default, the "
+        "realistic path); arena: each request's processor writes them into a fresh "
+        "Pipeline.allocate_tensor",
+    )
+    load.add_argument(
+        "--distinct",
+        type=int,
+        default=DISTINCT,
+        help=f"distinct samples per kind that requests draw from (default {DISTINCT})",
+    )
     load.add_argument("--json", type=Path, help="write one record per row to this file")
 
     report = bench.add_parser("report", help="a Markdown report with plots from --json files")
@@ -291,13 +310,12 @@ def _load_table(records: list[LoadRecord], title: str) -> Table:
             "p90 ms",
             "p99 ms",
             "CPU s/req",
-            "busiest process",
+            "CPU % tok/r0/r1..",
             "errors",
             "keeps up",
         ),
     )
     for r in records:
-        busiest = max(r.cpu_utilization.items(), key=lambda kv: kv[1])
         table.add_row(
             r.strategy,
             r.transport,
@@ -308,11 +326,18 @@ def _load_table(records: list[LoadRecord], title: str) -> Table:
             f"{r.latency_ms['p90']:.1f}",
             f"{r.latency_ms['p99']:.1f}",
             f"{r.cpu_seconds_per_request:.4f}",
-            f"{busiest[0]} {busiest[1]:.0%}",
+            "/".join(f"{u * 100:.0f}" for u in r.cpu_utilization.values()),
             str(r.errors),
             "yes" if r.keeps_up else "NO",
         )
     return table
+
+
+LOAD_LEGEND = """\
+arrived/s  the rate the random (Poisson) schedule realised; keeps up: achieved >= 98% of it
+p50..p99   from each request's scheduled arrival to its answer, client side (queueing counts)
+CPU s/req  user + system CPU of the tokenizer process and every rank, per request
+CPU %      each process's CPU over the run (100 = one core): tokenizer, then rank 0, 1, ..."""
 
 
 def _bench_load(args: argparse.Namespace, console: Console) -> int:
@@ -344,14 +369,19 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
                 requests=args.requests,
                 hasher=args.hasher,
                 model_step_ms=args.model_step_ms,
-                zero_copy_input=args.zero_copy_input,
+                input_path=args.input,
+                distinct=args.distinct,
                 on_start=start,
                 on_done=done,
                 on_record=record,
             )
         )
-    title = f"load: {args.workload}, TP={args.tp}, model step {args.model_step_ms:g} ms"
+    title = (
+        f"load: {args.workload} ({args.distinct} distinct), input={args.input}, TP={args.tp}, "
+        f"hasher={args.hasher}, model step {args.model_step_ms:g} ms"
+    )
     console.print(_load_table(records, title))
+    console.print(LOAD_LEGEND, highlight=False, markup=False)
     _write_json(args.json, [r.as_dict() for r in records], console)
     return 0
 

@@ -4,8 +4,9 @@ Whatever the design, the bytes must be hashed once; on the copy path (the proces
 in ordinary memory) they must also be put once where every rank can read them; where ranks
 read every byte (``consume="read"``) one read pass follows. The floor is the best this
 machine does for exactly that work, on the same request's bytes, measured right after the
-request (interleaved, so that both see the same machine state), each part the best of
-three tries:
+request (interleaved, so that both see the same machine state). Each part is timed once,
+as the pipeline does it once: on a machine whose threads wake slowly (a virtual machine's
+do), the best of several tries would compare a row's median with a lucky minimum.
 
 - copy: the faster of one ``memmove`` and the chunked copy on several threads
   ([`mmsched.stores.copying`][]), into a buffer whose pages are faulted in, as an arena's are;
@@ -64,9 +65,8 @@ class FloorMeter:
         self._hasher = get_hasher(hasher)
         self._copier = ParallelCopier()
 
-    def measure(self, payload: torch.Tensor, *, read: bool, repeats: int = 3) -> Floor:
-        """One floor of ``payload`` (a contiguous CPU tensor): the best of ``repeats`` tries
-        of each part, so that a moment of noise does not raise the bound."""
+    def measure(self, payload: torch.Tensor, *, read: bool, repeats: int = 1) -> Floor:
+        """One floor of ``payload`` (a contiguous CPU tensor): each part's best of ``repeats``."""
         src, nbytes = payload.data_ptr(), payload.numel() * payload.element_size()
         dst = self._target.data_ptr()
 

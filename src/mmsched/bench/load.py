@@ -15,12 +15,17 @@ omission). Reported per (strategy, transport, rate):
 
 Workloads: ``image`` (one 1120x700 image as a Qwen2-VL processor emits it: pixel_values
 float32 (4000, 1176), 18.8 MB, with image_grid_thw), ``video`` (10 s of 720p at 2 fps,
-135 MB), ``mixed`` (nine images to one video). A few distinct samples are made before the
-run and reused: making 18.8 MB of random pixels per request would cost more than the
-pipeline does. They are made in
-[`Pipeline.allocate_tensor`][mmsched.pipeline.Pipeline.allocate_tensor] (``--zero-copy-input
-arena``): under the ``shm`` payload store, in the tokenizer's arena, as a processor writing
-its output there would.
+135 MB), ``mixed`` (nine images to one video). Requests draw from ``distinct`` samples per
+kind (64 by default), each with its own bytes, made before the run: drawing 18.8 MB of random
+pixels per request would cost more than the pipeline does. ``input`` says where a request's
+pixels are when it reaches the pipeline:
+
+- ``copy`` (the realistic path): the sample itself, in ordinary memory, as a Hugging Face
+  processor's output is; the pipeline copies it where the ranks read it;
+- ``arena``: at its arrival the request's processor writes the sample into a fresh
+  [`Pipeline.allocate_tensor`][mmsched.pipeline.Pipeline.allocate_tensor] (on a worker
+  thread, inside the request's latency); under the ``shm`` store that is the arena, whose
+  ring then wraps and reclaims during the run.
 """
 
 from __future__ import annotations
@@ -34,17 +39,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmsched.config import Config
-from mmsched.errors import MmschedError
+from mmsched.errors import ConfigError, MmschedError
+from mmsched.hashing import DEFAULT_HASHER
 from mmsched.pipeline import Pipeline
 from mmsched.probes import ModelStub
 
 from .cpu import CpuMeter
-from .workloads import Sample, in_shared_memory, qwen2vl_image, video_sample
+from .workloads import Sample, distinct_pool, qwen2vl_image, restamped, video_sample
+
+_NOTES = {
+    "copy": "each request's pixels in ordinary memory, copied in by the pipeline",
+    "arena": "each request's pixels written by its processor into a fresh "
+    "Pipeline.allocate_tensor, inside its latency",
+}
 
 WORKLOADS = ("image", "video", "mixed")
-_POOL = 4  # distinct samples per kind
+INPUTS = ("copy", "arena")
+DISTINCT = 64  # distinct samples per kind, by default
 
 
 @dataclass
@@ -55,6 +69,8 @@ class LoadRecord:
     transport: str
     tp: int
     workload: str
+    input: str
+    distinct: int
     offered_rps: float
     arrival_rps: float
     achieved_rps: float
@@ -78,15 +94,23 @@ class LoadRecord:
         return {**asdict(self), "keeps_up": self.keeps_up}
 
 
-def make_pool(workload: str) -> tuple[list[Sample], list[int]]:
-    """Distinct samples, and the order requests cycle through them."""
+def make_pool(workload: str, distinct: int = DISTINCT) -> tuple[list[Sample], list[int]]:
+    """Samples with distinct bytes, and the order requests cycle through them."""
     if workload == "image":
-        return [qwen2vl_image(seed=i) for i in range(_POOL)], list(range(_POOL))
+        return distinct_pool(lambda seed: qwen2vl_image(seed=seed), distinct), list(range(distinct))
     if workload == "video":
-        return [video_sample(seed=i) for i in range(2)], [0, 1]
+        return distinct_pool(lambda seed: video_sample(seed=seed), distinct), list(range(distinct))
     if workload == "mixed":  # nine images to one video
-        samples = [*(qwen2vl_image(seed=i) for i in range(_POOL)), video_sample(seed=0)]
-        return samples, [0, 1, 2, 3, 0, 1, 2, 3, 0, 4]
+        images = distinct_pool(lambda seed: qwen2vl_image(seed=seed), distinct)
+        videos = distinct_pool(lambda seed: video_sample(seed=seed), max(1, distinct // 9))
+        order, images_sent = [], 0
+        for i in range(10 * distinct):
+            if i % 10 == 9:
+                order.append(distinct + (i // 10) % len(videos))
+            else:
+                order.append(images_sent % distinct)
+                images_sent += 1
+        return [*images, *videos], order
     raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
 
 
@@ -98,9 +122,11 @@ async def run_rate(
     rate: float,
     requests: int,
     seed: int = 0,
+    write_into: Callable[[Sequence[int], torch.dtype], torch.Tensor] | None = None,
     on_done: Callable[[], None] | None = None,
 ) -> tuple[list[float], int, float, float]:
-    """Offer ``requests`` at ``rate``/s.
+    """Offer ``requests`` at ``rate``/s; with ``write_into``, each request's sample is first
+    written (restamped) into memory from it.
 
     Returns latencies (ms), errors, the realised arrival rate, and the span from the first
     arrival to the last completion (s).
@@ -116,6 +142,8 @@ async def run_rate(
         nonlocal errors, last_done
         sample = pool[order[i % len(order)]]
         try:
+            if write_into is not None:  # the processor writes its output into the store
+                sample = await asyncio.to_thread(restamped, sample, i + 1, write_into)
             await pipeline.generate(f"load-{seed}-{i}", sample.input_ids, sample.mm_inputs)
             done = time.monotonic()
             latencies.append((done - due) * 1000)
@@ -144,15 +172,22 @@ async def run_load(
     workload: str = "image",
     tp: int = 4,
     requests: int = 1000,
-    hasher: str = "blake3",
+    hasher: str = DEFAULT_HASHER,
     model_step_ms: float = 5.0,
-    zero_copy_input: str = "arena",
+    input_path: str = "copy",
+    distinct: int = DISTINCT,
     on_start: Callable[[str, int], None] | None = None,
     on_done: Callable[[], None] | None = None,
     on_record: Callable[[LoadRecord], None] | None = None,
 ) -> list[LoadRecord]:
-    """Every (strategy, transport) pair at every offered rate, one pipeline per pair."""
-    base_pool, order = make_pool(workload)
+    """Every (strategy, transport) pair at every offered rate, one pipeline per pair.
+
+    Raises:
+        ConfigError: an unknown input.
+    """
+    if input_path not in INPUTS:
+        raise ConfigError(f"input must be one of {', '.join(INPUTS)}, not {input_path!r}")
+    pool, order = make_pool(workload, distinct)
     records: list[LoadRecord] = []
     for strategy, transport in pairs:
         config = Config(
@@ -163,15 +198,10 @@ async def run_load(
             shm_arena_mb=2048 if workload != "image" else 1024,
             max_inflight_mb=None,  # measure the queue, do not cap it
         )
-        # "arena": samples live in memory the payload store hands out (shared memory under
-        # the shm store, as a processor writing its output there would).
-        in_arena = zero_copy_input == "arena"
         async with Pipeline(config, probe=ModelStub(model_step_ms)) as pipeline:
-            pool = base_pool
-            if in_arena:
-                pool = [in_shared_memory(s, pipeline.allocate_tensor) for s in base_pool]
-            # Warm up every sample once, outside the measurement.
-            for i, sample in enumerate(pool):
+            write_into = pipeline.allocate_tensor if input_path == "arena" else None
+            # Warm up outside the measurement, on a few samples.
+            for i, sample in enumerate(pool[:4]):
                 await pipeline.generate(f"warm-{i}", sample.input_ids, sample.mm_inputs)
             names = ["tokenizer", *(f"rank{r}" for r in range(tp))]
             pids = [os.getpid(), *pipeline.pids]
@@ -182,7 +212,13 @@ async def run_load(
                 cpu_before = [m.seconds() for m in meters]
                 wall_before = time.monotonic()
                 latencies, errors, arrival_rps, span = await run_rate(
-                    pipeline, pool, order, rate=rate, requests=requests, on_done=on_done
+                    pipeline,
+                    pool,
+                    order,
+                    rate=rate,
+                    requests=requests,
+                    write_into=write_into,
+                    on_done=on_done,
                 )
                 wall = time.monotonic() - wall_before
                 cpu = [m.seconds() - b for m, b in zip(meters, cpu_before, strict=True)]
@@ -191,6 +227,8 @@ async def run_load(
                     transport=transport,
                     tp=tp,
                     workload=workload,
+                    input=input_path,
+                    distinct=distinct,
                     offered_rps=rate,
                     arrival_rps=arrival_rps,
                     achieved_rps=len(latencies) / span,
@@ -205,7 +243,7 @@ async def run_load(
                     cpu_utilization={n: c / wall for n, c in zip(names, cpu, strict=True)},
                     model_step_ms=model_step_ms,
                     hasher=hasher,
-                    notes=["payload written by the processor into the arena"] if in_arena else [],
+                    notes=[_NOTES[input_path]],
                 )
                 records.append(record)
                 if on_record is not None:

@@ -155,20 +155,3 @@ def distinct_pool(make: Callable[[int], Sample], n: int, *, bases: int = 4) -> l
 
 def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype)
-
-
-def in_shared_memory(
-    sample: Sample, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]
-) -> Sample:
-    """The same sample with its features written where ``allocate`` puts them.
-
-    With ``Pipeline.allocate_tensor`` under ``zero-copy``, that is the tokenizer's arena: what
-    a processor writing its output straight into shared memory hands over.
-    """
-    items = []
-    for item in sample.mm_inputs["mm_items"]:
-        feature = item["feature"]
-        shared = allocate(feature.shape, feature.dtype)
-        shared.copy_(feature)
-        items.append({**item, "feature": shared})
-    return Sample(sample.input_ids, {**sample.mm_inputs, "mm_items": items})
