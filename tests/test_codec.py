@@ -22,7 +22,7 @@ from mmsched import (
     encode,
 )
 from mmsched.bench.workloads import audio_sample, image_sample, qwen2vl_image, video_sample
-from mmsched.codec import encoded_size
+from mmsched.codec import Int64List, encoded_size
 from mmsched.hashing import tensor_bytes
 from mmsched.messages import MaterializedInputs, ProbeReport, RankReady, Shutdown
 
@@ -248,6 +248,32 @@ def test_long_int_lists_travel_as_one_frame() -> None:
     again = decode(encode(TokenizedGenerateReqInput("r", [], sampling_params={"m": mixed})))
     assert isinstance(again, TokenizedGenerateReqInput)
     assert again.sampling_params["m"][-1] is True
+
+
+def test_forwarded_ids_reuse_their_frame_until_changed() -> None:
+    ids = list(range(5000))
+    received = decode(encode(TokenizedGenerateReqInput("r", ids)))
+    assert isinstance(received, TokenizedGenerateReqInput)
+    assert received.input_ids == ids and isinstance(received.input_ids, Int64List)
+    # The entry rank forwards the request: the ids' frame goes out again as it came.
+    frame = received.input_ids.frame
+    forwarded = encode(received)
+    assert any(f is frame for f in forwarded)
+    # A change forgets the frame: the new ids are encoded, not the stale frame.
+    received.input_ids[0] = 7
+    received.input_ids.append(9)
+    again = decode(encode(received))
+    assert isinstance(again, TokenizedGenerateReqInput)
+    assert again.input_ids == [7, *range(1, 5000), 9]
+    # Copies and pickles are plain lists (a frame does not pickle).
+    assert type(pickle.loads(pickle.dumps(again.input_ids))) is list
+
+
+def test_ids_that_are_not_all_ints_do_not_go_as_a_frame() -> None:
+    for ids in ([True] * 100, [1.0] * 100, [2**63] * 100):
+        frames = encode(TokenizedGenerateReqInput("r", ids))
+        assert b"$ints" not in bytes(frames[0])
+        assert decode(frames).input_ids == ids  # type: ignore[union-attr]
 
 
 def test_peek_rid_names_an_undecodable_request() -> None:

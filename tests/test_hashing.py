@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -94,3 +95,15 @@ def test_every_hash_is_counted() -> None:
 def test_unknown_hasher_lists_known() -> None:
     with pytest.raises(UnknownNameError, match="blake3, sha256, xxh3"):
         get_hasher("md5")
+
+
+def test_a_hash_alone_takes_every_core_and_concurrent_ones_one_each() -> None:
+    from mmsched.hashing import _CoreShares
+
+    cores = _CoreShares()
+    with cores.share() as alone:
+        assert alone == (os.cpu_count() or 1)
+        with cores.share() as second:
+            assert second == 1
+    with cores.share() as again:  # both done: alone again
+        assert again == (os.cpu_count() or 1)

@@ -211,8 +211,8 @@ input      copy: each request's pixels are a new tensor in ordinary memory (a pr
 consume    none: the last rank holds usable tensors; read: it has also read every byte once
 p50, p99   from the call into the pipeline to the last rank done (fresh bytes every request)
 floor      median over the row's requests of the least work its path needs, measured right
-           after each request on its bytes: copy path min(copy + hash, copy and hash at once),
-           arena path one hash, plus one read pass under read (docs: Benchmarks, the floor)
+           after each request on a payload made the same way: copy path min(copy + hash, copy
+           and hash at once), arena path one hash, plus one read pass under read
 x floor    p50 / floor: 1.0 is this machine's limit; below 1 is a measurement bug
 CPU ms/req user + system CPU of the tokenizer and every rank, per request
 hashes/req content hashes computed per request, all processes (1 = hashed once)

@@ -175,7 +175,7 @@ class Decoder:
             buf = _buffer(buffers, node["$ints"])
             if memoryview(buf).nbytes % 8:
                 raise CodecError("an int list frame is not a whole number of int64 values")
-            return np.frombuffer(buf, dtype=np.int64).tolist()
+            return Int64List(np.frombuffer(buf, dtype=np.int64).tolist(), buf)
         if "$float" in node:
             if node["$float"] not in _NON_FINITE:
                 raise CodecError(f"bad non-finite float {node['$float']!r}")
@@ -230,10 +230,11 @@ def _to_tree(value: Any, buffers: list[Buffer], store: PayloadStore | None) -> A
         buffers.append(value)
         return {"$bytes": len(buffers) - 1}
     if isinstance(value, list):
-        if len(value) >= _INT_RUN_MIN and _all_int64(value):
+        frame = _int64_frame(value) if len(value) >= _INT_RUN_MIN else None
+        if frame is not None:
             # Token ids: one raw int64 frame instead of thousands of JSON numbers, so headers
             # stay small and a shared-memory transport can carry the ids by reference.
-            buffers.append(np.asarray(value, dtype=np.int64).data)
+            buffers.append(frame)
             return {"$ints": len(buffers) - 1}
         return [_to_tree(x, buffers, store) for x in value]
     if isinstance(value, tuple):
@@ -260,8 +261,62 @@ _INT_RUN_MIN = 64
 _NON_FINITE = frozenset({"nan", "inf", "-inf"})
 
 
-def _all_int64(values: list[Any]) -> bool:
-    return all(type(x) is int and -(2**63) <= x < 2**63 for x in values)
+def _int64_frame(values: list[Any]) -> Buffer | None:
+    """``values`` as one int64 frame, or None if one is not an int or does not fit."""
+    if isinstance(values, Int64List) and values.frame is not None:
+        return values.frame  # forwarded as it came: nothing to convert or check again
+    if not set(map(type, values)) <= {int}:  # builtins at C speed: bools and floats excluded
+        return None
+    try:
+        return np.asarray(values, dtype=np.int64).data
+    except OverflowError:
+        return None
+
+
+class Int64List(list[int]):
+    """Token ids decoded from one int64 frame, which they keep.
+
+    The entry rank forwards the ids it received to every other rank; encoding them again
+    would convert and check every id twice (a few ms for the 21,000 ids of a large image).
+    Encoding an unchanged ``Int64List`` sends its frame as it came; any change to the list
+    forgets the frame.
+    """
+
+    __slots__ = ("frame",)
+
+    def __init__(self, values: list[int], frame: Buffer) -> None:
+        super().__init__(values)
+        self.frame: Buffer | None = frame
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (list(self),))  # a copy or a pickle is a plain list
+
+
+def _forgets_frame(name: str) -> Any:
+    method = getattr(list, name)
+
+    def changed(self: Int64List, *args: Any, **kwargs: Any) -> Any:
+        self.frame = None
+        return method(self, *args, **kwargs)
+
+    return changed
+
+
+for _name in (
+    "__setitem__",
+    "__delitem__",
+    "__iadd__",
+    "__imul__",
+    "append",
+    "extend",
+    "insert",
+    "pop",
+    "remove",
+    "clear",
+    "sort",
+    "reverse",
+):
+    setattr(Int64List, _name, _forgets_frame(_name))
 
 
 def _pickled(value: Any, buffers: list[Buffer]) -> dict[str, int]:

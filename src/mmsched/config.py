@@ -79,7 +79,7 @@ class Config:
     startup_timeout_s: float = 120.0
     max_request_bytes: int | None = None
     allow_pickle: bool = False
-    tokenizer_workers: int = 4
+    tokenizer_workers: int = 8
     shm_arena_mb: int = 1024
     max_inflight_mb: int | None = 1024
     backpressure: str = "wait"

@@ -342,7 +342,7 @@ def validate_input_ids(input_ids: Any) -> list[int]:
     if len(input_ids) > MAX_INPUT_LEN:
         raise InvalidMultimodalInput("input_ids", f"{len(input_ids)} ids, over 2**31")
     # The common case in C-speed builtins; the loop below only runs to name what is wrong.
-    if all(type(v) is int for v in input_ids) and (
+    if set(map(type, input_ids)) <= {int} and (
         not input_ids or (min(input_ids) >= 0 and max(input_ids) < MAX_INPUT_LEN)
     ):
         return list(input_ids)

@@ -44,7 +44,7 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from mmsched.codec import Decoder, encode
+from mmsched.codec import Decoder, Int64List, encode
 from mmsched.config import Config
 from mmsched.errors import CodecError
 from mmsched.frames import Frames
@@ -391,7 +391,11 @@ def _check_request(message: Message) -> None:
         ok = (
             isinstance(message.rid, str)
             and isinstance(message.input_ids, list)
-            and all(type(i) is int for i in message.input_ids)
+            # Ids from an int64 frame are ints by construction; others are checked in C.
+            and (
+                isinstance(message.input_ids, Int64List)
+                or set(map(type, message.input_ids)) <= {int}
+            )
             and isinstance(message.sampling_params, dict)
             and isinstance(message.mm_inputs, MultimodalInputs | dict | None)
         )

@@ -26,7 +26,8 @@ Measured per request:
   and the last timed one, every rank also reports a digest of all bytes it holds, compared
   with the tokenizer's;
 - the floor: right after each request, the least work its path needs on this machine, on
-  the same bytes ([`mmsched.bench.floor`][]); a row's floor is the median of its requests'.
+  a payload of the same size made the same way just before ([`mmsched.bench.floor`][]);
+  a row's floor is the median of its requests'.
 """
 
 from __future__ import annotations
@@ -166,9 +167,12 @@ async def _one_request(
     cpu_before, hashes_before = meter.seconds(), hash_stats()
     trace = await pipeline.generate_traced(rid, sample.input_ids, sample.mm_inputs)
     cpu_s, hashes = meter.seconds() - cpu_before, hash_stats() - hashes_before
-    # The floor of this very request, on its bytes, while the pipeline is idle.
-    feature = sample.mm_inputs["mm_items"][0]["feature"]
-    floor = floors.measure(feature, read=consume == "read")
+    del sample  # its arena room may be needed by the next one
+    # The floor, right after: the same work on bytes made the same way just before it (a
+    # hash of bytes just written runs slower than a second hash of them would).
+    twin = payloads.next(allocate)
+    floor = floors.measure(twin.mm_inputs["mm_items"][0]["feature"], read=consume == "read")
+    del twin
     row.identical &= _identical(trace, tp, digest)
     if timed:
         row.latencies.append(_latency_ms(trace))

@@ -3,8 +3,11 @@
 Whatever the design, the bytes must be hashed once; on the copy path (the processor's output
 in ordinary memory) they must also be put once where every rank can read them; where ranks
 read every byte (``consume="read"``) one read pass follows. The floor is the best this
-machine does for exactly that work, on the same request's bytes, measured right after the
-request (interleaved, so that both see the same machine state). Each part is timed once,
+machine does for exactly that work, measured right after each request (interleaved, so
+that both see the same machine state) on a payload of the same size made the same way (in
+ordinary memory or in the arena, written just before: a hash of bytes just written runs
+slower than a second hash of the same bytes, and the pipeline only ever does the first
+kind). Each part is timed once,
 as the pipeline does it once: on a machine whose threads wake slowly (a virtual machine's
 do), the best of several tries would compare a row's median with a lucky minimum.
 

@@ -125,7 +125,8 @@ def restamped(
         shared_copier().copy(
             feature.data_ptr(), source.data_ptr(), source.numel() * source.element_size()
         )
-        feature.view(-1)[:: 4096 // source.element_size()] = float(stamp)
+        # numpy, not torch: a torch op would leave its OpenMP team spinning on every core.
+        feature.numpy().reshape(-1)[:: 4096 // source.element_size()] = float(stamp)
         items.append({**item, "feature": feature})
     return Sample(base.input_ids, {**base.mm_inputs, "mm_items": items})
 
