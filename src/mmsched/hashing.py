@@ -156,6 +156,10 @@ class _CoreShares:
         self._lock = threading.Lock()
         self._running = 0
 
+    @property
+    def running(self) -> int:
+        return self._running
+
     @contextlib.contextmanager
     def share(self) -> Iterator[int]:
         with self._lock:
@@ -169,6 +173,11 @@ class _CoreShares:
 
 
 _CORES = _CoreShares()
+
+
+def large_hashes_running() -> int:
+    """Hashes of 1 MB or more running in this process now (a sign of load)."""
+    return _CORES.running
 
 
 class Blake3Hasher(Hasher):

@@ -200,9 +200,17 @@ async def run_load(
         )
         async with Pipeline(config, probe=ModelStub(model_step_ms)) as pipeline:
             write_into = pipeline.allocate_tensor if input_path == "arena" else None
-            # Warm up outside the measurement, on a few samples.
-            for i, sample in enumerate(pool[:4]):
-                await pipeline.generate(f"warm-{i}", sample.input_ids, sample.mm_inputs)
+            # Warm up outside the measurement: a burst at the first rate wakes every thread
+            # pool and goes once round the arena, as the measured requests will.
+            await run_rate(
+                pipeline,
+                pool,
+                order,
+                rate=rates[0],
+                requests=min(64, requests),
+                seed=-1,
+                write_into=write_into,
+            )
             names = ["tokenizer", *(f"rank{r}" for r in range(tp))]
             pids = [os.getpid(), *pipeline.pids]
             for rate in rates:

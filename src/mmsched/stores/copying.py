@@ -35,9 +35,12 @@ class ParallelCopier:
         self.threads = threads or default_threads()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mmsched-copy")
 
-    def start(self, dst: int, src: int, nbytes: int) -> list[Future[int]]:
-        """Begin the copy; it is done when every returned future is."""
-        chunk = _chunk_size(nbytes, self.threads)
+    def start(
+        self, dst: int, src: int, nbytes: int, *, pieces: int | None = None
+    ) -> list[Future[int]]:
+        """Begin the copy in up to ``pieces`` chunks (default: one per thread); it is done
+        when every returned future is."""
+        chunk = _chunk_size(nbytes, pieces or self.threads)
         return [
             self._pool.submit(ctypes.memmove, dst + at, src + at, min(chunk, nbytes - at))
             for at in range(0, nbytes, chunk)

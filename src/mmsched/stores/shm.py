@@ -26,7 +26,7 @@ import torch
 
 from mmsched.errors import TransportError
 from mmsched.frames import DTYPES, dtype_name, tensor_from_frame
-from mmsched.hashing import tensor_bytes
+from mmsched.hashing import large_hashes_running, tensor_bytes
 from mmsched.stores import arena
 from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
 from mmsched.stores.copying import shared_copier, wait
@@ -132,7 +132,10 @@ class ShmStore(PayloadStore):
                 ):
                     continue
                 ref, dst = writer.reserve(nbytes)
-                copy = shared_copier().start(dst, tensor.data_ptr(), nbytes)
+                # Under load (other hashes running, every core busy) one piece: each piece
+                # costs a GIL hand-over when its thread comes back, and no core is idle.
+                pieces = 1 if large_hashes_running() else None
+                copy = shared_copier().start(dst, tensor.data_ptr(), nbytes, pieces=pieces)
                 staged[(tensor.data_ptr(), nbytes)] = _Staged(ref, copy, tensor)
             self._local.staged = staged
             yield
