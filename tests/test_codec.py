@@ -22,8 +22,10 @@ from mmsched import (
     encode,
 )
 from mmsched.bench.workloads import audio_sample, image_sample, qwen2vl_image, video_sample
-from mmsched.codec import Int64List, encoded_size
+from mmsched.codec import encoded_size
+from mmsched.frames import Int64List
 from mmsched.hashing import tensor_bytes
+from mmsched.inputs import validate_input_ids
 from mmsched.messages import MaterializedInputs, ProbeReport, RankReady, Shutdown
 
 
@@ -283,3 +285,9 @@ def test_peek_rid_names_an_undecodable_request() -> None:
     assert Decoder.peek_rid(frames) == "r-9"
     assert Decoder.peek_rid([b"garbage"]) is None
     assert Decoder.peek_rid(encode(Shutdown())) is None
+
+
+def test_validated_ids_travel_in_the_array_made_to_check_them() -> None:
+    ids = validate_input_ids(np.arange(100).tolist())
+    assert isinstance(ids, Int64List) and ids == list(range(100))
+    assert any(f is ids.frame for f in encode(TokenizedGenerateReqInput("r", ids)))

@@ -34,7 +34,15 @@ import orjson
 import torch
 
 from mmsched.errors import CodecError, MmschedError, PickleRefused
-from mmsched.frames import DTYPES, Buffer, Frames, checked_shape, frames_nbytes, tensor_from_frame
+from mmsched.frames import (
+    DTYPES,
+    Buffer,
+    Frames,
+    Int64List,
+    checked_shape,
+    frames_nbytes,
+    tensor_from_frame,
+)
 from mmsched.hashing import tensor_bytes
 from mmsched.inputs import MultimodalDataItem, MultimodalInputs
 from mmsched.messages import MESSAGE_TYPES, Message
@@ -271,52 +279,6 @@ def _int64_frame(values: list[Any]) -> Buffer | None:
         return np.asarray(values, dtype=np.int64).data
     except OverflowError:
         return None
-
-
-class Int64List(list[int]):
-    """Token ids decoded from one int64 frame, which they keep.
-
-    The entry rank forwards the ids it received to every other rank; encoding them again
-    would convert and check every id twice (a few ms for the 21,000 ids of a large image).
-    Encoding an unchanged ``Int64List`` sends its frame as it came; any change to the list
-    forgets the frame.
-    """
-
-    __slots__ = ("frame",)
-
-    def __init__(self, values: list[int], frame: Buffer) -> None:
-        super().__init__(values)
-        self.frame: Buffer | None = frame
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (list, (list(self),))  # a copy or a pickle is a plain list
-
-
-def _forgets_frame(name: str) -> Any:
-    method = getattr(list, name)
-
-    def changed(self: Int64List, *args: Any, **kwargs: Any) -> Any:
-        self.frame = None
-        return method(self, *args, **kwargs)
-
-    return changed
-
-
-for _name in (
-    "__setitem__",
-    "__delitem__",
-    "__iadd__",
-    "__imul__",
-    "append",
-    "extend",
-    "insert",
-    "pop",
-    "remove",
-    "clear",
-    "sort",
-    "reverse",
-):
-    setattr(Int64List, _name, _forgets_frame(_name))
 
 
 def _pickled(value: Any, buffers: list[Buffer]) -> dict[str, int]:

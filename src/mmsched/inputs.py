@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mmsched.errors import InvalidMultimodalInput, MmschedError
+from mmsched.frames import Int64List
 from mmsched.hashing import DEFAULT_HASHER, get_hasher, pad_value_of, tensor_bytes
 
 
@@ -341,11 +342,17 @@ def validate_input_ids(input_ids: Any) -> list[int]:
         )
     if len(input_ids) > MAX_INPUT_LEN:
         raise InvalidMultimodalInput("input_ids", f"{len(input_ids)} ids, over 2**31")
-    # The common case in C-speed builtins; the loop below only runs to name what is wrong.
-    if set(map(type, input_ids)) <= {int} and (
-        not input_ids or (min(input_ids) >= 0 and max(input_ids) < MAX_INPUT_LEN)
-    ):
-        return list(input_ids)
+    # The common case at C speed; the loop below only runs to name what is wrong. The int64
+    # array made for the range check is the frame the ids will travel in.
+    if set(map(type, input_ids)) <= {int}:
+        try:
+            array = np.asarray(input_ids, dtype=np.int64)
+        except OverflowError:
+            array = None
+        if array is not None and (
+            not array.size or (int(array.min()) >= 0 and int(array.max()) < MAX_INPUT_LEN)
+        ):
+            return Int64List(list(input_ids), array.data)
     out = []
     for i, value in enumerate(input_ids):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):

@@ -44,10 +44,10 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from mmsched.codec import Decoder, Int64List, encode
+from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.errors import CodecError
-from mmsched.frames import Frames
+from mmsched.frames import Frames, Int64List
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
     AbortReq,
