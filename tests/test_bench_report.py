@@ -14,17 +14,23 @@ RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
 def test_report_from_the_published_results(tmp_path: Path) -> None:
     inputs = [
-        RESULTS / "seed_tp4_sha256.json",
-        RESULTS / "load_image_tp4_sweep.json",
-        RESULTS / "load_video_tp4_sweep.json",
+        RESULTS / "fanout_tp4_none.json",
+        RESULTS / "zero_copy_tp1_tp8.json",
+        RESULTS / "load_image_tp4_copy_run1.json",
+        RESULTS / "load_image_tp4_arena.json",
     ]
     assert main(["bench", "report", *map(str, inputs), "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "## Fan-out: seed_tp4_sha256" in report
-    assert "## Load: image" in report and "## Load: video" in report
-    assert "| per-rank | torch | - | - | 4 | 100 |" in report  # records from before input/consume
-    images = ["seed_tp4_sha256_tp4_none_latency.png"]
-    images += [f"load_{w}_{plot}.png" for w in ("image", "video") for plot in ("throughput", "p99")]
+    assert "## Fan-out: fanout_tp4_none" in report and "## Load: image" in report
+    assert "| per-rank | torch | copy | none | 4 | 100 |" in report
+    assert "| zero-copy | zmq | arena | none | 4 | 100 |" in report
+    images = [
+        "fanout_tp4_none_tp4_none_latency.png",
+        "zero_copy_tp1_tp8_tp1_none_latency.png",
+        "zero_copy_tp1_tp8_tp8_none_latency.png",
+        "load_image_throughput.png",
+        "load_image_p99.png",
+    ]
     for image in images:
         assert f"]({image})" in report
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
