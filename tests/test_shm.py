@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -254,3 +256,25 @@ def test_forged_refs_are_refused(store: ShmStore) -> None:
     assert bytes(consumer.resolve(PayloadRef.from_tree(good)).numpy()) == bytes(reader.view(ref))
     reader.close()
     consumer.close()
+
+
+def test_a_forked_child_copies_with_its_own_threads() -> None:
+    from mmsched.stores.copying import shared_copier
+
+    # numpy only: the child of a process that used torch's thread team must not use it.
+    src = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    shared_copier().copy(dst.ctypes.data, src.ctypes.data, src.nbytes)  # the parent's pool
+    pid = os.fork()
+    if pid == 0:  # the child: a copy must finish, not wait on the parent's threads
+        dst[:] = 0
+        shared_copier().copy(dst.ctypes.data, src.ctypes.data, src.nbytes)
+        os._exit(0 if np.array_equal(dst, src) else 1)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's copy never finished")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

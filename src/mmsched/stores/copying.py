@@ -83,3 +83,13 @@ def shared_copier() -> ParallelCopier:
         if _shared is None:
             _shared = ParallelCopier()
         return _shared
+
+
+def _forget_in_child() -> None:
+    # A forked child has none of its parent's threads: a pool it inherited would queue
+    # copies that no thread ever runs. It makes its own on first use.
+    global _shared, _shared_lock
+    _shared, _shared_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
