@@ -249,6 +249,36 @@ class Pipeline:
             if self._ranks_running == 0:
                 self._ranks_stopped.set()
 
+    def producer_access(self) -> Any:
+        """What a processor in another process needs to write its outputs straight into the
+        payload store (picklable; under ``shm``, an
+        [`ArenaAccess`][mmsched.stores.lending.ArenaAccess]): the process connects with it,
+        fills tensors from ``allocate`` and hands their ``Lent`` handles back here, to
+        [`claim_tensor`][mmsched.pipeline.Pipeline.claim_tensor].
+
+        Raises:
+            NotRunning: the pipeline has not started, or has closed.
+            ConfigError: the payload store lends no memory (only ``shm`` does).
+        """
+        if self._store is None or self._addresses is None or self._workdir is None:
+            raise NotRunning("the pipeline is not running")
+        return self._store.lend(self._workdir / "producers", self._addresses.token)
+
+    def claim_tensor(self, lent: Any) -> torch.Tensor:
+        """The tensor a processor in another process wrote under ``lent`` (see
+        [`producer_access`][mmsched.pipeline.Pipeline.producer_access]), ready to pass to
+        [`generate`][mmsched.pipeline.Pipeline.generate]: it crosses to the ranks without a
+        copy. Claim each handle once, within ``timeout_s`` of its allocation.
+
+        Raises:
+            NotRunning: the pipeline has not started, or has closed.
+            ConfigError: the payload store lends no memory.
+            TransportError: ``lent`` is not a live lease (forged, claimed already, expired).
+        """
+        if self._store is None:
+            raise NotRunning("the pipeline is not running")
+        return self._store.claim(lent)
+
     def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An empty tensor for a processor to fill. With the ``shm`` payload store it lives
         in shared memory, so sending it copies nothing; otherwise it is ``torch.empty``.

@@ -175,8 +175,11 @@ class ArenaWriter:
                     "size (shm_arena_mb) or enlarge /dev/shm (docker: --shm-size)"
                 ) from exc
             self._mapped = _Mapped(self.name, fd, total)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        # Kept open: producers in other processes receive it (lending) once the name is gone.
+        self.fd = fd
         for i in range(n_readers):
             self._mapped.watermarks[i] = -1
         os.rename(building, self._path)
@@ -190,6 +193,8 @@ class ArenaWriter:
         self._next_seq = 0
         self._writer_held: set[int] = set()
         self._by_offset: dict[int, _Allocation] = {}
+        self._leases: dict[int, tuple[_Allocation, float]] = {}  # seq -> (allocation, deadline)
+        self._abandoned: set[int] = set()  # expired leases: no reader will ever see them
         self._unlinked = False
 
     @property
@@ -207,6 +212,53 @@ class ArenaWriter:
         """Unlink the name if still there and drop this process's mapping."""
         self.unlink()
         self._mapped.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the segment, header included (what a producer maps)."""
+        return self._mapped.size
+
+    def lease(self, nbytes: int, ttl_s: float) -> Ref:
+        """Room for a producer in another process to write ``nbytes`` into, held for it until
+        [`claim`][mmsched.stores.arena.ArenaWriter.claim]ed or ``ttl_s`` has passed (a
+        producer that died is not waited for forever). Raises [`ArenaFull`][]."""
+        alloc = self._allocate(nbytes, writer_held=True)
+        with self._lock:
+            self._leases[alloc.seq] = (alloc, time.monotonic() + ttl_s)
+        return Ref(self.name, alloc.seq, self._data_start + alloc.offset, nbytes)
+
+    def claim(self, ref: Ref) -> np.ndarray:
+        """The bytes a producer wrote under lease ``ref``, as an array of this process's
+        mapping; the room stays reserved while the array (or a view of it) lives.
+
+        Raises:
+            TransportError: ``ref`` names no lease of this arena (another arena, a forged or
+                already claimed lease, or one whose time ran out).
+        """
+        with self._lock:
+            lease = self._leases.get(ref.seq) if ref.arena == self.name else None
+            if (
+                lease is None
+                or self._data_start + lease[0].offset != ref.offset
+                or not 0 <= ref.nbytes <= lease[0].nbytes
+            ):
+                raise TransportError(f"{ref} is not a lease of arena {self.name} (or it expired)")
+            del self._leases[ref.seq]
+        arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=ref.nbytes, offset=ref.offset)
+        weakref.finalize(arr, self._writer_release, ref.seq)
+        return arr
+
+    def _expire_leases(self) -> None:
+        # An expired lease can never be claimed, so no reader will ever see it: its room is
+        # reclaimed without waiting for the readers' watermarks to pass it.
+        now = time.monotonic()
+        for seq, (_, deadline) in list(self._leases.items()):
+            if deadline < now:
+                del self._leases[seq]
+                self._writer_held.discard(seq)
+                self._abandoned.add(seq)
 
     def put(self, payload: Buffer) -> Ref:
         """Copy ``payload`` into the arena once; raises [`ArenaFull`][] after the timeout."""
@@ -261,6 +313,7 @@ class ArenaWriter:
         delay = 0.0001
         while True:
             with self._lock:
+                self._expire_leases()
                 self._reclaim()
                 offset = self._find_room(size)
                 if offset is not None:
@@ -298,10 +351,13 @@ class ArenaWriter:
             (self._mapped.watermarks[i] for i in range(self.n_readers)), default=self._next_seq
         )
         while (
-            self._live and self._live[0].seq <= done and self._live[0].seq not in self._writer_held
+            self._live
+            and (self._live[0].seq <= done or self._live[0].seq in self._abandoned)
+            and self._live[0].seq not in self._writer_held
         ):
             alloc = self._live.popleft()
             self._by_offset.pop(alloc.offset, None)
+            self._abandoned.discard(alloc.seq)
 
     def _writer_release(self, seq: int) -> None:
         with self._lock:

@@ -30,11 +30,12 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from mmsched.errors import CodecError
+from mmsched.errors import CodecError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,26 @@ class PayloadStore(ABC):
     def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An empty tensor for a producer to fill; ``put`` of it then copies nothing."""
         return torch.empty(tuple(shape), dtype=dtype)
+
+    # -- producers in other processes (the pipeline) ----------------------------------------
+
+    def lend(self, path: Path, token: str) -> Any:
+        """Let producers in other processes write into this store; returns the picklable
+        access they connect with (see [`mmsched.stores.lending`][]).
+
+        Raises:
+            ConfigError: this store has no memory to lend.
+        """
+        raise ConfigError(f"the {self.name!r} payload store lends no memory to other processes")
+
+    def claim(self, lent: Any) -> torch.Tensor:
+        """The tensor a producer in another process wrote under ``lent``.
+
+        Raises:
+            ConfigError: this store lends no memory.
+            TransportError: ``lent`` is not a live lease of this store.
+        """
+        raise ConfigError(f"the {self.name!r} payload store lends no memory to other processes")
 
     @contextlib.contextmanager
     def staging(self, tensors: Iterable[torch.Tensor]) -> Iterator[None]:

@@ -21,15 +21,18 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmsched.errors import TransportError
+from mmsched.errors import ConfigError, TransportError
 from mmsched.frames import DTYPES, dtype_name, tensor_from_frame
 from mmsched.hashing import large_hashes_running, tensor_bytes
 from mmsched.stores import arena
 from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
 from mmsched.stores.copying import shared_copier, wait
+from mmsched.stores.lending import ArenaAccess, ArenaLender
 
 
 @dataclass
@@ -54,6 +57,7 @@ class ShmStore(PayloadStore):
         self._reader = reader
         # Placements staged by one tokenizer worker thread, found by its own put().
         self._local = threading.local()
+        self._lender: ArenaLender | None = None
 
     @classmethod
     def create(cls, options: StoreOptions, *, name: str | None = None) -> ShmStore:
@@ -85,11 +89,25 @@ class ShmStore(PayloadStore):
         """Bytes the arena holds at once (producer side)."""
         return self._writer.capacity if self._writer is not None else 0
 
+    def lend(self, path: Path, token: str) -> ArenaAccess:
+        if self._writer is None:
+            raise ConfigError("only the producer's shm store lends its arena")
+        if self._lender is None:
+            self._lender = ArenaLender(self._writer, path, token, self.options.timeout_s)
+        return self._lender.access()
+
+    def claim(self, lent: Any) -> torch.Tensor:
+        if self._lender is None:
+            raise ConfigError("this shm store lends no memory (Pipeline.producer_access first)")
+        return self._lender.claim(lent)
+
     def consumers_attached(self) -> None:
         if self._writer is not None:
             self._writer.unlink()  # a crash from now on leaves nothing in /dev/shm
 
     def close(self) -> None:
+        if self._lender is not None:
+            self._lender.close()
         if self._writer is not None:
             self._writer.close()
         if self._reader is not None:
