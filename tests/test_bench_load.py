@@ -52,3 +52,14 @@ def test_samples_are_distinct() -> None:
     assert len(hashes) == 8
     mixed, order = make_pool("mixed", 9)
     assert len(mixed) == 10 and order.count(9) == 9  # one video in every ten requests
+
+
+def test_worker_processes_write_into_the_arena_under_load(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    args = ["--tp", "2", "--rate", "20", "--requests", "40", "--model-step-ms", "1"]
+    args += ["--distinct", "4", "--input", "worker", "--strategy", "zero-copy"]
+    assert main(["bench", "load", *args, "--transport", "zmq", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["input"] == "worker"
+    assert record["completed"] == 40 and record["errors"] == 0
+    assert set(record["cpu_utilization"]) == {"tokenizer", "rank0", "rank1", "workers"}

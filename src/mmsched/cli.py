@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="copy",
         help="copy: pixels in ordinary memory, copied in by the pipeline (default, the "
         "realistic path); arena: each request's processor writes them into a fresh "
-        "Pipeline.allocate_tensor",
+        "Pipeline.allocate_tensor, in the tokenizer's process; worker: one of 4 processor "
+        "worker processes writes them into the arena (Pipeline.producer_access)",
     )
     load.add_argument(
         "--distinct",
@@ -338,8 +339,10 @@ def _load_table(records: list[LoadRecord], title: str) -> Table:
 LOAD_LEGEND = """\
 arrived/s  the rate the random (Poisson) schedule realised; keeps up: achieved >= 98% of it
 p50..p99   from each request's scheduled arrival to its answer, client side (queueing counts)
-CPU s/req  user + system CPU of the tokenizer process and every rank, per request
-CPU %      each process's CPU over the run (100 = one core): tokenizer, then rank 0, 1, ..."""
+CPU s/req  user + system CPU of the tokenizer process, every rank (and the processor
+           workers, under input worker), per request
+CPU %      each process's CPU over the run (100 = one core): tokenizer, then rank 0, 1, ...,
+           then the processor workers together (input worker)"""
 
 
 def _bench_load(args: argparse.Namespace, console: Console) -> int:

@@ -25,16 +25,22 @@ pixels are when it reaches the pipeline:
 - ``arena``: at its arrival the request's processor writes the sample into a fresh
   [`Pipeline.allocate_tensor`][mmsched.pipeline.Pipeline.allocate_tensor] (on a worker
   thread, inside the request's latency); under the ``shm`` store that is the arena, whose
-  ring then wraps and reclaims during the run.
+  ring then wraps and reclaims during the run;
+- ``worker``: at its arrival the request's processor, one of ``workers`` processes of its
+  own, writes the sample into the arena through
+  [`Pipeline.producer_access`][mmsched.pipeline.Pipeline.producer_access] and hands the
+  handle back (inside the request's latency): the tokenizer process copies nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,10 +60,13 @@ _NOTES = {
     "copy": "each request's pixels in ordinary memory, copied in by the pipeline",
     "arena": "each request's pixels written by its processor into a fresh "
     "Pipeline.allocate_tensor, inside its latency",
+    "worker": "each request's pixels written into the arena by a processor worker process "
+    "(Pipeline.producer_access), inside its latency",
 }
 
 WORKLOADS = ("image", "video", "mixed")
-INPUTS = ("copy", "arena")
+INPUTS = ("copy", "arena", "worker")
+WORKERS = 4  # processor worker processes under input "worker"
 DISTINCT = 64  # distinct samples per kind, by default
 
 
@@ -114,6 +123,46 @@ def make_pool(workload: str, distinct: int = DISTINCT) -> tuple[list[Sample], li
     raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
 
 
+def _draw(kind: str, seed: int) -> Sample:
+    return qwen2vl_image(seed=seed) if kind == "image" else video_sample(seed=seed)
+
+
+def pool_origins(workload: str, distinct: int = DISTINCT) -> list[tuple[str, int]]:
+    """For each sample of ``make_pool``: its kind and its index among that kind's samples."""
+    if workload in ("image", "video"):
+        return [(workload, j) for j in range(distinct)]
+    return [("image", j) for j in range(distinct)] + [
+        ("video", j) for j in range(max(1, distinct // 9))
+    ]
+
+
+_worker_arena: Any = None  # this worker process's ProducerArena
+_worker_draws: dict[str, list[Sample]] = {}
+
+
+def _worker_start(access: Any, kinds: list[str], started: Any) -> None:
+    """A processor worker process: join the arena, draw the random bases once."""
+    global _worker_arena
+    _worker_arena = access.connect()
+    for kind in kinds:
+        _worker_draws[kind] = [_draw(kind, seed) for seed in range(4)]
+    started.put(os.getpid())
+
+
+def _worker_write(kind: str, index: int, stamp: int) -> list[Any]:
+    """Write one sample's features into the arena, stamped; return their handles."""
+    handles: list[Any] = []
+
+    def allocate(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        tensor, lent = _worker_arena.allocate(shape, dtype)
+        handles.append(lent)
+        return torch.as_tensor(tensor)
+
+    draws = _worker_draws[kind]
+    restamped(draws[index % len(draws)], stamp, allocate)
+    return handles
+
+
 async def run_rate(
     pipeline: Pipeline,
     pool: list[Sample],
@@ -122,11 +171,11 @@ async def run_rate(
     rate: float,
     requests: int,
     seed: int = 0,
-    write_into: Callable[[Sequence[int], torch.dtype], torch.Tensor] | None = None,
+    write: Callable[[int, int], Awaitable[Sample]] | None = None,
     on_done: Callable[[], None] | None = None,
 ) -> tuple[list[float], int, float, float]:
-    """Offer ``requests`` at ``rate``/s; with ``write_into``, each request's sample is first
-    written (restamped) into memory from it.
+    """Offer ``requests`` at ``rate``/s; with ``write``, each request's sample is first
+    written by its processor: ``await write(pool index, stamp)`` gives the sample to send.
 
     Returns latencies (ms), errors, the realised arrival rate, and the span from the first
     arrival to the last completion (s).
@@ -142,8 +191,8 @@ async def run_rate(
         nonlocal errors, last_done
         sample = pool[order[i % len(order)]]
         try:
-            if write_into is not None:  # the processor writes its output into the store
-                sample = await asyncio.to_thread(restamped, sample, i + 1, write_into)
+            if write is not None:  # the processor writes its output into the store
+                sample = await write(order[i % len(order)], seed * 1_000_000 + i + 1)
             await pipeline.generate(f"load-{seed}-{i}", sample.input_ids, sample.mm_inputs)
             done = time.monotonic()
             latencies.append((done - due) * 1000)
@@ -163,6 +212,72 @@ async def run_rate(
     await asyncio.gather(*tasks)
     arrival_rps = requests / float(arrivals[-1]) if requests > 1 else rate
     return latencies, errors, arrival_rps, max(last_done - start, 1e-9)
+
+
+class _Writers:
+    """Where each request's processor writes its output (``input``), for one pipeline."""
+
+    def __init__(
+        self,
+        input_path: str,
+        pipeline: Pipeline,
+        pool: list[Sample],
+        workload: str,
+        distinct: int,
+        workers: int = WORKERS,
+    ) -> None:
+        self._input, self._pipeline, self._pool = input_path, pipeline, pool
+        self._origins = pool_origins(workload, distinct)
+        self._kinds = sorted({kind for kind, _ in self._origins})
+        self._workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        self.pids: list[int] = []
+        self.write: Callable[[int, int], Awaitable[Sample]] | None = None
+
+    async def __aenter__(self) -> _Writers:
+        if self._input == "arena":
+            self.write = self._write_arena
+        elif self._input == "worker":
+            ctx = multiprocessing.get_context("spawn")
+            started = ctx.Queue()
+            self._executor = ProcessPoolExecutor(
+                self._workers,
+                mp_context=ctx,
+                initializer=_worker_start,
+                initargs=(self._pipeline.producer_access(), self._kinds, started),
+            )
+            loop = asyncio.get_running_loop()
+            # Start every worker now (each waits a moment, so that none takes two), and
+            # learn their pids for the CPU figures.
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._executor, time.sleep, 0.5)
+                    for _ in range(self._workers)
+                )
+            )
+            self.pids = [started.get(timeout=60) for _ in range(self._workers)]
+            self.write = self._write_worker
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _write_arena(self, index: int, stamp: int) -> Sample:
+        return await asyncio.to_thread(
+            restamped, self._pool[index], stamp, self._pipeline.allocate_tensor
+        )
+
+    async def _write_worker(self, index: int, stamp: int) -> Sample:
+        kind, within = self._origins[index]
+        loop = asyncio.get_running_loop()
+        handles = await loop.run_in_executor(self._executor, _worker_write, kind, within, stamp)
+        sample = self._pool[index]
+        items = [
+            {**item, "feature": self._pipeline.claim_tensor(lent)}
+            for item, lent in zip(sample.mm_inputs["mm_items"], handles, strict=True)
+        ]
+        return Sample(sample.input_ids, {**sample.mm_inputs, "mm_items": items})
 
 
 async def run_load(
@@ -198,8 +313,11 @@ async def run_load(
             shm_arena_mb=2048 if workload != "image" else 1024,
             max_inflight_mb=None,  # measure the queue, do not cap it
         )
-        async with Pipeline(config, probe=ModelStub(model_step_ms)) as pipeline:
-            write_into = pipeline.allocate_tensor if input_path == "arena" else None
+        async with (
+            Pipeline(config, probe=ModelStub(model_step_ms)) as pipeline,
+            _Writers(input_path, pipeline, pool, workload, distinct) as writers,
+        ):
+            write = writers.write
             # Warm up outside the measurement: a burst at the first rate wakes every thread
             # pool and goes once round the arena, as the measured requests will.
             await run_rate(
@@ -209,14 +327,16 @@ async def run_load(
                 rate=rates[0],
                 requests=min(64, requests),
                 seed=-1,
-                write_into=write_into,
+                write=write,
             )
             names = ["tokenizer", *(f"rank{r}" for r in range(tp))]
-            pids = [os.getpid(), *pipeline.pids]
+            meters = [CpuMeter([os.getpid()]), *(CpuMeter([pid]) for pid in pipeline.pids)]
+            if writers.pids:  # the processor workers, together
+                names.append("workers")
+                meters.append(CpuMeter(writers.pids))
             for rate in rates:
                 if on_start is not None:
                     on_start(f"{strategy}/{transport} @ {rate:g}/s", requests)
-                meters = [CpuMeter([pid]) for pid in pids]
                 cpu_before = [m.seconds() for m in meters]
                 wall_before = time.monotonic()
                 latencies, errors, arrival_rps, span = await run_rate(
@@ -225,7 +345,7 @@ async def run_load(
                     order,
                     rate=rate,
                     requests=requests,
-                    write_into=write_into,
+                    write=write,
                     on_done=on_done,
                 )
                 wall = time.monotonic() - wall_before
