@@ -34,6 +34,7 @@ from mmsched.bench.fanout import (
 )
 from mmsched.bench.load import DISTINCT, WORKLOADS, LoadRecord, run_load
 from mmsched.bench.load import INPUTS as LOAD_INPUTS
+from mmsched.bench.load import WORKERS as LOAD_WORKERS
 from mmsched.bench.report import write_report
 from mmsched.errors import MmschedError
 from mmsched.hashing import DEFAULT_HASHER, HASHERS
@@ -151,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="copy",
         help="copy: pixels in ordinary memory, copied in by the pipeline (default, the "
         "realistic path); arena: each request's processor writes them into a fresh "
-        "Pipeline.allocate_tensor, in the tokenizer's process; worker: one of 4 processor "
-        "worker processes writes them into the arena (Pipeline.producer_access)",
+        "Pipeline.allocate_tensor, in the tokenizer's process; worker: one of --workers "
+        "processor worker processes writes them into the arena (Pipeline.producer_access)",
+    )
+    load.add_argument(
+        "--workers",
+        type=int,
+        default=LOAD_WORKERS,
+        help=f"processor worker processes under --input worker (default {LOAD_WORKERS})",
     )
     load.add_argument(
         "--distinct",
@@ -376,6 +383,7 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
                 model_step_ms=args.model_step_ms,
                 input_path=args.input,
                 distinct=args.distinct,
+                workers=args.workers,
                 on_start=start,
                 on_done=done,
                 on_record=record,

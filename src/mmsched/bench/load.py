@@ -26,8 +26,8 @@ pixels are when it reaches the pipeline:
   [`Pipeline.allocate_tensor`][mmsched.pipeline.Pipeline.allocate_tensor] (on a worker
   thread, inside the request's latency); under the ``shm`` store that is the arena, whose
   ring then wraps and reclaims during the run;
-- ``worker``: at its arrival the request's processor, one of ``workers`` processes of its
-  own, writes the sample into the arena through
+- ``worker``: at its arrival the request's processor, one of ``workers`` processes (8 by
+  default), writes the sample into the arena through
   [`Pipeline.producer_access`][mmsched.pipeline.Pipeline.producer_access] and hands the
   handle back (inside the request's latency): the tokenizer process copies nothing.
 """
@@ -66,7 +66,7 @@ _NOTES = {
 
 WORKLOADS = ("image", "video", "mixed")
 INPUTS = ("copy", "arena", "worker")
-WORKERS = 4  # processor worker processes under input "worker"
+WORKERS = 8  # processor worker processes under input "worker", by default
 DISTINCT = 64  # distinct samples per kind, by default
 
 
@@ -291,6 +291,7 @@ async def run_load(
     model_step_ms: float = 5.0,
     input_path: str = "copy",
     distinct: int = DISTINCT,
+    workers: int = WORKERS,
     on_start: Callable[[str, int], None] | None = None,
     on_done: Callable[[], None] | None = None,
     on_record: Callable[[LoadRecord], None] | None = None,
@@ -315,7 +316,7 @@ async def run_load(
         )
         async with (
             Pipeline(config, probe=ModelStub(model_step_ms)) as pipeline,
-            _Writers(input_path, pipeline, pool, workload, distinct) as writers,
+            _Writers(input_path, pipeline, pool, workload, distinct, workers) as writers,
         ):
             write = writers.write
             # Warm up outside the measurement: a burst at the first rate wakes every thread
