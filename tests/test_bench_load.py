@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from mmsched.bench.load import make_pool
 from mmsched.cli import main
@@ -30,16 +31,22 @@ def test_bench_load_small(tmp_path: Path) -> None:
         assert r["cpu_seconds_per_request"] >= 0
 
 
+def one_zero_copy_run(tmp_path: Path, input_path: str, requests: int) -> dict[str, Any]:
+    """One rate (20/s, TP=2, 4 distinct images) of ``--input input_path``: its record."""
+    out = tmp_path / "load.json"
+    args = ["--tp", "2", "--rate", "20", "--requests", str(requests), "--model-step-ms", "1"]
+    args += ["--distinct", "4", "--input", input_path, "--strategy", "zero-copy"]
+    assert main(["bench", "load", *args, "--transport", "zmq", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["input"] == input_path
+    assert record["completed"] == requests and record["errors"] == 0
+    return dict(record)
+
+
 def test_arena_input_wraps_the_ring_under_load(tmp_path: Path) -> None:
     # 70 requests of 18.8 MB, each written by its processor into a fresh allocation of a
     # 1 GiB arena: 1.3 GB in all, so the ring wraps and reclaims while requests run.
-    out = tmp_path / "load.json"
-    args = ["--tp", "2", "--rate", "20", "--requests", "70", "--model-step-ms", "1"]
-    args += ["--distinct", "4", "--input", "arena", "--strategy", "zero-copy"]
-    assert main(["bench", "load", *args, "--transport", "zmq", "--json", str(out)]) == 0
-    (record,) = json.loads(out.read_text())
-    assert record["input"] == "arena"
-    assert record["completed"] == 70 and record["errors"] == 0
+    one_zero_copy_run(tmp_path, "arena", 70)
 
 
 def test_samples_are_distinct() -> None:
@@ -55,11 +62,5 @@ def test_samples_are_distinct() -> None:
 
 
 def test_worker_processes_write_into_the_arena_under_load(tmp_path: Path) -> None:
-    out = tmp_path / "load.json"
-    args = ["--tp", "2", "--rate", "20", "--requests", "40", "--model-step-ms", "1"]
-    args += ["--distinct", "4", "--input", "worker", "--strategy", "zero-copy"]
-    assert main(["bench", "load", *args, "--transport", "zmq", "--json", str(out)]) == 0
-    (record,) = json.loads(out.read_text())
-    assert record["input"] == "worker"
-    assert record["completed"] == 40 and record["errors"] == 0
+    record = one_zero_copy_run(tmp_path, "worker", 40)
     assert set(record["cpu_utilization"]) == {"tokenizer", "rank0", "rank1", "workers"}
