@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from mmsched import Config, ConfigError, MultimodalInputs, Pipeline, TransportError
+from mmsched import (
+    CodecError,
+    Config,
+    ConfigError,
+    MultimodalInputs,
+    Pipeline,
+    TransportError,
+)
 from mmsched.bench.workloads import IMAGE_TOKEN_ID
 from mmsched.probes import RankTimings
 from mmsched.stores.lending import ArenaAccess, Lent
@@ -93,11 +100,16 @@ async def test_wrong_tokens_forged_handles_and_garbage_get_nothing() -> None:
             Lent(lent.arena, lent.seq + 5, lent.offset, lent.nbytes, "float32", (1000,)),
             Lent(lent.arena, lent.seq, lent.offset + 64, lent.nbytes, "float32", (1000,)),
             Lent("elsewhere", lent.seq, lent.offset, lent.nbytes, "float32", (1000,)),
+            Lent(lent.arena, lent.seq, lent.offset, "4000", "float32", (1000,)),  # type: ignore[arg-type]
             "not a handle",
         ]
         for handle in forged:
             with pytest.raises(TransportError):
                 pipeline.claim_tensor(handle)
+        with pytest.raises(CodecError):  # a shape that does not fit its bytes
+            pipeline.claim_tensor(
+                Lent(lent.arena, lent.seq, lent.offset, lent.nbytes, "float32", (999,))
+            )
         # A client sending garbage is dropped; the lender goes on serving the others.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as rogue:
             rogue.connect(access.path)

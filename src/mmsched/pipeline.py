@@ -274,6 +274,7 @@ class Pipeline:
             NotRunning: the pipeline has not started, or has closed.
             ConfigError: the payload store lends no memory.
             TransportError: ``lent`` is not a live lease (forged, claimed already, expired).
+            CodecError: its dtype and shape do not match its size.
         """
         if self._store is None:
             raise NotRunning("the pipeline is not running")

@@ -165,6 +165,7 @@ class PayloadStore(ABC):
         Raises:
             ConfigError: this store lends no memory.
             TransportError: ``lent`` is not a live lease of this store.
+            CodecError: its dtype and shape do not match its size.
         """
         raise ConfigError(f"the {self.name!r} payload store lends no memory to other processes")
 

@@ -182,7 +182,13 @@ class ArenaLender:
             TransportError: not a live lease of this arena.
             CodecError: its dtype or shape does not match its bytes.
         """
-        if not isinstance(lent, Lent) or lent.dtype not in DTYPES:
+        fields = (lent.seq, lent.offset, lent.nbytes) if isinstance(lent, Lent) else ()
+        if (
+            not isinstance(lent, Lent)
+            or not isinstance(lent.arena, str)
+            or not all(type(v) is int and v >= 0 for v in fields)
+            or lent.dtype not in DTYPES
+        ):
             raise TransportError(f"not a lent tensor: {str(lent)[:200]}")
         dtype = DTYPES[lent.dtype]
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -219,6 +225,8 @@ class ArenaLender:
                     client.sendall(orjson.dumps(self._lease(request)) + b"\n")
         except OSError:
             return  # the producer went away, or we are closing
+        except Exception:  # a client's input must never take the lender down with it
+            log.exception("arena lender: dropped a producer after an unexpected error")
         finally:
             self._clients.discard(client)
 
