@@ -147,9 +147,8 @@ class _CoreShares:
 
     Alone, a hash on every core has the lowest latency. Under load, the tokenizer's workers
     hash several requests side by side, and each on its own thread costs least: BLAKE3 then
-    needs no pool to wake or keep spinning: in a one-off test on 16 cores, with four to
-    sixteen workers copying and hashing 18.8 MB requests, splitting the cores between the
-    hashes cost about half as much CPU again per request, for less throughput.
+    needs no pool to wake or keep spinning (splitting the cores between the hashes in
+    flight was tried first, and used more CPU per request for less throughput).
     """
 
     def __init__(self) -> None:

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from mmsched.codec import encode, encoded_size
 from mmsched.config import Config
@@ -55,7 +54,7 @@ from mmsched.tokenizer import RequestTrace
 
 from .cpu import CpuMeter
 from .floor import Floor, FloorMeter
-from .workloads import FreshPayloads, Sample
+from .workloads import FreshPayloads, Sample, ordinary_memory
 
 DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
 DEFAULT_TRANSPORTS = ("torch", "zmq", "shm")
@@ -157,7 +156,7 @@ async def _one_request(
     timed: bool,
     check_bytes: bool,
 ) -> RequestTrace:
-    allocate = pipeline.allocate_tensor if path == "arena" else _ordinary
+    allocate = pipeline.allocate_tensor if path == "arena" else ordinary_memory
     sample = payloads.next(allocate)  # fresh bytes, made before the clock starts
     digest = (
         MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher).content_digest()
@@ -180,10 +179,6 @@ async def _one_request(
         row.cpu_s += cpu_s
         row.tokenizer_hashes = row.tokenizer_hashes + hashes
     return trace
-
-
-def _ordinary(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=dtype)
 
 
 async def run_combination(
@@ -220,7 +215,7 @@ async def run_combination(
         meter = CpuMeter([os.getpid(), *pipeline.pids])
         for size_mb in sizes_mb:
             payloads = FreshPayloads(size_mb, seed=int(size_mb * 1000))
-            object_bytes, dict_bytes = encoded_sizes(payloads.next(_ordinary), hasher)
+            object_bytes, dict_bytes = encoded_sizes(payloads.next(ordinary_memory), hasher)
             for path in paths:
                 row = _Row()
                 warm = max(1, warmup)

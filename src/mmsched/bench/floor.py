@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -55,9 +55,6 @@ class Floor:
         )
         return base + (self.read_ms if consume == "read" else 0.0)
 
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
 
 class FloorMeter:
     """Measures [`Floor`][mmsched.bench.floor.Floor]s of payloads up to ``max_nbytes``."""
@@ -68,8 +65,8 @@ class FloorMeter:
         self._hasher = get_hasher(hasher)
         self._copier = ParallelCopier()
 
-    def measure(self, payload: torch.Tensor, *, read: bool, repeats: int = 1) -> Floor:
-        """One floor of ``payload`` (a contiguous CPU tensor): each part's best of ``repeats``."""
+    def measure(self, payload: torch.Tensor, *, read: bool) -> Floor:
+        """One floor of ``payload`` (a contiguous CPU tensor), each part timed once."""
         src, nbytes = payload.data_ptr(), payload.numel() * payload.element_size()
         dst = self._target.data_ptr()
 
@@ -78,11 +75,11 @@ class FloorMeter:
             self._hasher.hash_tensor("image", payload)
             wait(copying)
 
-        hash_s = _best(repeats, lambda: self._hasher.hash_tensor("image", payload))
-        single_s = _best(repeats, lambda: ctypes.memmove(dst, src, nbytes))
-        parallel_s = _best(repeats, lambda: self._copier.copy(dst, src, nbytes))
-        both_s = _best(repeats, both)
-        read_s = _best(repeats, lambda: read_pass(payload)) if read else 0.0
+        hash_s = _timed(lambda: self._hasher.hash_tensor("image", payload))
+        single_s = _timed(lambda: ctypes.memmove(dst, src, nbytes))
+        parallel_s = _timed(lambda: self._copier.copy(dst, src, nbytes))
+        both_s = _timed(both)
+        read_s = _timed(lambda: read_pass(payload)) if read else 0.0
         return Floor(
             copy_ms=min(single_s, parallel_s) * 1000,
             hash_ms=hash_s * 1000,
@@ -94,10 +91,7 @@ class FloorMeter:
         self._copier.close()
 
 
-def _best(repeats: int, work: Callable[[], object]) -> float:
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _timed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start

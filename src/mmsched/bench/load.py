@@ -35,6 +35,7 @@ pixels are when it reaches the pipeline:
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import random
@@ -103,37 +104,41 @@ class LoadRecord:
         return {**asdict(self), "keeps_up": self.keeps_up}
 
 
-def make_pool(workload: str, distinct: int = DISTINCT) -> tuple[list[Sample], list[int]]:
-    """Samples with distinct bytes, and the order requests cycle through them."""
-    if workload == "image":
-        return distinct_pool(lambda seed: qwen2vl_image(seed=seed), distinct), list(range(distinct))
-    if workload == "video":
-        return distinct_pool(lambda seed: video_sample(seed=seed), distinct), list(range(distinct))
-    if workload == "mixed":  # nine images to one video
-        images = distinct_pool(lambda seed: qwen2vl_image(seed=seed), distinct)
-        videos = distinct_pool(lambda seed: video_sample(seed=seed), max(1, distinct // 9))
-        order, images_sent = [], 0
-        for i in range(10 * distinct):
-            if i % 10 == 9:
-                order.append(distinct + (i // 10) % len(videos))
-            else:
-                order.append(images_sent % distinct)
-                images_sent += 1
-        return [*images, *videos], order
-    raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
-
-
 def _draw(kind: str, seed: int) -> Sample:
     return qwen2vl_image(seed=seed) if kind == "image" else video_sample(seed=seed)
 
 
 def pool_origins(workload: str, distinct: int = DISTINCT) -> list[tuple[str, int]]:
-    """For each sample of ``make_pool``: its kind and its index among that kind's samples."""
+    """The samples ``make_pool`` makes, in its order: each one's kind and its index among
+    that kind's samples (mixed traffic has one distinct video to nine distinct images)."""
     if workload in ("image", "video"):
         return [(workload, j) for j in range(distinct)]
-    return [("image", j) for j in range(distinct)] + [
-        ("video", j) for j in range(max(1, distinct // 9))
-    ]
+    if workload == "mixed":
+        return [("image", j) for j in range(distinct)] + [
+            ("video", j) for j in range(max(1, distinct // 9))
+        ]
+    raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+
+
+def make_pool(workload: str, distinct: int = DISTINCT) -> tuple[list[Sample], list[int]]:
+    """Samples with distinct bytes, and the order requests cycle through them."""
+    origins = pool_origins(workload, distinct)
+    pool: list[Sample] = []
+    for kind in ("image", "video"):
+        count = sum(1 for k, _ in origins if k == kind)
+        if count:
+            pool += distinct_pool(functools.partial(_draw, kind), count)
+    if workload != "mixed":
+        return pool, list(range(len(pool)))
+    videos = len(pool) - distinct
+    order, images_sent = [], 0
+    for i in range(10 * distinct):  # nine images to one video
+        if i % 10 == 9:
+            order.append(distinct + (i // 10) % videos)
+        else:
+            order.append(images_sent % distinct)
+            images_sent += 1
+    return pool, order
 
 
 _worker_arena: Any = None  # this worker process's ProducerArena

@@ -151,8 +151,9 @@ class FreshPayloads:
 def distinct_pool(make: Callable[[int], Sample], n: int, *, bases: int = 4) -> list[Sample]:
     """``n`` samples with distinct bytes, in ordinary memory, from ``bases`` random draws."""
     drawn = [make(seed) for seed in range(min(bases, n))]
-    return [restamped(drawn[i % len(drawn)], i + 1, _empty) for i in range(n)]
+    return [restamped(drawn[i % len(drawn)], i + 1, ordinary_memory) for i in range(n)]
 
 
-def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+def ordinary_memory(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor in ordinary memory, where a Hugging Face processor's output lives."""
     return torch.empty(tuple(shape), dtype=dtype)
