@@ -57,7 +57,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ({"tp_size": "4"}, ConfigError, "tp_size must be int"),
         ({"allow_pickle": 1}, ConfigError, "allow_pickle must be bool"),
         ({"allow_pickle": "yes"}, ConfigError, "allow_pickle must be bool"),
-        ({"payload_store": "nfs"}, UnknownNameError, "known: inline, shm"),
+        ({"payload_store": "nfs"}, UnknownNameError, "known: cuda-ipc, inline, pinned, shm"),
         ({"requests_address": "http://x"}, ConfigError, "ipc://PATH or tcp://HOST:PORT"),
         ({"results_address": 5}, ConfigError, "results_address must be str | None"),
         ({"tp_size": True}, ConfigError, "got a bool"),

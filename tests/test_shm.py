@@ -3,6 +3,7 @@ copies, reclaimed, never leaked."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
@@ -17,13 +18,17 @@ import torch
 from mmsched import (
     ArenaFull,
     CodecError,
+    Config,
     ConfigError,
     Decoder,
     MultimodalInputs,
+    Pipeline,
+    RankTimings,
     TokenizedGenerateReqInput,
     TransportError,
     encode,
 )
+from mmsched.bench.workloads import image_sample, ordinary_memory, restamped
 from mmsched.messages import MaterializedInputs
 from mmsched.stores import PayloadRef, StoreOptions
 from mmsched.stores.arena import (
@@ -278,3 +283,60 @@ def test_a_forked_child_copies_with_its_own_threads() -> None:
         os.waitpid(pid, 0)
         pytest.fail("the forked child's copy never finished")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+# -- concurrent senders ---------------------------------------------------------------------
+
+
+def test_a_watermark_past_an_unsent_payload_does_not_free_it() -> None:
+    """Two threads reserve 0 then 1; 1 is sent and read first. The reader's watermark then
+    passes 0, which no reader has seen yet: only the writer's hold keeps it from reuse."""
+    writer = ArenaWriter(1 << 16, 1, timeout_s=0.05)
+    try:
+        reader = ArenaReader(writer.name, 0)
+        first, _ = writer.reserve(40_000, hold=True)  # still being hashed, not yet sent
+        second = writer.put(b"x" * 20_000, hold=True)
+        view = reader.view(second)
+        del view
+        gc.collect()
+        writer.release(second.seq)
+        with pytest.raises(ArenaFull):  # no room without reusing the unsent payload
+            writer.reserve(40_000)
+        writer.release(first.seq)  # sent and read by every reader, or never sent
+        writer.reserve(40_000)
+        reader.close()
+    finally:
+        writer.close()
+
+
+async def test_concurrent_requests_through_a_small_arena_keep_their_bytes() -> None:
+    """Requests prepared on several tokenizer threads finish hashing (and go out) in another
+    order than they took room in the arena; the ring wraps many times meanwhile. Every rank
+    must hold exactly the tokenizer's bytes for every request."""
+    config = Config(
+        strategy="zero-copy",
+        transport="zmq",
+        tp_size=2,
+        shm_arena_mb=8,
+        max_inflight_mb=None,
+        hasher="blake3",
+    )
+    bases = [image_sample(2, 2 * rows, seed=rows) for rows in (100, 300, 600)]  # 0.9-5.6 MB
+    async with Pipeline(config, probe=RankTimings(digest_prefix="")) as pipeline:
+        for burst in range(4):
+            samples = [
+                restamped(bases[(burst + i) % 3], burst * 100 + i + 1, ordinary_memory)
+                for i in range(40)
+            ]
+            expected = [
+                MultimodalInputs.from_dict(s.mm_inputs, hasher="blake3").content_digest()
+                for s in samples
+            ]
+            traces = await asyncio.gather(
+                *(
+                    pipeline.generate_traced(f"b{burst}-{i}", s.input_ids, s.mm_inputs)
+                    for i, s in enumerate(samples)
+                )
+            )
+            for trace, digest in zip(traces, expected, strict=True):
+                assert {r.data["content_digest"] for r in trace.reports} == {digest}

@@ -65,8 +65,9 @@ def _imports_arena(path: Path) -> bool:
 
 def test_only_the_payload_store_package_imports_the_arena() -> None:
     importers = {p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py") if _imports_arena(p)}
-    # The shm store, and its lending half (room for producers in other processes).
-    assert importers == {"stores/shm.py", "stores/lending.py"}
+    # The shm store, its lending half (room for producers in other processes), and the
+    # cuda-ipc store (the arena's ring of offsets, for slices of a GPU pool).
+    assert importers == {"stores/shm.py", "stores/lending.py", "stores/cuda_ipc.py"}
 
 
 # -- the error tree --------------------------------------------------------------------------

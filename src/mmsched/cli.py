@@ -38,7 +38,7 @@ from mmsched.bench.load import WORKERS as LOAD_WORKERS
 from mmsched.bench.report import write_report
 from mmsched.errors import MmschedError
 from mmsched.hashing import DEFAULT_HASHER, HASHERS
-from mmsched.probes import CONSUME_MODES
+from mmsched.stores import store_class, store_names
 from mmsched.strategies import get_strategy
 from mmsched.transports import transport_class, transport_names
 
@@ -93,15 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv(str),
         default=list(INPUTS),
         help="comma-separated, of copy (the processor's output in ordinary memory, copied in: "
-        "the realistic path) and arena (the processor writes into Pipeline.allocate_tensor; "
-        "only where the payload store shares its allocations) (default copy,arena)",
+        "the realistic path), arena (the processor writes into Pipeline.allocate_tensor; "
+        "only where the payload store shares its allocations) and gpu (the processor's "
+        "output is on the GPU; only with --consume cuda) (default copy,arena,gpu)",
     )
     fan.add_argument(
         "--consume",
         type=_csv(str),
-        default=list(CONSUME_MODES),
+        default=["none", "read"],
         help="what a rank does before it counts as ready, comma-separated: none (holds usable "
-        "tensors), read (reads every byte once) (default none,read)",
+        "tensors), read (reads every byte once), cuda (holds them on its GPU: needs CUDA) "
+        "(default none,read)",
+    )
+    fan.add_argument(
+        "--stores",
+        type=_csv(str),
+        help=f"payload stores to run each strategy with, comma-separated, of "
+        f"{', '.join(store_names())} (default: each strategy's own; a preset keeps its own)",
     )
     fan.add_argument(
         "--hasher",
@@ -181,6 +189,7 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
         (
             "strategy",
             "transport",
+            "store",
             "input",
             "consume",
             "TP",
@@ -199,6 +208,7 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
         table.add_row(
             r.strategy,
             r.transport,
+            r.payload_store,
             r.input,
             r.consume,
             str(r.tp),
@@ -216,13 +226,17 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
 
 
 FANOUT_LEGEND = """\
+store      the payload store: where tensor bytes wait for the ranks
 input      copy: each request's pixels are a new tensor in ordinary memory (a processor's output);
-           arena: the processor wrote them into a fresh Pipeline.allocate_tensor (shared memory)
-consume    none: the last rank holds usable tensors; read: it has also read every byte once
+           arena: the processor wrote them into a fresh Pipeline.allocate_tensor (shared memory);
+           gpu: they are a new tensor on the GPU (a GPU processor's output)
+consume    none: the last rank holds usable tensors; read: it has also read every byte once;
+           cuda: it holds them on its GPU, copied
 p50, p99   from the call into the pipeline to the last rank done (fresh bytes every request)
 floor      median over the row's requests of the least work its path needs, measured right
            after each request on a payload made the same way: copy path min(copy + hash, copy
-           and hash at once), arena path one hash, plus one read pass under read
+           and hash at once), arena path one hash, plus one read pass under read, plus one
+           page-locked copy to the GPU under cuda; gpu path one hash plus one GPU-to-GPU copy
 x floor    p50 / floor: 1.0 is this machine's limit; below 1 is a measurement bug
 CPU ms/req user + system CPU of the tokenizer and every rank, per request
 hashes/req content hashes computed per request, all processes (1 = hashed once)
@@ -232,12 +246,16 @@ identical  every rank held the same inputs as the tokenizer (fingerprints, and a
            the warm-up and last requests)"""
 
 
-def _check_names(strategies: list[str], transports: list[str]) -> None:
+def _check_names(
+    strategies: list[str], transports: list[str], stores: list[str] | None = None
+) -> None:
     """Fail before any pipeline starts if a name is unknown (the error lists known ones)."""
     for name in strategies:
         get_strategy(name)
     for name in transports:
         transport_class(name)
+    for name in stores or []:
+        store_class(name)
 
 
 def _new_table(title: str, columns: Sequence[str]) -> Table:
@@ -250,7 +268,8 @@ def _new_table(title: str, columns: Sequence[str]) -> Table:
 
 
 def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
-    _check_names(args.strategies, args.transports)
+    _check_names(args.strategies, args.transports, args.stores)
+    stores = args.stores or [None]
     records: list[FanoutRecord] = []
     total = requests_in_run(
         strategies=args.strategies,
@@ -260,6 +279,7 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
         requests=args.requests,
         inputs=args.input,
         consume=args.consume,
+        stores=stores,
     )
     with _progress(console) as progress:
         task = progress.add_task(f"fan-out, {total} timed requests", total=total)
@@ -267,7 +287,8 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
         def record(r: FanoutRecord) -> None:
             records.append(r)
             progress.console.log(
-                f"TP={r.tp} {r.strategy}/{r.transport} {r.input} {r.consume} {r.size_mb:g} MB: "
+                f"TP={r.tp} {r.strategy}/{r.transport}/{r.payload_store} {r.input} {r.consume} "
+                f"{r.size_mb:g} MB: "
                 f"p50 {r.latency_ms['p50']:.2f} ms, floor {r.floor_ms:.2f} ms"
             )
 
@@ -282,6 +303,7 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
                 warmup=args.warmup,
                 inputs=args.input,
                 consume=args.consume,
+                stores=stores,
                 on_request=lambda: progress.advance(task),
                 on_record=record,
             )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmsched.devices import check_device_setting
 from mmsched.errors import ConfigError
 from mmsched.hashing import DEFAULT_HASHER, get_hasher
 from mmsched.stores import store_class
@@ -65,6 +66,12 @@ class Config:
         backpressure: at that bound, ``wait`` (up to ``backpressure_wait_s``) or ``reject``;
             both end in [`Overloaded`][mmsched.errors.Overloaded] for the request that cannot go.
         backpressure_wait_s: how long ``wait`` waits for room.
+        device: where each rank's callback receives the features: ``cpu`` (host tensors),
+            ``cuda`` (rank ``r`` gets ``cuda:{r % device_count}``), ``cuda:N`` (every rank on
+            GPU ``N``) or a comma-separated list with one device per rank. On a GPU, tensors
+            arrive copied and ready (their copy finished) when the callback runs.
+        cuda_pool_mb: size of the GPU pool of the ``cuda-ipc`` payload store, allocated on
+            rank 0's device at start.
     """
 
     transport: str = "torch"
@@ -84,13 +91,21 @@ class Config:
     max_inflight_mb: int | None = 1024
     backpressure: str = "wait"
     backpressure_wait_s: float = 30.0
+    device: str = "cpu"
+    cuda_pool_mb: int = 1024
 
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
             object.__setattr__(self, key, value)  # frozen: a preset is resolved once, here
         transport_class(self.transport)
         get_strategy(self.strategy)
-        store_class(self.payload_store)
+        store = store_class(self.payload_store)
+        check_device_setting(self.device, self.tp_size)
+        if store.needs_gpu and self.device == "cpu":
+            raise ConfigError(
+                f"the {self.payload_store!r} payload store delivers on a GPU: set device "
+                "(e.g. device='cuda')"
+            )
         for name in ("requests_address", "results_address"):
             address = getattr(self, name)
             if address is not None and not address.startswith(("ipc://", "tcp://")):
@@ -112,6 +127,8 @@ class Config:
             raise ConfigError(f"backpressure must be 'wait' or 'reject', got {self.backpressure!r}")
         if self.max_inflight_mb is not None and self.max_inflight_mb < 1:
             raise ConfigError(f"max_inflight_mb must be at least 1, got {self.max_inflight_mb}")
+        if self.cuda_pool_mb < 1:
+            raise ConfigError(f"cuda_pool_mb must be at least 1, got {self.cuda_pool_mb}")
         if self.shm_arena_mb < 1:
             raise ConfigError(f"shm_arena_mb must be at least 1, got {self.shm_arena_mb}")
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:

@@ -50,14 +50,19 @@ _BLAKE3_PARALLEL_MIN_BYTES = 1 << 20
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a flat ``memoryview``, without copying.
 
-    A non-contiguous tensor, or one on an accelerator, is first made contiguous on the CPU
-    (one copy, unavoidable). The view keeps the storage alive.
+    A non-contiguous tensor is first made contiguous, and one on a GPU is copied into page-
+    locked host memory (one copy, unavoidable: the hashers run on the CPU; page-locked, it
+    goes at the bus's speed). The view keeps the storage alive.
     """
     flat = tensor.detach()
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
     if not flat.is_contiguous():
         flat = flat.contiguous()
+    if flat.device.type == "cuda":
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat)
+        flat = host
+    elif flat.device.type != "cpu":
+        flat = flat.cpu()
     # view(uint8) reinterprets any dtype, bf16 included, as its raw bytes.
     return flat.reshape(-1).view(torch.uint8).numpy().data
 

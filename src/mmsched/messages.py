@@ -91,6 +91,10 @@ class GenerateOutput:
     iteration: int = -1
 
 
+ABORTED = "Aborted"
+"""``ErrorOutput.kind`` of the entry rank's receipt for a request it dropped on an abort."""
+
+
 @dataclass(eq=False)
 class ErrorOutput:
     """A request that failed; it fails alone, the pipeline goes on."""
@@ -100,6 +104,8 @@ class ErrorOutput:
     kind: str
     message: str
     field: str | None = None
+    # The scheduler iteration whose batch held the request (-1: it never entered one).
+    iteration: int = -1
 
     @classmethod
     def from_exception(cls, rid: str, exc: BaseException) -> ErrorOutput:

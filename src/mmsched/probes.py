@@ -76,9 +76,10 @@ class ModelStub(Probe):
         return (ModelStub, (self.step_ms,))
 
 
-CONSUME_MODES = ("none", "read")
+CONSUME_MODES = ("none", "read", "cuda")
 """What a rank does with a request's features before it counts as ready: ``none`` (it holds
-usable tensors), ``read`` (it reads every byte once, as a CPU consumer would)."""
+usable tensors), ``read`` (it reads every byte once, as a CPU consumer would), ``cuda`` (it
+holds them on its GPU, their copy complete: the pipeline runs with ``device="cuda"``)."""
 
 
 def read_pass(tensor: torch.Tensor) -> int:

@@ -9,9 +9,12 @@ Each iteration:
 2. every rank resolves each request's multimodal inputs as its
    [strategy][mmsched.strategies] says (use the tokenizer's object; build it here; or,
    ``entry-broadcast``, receive the entry rank's); tensors that travel by reference are
-   resolved through the [payload store][mmsched.stores] as the message is decoded;
+   resolved through the [payload store][mmsched.stores] as the message is decoded; with a
+   GPU ``device`` the features are then copied onto the rank's GPU ([`mmsched.devices`][]);
 3. the server's callback sees the iteration's typed requests; the stub model step runs;
-4. rank 0 returns outputs (or per-request errors) to the tokenizer.
+4. rank 0 returns outputs (or per-request errors, or receipts of aborts) to the tokenizer,
+   and every rank reports the iteration done: the tokenizer then reuses the requests'
+   room in the payload store.
 
 A request whose inputs fail to build fails alone: it gets an [`ErrorOutput`][] and the
 iteration goes on. The decision is made identically on every rank (same bytes, same checks,
@@ -41,15 +44,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import torch
 import zmq
 import zmq.asyncio
 
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
+from mmsched.devices import DevicePlacer, rank_device
 from mmsched.errors import CodecError
 from mmsched.frames import Frames, Int64List
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
+    ABORTED,
     AbortReq,
     Batch,
     ErrorOutput,
@@ -104,13 +110,21 @@ def present_credentials(socket: zmq.Socket[Any], token: str) -> None:
     socket.plain_password = token.encode()
 
 
-def store_options(config: Config) -> StoreOptions:
-    """What the pipeline's payload store is made with, on the tokenizer and on every rank."""
+def store_options(config: Config, rank: int | None = None) -> StoreOptions:
+    """What the pipeline's payload store is made with on rank ``rank``, or (``None``) on the
+    tokenizer, whose device is rank 0's where the store keeps its bytes on a GPU."""
+    store = store_class(config.payload_store)
+    if rank is not None or store.needs_gpu:
+        device = str(rank_device(config.device, rank or 0))
+    else:
+        device = "cpu"  # a host store's producer needs no device: CUDA stays untouched
     return StoreOptions(
-        capacity_bytes=config.shm_arena_mb << 20,
+        capacity_bytes=int(getattr(config, store.capacity_setting)) << 20,
         consumers=config.tp_size,
         timeout_s=config.timeout_s,
         min_bytes=_STORE_MIN_BYTES,
+        device=device,
+        reject_when_full=config.backpressure == "reject",
     )
 
 
@@ -135,6 +149,9 @@ def rank_main(
         target=_exit_if_orphaned, args=(addresses,), name="mmsched-orphan", daemon=True
     ).start()
     try:
+        device = rank_device(config.device, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the callback's default device is its own
         asyncio.run(SchedulerRank(config, rank, addresses, on_iteration, probe).run())
     except BaseException as exc:
         log.error("scheduler rank %d failed: %r", rank, exc)
@@ -194,6 +211,8 @@ class SchedulerRank:
         self.on_iteration = on_iteration
         self.probe = probe
         self.strategy = get_strategy(config.strategy)
+        self.device = rank_device(config.device, rank)
+        self._placer = DevicePlacer(self.device)
         self._store: PayloadStore | None = None
         self.decoder = Decoder(allow_pickle=config.allow_pickle)
         self._zmq = zmq.asyncio.Context()
@@ -240,7 +259,7 @@ class SchedulerRank:
             store_class(self.config.payload_store).attach,
             self.addresses.store,
             self.rank,
-            store_options(self.config),
+            store_options(self.config, self.rank),
         )
         self.decoder = Decoder(allow_pickle=self.config.allow_pickle, store=self._store)
         spec = GroupSpec(
@@ -304,9 +323,16 @@ class SchedulerRank:
         ready: list[TokenizedGenerateReqInput] = []
         for req in batch.requests:
             if req.rid in aborted:
+                if self.rank == 0:  # the tokenizer's answer: its payloads may be reused
+                    await self._send(
+                        ErrorOutput(req.rid, ABORTED, "aborted", iteration=batch.iteration)
+                    )
                 continue
             outcome = await self.strategy.resolve(req, self)
+            if isinstance(outcome, MultimodalInputs):
+                outcome = await self._on_device(req, outcome)
             if isinstance(outcome, ErrorOutput):
+                outcome.iteration = batch.iteration
                 await self._observe(req, batch.iteration, None, outcome)
                 if self.rank == 0:
                     log.info("request %r failed: %s: %s", req.rid, outcome.kind, outcome.message)
@@ -329,6 +355,16 @@ class SchedulerRank:
                 await self._send(output)
         if batch.requests:
             await self._send(RankProgress(rank=self.rank, iteration=batch.iteration))
+
+    async def _on_device(
+        self, req: TokenizedGenerateReqInput, inputs: MultimodalInputs
+    ) -> MultimodalInputs | ErrorOutput:
+        try:
+            borrowed = self._store.borrowed if self._store is not None else None
+            return await self._placer.place(inputs, borrowed)
+        except Exception as exc:  # out of device memory, say: this request fails, alone
+            log.warning("rank %d could not move %r to %s: %r", self.rank, req.rid, self.device, exc)
+            return ErrorOutput.from_exception(req.rid, exc)
 
     # -- RankServices: what the strategy may use ---------------------------------------------
 

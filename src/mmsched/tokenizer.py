@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +45,7 @@ from mmsched.errors import (
 from mmsched.frames import Frames
 from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
 from mmsched.messages import (
+    ABORTED,
     AbortReq,
     ErrorOutput,
     GenerateOutput,
@@ -179,6 +180,11 @@ class TokenizerStage:
         # answered requests still held until every rank has passed their iteration.
         self._progress = dict.fromkeys(range(config.tp_size), -1)
         self._held: list[tuple[int, int]] = []
+        # Payload-store room of requests sent: by request id, one entry per send awaiting
+        # the entry rank's answer (in send order), then by the iteration every rank must
+        # finish before the room is reused (see PayloadStore.take_placed).
+        self._unsettled: dict[str, deque[list[Any]]] = {}
+        self._settling: list[tuple[int, list[Any]]] = []
 
     async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
         """Pids of every rank once all have joined; raises if a rank died first."""
@@ -231,6 +237,11 @@ class TokenizerStage:
             raise CodecError(f"progress of unknown rank {message.rank!r}")
         self._progress[message.rank] = max(self._progress[message.rank], message.iteration)
         done = min(self._progress.values())
+        if any(it <= done for it, _ in self._settling):
+            for it, placed in self._settling:
+                if it <= done:
+                    self._store.settle(placed)
+            self._settling = [(it, p) for it, p in self._settling if it > done]
         behind = [(it, n) for it, n in self._held if it > done]
         if len(behind) != len(self._held):
             freed = sum(n for it, n in self._held if it <= done)
@@ -259,12 +270,20 @@ class TokenizerStage:
         # Building, hashing and copying into shared memory release the GIL: worker threads
         # keep the event loop free for other requests.
         loop = asyncio.get_running_loop()
-        frames = await loop.run_in_executor(self._pool, self._prepare, req)
+        job = loop.run_in_executor(self._pool, self._prepare, req)
+        try:
+            frames, placed = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(self._settle_unsent)  # the thread finishes on its own
+            raise
         pending = _Pending(loop.create_future(), created_at)
         self._pending[rid] = pending
         if self._failure is not None:  # a rank died while the inputs were being built
             del self._pending[rid]
+            self._store.settle(placed)
             raise self._failure
+        if placed:
+            self._unsettled.setdefault(rid, deque()).append(placed)
         # A PUSH to a dead entry rank blocks forever: send in the background and wait on the
         # result, which the watchdog fails if a rank dies.
         sending = asyncio.ensure_future(self._requests.send_multipart(frames, copy=False))
@@ -284,18 +303,53 @@ class TokenizerStage:
         finally:
             sending.cancel()
             self._pending.pop(rid, None)
+            if placed and not (sending.done() and not sending.cancelled()):
+                self._settle_now(rid, placed)  # it never went out: nobody will read it
 
-    def _prepare(self, req: TokenizedGenerateReqInput) -> Frames:
-        """The request's frames, inputs built if the strategy says so (worker thread)."""
-        req.input_ids = validate_input_ids(req.input_ids)  # O(ids): off the event loop
-        # The store starts copying the features in now, so that the copy overlaps the hash
-        # that prepare() computes over the same bytes.
-        # A request over the size limit is refused by prepare() without being copied.
-        limit = self.config.max_request_bytes
-        too_large = limit is not None and _feature_bytes(req.mm_inputs) > limit
-        with self._store.staging([] if too_large else _feature_tensors(req.mm_inputs)):
-            self.strategy.prepare(req, self._build)
-            return encode(req, self._store)
+    def _prepare(self, req: TokenizedGenerateReqInput) -> tuple[Frames, list[Any]]:
+        """The request's frames, inputs built if the strategy says so (worker thread), and
+        the payload-store room they name (held until settled)."""
+        with self._store.placing() as placed:
+            try:
+                req.input_ids = validate_input_ids(req.input_ids)  # O(ids): off the loop
+                # The store starts copying the features in now, so that the copy overlaps
+                # the hash that prepare() computes over the same bytes.
+                # A request over the size limit is refused by prepare() without a copy.
+                limit = self.config.max_request_bytes
+                too_large = limit is not None and _feature_bytes(req.mm_inputs) > limit
+                with self._store.staging([] if too_large else _feature_tensors(req.mm_inputs)):
+                    self.strategy.prepare(req, self._build)
+                    frames = encode(req, self._store)
+            except BaseException:
+                self._store.settle(placed)  # nothing of it is sent
+                raise
+        return frames, placed
+
+    def _settle_unsent(self, job: asyncio.Future[tuple[Frames, list[Any]]]) -> None:
+        if not job.cancelled() and job.exception() is None:
+            self._store.settle(job.result()[1])
+
+    def _settle_now(self, rid: str, placed: list[Any]) -> None:
+        sends = self._unsettled.get(rid)
+        if sends is not None and placed in sends:
+            sends.remove(placed)
+            if not sends:
+                del self._unsettled[rid]
+        self._store.settle(placed)
+
+    def _answered(self, rid: str, iteration: int) -> None:
+        """The entry rank answered ``rid`` in ``iteration`` (-1: it never entered a batch):
+        its room is reused once every rank has finished that iteration."""
+        sends = self._unsettled.get(rid)
+        if not sends:
+            return
+        placed = sends.popleft()
+        if not sends:
+            del self._unsettled[rid]
+        if iteration <= min(self._progress.values()):
+            self._store.settle(placed)
+        else:
+            self._settling.append((iteration, placed))
 
     def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
         return materialize(
@@ -385,6 +439,11 @@ class TokenizerStage:
                 self._ranks_ready.set()
             return
         rid = getattr(message, "rid", None)
+        if isinstance(message, GenerateOutput | ErrorOutput) and isinstance(rid, str):
+            iteration = message.iteration if isinstance(message.iteration, int) else -1
+            self._answered(rid, iteration)
+            if isinstance(message, ErrorOutput) and message.kind == ABORTED:
+                return  # the entry rank's receipt of an abort: nobody waits for it
         pending = self._pending.get(rid) if isinstance(rid, str) else None
         if pending is None or pending.future.done():
             return  # a late report of a request that already failed or was cancelled

@@ -10,14 +10,16 @@ fresh, distinct bytes made before its clock starts:
 - ``input="arena"``: the processor writes each request's output into a fresh
   [`Pipeline.allocate_tensor`][mmsched.pipeline.Pipeline.allocate_tensor]; only for payload
   stores whose allocations the ranks share, where the ring of the arena then wraps and its
-  slots are reclaimed during the run.
+  slots are reclaimed during the run;
+- ``input="gpu"``: the processor's output is on the GPU (a GPU image processor's); only with
+  ``consume="cuda"``.
 
 Measured per request:
 
 - latency: from the call into the pipeline (the processor's output is ready) to the last rank
   having consumed the inputs (``consume``: ``none``, it holds usable tensors; ``read``, it
-  read every byte once), both read from CLOCK_MONOTONIC, which every process of a host
-  shares;
+  read every byte once; ``cuda``, it holds them on its GPU, copied), both read from
+  CLOCK_MONOTONIC, which every process of a host shares;
 - CPU: user + system seconds of the tokenizer and every rank process during the requests,
   from the OS (10 ms ticks: time enough requests for the figure to mean something);
 - hashing: hashes and their CPU time, read from each process's own counter
@@ -32,6 +34,7 @@ Measured per request:
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -39,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmsched.codec import encode, encoded_size
 from mmsched.config import Config
@@ -48,7 +52,7 @@ from mmsched.inputs import MultimodalInputs
 from mmsched.messages import ProbeReport, TokenizedGenerateReqInput
 from mmsched.pipeline import Pipeline
 from mmsched.probes import CONSUME_MODES, RankTimings
-from mmsched.stores import store_class
+from mmsched.stores import PayloadStore, store_class
 from mmsched.strategies import get_strategy
 from mmsched.tokenizer import RequestTrace
 
@@ -59,7 +63,7 @@ from .workloads import FreshPayloads, Sample, ordinary_memory
 DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
 DEFAULT_TRANSPORTS = ("torch", "zmq", "shm")
 DEFAULT_SIZES_MB = (1.0, 10.0, 50.0, 100.0)
-INPUTS = ("copy", "arena")
+INPUTS = ("copy", "arena", "gpu")
 
 
 @dataclass
@@ -72,8 +76,8 @@ class FanoutRecord:
     tp: int
     size_mb: float
     hasher: str
-    input: str  # "copy" or "arena"
-    consume: str  # "none" or "read"
+    input: str  # "copy", "arena" or "gpu"
+    consume: str  # "none", "read" or "cuda"
     requests: int
     latency_ms: dict[str, float]
     floor_ms: float  # median over the requests of each one's floor for this row's path
@@ -163,6 +167,8 @@ async def _one_request(
         if check_bytes
         else None
     )
+    if path == "gpu":
+        sample = on_gpu(sample)
     cpu_before, hashes_before = meter.seconds(), hash_stats()
     trace = await pipeline.generate_traced(rid, sample.input_ids, sample.mm_inputs)
     cpu_s, hashes = meter.seconds() - cpu_before, hash_stats() - hashes_before
@@ -170,7 +176,13 @@ async def _one_request(
     # The floor, right after: the same work on bytes made the same way just before it (a
     # hash of bytes just written runs slower than a second hash of them would).
     twin = payloads.next(allocate)
-    floor = floors.measure(twin.mm_inputs["mm_items"][0]["feature"], read=consume == "read")
+    if path == "gpu":
+        twin = on_gpu(twin)
+    floor = floors.measure(
+        twin.mm_inputs["mm_items"][0]["feature"],
+        read=consume == "read",
+        to_device=consume == "cuda",
+    )
     del twin
     row.identical &= _identical(trace, tp, digest)
     if timed:
@@ -181,11 +193,34 @@ async def _one_request(
     return trace
 
 
+def on_gpu(sample: Sample) -> Sample:
+    """``sample`` with its features moved to the GPU, the copy finished (before any clock)."""
+    items = [{**item, "feature": item["feature"].cuda()} for item in sample.mm_inputs["mm_items"]]
+    torch.cuda.synchronize()
+    return Sample(sample.input_ids, {**sample.mm_inputs, "mm_items": items})
+
+
+def _paths(inputs: Sequence[str], store: type[PayloadStore], consume: str) -> list[str]:
+    # The arena path exists where the store's allocations are what the ranks read; the GPU
+    # path where the ranks take features onto their GPU; a GPU store's rows only there.
+    if store.needs_gpu and consume != "cuda":
+        return []
+    shares_allocations = store.shares_allocations
+    return [
+        p
+        for p in inputs
+        if p == "copy"
+        or (p == "arena" and shares_allocations)
+        or (p == "gpu" and consume == "cuda")
+    ]
+
+
 async def run_combination(
     strategy: str,
     transport: str,
     sizes_mb: Sequence[float],
     *,
+    store: str | None = None,
     tp: int,
     hasher: str,
     requests: int,
@@ -196,17 +231,23 @@ async def run_combination(
     on_request: Callable[[], None] | None = None,
     on_record: Callable[[FanoutRecord], None] | None = None,
 ) -> list[FanoutRecord]:
-    """Time ``requests`` sequential requests per size and input under one combination."""
+    """Time ``requests`` sequential requests per size and input under one combination
+    (``store``: a payload store other than the strategy's own)."""
+    room_mb = max(256, int(2.5 * max(sizes_mb)))
     config = Config(
         transport=transport,
         strategy=strategy,
         hasher=hasher,
         tp_size=tp,
-        shm_arena_mb=max(256, int(2.5 * max(sizes_mb))),
+        shm_arena_mb=room_mb,
+        cuda_pool_mb=room_mb,
+        device="cuda" if consume == "cuda" else "cpu",
     )
-    # The arena path exists where the store's allocations are what the ranks read.
-    shares = store_class(config.payload_store).shares_allocations
-    paths = [p for p in inputs if p == "copy" or shares]
+    paths = _paths(inputs, store_class(store or config.payload_store), consume)
+    if not paths:
+        return []
+    if store is not None:
+        config = config.replace(payload_store=store)
     sends_object = get_strategy(strategy).builds_in_tokenizer
     records = []
     # Warm-ups and the last timed request prove that every rank holds the same bytes.
@@ -264,7 +305,7 @@ async def run_combination(
                     floor_ms=statistics.median(f.total_ms(path, consume) for f in row.floors),
                     floor_parts_ms={
                         part: statistics.median(getattr(f, part) for f in row.floors)
-                        for part in ("copy_ms", "hash_ms", "copy_and_hash_ms", "read_ms")
+                        for part in FLOOR_PARTS
                     },
                     cpu_ms_per_request=row.cpu_s * 1000 / n,
                     hash_ms_per_request=hash_s * 1000 / n,
@@ -280,9 +321,14 @@ async def run_combination(
     return records
 
 
+FLOOR_PARTS = ("copy_ms", "hash_ms", "copy_and_hash_ms", "read_ms", "to_device_ms", "on_device_ms")
+
+
 def _notes(path: str) -> list[str]:
     if path == "arena":
         return ["each request written by the processor into a fresh Pipeline.allocate_tensor"]
+    if path == "gpu":
+        return ["each request a new tensor on the GPU (a GPU processor's output)"]
     return ["each request a new tensor in ordinary memory, copied in by the pipeline"]
 
 
@@ -300,13 +346,15 @@ def requests_in_run(
     requests: int,
     inputs: Sequence[str] = INPUTS,
     consume: Sequence[str] = ("none",),
+    stores: Sequence[str | None] = (None,),
 ) -> int:
     """Timed requests a run makes (for a progress bar)."""
     rows = 0
     for strategy, transport in combinations(strategies, transports):
-        shares = store_class(Config(strategy=strategy, transport=transport).payload_store)
-        rows += len([p for p in inputs if p == "copy" or shares.shares_allocations])
-    return rows * len(sizes_mb) * len(tps) * len(consume) * requests
+        for store in stores:
+            name = store or Config(strategy=strategy, transport=transport).payload_store
+            rows += sum(len(_paths(inputs, store_class(name), mode)) for mode in consume)
+    return rows * len(sizes_mb) * len(tps) * requests
 
 
 async def run_fanout(
@@ -320,10 +368,12 @@ async def run_fanout(
     warmup: int = 3,
     inputs: Sequence[str] = INPUTS,
     consume: Sequence[str] = ("none",),
+    stores: Sequence[str | None] = (None,),
     on_request: Callable[[], None] | None = None,
     on_record: Callable[[FanoutRecord], None] | None = None,
 ) -> list[FanoutRecord]:
-    """The whole comparison: every combination at every size, TP, input and consume mode.
+    """The whole comparison: every combination at every size, TP, input and consume mode,
+    and payload store (``None``: the strategy's own).
 
     Raises:
         ConfigError: an unknown input or consume mode.
@@ -339,11 +389,14 @@ async def run_fanout(
     try:
         for tp in tps:
             for mode in consume:
-                for strategy, transport in combinations(strategies, transports):
+                for (strategy, transport), store in itertools.product(
+                    combinations(strategies, transports), stores
+                ):
                     records += await run_combination(
                         strategy,
                         transport,
                         sizes_mb,
+                        store=store,
                         tp=tp,
                         hasher=hasher,
                         requests=requests,

@@ -16,11 +16,16 @@ do), the best of several tries would compare a row's median with a lucky minimum
 - hash: the benchmark's hasher as the pipeline calls it (BLAKE3 on several threads);
 - copy and hash at once (the copy on its threads while the hash runs), since a design may
   overlap them;
-- read: [`read_pass`][mmsched.probes.read_pass], what a ``read`` rank does.
+- read: [`read_pass`][mmsched.probes.read_pass], what a ``read`` rank does;
+- to device (``consume="cuda"``): one copy of the payload's size from page-locked host
+  memory to the GPU, the fastest way bytes reach a device;
+- on device (a feature already on the GPU): one device-to-device copy of it.
 
 Copy path: ``min(copy + hash, copy and hash at once)``; arena path (the processor wrote into
-shared memory): ``hash``; plus ``read`` under ``consume="read"``. A row faster than its floor
-is a measurement bug.
+shared memory): ``hash``; plus ``read`` under ``consume="read"``, plus ``to device`` under
+``consume="cuda"``. GPU path (the processor's output is on the GPU): ``hash`` (which takes
+the bytes to the host first, as the pipeline's hash does) plus ``on device``. A row faster
+than its floor is a measurement bug.
 """
 
 from __future__ import annotations
@@ -45,15 +50,21 @@ class Floor:
     hash_ms: float
     copy_and_hash_ms: float  # both at once
     read_ms: float
+    to_device_ms: float = 0.0  # page-locked host -> GPU
+    on_device_ms: float = 0.0  # GPU -> GPU
 
     def total_ms(self, path: str, consume: str) -> float:
-        """The floor of a row: ``path`` is ``copy`` or ``arena``, ``consume`` its mode."""
+        """The floor of a row: ``path`` is ``copy``, ``arena`` or ``gpu``, ``consume`` its
+        mode."""
+        if path == "gpu":
+            return self.hash_ms + self.on_device_ms
         base = (
             self.hash_ms
             if path == "arena"
             else min(self.copy_ms + self.hash_ms, self.copy_and_hash_ms)
         )
-        return base + (self.read_ms if consume == "read" else 0.0)
+        extra = {"read": self.read_ms, "cuda": self.to_device_ms}.get(consume, 0.0)
+        return base + extra
 
 
 class FloorMeter:
@@ -64,10 +75,23 @@ class FloorMeter:
         self._target.fill_(0)  # fault the pages in once, as the arena does at start
         self._hasher = get_hasher(hasher)
         self._copier = ParallelCopier()
+        self._max_nbytes = max_nbytes
+        self._pinned: torch.Tensor | None = None  # made on first use: CUDA only if asked
+        self._device_target: torch.Tensor | None = None
 
-    def measure(self, payload: torch.Tensor, *, read: bool) -> Floor:
-        """One floor of ``payload`` (a contiguous CPU tensor), each part timed once."""
-        src, nbytes = payload.data_ptr(), payload.numel() * payload.element_size()
+    def measure(self, payload: torch.Tensor, *, read: bool, to_device: bool = False) -> Floor:
+        """One floor of ``payload`` (a contiguous tensor), each part timed once; a payload
+        on a GPU gets the GPU path's parts (hash, one copy on the device)."""
+        nbytes = payload.numel() * payload.element_size()
+        if payload.device.type == "cuda":
+            return Floor(
+                copy_ms=0.0,
+                hash_ms=_timed(lambda: self._hasher.hash_tensor("image", payload)) * 1000,
+                copy_and_hash_ms=0.0,
+                read_ms=0.0,
+                on_device_ms=self._device_copy_s(payload.reshape(-1).view(torch.uint8)) * 1000,
+            )
+        src = payload.data_ptr()
         dst = self._target.data_ptr()
 
         def both() -> None:
@@ -80,15 +104,37 @@ class FloorMeter:
         parallel_s = _timed(lambda: self._copier.copy(dst, src, nbytes))
         both_s = _timed(both)
         read_s = _timed(lambda: read_pass(payload)) if read else 0.0
+        to_device_s = self._device_copy_s(self._pinned_source(nbytes)) if to_device else 0.0
         return Floor(
             copy_ms=min(single_s, parallel_s) * 1000,
             hash_ms=hash_s * 1000,
             copy_and_hash_ms=both_s * 1000,
             read_ms=read_s * 1000,
+            to_device_ms=to_device_s * 1000,
         )
+
+    def _pinned_source(self, nbytes: int) -> torch.Tensor:
+        if self._pinned is None:
+            self._pinned = torch.empty(self._max_nbytes, dtype=torch.uint8, pin_memory=True)
+            self._pinned.fill_(1)
+        return self._pinned[:nbytes]
+
+    def _device_copy_s(self, source: torch.Tensor) -> float:
+        """One copy of ``source``'s bytes into GPU memory, timed to its completion."""
+        if self._device_target is None:
+            self._device_target = torch.empty(self._max_nbytes, dtype=torch.uint8, device="cuda")
+        target = self._device_target[: source.numel()]
+        torch.cuda.synchronize()
+
+        def copy() -> None:
+            target.copy_(source, non_blocking=True)
+            torch.cuda.synchronize()
+
+        return _timed(copy)
 
     def close(self) -> None:
         self._copier.close()
+        self._pinned = self._device_target = None
 
 
 def _timed(work: Callable[[], object]) -> float:

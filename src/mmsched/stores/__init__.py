@@ -3,6 +3,10 @@
 ``inline``  tensor bytes travel inside the frames ([`mmsched.stores.inline`][])
 ``shm``     tensor bytes live in one shared-memory arena every rank maps
             ([`mmsched.stores.shm`][])
+``pinned``  the ``shm`` arena, page-locked by every rank for fast copies to its GPU
+            ([`mmsched.stores.pinned`][])
+``cuda-ipc`` tensor bytes live in one GPU pool every rank opens by CUDA IPC
+            ([`mmsched.stores.cuda_ipc`][])
 
 The interface is [`PayloadStore`][mmsched.stores.base.PayloadStore]. A new store is one module
 plus one line in ``_REGISTRY`` (or a call to [`register_store`][]); implementations are
@@ -17,6 +21,8 @@ from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
 _REGISTRY: dict[str, str | type[PayloadStore]] = {
     "inline": "mmsched.stores.inline:InlineStore",
     "shm": "mmsched.stores.shm:ShmStore",
+    "pinned": "mmsched.stores.pinned:PinnedShmStore",
+    "cuda-ipc": "mmsched.stores.cuda_ipc:CudaIpcStore",
 }
 
 

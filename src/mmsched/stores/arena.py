@@ -55,6 +55,8 @@ from mmsched.stores.copying import shared_copier
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "mmsched-"
 _HEADER_BYTES = 4096  # one page of reader watermarks (up to 512 readers)
+HEADER_BYTES = _HEADER_BYTES
+"""Bytes before the data region: a ref's offset counts from the segment's start."""
 _ALIGN = 64  # cache-line alignment of every allocation
 
 
@@ -148,14 +150,24 @@ class ArenaWriter:
         size: bytes of payload the ring can hold at once.
         n_readers: readers that will open the arena (each with its own index).
         timeout_s: longest wait for room before [`ArenaFull`][].
+        backed: whether the segment holds the data region. Without it the segment is the
+            header alone and the ring only hands out offsets: the bytes live elsewhere (a GPU
+            pool, [`mmsched.stores.cuda_ipc`][]), and only the ref of
+            [`reserve`][mmsched.stores.arena.ArenaWriter.reserve] is meaningful.
     """
 
     def __init__(
-        self, size: int, n_readers: int, *, name: str | None = None, timeout_s: float = 60.0
+        self,
+        size: int,
+        n_readers: int,
+        *,
+        name: str | None = None,
+        timeout_s: float = 60.0,
+        backed: bool = True,
     ) -> None:
         if not 0 <= n_readers <= _HEADER_BYTES // 8:
             raise ConfigError(f"an arena serves 0 to {_HEADER_BYTES // 8} readers, not {n_readers}")
-        total = _HEADER_BYTES + _round_up(size)
+        total = _HEADER_BYTES + (_round_up(size) if backed else 0)
         _check_free_space(total)
         self.name = name or new_segment_name()
         self.n_readers = n_readers
@@ -184,14 +196,18 @@ class ArenaWriter:
             self._mapped.watermarks[i] = -1
         os.rename(building, self._path)
         self._data_start = _HEADER_BYTES
-        self._capacity = total - _HEADER_BYTES
+        self._capacity = _round_up(size)
         # Re-entrant: a view's finalizer takes this lock, and the garbage collector may run
         # it on a thread that already holds it.
         self._lock = threading.RLock()
         self._live: deque[_Allocation] = deque()
         self._head = 0  # next free offset in the data region, relative to _data_start
         self._next_seq = 0
-        self._writer_held: set[int] = set()
+        # Holds of the writer's process, by sequence number: a held allocation is never
+        # reclaimed, whatever the readers' watermarks say. A watermark only means "below
+        # this, I hold nothing": a payload not yet sent to a reader (written by one thread
+        # while another's later payload went first) is below it too.
+        self._holds: dict[int, int] = {}
         self._by_offset: dict[int, _Allocation] = {}
         self._leases: dict[int, tuple[_Allocation, float]] = {}  # seq -> (allocation, deadline)
         self._abandoned: set[int] = set()  # expired leases: no reader will ever see them
@@ -257,26 +273,30 @@ class ArenaWriter:
         for seq, (_, deadline) in list(self._leases.items()):
             if deadline < now:
                 del self._leases[seq]
-                self._writer_held.discard(seq)
+                self._unhold(seq)
                 self._abandoned.add(seq)
 
-    def put(self, payload: Buffer) -> Ref:
-        """Copy ``payload`` into the arena once; raises [`ArenaFull`][] after the timeout."""
+    def put(self, payload: Buffer, *, hold: bool = False) -> Ref:
+        """Copy ``payload`` into the arena once; raises [`ArenaFull`][] after the timeout.
+
+        With ``hold``, the room is held for the caller until it calls ``release``."""
         src = memoryview(payload).cast("B")
-        ref, dst = self.reserve(src.nbytes)
+        ref, dst = self.reserve(src.nbytes, hold=hold)
         # Chunks on a few pool threads (idle threads sleep: an OpenMP copy's team kept
         # spinning after each copy, and under load burned 12 cores on the entry rank).
         shared_copier().copy(dst, _address(src), src.nbytes)
         return ref
 
-    def reserve(self, nbytes: int) -> tuple[Ref, int]:
+    def reserve(self, nbytes: int, *, hold: bool = False) -> tuple[Ref, int]:
         """Room for ``nbytes``: its ref and the address to write them at.
 
-        The caller must finish writing before it sends the ref; the room is reclaimed like
-        any payload's (once every reader has moved past it), so a ref never sent only waits
-        for later payloads to be read. Raises [`ArenaFull`][] after the timeout.
+        The caller must finish writing before it sends the ref. Without ``hold`` the room is
+        reclaimed like any payload's, once every reader's watermark is past it: right for a
+        single sender whose refs reach the readers in allocation order. Where several
+        threads send, pass ``hold`` and ``release`` once every reader is done with the ref
+        (or it was never sent). Raises [`ArenaFull`][] after the timeout.
         """
-        alloc = self._allocate(nbytes)
+        alloc = self._allocate(nbytes, writer_held=hold)
         start = self._data_start + alloc.offset
         return Ref(self.name, alloc.seq, start, nbytes), self._mapped.base + start
 
@@ -323,7 +343,7 @@ class ArenaWriter:
                     self._by_offset[offset] = alloc
                     self._head = offset + size
                     if writer_held:
-                        self._writer_held.add(alloc.seq)
+                        self._holds[alloc.seq] = 1
                     return alloc
             if time.monotonic() > deadline:
                 marks = list(self._mapped.watermarks[: self.n_readers])
@@ -353,15 +373,31 @@ class ArenaWriter:
         while (
             self._live
             and (self._live[0].seq <= done or self._live[0].seq in self._abandoned)
-            and self._live[0].seq not in self._writer_held
+            and self._live[0].seq not in self._holds
         ):
             alloc = self._live.popleft()
             self._by_offset.pop(alloc.offset, None)
             self._abandoned.discard(alloc.seq)
 
-    def _writer_release(self, seq: int) -> None:
+    def hold(self, seq: int) -> None:
+        """Keep allocation ``seq`` from reuse until a matching ``release``."""
         with self._lock:
-            self._writer_held.discard(seq)
+            self._holds[seq] = self._holds.get(seq, 0) + 1
+
+    def release(self, seq: int) -> None:
+        """Drop one hold of allocation ``seq``; it is reused once readers are past it."""
+        with self._lock:
+            self._unhold(seq)
+
+    def _unhold(self, seq: int) -> None:
+        left = self._holds.get(seq, 0) - 1
+        if left > 0:
+            self._holds[seq] = left
+        else:
+            self._holds.pop(seq, None)
+
+    def _writer_release(self, seq: int) -> None:
+        self.release(seq)
 
 
 class ArenaReader:
@@ -410,23 +446,37 @@ class ArenaReader:
         ):
             raise TransportError(f"ref {ref} is not a payload of arena {self.name}")
         arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=ref.nbytes, offset=ref.offset)
+        self.hold(ref, arr)
+        return arr.data
+
+    def hold(self, ref: Ref, owner: object) -> None:
+        """Keep ``ref``'s room from reuse until ``owner`` is garbage-collected (the bytes may
+        live outside this segment: a header-only arena's ring of offsets)."""
+        if not all(type(v) is int and v >= 0 for v in (ref.seq, ref.offset, ref.nbytes)):
+            raise TransportError(f"ref {ref} is not a payload of arena {self.name}")
         with self._lock:
             self._outstanding[ref.seq] = self._outstanding.get(ref.seq, 0) + 1
             self._last_seen = max(self._last_seen, ref.seq)
             self._seq_at[ref.offset] = ref.seq
             self._publish()
-        weakref.finalize(arr, self._release, ref.seq, ref.offset)
-        return arr.data
+        weakref.finalize(owner, self._release, ref.seq, ref.offset)
+
+    def held(self, offset: int, n: int) -> Ref | None:
+        """The ref of ``n`` bytes at ``offset`` if they start a payload this reader holds."""
+        with self._lock:
+            seq = self._seq_at.get(offset)
+        return None if seq is None else Ref(self.name, seq, offset, n)
+
+    @property
+    def mapping(self) -> tuple[int, int]:
+        """``(address, size)`` of this process's mapping of the whole segment."""
+        return self._mapped.base, self._mapped.size
 
     def ref_at(self, address: int, n: int) -> Ref | None:
         """The ref of ``n`` bytes at ``address`` if they start a view this reader handed out
         and still tracks."""
         offset = self._mapped.locate(address, n)
-        if offset is None:
-            return None
-        with self._lock:
-            seq = self._seq_at.get(offset)
-        return None if seq is None else Ref(self.name, seq, offset, n)
+        return None if offset is None else self.held(offset, n)
 
     def close(self) -> None:
         """Drop this process's mapping; views still held keep their bytes until released."""

@@ -47,12 +47,18 @@ class StoreOptions:
         consumers: how many processes attach (the scheduler ranks).
         timeout_s: longest wait for room before [`ArenaFull`][mmsched.errors.ArenaFull].
         min_bytes: tensors smaller than this travel inside the frames.
+        device: the device of the process that makes or attaches the store: a rank's own
+            (``cpu`` or ``cuda:N``), or, for the producer, rank 0's.
+        reject_when_full: no room means [`ArenaFull`][mmsched.errors.ArenaFull] at once,
+            without waiting (``backpressure="reject"``).
     """
 
     capacity_bytes: int = 256 << 20
     consumers: int = 1
     timeout_s: float = 60.0
     min_bytes: int = 64 << 10
+    device: str = "cpu"
+    reject_when_full: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,10 @@ class PayloadStore(ABC):
     # Whether allocate() hands out memory the consumers read in place: a producer that
     # fills it sends its tensor without any copy.
     shares_allocations: ClassVar[bool] = False
+    # Whether it delivers on a GPU only (a config must then give the ranks a device).
+    needs_gpu: ClassVar[bool] = False
+    # The config field that sizes it (in MiB).
+    capacity_setting: ClassVar[str] = "shm_arena_mb"
 
     def __init__(self, options: StoreOptions) -> None:
         self.options = options
@@ -199,8 +209,31 @@ class PayloadStore(ABC):
             CodecError: its dtype or shape does not match the bytes it names.
         """
 
+    @contextlib.contextmanager
+    def placing(self) -> Iterator[list[Any]]:
+        """Producer: inside the block, what ``put`` places on this thread is held from reuse
+        and listed in the yielded list, until [`settle`][mmsched.stores.base.PayloadStore.settle]d.
+
+        The tokenizer settles a request's placements once every rank has finished the
+        iteration that ran it (or at once, if it never went out): a rank's watermark cannot
+        free them before, since a rank that has not received a message yet holds nothing of
+        it. Outside such a block a placement is freed by the watermarks alone, which is
+        right for one sender whose messages reach every reader in the order it placed them.
+        By default nothing is held or listed.
+        """
+        yield []
+
+    def settle(self, placed: Sequence[Any]) -> None:  # noqa: B027 (optional hook)
+        """Producer: give back what a [`placing`][mmsched.stores.base.PayloadStore.placing]
+        block listed; its room is reused once no rank still holds a tensor on it."""
+
     def release(self, ref: PayloadRef) -> None:  # noqa: B027 (optional hook)
         """Give ``ref``'s bytes back early; by default they go with the last tensor on them."""
+
+    def borrowed(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` (a resolved one) is this store's memory that a rank copies out
+        of and gives back as soon as it can, even when it already is on the rank's device."""
+        return False
 
     def wants(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is large enough to go by reference rather than inline."""

@@ -63,7 +63,10 @@ class ShmStore(PayloadStore):
     def create(cls, options: StoreOptions, *, name: str | None = None) -> ShmStore:
         """The producer's arena, named ``name`` if given (else a fresh name)."""
         writer = arena.ArenaWriter(
-            options.capacity_bytes, options.consumers, name=name, timeout_s=options.timeout_s
+            options.capacity_bytes,
+            options.consumers,
+            name=name,
+            timeout_s=0.0 if options.reject_when_full else options.timeout_s,
         )
         return cls(options, writer, None)
 
@@ -149,7 +152,7 @@ class ShmStore(PayloadStore):
                     or writer.ref_at(tensor.data_ptr(), nbytes) is not None
                 ):
                     continue
-                ref, dst = writer.reserve(nbytes)
+                ref, dst = writer.reserve(nbytes, hold=True)  # held while staged
                 # Under load (other hashes running, every core busy) one piece: each piece
                 # costs a GIL hand-over when its thread comes back, and no core is idle.
                 pieces = 1 if large_hashes_running() else None
@@ -161,12 +164,14 @@ class ShmStore(PayloadStore):
             self._local.staged = {}
             for entry in staged.values():  # no copy may still run into room that gets reused
                 wait(entry.copy)
+                writer.release(entry.ref.seq)  # put() took its own hold if it was sent
 
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
         if dtype_name(tensor.dtype) not in DTYPES:
             return None
         owner = self._writer or self._reader
         assert owner is not None
+        placed: list[int] | None = getattr(self._local, "placed", None)
         ref = None
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.device.type == "cpu" and tensor.is_contiguous():
@@ -176,12 +181,16 @@ class ShmStore(PayloadStore):
                 ref = staged.ref
             else:
                 ref = owner.ref_at(tensor.data_ptr(), nbytes)
+            if ref is not None and placed is not None and self._writer is not None:
+                self._writer.hold(ref.seq)
         if ref is None and self._writer is not None:
             if tensor.numel() * tensor.element_size() > self._writer.capacity:
                 return None  # can never fit: it travels inline
-            ref = self._writer.put(tensor_bytes(tensor))
+            ref = self._writer.put(tensor_bytes(tensor), hold=placed is not None)
         if ref is None:
             return None
+        if placed is not None:
+            placed.append(ref.seq)
         return PayloadRef(
             self.name,
             dtype_name(tensor.dtype),
@@ -189,6 +198,20 @@ class ShmStore(PayloadStore):
             "cpu",
             (ref.arena, ref.seq, ref.offset, ref.nbytes),
         )
+
+    @contextlib.contextmanager
+    def placing(self) -> Iterator[list[Any]]:
+        placed: list[Any] = []
+        self._local.placed = placed if self._writer is not None else None
+        try:
+            yield placed
+        finally:
+            self._local.placed = None
+
+    def settle(self, placed: Sequence[Any]) -> None:
+        if self._writer is not None:
+            for seq in placed:
+                self._writer.release(seq)
 
     def resolve(self, ref: PayloadRef) -> torch.Tensor:
         if self._reader is None:
