@@ -113,7 +113,6 @@ def test_the_pinned_store_page_locks_the_arena_on_each_gpu_rank() -> None:
         try:
             ref = producer.put(torch.arange(1 << 18, dtype=torch.float32))
             assert ref is not None
-            producer.settle(producer.take_placed())
             view = rank.resolve(ref)
             assert view.is_pinned() is locked, cls.name
             assert torch.equal(view.cuda().cpu(), torch.arange(1 << 18, dtype=torch.float32))

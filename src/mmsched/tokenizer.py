@@ -182,7 +182,7 @@ class TokenizerStage:
         self._held: list[tuple[int, int]] = []
         # Payload-store room of requests sent: by request id, one entry per send awaiting
         # the entry rank's answer (in send order), then by the iteration every rank must
-        # finish before the room is reused (see PayloadStore.take_placed).
+        # finish before the room is reused (see PayloadStore.placing).
         self._unsettled: dict[str, deque[list[Any]]] = {}
         self._settling: list[tuple[int, list[Any]]] = []
 
