@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmsched.bench.load import make_pool
+from mmsched.bench.load import ACTIVE, TURNS, make_pool, multiturn_order, repeat_share
 from mmsched.cli import main
 from mmsched.hashing import get_hasher
 
@@ -64,3 +64,25 @@ def test_samples_are_distinct() -> None:
 def test_worker_processes_write_into_the_arena_under_load(tmp_path: Path) -> None:
     record = one_zero_copy_run(tmp_path, "worker", 40)
     assert set(record["cpu_utilization"]) == {"tokenizer", "rank0", "rank1", "workers"}
+
+
+def test_multiturn_conversations_resend_their_image_and_the_cache_serves_them(
+    tmp_path: Path,
+) -> None:
+    order = multiturn_order(32)
+    assert len(order) == 32 * TURNS
+    for wave in range(0, len(order), ACTIVE * TURNS):  # each turn resends the same images
+        turns = [order[wave + t * ACTIVE : wave + (t + 1) * ACTIVE] for t in range(TURNS)]
+        assert all(turn == turns[0] for turn in turns)
+    assert any(index >= 32 for index in order)  # some open with a common image
+    assert 1 - 32 / len(order) <= repeat_share(order) < 1
+    out = tmp_path / "load.json"
+    args = ["--tp", "2", "--rate", "20", "--requests", "48", "--model-step-ms", "1"]
+    args += ["--workload", "multiturn", "--distinct", "8", "--feature-cache-mb", "256"]
+    assert main(["bench", "load", *args, "--strategy", "tokenizer", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["completed"] == 48 and record["errors"] == 0
+    assert record["repeat_share"] > 0.8 and record["feature_cache_mb"] == 256
+    # What the mirror counted: every resend a hit (the cache holds all eight images).
+    assert record["cache"]["hit_rate"] == record["repeat_share"]
+    assert record["cache"]["resyncs"] == 0

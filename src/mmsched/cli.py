@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated, of copy (the processor's output in ordinary memory, copied in: "
         "the realistic path), arena (the processor writes into Pipeline.allocate_tensor; "
         "only where the payload store shares its allocations) and gpu (the processor's "
-        "output is on the GPU; only with --consume cuda) (default copy,arena,gpu)",
+        "output is on the GPU; only with --consume cuda) and repeat (a new tensor with the "
+        "same bytes every request; only with --feature-cache-mb) (default: all)",
     )
     fan.add_argument(
         "--consume",
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv(str),
         help=f"payload stores to run each strategy with, comma-separated, of "
         f"{', '.join(store_names())} (default: each strategy's own; a preset keeps its own)",
+    )
+    fan.add_argument(
+        "--feature-cache-mb",
+        type=int,
+        default=0,
+        help="each rank's feature cache (Config.feature_cache_mb; default 0: none)",
     )
     fan.add_argument(
         "--hasher",
@@ -164,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "processor worker processes writes them into the arena (Pipeline.producer_access)",
     )
     load.add_argument(
+        "--feature-cache-mb",
+        type=int,
+        default=0,
+        help="each rank's feature cache (Config.feature_cache_mb; default 0: none)",
+    )
+    load.add_argument(
         "--workers",
         type=int,
         default=LOAD_WORKERS,
@@ -201,6 +214,7 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
             "CPU ms/req",
             "hashes/req",
             "encoded MB",
+            "sent KB",
             "identical",
         ),
     )
@@ -220,6 +234,7 @@ def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
             f"{r.cpu_ms_per_request:.1f}",
             f"{r.hashes_per_request:g}",
             f"{r.encoded_bytes / 1e6:.2f}",
+            f"{r.sent_bytes / 1e3:.1f}",
             "yes" if r.ranks_identical else "NO",
         )
     return table
@@ -229,19 +244,22 @@ FANOUT_LEGEND = """\
 store      the payload store: where tensor bytes wait for the ranks
 input      copy: each request's pixels are a new tensor in ordinary memory (a processor's output);
            arena: the processor wrote them into a fresh Pipeline.allocate_tensor (shared memory);
-           gpu: they are a new tensor on the GPU (a GPU processor's output)
+           gpu: they are a new tensor on the GPU (a GPU processor's output);
+           repeat: a new tensor with the same bytes every request (the ranks cache it)
 consume    none: the last rank holds usable tensors; read: it has also read every byte once;
            cuda: it holds them on its GPU, copied
 p50, p99   from the call into the pipeline to the last rank done (fresh bytes every request)
 floor      median over the row's requests of the least work its path needs, measured right
            after each request on a payload made the same way: copy path min(copy + hash, copy
            and hash at once), arena path one hash, plus one read pass under read, plus one
-           page-locked copy to the GPU under cuda; gpu path one hash plus one GPU-to-GPU copy
+           page-locked copy to the GPU under cuda; gpu path one hash plus one GPU-to-GPU copy;
+           repeat path one hash
 x floor    p50 / floor: 1.0 is this machine's limit; below 1 is a measurement bug
 CPU ms/req user + system CPU of the tokenizer and every rank, per request
 hashes/req content hashes computed per request, all processes (1 = hashed once)
 encoded MB bytes of the request as sent by the tokenizer, tensors inline (a reference under
            the shm store is a few hundred bytes)
+sent KB    median bytes a timed request actually sent to rank 0 (token ids included)
 identical  every rank held the same inputs as the tokenizer (fingerprints, and all bytes of
            the warm-up and last requests)"""
 
@@ -280,6 +298,7 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
         inputs=args.input,
         consume=args.consume,
         stores=stores,
+        feature_cache_mb=args.feature_cache_mb,
     )
     with _progress(console) as progress:
         task = progress.add_task(f"fan-out, {total} timed requests", total=total)
@@ -304,6 +323,7 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
                 inputs=args.input,
                 consume=args.consume,
                 stores=stores,
+                feature_cache_mb=args.feature_cache_mb,
                 on_request=lambda: progress.advance(task),
                 on_record=record,
             )
@@ -344,6 +364,8 @@ def _load_table(records: list[LoadRecord], title: str) -> Table:
             "CPU s/req",
             "CPU % tok/r0/r1..",
             "errors",
+            "cache hit %",
+            "MB sent/req",
             "keeps up",
         ),
     )
@@ -360,6 +382,8 @@ def _load_table(records: list[LoadRecord], title: str) -> Table:
             f"{r.cpu_seconds_per_request:.4f}",
             "/".join(f"{u * 100:.0f}" for u in r.cpu_utilization.values()),
             str(r.errors),
+            f"{r.cache['hit_rate'] * 100:.1f}" if r.cache else "-",
+            f"{r.cache['feature_mb_sent_per_request']:.2f}" if r.cache else "-",
             "yes" if r.keeps_up else "NO",
         )
     return table
@@ -371,7 +395,9 @@ p50..p99   from each request's scheduled arrival to its answer, client side (que
 CPU s/req  user + system CPU of the tokenizer process, every rank (and the processor
            workers, under input worker), per request
 CPU %      each process's CPU over the run (100 = one core): tokenizer, then rank 0, 1, ...,
-           then the processor workers together (input worker)"""
+           then the processor workers together (input worker)
+cache hit% features of the rate's requests found in the ranks' feature cache
+MB sent/req feature bytes that travelled to the ranks, per request (with a cache)"""
 
 
 def _bench_load(args: argparse.Namespace, console: Console) -> int:
@@ -406,6 +432,7 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
                 input_path=args.input,
                 distinct=args.distinct,
                 workers=args.workers,
+                feature_cache_mb=args.feature_cache_mb,
                 on_start=start,
                 on_done=done,
                 on_record=record,
@@ -413,8 +440,11 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
         )
     title = (
         f"load: {args.workload} ({args.distinct} distinct), input={args.input}, TP={args.tp}, "
-        f"hasher={args.hasher}, model step {args.model_step_ms:g} ms"
+        f"hasher={args.hasher}, model step {args.model_step_ms:g} ms, feature cache "
+        f"{args.feature_cache_mb} MB"
     )
+    if records and records[0].repeat_share:
+        title += f", {records[0].repeat_share * 100:.0f}% of requests resend earlier media"
     console.print(_load_table(records, title))
     console.print(LOAD_LEGEND, highlight=False, markup=False)
     _write_json(args.json, [r.as_dict() for r in records], console)

@@ -32,6 +32,8 @@ from mmsched.strategies import PRESETS, get_strategy
 from mmsched.transports import transport_class
 
 ENV_PREFIX = "MMSCHED_"
+CACHE_HASHERS = ("blake3", "sha256")
+"""Hashers that may key the feature cache (collision-resistant)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class Config:
             arrive copied and ready (their copy finished) when the callback runs.
         cuda_pool_mb: size of the GPU pool of the ``cuda-ipc`` payload store, allocated on
             rank 0's device at start.
+        feature_cache_mb: bytes of features each rank keeps, by content hash, so that a
+            repeated feature travels as a reference (``0``: no cache). Needs a strategy that
+            hashes in the tokenizer and a collision-resistant hasher (``blake3``, ``sha256``).
     """
 
     transport: str = "torch"
@@ -93,6 +98,7 @@ class Config:
     backpressure_wait_s: float = 30.0
     device: str = "cpu"
     cuda_pool_mb: int = 1024
+    feature_cache_mb: int = 0
 
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
@@ -127,6 +133,19 @@ class Config:
             raise ConfigError(f"backpressure must be 'wait' or 'reject', got {self.backpressure!r}")
         if self.max_inflight_mb is not None and self.max_inflight_mb < 1:
             raise ConfigError(f"max_inflight_mb must be at least 1, got {self.max_inflight_mb}")
+        if self.feature_cache_mb < 0:
+            raise ConfigError(f"feature_cache_mb must not be negative, got {self.feature_cache_mb}")
+        if self.feature_cache_mb and self.hasher not in CACHE_HASHERS:
+            raise ConfigError(
+                f"feature_cache_mb needs a collision-resistant hasher "
+                f"({', '.join(CACHE_HASHERS)}): with {self.hasher!r} a crafted input could be "
+                "served another's cached feature"
+            )
+        if self.feature_cache_mb and not get_strategy(self.strategy).builds_in_tokenizer:
+            raise ConfigError(
+                f"feature_cache_mb needs a strategy that hashes in the tokenizer (tokenizer, "
+                f"zero-copy), not {self.strategy!r}"
+            )
         if self.cuda_pool_mb < 1:
             raise ConfigError(f"cuda_pool_mb must be at least 1, got {self.cuda_pool_mb}")
         if self.shm_arena_mb < 1:

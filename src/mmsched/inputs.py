@@ -98,6 +98,9 @@ class MultimodalInputs:
     special_token_ids: dict[str, int] = field(default_factory=dict)
     mrope_positions: torch.Tensor | None = None
     mrope_position_delta: torch.Tensor | None = None
+    # The feature cache's operations for this request, as the tokenizer planned them
+    # (mmsched.cache.CacheOps.to_tree); None where no cache is configured.
+    cache: list[Any] | None = None
 
     @classmethod
     def from_dict(

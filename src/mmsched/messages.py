@@ -151,6 +151,16 @@ class RankReady:
     pid: int
 
 
+@dataclass(eq=False)
+class CacheMissed:
+    """A rank did not hold a feature the tokenizer's cache mirror said it holds: the
+    tokenizer fails the request and starts the caches over (see [`mmsched.cache`][])."""
+
+    KIND: ClassVar[str] = "cache_missed"
+    rid: str
+    rank: int
+
+
 Message = (
     TokenizedGenerateReqInput
     | AbortReq
@@ -162,6 +172,7 @@ Message = (
     | RankProgress
     | ProbeReport
     | RankReady
+    | CacheMissed
 )
 
 MESSAGE_TYPES: tuple[type[Any], ...] = (
@@ -175,4 +186,5 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     RankProgress,
     ProbeReport,
     RankReady,
+    CacheMissed,
 )

@@ -47,6 +47,7 @@ import zmq
 import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 
+from mmsched.cache import CacheStats
 from mmsched.config import Config
 from mmsched.errors import ConfigError, MmschedError, NotRunning, PeerLost
 from mmsched.inputs import MultimodalInputs
@@ -117,6 +118,20 @@ class Pipeline:
     def pids(self) -> list[int]:
         """Process ids of the rank processes, rank order (none when ranks are tasks)."""
         return [p.pid for p in self._processes if p.pid is not None]
+
+    def cache_stats(self) -> CacheStats | None:
+        """What the feature cache did (``feature_cache_mb``): hits, bytes saved, bytes held.
+
+        These are the tokenizer's mirror's counters; every rank's cache holds the same keys
+        by construction. ``None`` without a cache or before ``start``.
+        """
+        return self._stage.cache_stats() if self._stage is not None else None
+
+    @property
+    def request_bytes_sent(self) -> int:
+        """Bytes of every request sent to rank 0 so far (the requests leg): what a repeated
+        feature saves shows here."""
+        return self._stage.bytes_sent if self._stage is not None else 0
 
     async def start(self) -> None:
         """Start the tokenizer stage and the ranks; return once every rank is ready.

@@ -48,6 +48,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from mmsched.cache import CacheMiss, CacheOps, FeatureCache
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.devices import DevicePlacer, rank_device
@@ -58,6 +59,7 @@ from mmsched.messages import (
     ABORTED,
     AbortReq,
     Batch,
+    CacheMissed,
     ErrorOutput,
     GenerateOutput,
     Message,
@@ -213,6 +215,9 @@ class SchedulerRank:
         self.strategy = get_strategy(config.strategy)
         self.device = rank_device(config.device, rank)
         self._placer = DevicePlacer(self.device)
+        self._cache = (
+            FeatureCache(config.feature_cache_mb << 20) if config.feature_cache_mb else None
+        )
         self._store: PayloadStore | None = None
         self.decoder = Decoder(allow_pickle=config.allow_pickle)
         self._zmq = zmq.asyncio.Context()
@@ -323,6 +328,9 @@ class SchedulerRank:
         ready: list[TokenizedGenerateReqInput] = []
         for req in batch.requests:
             if req.rid in aborted:
+                if isinstance(req.mm_inputs, MultimodalInputs) and req.mm_inputs.cache:
+                    # The tokenizer's cache mirror counted its operations: follow them.
+                    await self._ready_inputs(req, req.mm_inputs)
                 if self.rank == 0:  # the tokenizer's answer: its payloads may be reused
                     await self._send(
                         ErrorOutput(req.rid, ABORTED, "aborted", iteration=batch.iteration)
@@ -330,7 +338,7 @@ class SchedulerRank:
                 continue
             outcome = await self.strategy.resolve(req, self)
             if isinstance(outcome, MultimodalInputs):
-                outcome = await self._on_device(req, outcome)
+                outcome = await self._ready_inputs(req, outcome)
             if isinstance(outcome, ErrorOutput):
                 outcome.iteration = batch.iteration
                 await self._observe(req, batch.iteration, None, outcome)
@@ -355,6 +363,24 @@ class SchedulerRank:
                 await self._send(output)
         if batch.requests:
             await self._send(RankProgress(rank=self.rank, iteration=batch.iteration))
+
+    async def _ready_inputs(
+        self, req: TokenizedGenerateReqInput, inputs: MultimodalInputs
+    ) -> MultimodalInputs | ErrorOutput:
+        """Cached features filled in, features on this rank's device, new ones cached."""
+        ops, inserts = None, []
+        if self._cache is not None and inputs.cache is not None:
+            try:
+                ops = CacheOps.from_tree(inputs.cache, len(inputs.mm_items))
+                inserts = self._cache.fetch(inputs, ops)
+            except (CacheMiss, CodecError) as exc:
+                log.warning("rank %d: request %r: %s", self.rank, req.rid, exc)
+                await self._send(CacheMissed(rid=req.rid, rank=self.rank))
+                return ErrorOutput(req.rid, "CacheMiss", str(exc))
+        outcome = await self._on_device(req, inputs)
+        if ops is not None and self._cache is not None and isinstance(outcome, MultimodalInputs):
+            self._cache.keep(outcome, inserts, ops)
+        return outcome
 
     async def _on_device(
         self, req: TokenizedGenerateReqInput, inputs: MultimodalInputs

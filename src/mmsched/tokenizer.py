@@ -32,6 +32,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from mmsched.cache import CacheMirror, CacheStats, Sequencer
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.errors import (
@@ -42,11 +43,12 @@ from mmsched.errors import (
     PeerLost,
     RequestFailed,
 )
-from mmsched.frames import Frames
+from mmsched.frames import Frames, frames_nbytes
 from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
 from mmsched.messages import (
     ABORTED,
     AbortReq,
+    CacheMissed,
     ErrorOutput,
     GenerateOutput,
     ProbeReport,
@@ -69,6 +71,18 @@ class RequestTrace:
     output: GenerateOutput
     created_at: float
     reports: list[ProbeReport] = field(default_factory=list)
+
+
+# Longest wait of a request planned by the cache mirror for the ones planned before it (they
+# are encoding: milliseconds); past it they are skipped and the caches start over.
+_TURN_WAIT_S = 5.0
+
+
+@dataclass
+class _Prepared:
+    frames: Frames
+    placed: list[Any]  # payload-store room, held until every rank is done with it
+    ticket: int | None  # its turn to be sent (feature cache), or None
 
 
 @dataclass
@@ -185,6 +199,12 @@ class TokenizerStage:
         # finish before the room is reused (see PayloadStore.placing).
         self._unsettled: dict[str, deque[list[Any]]] = {}
         self._settling: list[tuple[int, list[Any]]] = []
+        self._mirror = (
+            CacheMirror(config.feature_cache_mb << 20) if config.feature_cache_mb else None
+        )
+        self._sequencer = self._mirror.sequencer if self._mirror is not None else Sequencer()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop requests come from
+        self.bytes_sent = 0  # bytes of every request sent to the entry rank (the requests leg)
 
     async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
         """Pids of every rank once all have joined; raises if a rank died first."""
@@ -269,24 +289,35 @@ class TokenizerStage:
         )
         # Building, hashing and copying into shared memory release the GIL: worker threads
         # keep the event loop free for other requests.
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         job = loop.run_in_executor(self._pool, self._prepare, req)
         try:
-            frames, placed = await asyncio.shield(job)
+            prepared = await asyncio.shield(job)
         except asyncio.CancelledError:
-            job.add_done_callback(self._settle_unsent)  # the thread finishes on its own
+            job.add_done_callback(self._drop_unsent)  # the thread finishes on its own
+            raise
+        frames, placed = prepared.frames, prepared.placed
+        try:
+            if prepared.ticket is not None:  # the cache mirror planned it: go in that order
+                in_turn = await self._sequencer.wait_turn(prepared.ticket, _TURN_WAIT_S)
+                if not in_turn and self._mirror is not None:
+                    log.warning("an earlier request never went out: the caches start over")
+                    self._mirror.reset()
+            if self._failure is not None:  # a rank died while the inputs were being built
+                raise self._failure
+        except BaseException:
+            self._drop_unsent(prepared)
             raise
         pending = _Pending(loop.create_future(), created_at)
         self._pending[rid] = pending
-        if self._failure is not None:  # a rank died while the inputs were being built
-            del self._pending[rid]
-            self._store.settle(placed)
-            raise self._failure
         if placed:
             self._unsettled.setdefault(rid, deque()).append(placed)
         # A PUSH to a dead entry rank blocks forever: send in the background and wait on the
         # result, which the watchdog fails if a rank dies.
         sending = asyncio.ensure_future(self._requests.send_multipart(frames, copy=False))
+        self.bytes_sent += frames_nbytes(frames)
+        if prepared.ticket is not None:
+            self._sequencer.done(prepared.ticket)  # on its way: the next one may go
         try:
             # The answer comes in the iteration after the request reaches the entry rank, and
             # no iteration may take longer than timeout_s: past that, nobody is answering.
@@ -306,9 +337,11 @@ class TokenizerStage:
             if placed and not (sending.done() and not sending.cancelled()):
                 self._settle_now(rid, placed)  # it never went out: nobody will read it
 
-    def _prepare(self, req: TokenizedGenerateReqInput) -> tuple[Frames, list[Any]]:
-        """The request's frames, inputs built if the strategy says so (worker thread), and
-        the payload-store room they name (held until settled)."""
+    def _prepare(self, req: TokenizedGenerateReqInput) -> _Prepared:
+        """The request's frames, inputs built if the strategy says so (worker thread), the
+        payload-store room they name (held until settled) and, with a feature cache, its
+        turn to be sent."""
+        ticket = None
         with self._store.placing() as placed:
             try:
                 req.input_ids = validate_input_ids(req.input_ids)  # O(ids): off the loop
@@ -319,15 +352,52 @@ class TokenizerStage:
                 too_large = limit is not None and _feature_bytes(req.mm_inputs) > limit
                 with self._store.staging([] if too_large else _feature_tensors(req.mm_inputs)):
                     self.strategy.prepare(req, self._build)
+                    if self._mirror is not None and isinstance(req.mm_inputs, MultimodalInputs):
+                        # Hits travel as their key only; the order of plans is the order
+                        # of sends, so that every rank applies them as the mirror did.
+                        req.mm_inputs, ticket = self._mirror.plan(req.mm_inputs)
                     frames = encode(req, self._store)
             except BaseException:
                 self._store.settle(placed)  # nothing of it is sent
+                if ticket is not None and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._abandon_ticket, ticket)
                 raise
-        return frames, placed
+        return _Prepared(frames, placed, ticket)
 
-    def _settle_unsent(self, job: asyncio.Future[tuple[Frames, list[Any]]]) -> None:
-        if not job.cancelled() and job.exception() is None:
-            self._store.settle(job.result()[1])
+    def _drop_unsent(self, prepared: _Prepared | asyncio.Future[_Prepared]) -> None:
+        """A prepared request that will not be sent: its room and its turn go back."""
+        if isinstance(prepared, asyncio.Future):
+            if prepared.cancelled() or prepared.exception() is not None:
+                return
+            prepared = prepared.result()
+        self._store.settle(prepared.placed)
+        if prepared.ticket is not None:
+            self._abandon_ticket(prepared.ticket)
+
+    def _abandon_ticket(self, ticket: int) -> None:
+        # The ranks will never apply what the mirror planned for it: start the caches over.
+        assert self._mirror is not None
+        self._mirror.reset()
+        self._sequencer.done(ticket)
+
+    def cache_stats(self) -> CacheStats | None:
+        """The feature cache's counters (the mirror's, which every rank's equals), or
+        ``None`` without a cache."""
+        return self._mirror.stats() if self._mirror is not None else None
+
+    def _cache_missed(self, message: CacheMissed) -> None:
+        log.warning(
+            "rank %s missed a cached feature of %r: resynchronizing", message.rank, message.rid
+        )
+        if self._mirror is not None:
+            self._mirror.reset()
+        pending = self._pending.get(message.rid)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(
+                RequestFailed(
+                    message.rid, "CacheMiss", f"rank {message.rank} missed a cached feature"
+                )
+            )
 
     def _settle_now(self, rid: str, placed: list[Any]) -> None:
         sends = self._unsettled.get(rid)
@@ -428,6 +498,9 @@ class TokenizerStage:
                     )
 
     def _route(self, message: object) -> None:
+        if isinstance(message, CacheMissed):
+            self._cache_missed(message)
+            return
         if isinstance(message, RankProgress):
             self._rank_progressed(message)
             return

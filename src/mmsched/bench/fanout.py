@@ -12,7 +12,10 @@ fresh, distinct bytes made before its clock starts:
   stores whose allocations the ranks share, where the ring of the arena then wraps and its
   slots are reclaimed during the run;
 - ``input="gpu"``: the processor's output is on the GPU (a GPU image processor's); only with
-  ``consume="cuda"``.
+  ``consume="cuda"``;
+- ``input="repeat"``: a new tensor in ordinary memory holding the same bytes every time (a
+  client resending an image); only with a feature cache (``feature_cache_mb``), where the
+  warm-up requests put it in the ranks' caches and the timed ones find it there.
 
 Measured per request:
 
@@ -63,7 +66,7 @@ from .workloads import FreshPayloads, Sample, ordinary_memory
 DEFAULT_STRATEGIES = ("per-rank", "entry-broadcast", "tokenizer", "zero-copy")
 DEFAULT_TRANSPORTS = ("torch", "zmq", "shm")
 DEFAULT_SIZES_MB = (1.0, 10.0, 50.0, 100.0)
-INPUTS = ("copy", "arena", "gpu")
+INPUTS = ("copy", "arena", "gpu", "repeat")
 
 
 @dataclass
@@ -76,7 +79,7 @@ class FanoutRecord:
     tp: int
     size_mb: float
     hasher: str
-    input: str  # "copy", "arena" or "gpu"
+    input: str  # "copy", "arena", "gpu" or "repeat"
     consume: str  # "none", "read" or "cuda"
     requests: int
     latency_ms: dict[str, float]
@@ -88,6 +91,8 @@ class FanoutRecord:
     encoded_bytes: int
     encoded_bytes_raw_dict: int
     ranks_identical: bool
+    sent_bytes: float = 0.0  # median bytes a timed request sent to the entry rank
+    feature_cache_mb: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -140,6 +145,7 @@ class _Row:
 
     latencies: list[float] = field(default_factory=list)
     floors: list[Floor] = field(default_factory=list)
+    sent: list[int] = field(default_factory=list)
     cpu_s: float = 0.0
     tokenizer_hashes: HashStats = field(default_factory=HashStats)
     identical: bool = True
@@ -161,7 +167,8 @@ async def _one_request(
     check_bytes: bool,
 ) -> RequestTrace:
     allocate = pipeline.allocate_tensor if path == "arena" else ordinary_memory
-    sample = payloads.next(allocate)  # fresh bytes, made before the clock starts
+    # Fresh bytes (or, under repeat, fresh memory with the same bytes), made before the clock.
+    sample = payloads.again(allocate) if path == "repeat" else payloads.next(allocate)
     digest = (
         MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher).content_digest()
         if check_bytes
@@ -170,7 +177,9 @@ async def _one_request(
     if path == "gpu":
         sample = on_gpu(sample)
     cpu_before, hashes_before = meter.seconds(), hash_stats()
+    sent_before = pipeline.request_bytes_sent
     trace = await pipeline.generate_traced(rid, sample.input_ids, sample.mm_inputs)
+    sent = pipeline.request_bytes_sent - sent_before
     cpu_s, hashes = meter.seconds() - cpu_before, hash_stats() - hashes_before
     del sample  # its arena room may be needed by the next one
     # The floor, right after: the same work on bytes made the same way just before it (a
@@ -188,6 +197,7 @@ async def _one_request(
     if timed:
         row.latencies.append(_latency_ms(trace))
         row.floors.append(floor)
+        row.sent.append(sent)
         row.cpu_s += cpu_s
         row.tokenizer_hashes = row.tokenizer_hashes + hashes
     return trace
@@ -200,19 +210,21 @@ def on_gpu(sample: Sample) -> Sample:
     return Sample(sample.input_ids, {**sample.mm_inputs, "mm_items": items})
 
 
-def _paths(inputs: Sequence[str], store: type[PayloadStore], consume: str) -> list[str]:
+def _paths(
+    inputs: Sequence[str], store: type[PayloadStore], consume: str, cached: bool = False
+) -> list[str]:
     # The arena path exists where the store's allocations are what the ranks read; the GPU
-    # path where the ranks take features onto their GPU; a GPU store's rows only there.
+    # path where the ranks take features onto their GPU (a GPU store's rows only there);
+    # the repeat path where the ranks cache features.
     if store.needs_gpu and consume != "cuda":
         return []
-    shares_allocations = store.shares_allocations
-    return [
-        p
-        for p in inputs
-        if p == "copy"
-        or (p == "arena" and shares_allocations)
-        or (p == "gpu" and consume == "cuda")
-    ]
+    exists = {
+        "copy": True,
+        "arena": store.shares_allocations,
+        "gpu": consume == "cuda",
+        "repeat": cached,
+    }
+    return [p for p in inputs if exists[p]]
 
 
 async def run_combination(
@@ -221,6 +233,7 @@ async def run_combination(
     sizes_mb: Sequence[float],
     *,
     store: str | None = None,
+    feature_cache_mb: int = 0,
     tp: int,
     hasher: str,
     requests: int,
@@ -242,8 +255,11 @@ async def run_combination(
         shm_arena_mb=room_mb,
         cuda_pool_mb=room_mb,
         device="cuda" if consume == "cuda" else "cpu",
+        feature_cache_mb=feature_cache_mb,
     )
-    paths = _paths(inputs, store_class(store or config.payload_store), consume)
+    paths = _paths(
+        inputs, store_class(store or config.payload_store), consume, feature_cache_mb > 0
+    )
     if not paths:
         return []
     if store is not None:
@@ -313,6 +329,8 @@ async def run_combination(
                     encoded_bytes=object_bytes if sends_object else dict_bytes,
                     encoded_bytes_raw_dict=dict_bytes,
                     ranks_identical=row.identical,
+                    sent_bytes=float(np.median(row.sent)),
+                    feature_cache_mb=feature_cache_mb,
                     notes=_notes(path),
                 )
                 records.append(record)
@@ -329,6 +347,8 @@ def _notes(path: str) -> list[str]:
         return ["each request written by the processor into a fresh Pipeline.allocate_tensor"]
     if path == "gpu":
         return ["each request a new tensor on the GPU (a GPU processor's output)"]
+    if path == "repeat":
+        return ["each request a new tensor in ordinary memory with the same bytes (cached)"]
     return ["each request a new tensor in ordinary memory, copied in by the pipeline"]
 
 
@@ -347,13 +367,17 @@ def requests_in_run(
     inputs: Sequence[str] = INPUTS,
     consume: Sequence[str] = ("none",),
     stores: Sequence[str | None] = (None,),
+    feature_cache_mb: int = 0,
 ) -> int:
     """Timed requests a run makes (for a progress bar)."""
     rows = 0
     for strategy, transport in combinations(strategies, transports):
         for store in stores:
             name = store or Config(strategy=strategy, transport=transport).payload_store
-            rows += sum(len(_paths(inputs, store_class(name), mode)) for mode in consume)
+            rows += sum(
+                len(_paths(inputs, store_class(name), mode, feature_cache_mb > 0))
+                for mode in consume
+            )
     return rows * len(sizes_mb) * len(tps) * requests
 
 
@@ -369,6 +393,7 @@ async def run_fanout(
     inputs: Sequence[str] = INPUTS,
     consume: Sequence[str] = ("none",),
     stores: Sequence[str | None] = (None,),
+    feature_cache_mb: int = 0,
     on_request: Callable[[], None] | None = None,
     on_record: Callable[[FanoutRecord], None] | None = None,
 ) -> list[FanoutRecord]:
@@ -397,6 +422,7 @@ async def run_fanout(
                         transport,
                         sizes_mb,
                         store=store,
+                        feature_cache_mb=feature_cache_mb,
                         tp=tp,
                         hasher=hasher,
                         requests=requests,

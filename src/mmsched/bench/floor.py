@@ -23,7 +23,8 @@ do), the best of several tries would compare a row's median with a lucky minimum
 
 Copy path: ``min(copy + hash, copy and hash at once)``; arena path (the processor wrote into
 shared memory): ``hash``; plus ``read`` under ``consume="read"``, plus ``to device`` under
-``consume="cuda"``. GPU path (the processor's output is on the GPU): ``hash`` (which takes
+``consume="cuda"``. Repeat path (the ranks hold the feature in their cache): ``hash``, plus
+``read`` under ``read``. GPU path (the processor's output is on the GPU): ``hash`` (which takes
 the bytes to the host first, as the pipeline's hash does) plus ``on device``. A row faster
 than its floor is a measurement bug.
 """
@@ -58,6 +59,8 @@ class Floor:
         mode."""
         if path == "gpu":
             return self.hash_ms + self.on_device_ms
+        if path == "repeat":  # the ranks hold it already: only the hash is unavoidable
+            return self.hash_ms + (self.read_ms if consume == "read" else 0.0)
         base = (
             self.hash_ms
             if path == "arena"

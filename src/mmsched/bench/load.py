@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsched.cache import CacheStats
 from mmsched.config import Config
 from mmsched.errors import ConfigError, MmschedError
 from mmsched.hashing import DEFAULT_HASHER
@@ -65,10 +66,17 @@ _NOTES = {
     "(Pipeline.producer_access), inside its latency",
 }
 
-WORKLOADS = ("image", "video", "mixed")
+WORKLOADS = ("image", "video", "mixed", "multiturn")
 INPUTS = ("copy", "arena", "worker")
 WORKERS = 8  # processor worker processes under input "worker", by default
 DISTINCT = 64  # distinct samples per kind, by default
+# multiturn: each conversation opens with one image and resends it on every later turn (as
+# chat clients resend the history); a share of conversations open with one of a few images
+# that many users send; conversations run ACTIVE at a time, their turns interleaved.
+TURNS = 6
+COMMON = 8
+COMMON_SHARE = 0.2
+ACTIVE = 16
 
 
 @dataclass
@@ -93,6 +101,11 @@ class LoadRecord:
     model_step_ms: float
     hasher: str
     notes: list[str] = field(default_factory=list)
+    feature_cache_mb: int = 0
+    repeat_share: float = 0.0  # requests whose features were all sent before (in the order)
+    # The feature cache during the rate: hit_rate, feature_mb_sent_per_request, evictions,
+    # resyncs (None without a cache).
+    cache: dict[str, float] | None = None
 
     @property
     def keeps_up(self) -> bool:
@@ -113,6 +126,8 @@ def pool_origins(workload: str, distinct: int = DISTINCT) -> list[tuple[str, int
     that kind's samples (mixed traffic has one distinct video to nine distinct images)."""
     if workload in ("image", "video"):
         return [(workload, j) for j in range(distinct)]
+    if workload == "multiturn":  # one opening image per conversation, then the common ones
+        return [("image", j) for j in range(distinct + COMMON)]
     if workload == "mixed":
         return [("image", j) for j in range(distinct)] + [
             ("video", j) for j in range(max(1, distinct // 9))
@@ -128,6 +143,8 @@ def make_pool(workload: str, distinct: int = DISTINCT) -> tuple[list[Sample], li
         count = sum(1 for k, _ in origins if k == kind)
         if count:
             pool += distinct_pool(functools.partial(_draw, kind), count)
+    if workload == "multiturn":
+        return pool, multiturn_order(distinct)
     if workload != "mixed":
         return pool, list(range(len(pool)))
     videos = len(pool) - distinct
@@ -139,6 +156,33 @@ def make_pool(workload: str, distinct: int = DISTINCT) -> tuple[list[Sample], li
             order.append(images_sent % distinct)
             images_sent += 1
     return pool, order
+
+
+def multiturn_order(conversations: int, *, seed: int = 0) -> list[int]:
+    """Pool indices of ``conversations`` conversations of ``TURNS`` turns each: conversation
+    ``c`` sends image ``c`` (or, for ``COMMON_SHARE`` of them, one of the ``COMMON`` images
+    after the conversations' own) on every turn; ``ACTIVE`` conversations at a time."""
+    rng = random.Random(seed)
+    opening = [
+        conversations + rng.randrange(COMMON) if rng.random() < COMMON_SHARE else c
+        for c in range(conversations)
+    ]
+    order: list[int] = []
+    for wave in range(0, conversations, ACTIVE):
+        members = opening[wave : wave + ACTIVE]
+        for _ in range(TURNS):
+            order += members
+    return order
+
+
+def repeat_share(order: Sequence[int]) -> float:
+    """The share of requests in ``order`` whose sample was sent earlier in it."""
+    seen: set[int] = set()
+    repeats = 0
+    for index in order:
+        repeats += index in seen
+        seen.add(index)
+    return repeats / len(order) if order else 0.0
 
 
 _worker_arena: Any = None  # this worker process's ProducerArena
@@ -219,6 +263,20 @@ async def run_rate(
     return latencies, errors, arrival_rps, max(last_done - start, 1e-9)
 
 
+def _cache_figures(
+    before: CacheStats | None, after: CacheStats | None, requests: int
+) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    hits, misses = after.hits - before.hits, after.misses - before.misses
+    return {
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "feature_mb_sent_per_request": (after.bytes_sent - before.bytes_sent) / 1e6 / requests,
+        "evictions": after.evictions - before.evictions,
+        "resyncs": after.resyncs - before.resyncs,
+    }
+
+
 class _Writers:
     """Where each request's processor writes its output (``input``), for one pipeline."""
 
@@ -297,6 +355,7 @@ async def run_load(
     input_path: str = "copy",
     distinct: int = DISTINCT,
     workers: int = WORKERS,
+    feature_cache_mb: int = 0,
     on_start: Callable[[str, int], None] | None = None,
     on_done: Callable[[], None] | None = None,
     on_record: Callable[[LoadRecord], None] | None = None,
@@ -318,6 +377,7 @@ async def run_load(
             hasher=hasher,
             shm_arena_mb=2048 if workload != "image" else 1024,
             max_inflight_mb=None,  # measure the queue, do not cap it
+            feature_cache_mb=feature_cache_mb,
         )
         async with (
             Pipeline(config, probe=ModelStub(model_step_ms)) as pipeline,
@@ -325,16 +385,19 @@ async def run_load(
         ):
             write = writers.write
             # Warm up outside the measurement: a burst at the first rate wakes every thread
-            # pool and goes once round the arena, as the measured requests will.
-            await run_rate(
-                pipeline,
-                pool,
-                order,
-                rate=rates[0],
-                requests=min(64, requests),
-                seed=-1,
-                write=write,
-            )
+            # pool and goes once round the arena, as the measured requests will. With a
+            # feature cache, on other images: the measured requests must not find theirs
+            # cached by the warm-up.
+            warm = min(64, requests)
+            if feature_cache_mb:
+                warm_pool = distinct_pool(functools.partial(_draw, "image"), 16, first_stamp=10**6)
+                await run_rate(
+                    pipeline, warm_pool, list(range(16)), rate=rates[0], requests=warm, seed=-1
+                )
+            else:
+                await run_rate(
+                    pipeline, pool, order, rate=rates[0], requests=warm, seed=-1, write=write
+                )
             names = ["tokenizer", *(f"rank{r}" for r in range(tp))]
             meters = [CpuMeter([os.getpid()]), *(CpuMeter([pid]) for pid in pipeline.pids)]
             if writers.pids:  # the processor workers, together
@@ -344,6 +407,7 @@ async def run_load(
                 if on_start is not None:
                     on_start(f"{strategy}/{transport} @ {rate:g}/s", requests)
                 cpu_before = [m.seconds() for m in meters]
+                cache_before = pipeline.cache_stats()
                 wall_before = time.monotonic()
                 latencies, errors, arrival_rps, span = await run_rate(
                     pipeline,
@@ -378,6 +442,9 @@ async def run_load(
                     model_step_ms=model_step_ms,
                     hasher=hasher,
                     notes=[_NOTES[input_path]],
+                    feature_cache_mb=feature_cache_mb,
+                    repeat_share=repeat_share([order[i % len(order)] for i in range(requests)]),
+                    cache=_cache_figures(cache_before, pipeline.cache_stats(), requests),
                 )
                 records.append(record)
                 if on_record is not None:

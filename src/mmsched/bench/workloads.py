@@ -147,11 +147,19 @@ class FreshPayloads:
         self._count += 1
         return restamped(self._bases[self._count % 2], self._count, allocate)
 
+    def again(self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> Sample:
+        """A new copy of the same bytes every time: a client resending an image, which the
+        processor turns into a new tensor holding what it held before."""
+        return restamped(self._bases[0], 0, allocate)
 
-def distinct_pool(make: Callable[[int], Sample], n: int, *, bases: int = 4) -> list[Sample]:
-    """``n`` samples with distinct bytes, in ordinary memory, from ``bases`` random draws."""
+
+def distinct_pool(
+    make: Callable[[int], Sample], n: int, *, bases: int = 4, first_stamp: int = 1
+) -> list[Sample]:
+    """``n`` samples with distinct bytes, in ordinary memory, from ``bases`` random draws
+    (pools with first stamps ``n`` apart share no bytes)."""
     drawn = [make(seed) for seed in range(min(bases, n))]
-    return [restamped(drawn[i % len(drawn)], i + 1, ordinary_memory) for i in range(n)]
+    return [restamped(drawn[i % len(drawn)], first_stamp + i, ordinary_memory) for i in range(n)]
 
 
 def ordinary_memory(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -276,29 +276,44 @@ class ArenaWriter:
                 self._unhold(seq)
                 self._abandoned.add(seq)
 
-    def put(self, payload: Buffer, *, hold: bool = False) -> Ref:
-        """Copy ``payload`` into the arena once; raises [`ArenaFull`][] after the timeout.
+    def put(self, payload: Buffer, *, hold: bool = False, wait: bool = True) -> Ref:
+        """Copy ``payload`` into the arena once; raises [`ArenaFull`][] after the timeout
+        (at once without ``wait``).
 
         With ``hold``, the room is held for the caller until it calls ``release``."""
         src = memoryview(payload).cast("B")
-        ref, dst = self.reserve(src.nbytes, hold=hold)
+        ref, dst = self.reserve(src.nbytes, hold=hold, wait=wait)
         # Chunks on a few pool threads (idle threads sleep: an OpenMP copy's team kept
         # spinning after each copy, and under load burned 12 cores on the entry rank).
         shared_copier().copy(dst, _address(src), src.nbytes)
         return ref
 
-    def reserve(self, nbytes: int, *, hold: bool = False) -> tuple[Ref, int]:
+    def reserve(self, nbytes: int, *, hold: bool = False, wait: bool = True) -> tuple[Ref, int]:
         """Room for ``nbytes``: its ref and the address to write them at.
 
         The caller must finish writing before it sends the ref. Without ``hold`` the room is
         reclaimed like any payload's, once every reader's watermark is past it: right for a
         single sender whose refs reach the readers in allocation order. Where several
         threads send, pass ``hold`` and ``release`` once every reader is done with the ref
-        (or it was never sent). Raises [`ArenaFull`][] after the timeout.
+        (or it was never sent). Raises [`ArenaFull`][] after the timeout (at once without
+        ``wait``).
         """
-        alloc = self._allocate(nbytes, writer_held=hold)
+        alloc = self._allocate(nbytes, writer_held=hold, wait=wait)
         start = self._data_start + alloc.offset
         return Ref(self.name, alloc.seq, start, nbytes), self._mapped.base + start
+
+    def reserve_all(self, sizes: Sequence[int]) -> list[tuple[Ref, int]]:
+        """Room for every one of ``sizes`` at once, or for none (waiting up to the timeout):
+        like [`reserve`][mmsched.stores.arena.ArenaWriter.reserve] with ``hold``, for a
+        producer that needs several payloads' room before it can send any of them."""
+        made = self._allocate_all(sizes, writer_held=True)
+        return [
+            (
+                Ref(self.name, a.seq, self._data_start + a.offset, n),
+                self._mapped.base + self._data_start + a.offset,
+            )
+            for a, n in zip(made, sizes, strict=True)
+        ]
 
     def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A tensor living in the arena, for a processor to fill; sending it copies nothing.
@@ -325,31 +340,55 @@ class ArenaWriter:
 
     # -- ring allocation ---------------------------------------------------------------------
 
-    def _allocate(self, nbytes: int, *, writer_held: bool = False) -> _Allocation:
-        size = _round_up(max(nbytes, 1))
-        if size > self._capacity:
-            raise ArenaFull(f"payload of {nbytes} bytes exceeds the arena ({self._capacity} bytes)")
-        deadline = time.monotonic() + self.timeout_s
+    def _allocate(
+        self, nbytes: int, *, writer_held: bool = False, wait: bool = True
+    ) -> _Allocation:
+        return self._allocate_all([nbytes], writer_held=writer_held, wait=wait)[0]
+
+    def _allocate_all(
+        self, sizes: Sequence[int], *, writer_held: bool = False, wait: bool = True
+    ) -> list[_Allocation]:
+        # All or nothing: a producer that held part of its room while waiting for the rest
+        # could wait forever on producers doing the same (each holding what the others need).
+        rounded = [_round_up(max(n, 1)) for n in sizes]
+        if sum(rounded) > self._capacity:
+            raise ArenaFull(
+                f"payload of {sum(sizes)} bytes exceeds the arena ({self._capacity} bytes)"
+            )
+        deadline = time.monotonic() + (self.timeout_s if wait else 0.0)
         delay = 0.0001
         while True:
             with self._lock:
                 self._expire_leases()
                 self._reclaim()
-                offset = self._find_room(size)
-                if offset is not None:
+                head, next_seq = self._head, self._next_seq
+                made: list[_Allocation] = []
+                for size in rounded:
+                    offset = self._find_room(size)
+                    if offset is None:
+                        break
                     alloc = _Allocation(self._next_seq, offset, size)
                     self._next_seq += 1
                     self._live.append(alloc)
                     self._by_offset[offset] = alloc
                     self._head = offset + size
+                    made.append(alloc)
+                if len(made) == len(rounded):
                     if writer_held:
-                        self._holds[alloc.seq] = 1
-                    return alloc
+                        for alloc in made:
+                            self._holds[alloc.seq] = 1
+                    return made
+                for alloc in reversed(made):  # give back what part of it fitted
+                    self._live.pop()
+                    del self._by_offset[alloc.offset]
+                self._head, self._next_seq = head, next_seq
             if time.monotonic() > deadline:
                 marks = list(self._mapped.watermarks[: self.n_readers])
+                oldest = self._live[0].seq if self._live else None
                 raise ArenaFull(
-                    f"no room for {nbytes} bytes in {self.timeout_s} s; reader watermarks "
-                    f"{marks}, oldest live allocation {self._live[0].seq}: a reader is slow or gone"
+                    f"no room for {sum(sizes)} bytes in {self.timeout_s if wait else 0} s; "
+                    f"reader watermarks {marks}, oldest live allocation {oldest}, "
+                    f"{len(self._holds)} held by the writer: a reader is slow or gone"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.005)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mmsched import cudart
-from mmsched.errors import CodecError, ConfigError, TransportError
+from mmsched.errors import ArenaFull, CodecError, ConfigError, TransportError
 from mmsched.frames import DTYPES, checked_shape, dtype_name
 from mmsched.stores import arena
 from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
@@ -124,7 +124,14 @@ class CudaIpcStore(PayloadStore):
         if nbytes > self._writer.capacity:
             return None  # can never fit: it travels inline
         placed = self._placed.get(threading.get_ident())
-        ref, _ = self._writer.reserve(nbytes, hold=placed is not None)  # until settled
+        try:
+            # Holding slices of this request already, it must not wait for more: requests
+            # doing so could wait on each other forever. Without room now, it goes inline.
+            ref, _ = self._writer.reserve(nbytes, hold=placed is not None, wait=not placed)
+        except ArenaFull:
+            if not placed:
+                raise
+            return None
         if placed is not None:
             placed.append(ref.seq)
         start = ref.offset - _HEADER

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mmsched.errors import ConfigError, TransportError
+from mmsched.errors import ArenaFull, ConfigError, TransportError
 from mmsched.frames import DTYPES, dtype_name, tensor_from_frame
 from mmsched.hashing import large_hashes_running, tensor_bytes
 from mmsched.stores import arena
@@ -139,25 +139,29 @@ class ShmStore(PayloadStore):
             yield
             return
         staged: dict[tuple[int, int], _Staged] = {}
+        chosen: dict[tuple[int, int], torch.Tensor] = {}
+        for tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if (
+                self.wants(tensor)
+                and dtype_name(tensor.dtype) in DTYPES
+                and tensor.device.type == "cpu"
+                and tensor.is_contiguous()
+                and writer.ref_at(tensor.data_ptr(), nbytes) is None
+            ):
+                chosen[(tensor.data_ptr(), nbytes)] = tensor
+        if sum(n for _, n in chosen) > self.capacity:
+            chosen = {}  # can never be staged together: put() decides tensor by tensor
         try:
-            for tensor in tensors:
-                nbytes = tensor.numel() * tensor.element_size()
-                if (
-                    not self.wants(tensor)
-                    or dtype_name(tensor.dtype) not in DTYPES
-                    or tensor.device.type != "cpu"
-                    or not tensor.is_contiguous()
-                    or nbytes > self.capacity
-                    or (tensor.data_ptr(), nbytes) in staged
-                    or writer.ref_at(tensor.data_ptr(), nbytes) is not None
-                ):
-                    continue
-                ref, dst = writer.reserve(nbytes, hold=True)  # held while staged
+            # All of the request's room at once (held while staged), or none yet: holding
+            # part while waiting for the rest could wait forever on other requests doing so.
+            rooms = writer.reserve_all([n for _, n in chosen]) if chosen else []
+            for ((address, nbytes), tensor), (ref, dst) in zip(chosen.items(), rooms, strict=True):
                 # Under load (other hashes running, every core busy) one piece: each piece
                 # costs a GIL hand-over when its thread comes back, and no core is idle.
                 pieces = 1 if large_hashes_running() else None
-                copy = shared_copier().start(dst, tensor.data_ptr(), nbytes, pieces=pieces)
-                staged[(tensor.data_ptr(), nbytes)] = _Staged(ref, copy, tensor)
+                copy = shared_copier().start(dst, address, nbytes, pieces=pieces)
+                staged[(address, nbytes)] = _Staged(ref, copy, tensor)
             self._local.staged = staged
             yield
         finally:
@@ -186,7 +190,17 @@ class ShmStore(PayloadStore):
         if ref is None and self._writer is not None:
             if tensor.numel() * tensor.element_size() > self._writer.capacity:
                 return None  # can never fit: it travels inline
-            ref = self._writer.put(tensor_bytes(tensor), hold=placed is not None)
+            # Holding room already (staged or placed for this request), it must not wait
+            # for more (see staging): without room now, the tensor travels inline.
+            holding = bool(placed) or bool(getattr(self._local, "staged", None))
+            try:
+                ref = self._writer.put(
+                    tensor_bytes(tensor), hold=placed is not None, wait=not holding
+                )
+            except ArenaFull:
+                if not holding:
+                    raise
+                return None
         if ref is None:
             return None
         if placed is not None:
