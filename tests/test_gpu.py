@@ -1,7 +1,7 @@
 """The GPU data plane on a real GPU: every store delivers each rank's features on its device,
 copied and ready; the pinned arena is page-locked on each rank; the CUDA IPC pool gives its
 slices back, refuses when full, and leaks no device memory across 1,000 requests, a killed
-rank and a restart.
+rank and a restart; the feature cache keeps each rank's copy on its GPU.
 
 Needs CUDA: on a machine without it every test here is skipped, with the reason. The
 committed output of a run on a GPU machine is in ``docs/results/gpu_tests.txt``.
@@ -196,3 +196,19 @@ async def test_a_thousand_requests_a_killed_rank_and_a_restart_leak_no_gpu_memor
     assert gpu_memory_in_use() <= in_use_before + (64 << 20), (
         f"{(gpu_memory_in_use() - in_use_before) >> 20} MiB more in use than before"
     )
+
+
+@pytest.mark.parametrize("store", ["pinned", "cuda-ipc"])
+async def test_the_feature_cache_keeps_each_ranks_copy_on_its_gpu(store: str) -> None:
+    # Three images, then each again twice: the repeats are served from every rank's cache,
+    # on its device, with the tokenizer's exact bytes.
+    settings = config(store, feature_cache_mb=64)
+    async with Pipeline(settings, probe=OnDevice()) as pipeline:
+        first = distinct(3)
+        await send_all(pipeline, first, f"{store}-first", concurrency=1)
+        before = pipeline.request_bytes_sent
+        await send_all(pipeline, first + first, f"{store}-again", concurrency=1)
+        stats = pipeline.cache_stats()
+        assert stats is not None and stats.hits == 6 and stats.misses == 3, stats
+        ids = 8 * len(first[0].input_ids)
+        assert (pipeline.request_bytes_sent - before) / 6 - ids < 1024

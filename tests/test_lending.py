@@ -4,6 +4,7 @@ wrong token nor a forged or stale handle gets anything."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import socket
 from typing import Any
@@ -79,7 +80,9 @@ async def test_a_dead_worker_does_not_wedge_the_ring() -> None:
         # 12 of 16 MB are held by a lease nobody will claim; within timeout_s it is given
         # back, and requests that need the room go through.
         for i in range(3):
-            pixels = pipeline.allocate_tensor((ROWS * 4, 1176), torch.float32)  # 11.3 MB
+            pixels = await asyncio.to_thread(  # off the loop: it waits for the room
+                pipeline.allocate_tensor, (ROWS * 4, 1176), torch.float32
+            )  # 11.3 MB
             pixels.copy_(torch.ones(ROWS * 4, 1176))
             ids, mm = image_request(pixels[:ROWS])
             await pipeline.generate(f"after-{i}", ids, mm)

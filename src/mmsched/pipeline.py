@@ -299,9 +299,14 @@ class Pipeline:
         """An empty tensor for a processor to fill. With the ``shm`` payload store it lives
         in shared memory, so sending it copies nothing; otherwise it is ``torch.empty``.
 
+        Call it from a processor thread (``await asyncio.to_thread(...)`` from async code):
+        room in the arena comes back as the ranks' answers reach the event loop, so on the
+        event loop's own thread it does not wait for room and fails at once.
+
         Raises:
             NotRunning: the pipeline is not started.
-            ArenaFull: the store had no room within ``timeout_s``.
+            ArenaFull: the store had no room within ``timeout_s`` (at once, when called on
+                the event loop's thread).
         """
         if self._store is None:
             raise NotRunning("the pipeline is not started")

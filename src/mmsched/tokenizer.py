@@ -335,7 +335,7 @@ class TokenizerStage:
             sending.cancel()
             self._pending.pop(rid, None)
             if placed and not (sending.done() and not sending.cancelled()):
-                self._settle_now(rid, placed)  # it never went out: nobody will read it
+                self._settle_unsent(rid, placed)  # it never went out: nobody will read it
 
     def _prepare(self, req: TokenizedGenerateReqInput) -> _Prepared:
         """The request's frames, inputs built if the strategy says so (worker thread), the
@@ -358,7 +358,7 @@ class TokenizerStage:
                         req.mm_inputs, ticket = self._mirror.plan(req.mm_inputs)
                     frames = encode(req, self._store)
             except BaseException:
-                self._store.settle(placed)  # nothing of it is sent
+                self._store.settle(placed, sent=False)  # nothing of it is sent
                 if ticket is not None and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._abandon_ticket, ticket)
                 raise
@@ -370,7 +370,7 @@ class TokenizerStage:
             if prepared.cancelled() or prepared.exception() is not None:
                 return
             prepared = prepared.result()
-        self._store.settle(prepared.placed)
+        self._store.settle(prepared.placed, sent=False)
         if prepared.ticket is not None:
             self._abandon_ticket(prepared.ticket)
 
@@ -399,13 +399,13 @@ class TokenizerStage:
                 )
             )
 
-    def _settle_now(self, rid: str, placed: list[Any]) -> None:
+    def _settle_unsent(self, rid: str, placed: list[Any]) -> None:
         sends = self._unsettled.get(rid)
         if sends is not None and placed in sends:
             sends.remove(placed)
             if not sends:
                 del self._unsettled[rid]
-        self._store.settle(placed)
+        self._store.settle(placed, sent=False)
 
     def _answered(self, rid: str, iteration: int) -> None:
         """The entry rank answered ``rid`` in ``iteration`` (-1: it never entered a batch):

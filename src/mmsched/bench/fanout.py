@@ -37,6 +37,7 @@ Measured per request:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import statistics
@@ -168,7 +169,10 @@ async def _one_request(
 ) -> RequestTrace:
     allocate = pipeline.allocate_tensor if path == "arena" else ordinary_memory
     # Fresh bytes (or, under repeat, fresh memory with the same bytes), made before the clock.
-    sample = payloads.again(allocate) if path == "repeat" else payloads.next(allocate)
+    make = payloads.again if path == "repeat" else payloads.next
+    # In a thread: waiting for arena room on the event loop would block the answers that
+    # give it back.
+    sample = await asyncio.to_thread(make, allocate)
     digest = (
         MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher).content_digest()
         if check_bytes
@@ -184,7 +188,7 @@ async def _one_request(
     del sample  # its arena room may be needed by the next one
     # The floor, right after: the same work on bytes made the same way just before it (a
     # hash of bytes just written runs slower than a second hash of them would).
-    twin = payloads.next(allocate)
+    twin = await asyncio.to_thread(payloads.next, allocate)
     if path == "gpu":
         twin = on_gpu(twin)
     floor = floors.measure(

@@ -315,13 +315,16 @@ class ArenaWriter:
             for a, n in zip(made, sizes, strict=True)
         ]
 
-    def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def allocate_tensor(
+        self, shape: Sequence[int], dtype: torch.dtype, *, wait: bool = True
+    ) -> torch.Tensor:
         """A tensor living in the arena, for a processor to fill; sending it copies nothing.
 
         The space stays reserved while the tensor (or any view of it) lives in this process.
+        Raises [`ArenaFull`][] after the timeout (at once without ``wait``).
         """
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        alloc = self._allocate(nbytes, writer_held=True)
+        alloc = self._allocate(nbytes, writer_held=True, wait=wait)
         start = self._data_start + alloc.offset
         arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=nbytes, offset=start)
         weakref.finalize(arr, self._writer_release, alloc.seq)
@@ -427,6 +430,15 @@ class ArenaWriter:
         """Drop one hold of allocation ``seq``; it is reused once readers are past it."""
         with self._lock:
             self._unhold(seq)
+
+    def abandon(self, seq: int) -> None:
+        """Drop one hold of allocation ``seq``, which no reader will ever see (it was never
+        sent): it is reused without waiting for the readers' watermarks, which only move
+        past it when a later payload is read."""
+        with self._lock:
+            self._unhold(seq)
+            if seq not in self._holds:
+                self._abandoned.add(seq)
 
     def _unhold(self, seq: int) -> None:
         left = self._holds.get(seq, 0) - 1

@@ -223,9 +223,10 @@ class PayloadStore(ABC):
         """
         yield []
 
-    def settle(self, placed: Sequence[Any]) -> None:  # noqa: B027 (optional hook)
+    def settle(self, placed: Sequence[Any], *, sent: bool = True) -> None:  # noqa: B027
         """Producer: give back what a [`placing`][mmsched.stores.base.PayloadStore.placing]
-        block listed; its room is reused once no rank still holds a tensor on it."""
+        block listed; its room is reused once no rank still holds a tensor on it, or at once
+        if it was never ``sent``."""
 
     def release(self, ref: PayloadRef) -> None:  # noqa: B027 (optional hook)
         """Give ``ref``'s bytes back early; by default they go with the last tensor on them."""

@@ -153,10 +153,10 @@ class CudaIpcStore(PayloadStore):
         finally:
             self._placed.pop(threading.get_ident(), None)
 
-    def settle(self, placed: Sequence[Any]) -> None:
+    def settle(self, placed: Sequence[Any], *, sent: bool = True) -> None:
         if self._writer is not None:
             for seq in placed:
-                self._writer.release(seq)
+                (self._writer.release if sent else self._writer.abandon)(seq)
 
     def _forward(self, tensor: torch.Tensor, nbytes: int) -> PayloadRef | None:
         # The entry rank passes on a slice it resolved and still holds, as the same ref.

@@ -16,6 +16,7 @@ One host only (shared memory); Linux only (``/dev/shm``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,11 +36,20 @@ from mmsched.stores.copying import shared_copier, wait
 from mmsched.stores.lending import ArenaAccess, ArenaLender
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 @dataclass
 class _Staged:
     ref: arena.Ref
     copy: list[Future[int]]
     source: torch.Tensor  # kept alive until its copy is done
+    used: bool = False  # put() handed out its ref
 
 
 class ShmStore(PayloadStore):
@@ -128,7 +138,9 @@ class ShmStore(PayloadStore):
     def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         if self._writer is None:
             return super().allocate(shape, dtype)
-        return self._writer.allocate_tensor(shape, dtype)
+        # On the event loop it must not wait: the room it would wait for is given back by
+        # that same loop (the ranks' answers and progress arrive there).
+        return self._writer.allocate_tensor(shape, dtype, wait=not _on_event_loop())
 
     @contextlib.contextmanager
     def staging(self, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
@@ -168,7 +180,10 @@ class ShmStore(PayloadStore):
             self._local.staged = {}
             for entry in staged.values():  # no copy may still run into room that gets reused
                 wait(entry.copy)
-                writer.release(entry.ref.seq)  # put() took its own hold if it was sent
+                if entry.used:
+                    writer.release(entry.ref.seq)  # put() took its own hold for the sending
+                else:
+                    writer.abandon(entry.ref.seq)  # never sent (a cache hit, say)
 
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
         if dtype_name(tensor.dtype) not in DTYPES:
@@ -182,6 +197,7 @@ class ShmStore(PayloadStore):
             staged = getattr(self._local, "staged", {}).get((tensor.data_ptr(), nbytes))
             if staged is not None:
                 wait(staged.copy)
+                staged.used = True
                 ref = staged.ref
             else:
                 ref = owner.ref_at(tensor.data_ptr(), nbytes)
@@ -222,10 +238,10 @@ class ShmStore(PayloadStore):
         finally:
             self._local.placed = None
 
-    def settle(self, placed: Sequence[Any]) -> None:
+    def settle(self, placed: Sequence[Any], *, sent: bool = True) -> None:
         if self._writer is not None:
             for seq in placed:
-                self._writer.release(seq)
+                (self._writer.release if sent else self._writer.abandon)(seq)
 
     def resolve(self, ref: PayloadRef) -> torch.Tensor:
         if self._reader is None:
