@@ -10,10 +10,14 @@ Lifetime: each allocation has a sequence number. A reader's watermark is the hig
 sequence number below which it holds nothing; it moves when the views it handed out are
 garbage-collected (a finalizer per view), so a tensor built on a view keeps its bytes alive
 for as long as it lives. The writer reuses an allocation only when every reader's
-watermark has passed it. When the ring is full the writer waits, up to a timeout, then
-raises [`ArenaFull`][]. Space is reused in allocation order: a payload still held (by a
-rank, or by the writer's own tensor from [`ArenaWriter.allocate_tensor`][]) holds back the
-reuse of everything written after it until it is released.
+watermark has passed it and no hold of the writer's process is left on it: a producer with
+several sending threads holds each payload until every reader is done with its message
+(a watermark also passes payloads sent after it by another thread, not yet received), and
+abandons room it never sent, which is then reused at once. When the ring is full the writer
+waits, up to a timeout, then raises [`ArenaFull`][]. Space is reused in allocation order: a
+payload still held (by a rank, or by the writer's own tensor from
+[`ArenaWriter.allocate_tensor`][]) holds back the reuse of everything written after it until
+it is released.
 
 Failure modes addressed:
 
