@@ -5,6 +5,7 @@ bytes, and a rank that misses fails that request alone and the caches start over
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import random
 
@@ -193,3 +194,24 @@ async def test_the_sequencer_sends_in_plan_order_and_skips_a_ticket_that_never_c
     assert not await sequencer.wait_turn(late, 0.05)  # the earlier one never went out
     sequencer.done(late)
     assert await sequencer.wait_turn(sequencer.take(), 0.05)
+
+
+def test_the_same_image_twice_in_one_new_request_travels_twice_and_then_hits() -> None:
+    sample = built(images(1)[0])
+    twice = MultimodalInputs(sample.mm_items * 2, hasher=HASHER)
+    capacity = 10 * sample.nbytes
+    mirror, rank = CacheMirror(capacity), FeatureCache(capacity)
+    for round_ in range(2):
+        sent, ticket = mirror.plan(twice)
+        mirror.sequencer.done(ticket)
+        assert sent.cache is not None
+        travelled = [item.feature.numel() > 0 for item in sent.mm_items]
+        assert travelled == ([True, True] if round_ == 0 else [False, False])
+        ops = CacheOps.from_tree(sent.cache, 2)
+        received = MultimodalInputs(
+            [dataclasses.replace(item) for item in sent.mm_items], hasher=HASHER
+        )  # what a rank decodes: its own objects
+        inserts = rank.fetch(received, ops)  # no miss: nothing hits what this request inserts
+        rank.keep(received, inserts, ops)
+        for item in received.mm_items:
+            assert torch.equal(item.feature, sample.mm_items[0].feature)

@@ -168,10 +168,18 @@ class CacheMirror:
         as every rank will be."""
         ops: list[tuple[Any, ...]] = []
         items = list(inputs.mm_items)
+        inserted: set[CacheKey] = set()
         with self._lock:
             for index, item in enumerate(items):
                 key = key_of(item)
                 nbytes = item.nbytes
+                if key in inserted:
+                    # The same feature twice in one request: the ranks keep the first copy
+                    # only once it has arrived, so the second travels too (and changes
+                    # nothing in the caches).
+                    self._stats.misses += 1
+                    self._stats.bytes_sent += nbytes
+                    continue
                 if key in self._entries:
                     self._entries.move_to_end(key)
                     ops.append(("hit", index, key))
@@ -190,6 +198,7 @@ class CacheMirror:
                     ops.append(("evict", old))
                 self._entries[key] = nbytes
                 self._held += nbytes
+                inserted.add(key)
                 ops.append(("insert", index, key))
             planned = CacheOps(self._epoch, ops)
             ticket = self.sequencer.take()
