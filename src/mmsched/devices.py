@@ -64,11 +64,6 @@ def rank_device(setting: str, rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def uses_gpu(setting: str) -> bool:
-    """Whether any rank's device is a GPU under ``setting``."""
-    return any(part != "cpu" for part in _settings(setting))
-
-
 class DevicePlacer:
     """Moves one rank's features onto its device (module docstring)."""
 
