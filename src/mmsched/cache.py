@@ -111,13 +111,6 @@ def _key(tree: Any) -> CacheKey:
     return (digest, dtype, tuple(shape))
 
 
-def _nbytes(key: CacheKey) -> int:
-    size = torch.empty((), dtype=DTYPES[key[1]]).element_size()
-    for dim in key[2]:
-        size *= dim
-    return size
-
-
 @dataclass
 class CacheStats:
     """What a cache did so far (the tokenizer's mirror: the ranks' caches by construction).
@@ -250,7 +243,6 @@ class FeatureCache:
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[CacheKey, torch.Tensor | None] = OrderedDict()
         self._epoch = 0
-        self.hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -287,7 +279,6 @@ class FeatureCache:
                 raise CacheMiss(f"feature {key[0]:016x} is not in this rank's cache")
             self._entries.move_to_end(key)
             inputs.mm_items[index].feature = tensor
-            self.hits += 1
         return inserts
 
     def keep(self, inputs: MultimodalInputs, inserts: Sequence[int], ops: CacheOps) -> None:

@@ -287,19 +287,20 @@ def _new_table(title: str, columns: Sequence[str]) -> Table:
 
 def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
     _check_names(args.strategies, args.transports, args.stores)
-    stores = args.stores or [None]
     records: list[FanoutRecord] = []
-    total = requests_in_run(
-        strategies=args.strategies,
-        transports=args.transports,
-        sizes_mb=args.sizes,
-        tps=args.tp,
-        requests=args.requests,
-        inputs=args.input,
-        consume=args.consume,
-        stores=stores,
-        feature_cache_mb=args.feature_cache_mb,
-    )
+    # What the run covers: the progress bar counts it, the run does it.
+    matrix: dict[str, Any] = {
+        "strategies": args.strategies,
+        "transports": args.transports,
+        "sizes_mb": args.sizes,
+        "tps": args.tp,
+        "requests": args.requests,
+        "inputs": args.input,
+        "consume": args.consume,
+        "stores": args.stores or [None],
+        "feature_cache_mb": args.feature_cache_mb,
+    }
+    total = requests_in_run(**matrix)
     with _progress(console) as progress:
         task = progress.add_task(f"fan-out, {total} timed requests", total=total)
 
@@ -313,17 +314,9 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
 
         asyncio.run(
             run_fanout(
-                strategies=args.strategies,
-                transports=args.transports,
-                sizes_mb=args.sizes,
-                tps=args.tp,
+                **matrix,
                 hasher=args.hasher,
-                requests=args.requests,
                 warmup=args.warmup,
-                inputs=args.input,
-                consume=args.consume,
-                stores=stores,
-                feature_cache_mb=args.feature_cache_mb,
                 on_request=lambda: progress.advance(task),
                 on_record=record,
             )

@@ -93,11 +93,6 @@ class CudaIpcStore(PayloadStore):
     def address(self) -> str | None:
         return self._address
 
-    @property
-    def pool(self) -> torch.Tensor:
-        """The pool as this process sees it (the tokenizer's memory, or a rank's mapping)."""
-        return self._pool
-
     def consumers_attached(self) -> None:
         if self._writer is not None:
             self._writer.unlink()

@@ -3,7 +3,7 @@
 A copy from ordinary (pageable) host memory to a GPU goes through a driver staging buffer,
 one piece at a time; a copy from page-locked memory is one DMA transfer at the bus's speed.
 The arena is shared memory every rank maps, so each rank page-locks its own mapping once at
-start (``cudaHostRegister``: about 6 ms per 100 MB, paid before the first request) and from
+start (``cudaHostRegister``, paid before the first request) and from
 then on copies features straight from the arena to its device, asynchronously, on a side
 stream ([`mmsched.devices`][]). A feature's room in the arena is given back as soon as every
 rank's copy is done.
