@@ -79,7 +79,12 @@ CATALOGUE: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("missing modality", _del_item("modality"), "mm_items[0].modality", "missing"),
     ("unknown modality", _set_item("modality", "smell"), "mm_items[0].modality", "unknown"),
     ("missing feature", _del_item("feature"), "mm_items[0].feature", "missing"),
-    ("feature a list", _set_item("feature", [[1.0]]), "mm_items[0].feature", "expected a tensor"),
+    (
+        "feature a list of non-tensors",
+        _set_item("feature", [[1.0]]),
+        "mm_items[0].feature[0]",
+        "expected a tensor",
+    ),
     (
         "feature a string",
         _set_item("feature", "pixels"),

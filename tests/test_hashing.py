@@ -1,4 +1,5 @@
-"""Hashers: SGLang-compatible sha256, domain-separated blake3, xxh3, and the hash counter."""
+"""Hashers: sha256 (SGLang's formula; parity in test_sglang_parity.py), domain-separated
+blake3, xxh3, and the hash counter."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_sha256_matches_sglang_formula() -> None:
     t = torch.randn(64, 1176)
     value = get_hasher("sha256").hash_tensor("image", t)
     assert value == sglang_reference(t)
-    assert pad_value_of(value) == value % 2**30
+    assert pad_value_of(value, "sha256") == 1_000_000 + value % 2**30
 
 
 def test_sha256_ignores_modality_and_shape_as_sglang_does() -> None:
@@ -93,7 +94,7 @@ def test_every_hash_is_counted() -> None:
 
 
 def test_unknown_hasher_lists_known() -> None:
-    with pytest.raises(UnknownNameError, match="blake3, sha256, xxh3"):
+    with pytest.raises(UnknownNameError, match=r"blake3, sglang-0\.5, sha256, xxh3"):
         get_hasher("md5")
 
 

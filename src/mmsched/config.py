@@ -32,7 +32,7 @@ from mmsched.strategies import PRESETS, get_strategy
 from mmsched.transports import transport_class
 
 ENV_PREFIX = "MMSCHED_"
-CACHE_HASHERS = ("blake3", "sha256")
+CACHE_HASHERS = ("blake3", "sha256", "sglang-0.5")
 """Hashers that may key the feature cache (collision-resistant)."""
 
 
@@ -52,7 +52,7 @@ class Config:
             for an ``ipc://`` endpoint in the run's private directory, or
             ``tcp://HOST:PORT`` (``PORT`` may be ``*``: any free port).
         results_address: where the ranks send results to the tokenizer; as above.
-        hasher: content hash of features (``blake3``, ``sha256``, ``xxh3``).
+        hasher: content hash of features (``blake3``, ``sha256``, ``sglang-0.5``, ``xxh3``).
         tp_size: number of scheduler ranks.
         idle_wait_ms: how long the entry rank waits for a first request before announcing an
             empty iteration (the other ranks' heartbeat).

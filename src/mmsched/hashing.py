@@ -1,15 +1,22 @@
 """Content hashes of multimodal feature tensors, chosen by name, and a count of every hash.
 
 A hash names the media: equal media get equal ``pad_value`` token ids, so a prefix (radix)
-cache hits on a repeated image. Three hashers are registered:
+cache hits on a repeated image. Four hashers are registered:
 
 - ``blake3`` (default): BLAKE3 over a preimage of a domain tag, the modality, the dtype and
   the shape, then the raw bytes. Equal bytes under another shape or dtype hash differently,
   which closes the cache-poisoning hole of hashing bytes alone. Large tensors are hashed on
   several threads when no other hash runs (one thread each when several do).
-- ``sha256``: compatible with SGLang: ``int.from_bytes(sha256(bytes).digest()[:8], "big")``
-  over the tensor's contiguous bytes. (SGLang upcasts bf16 to float32 before hashing; here
-  bf16 is hashed over its own bytes, so bf16 hashes differ from SGLang's.)
+- ``sha256``: ``int.from_bytes(sha256(bytes).digest()[:8], "big")`` over the tensor's raw
+  bytes in C order (bf16 included, as stored). No domain tag, dtype or shape: equal bytes
+  under another dtype or shape hash alike. Its values equal ``sglang-0.5``'s today.
+- ``sglang-0.5``: SGLang's own values, bit for bit, for host tensors: the ``sha256`` hash
+  (SGLang's ``tensor_hash`` over raw bytes; a list of tensors is hashed as its tensors'
+  bytes one after another, which is what a feature given as a list becomes here) and
+  SGLang's pad value ``MM_PAD_SHIFT_VALUE + hash % 2**30`` with the shift of 1,000,000.
+  SGLang hashes a tensor that is already on a GPU with a different (Triton) function; this
+  mode reproduces the host path only. Choose it where matching SGLang is the point: its
+  formula stays pinned to that version whatever mmsched's own defaults become.
 - ``xxh3``: XXH3-64 over the same preimage as blake3. Fast but *not cryptographic*: anyone
   who controls inputs can forge collisions. Opt in only where inputs are trusted.
 
@@ -39,7 +46,12 @@ import xxhash
 from mmsched.errors import UnknownNameError
 
 PAD_VALUE_MODULUS = 2**30
-"""``pad_value = hash % PAD_VALUE_MODULUS``, as in SGLang, keeps pad ids inside int32."""
+"""``pad_value = PAD_VALUE_SHIFT + hash % PAD_VALUE_MODULUS`` keeps pad ids inside int32."""
+
+PAD_VALUE_SHIFT = 1_000_000
+"""Pad values start here, above the vocabulary of every model served today (Qwen2-VL:
+151,936 ids), so that a pad id never equals a real token's id; SGLang's
+``MM_PAD_SHIFT_VALUE`` is the same number."""
 
 _DOMAIN_TAG = b"mmsched.feature.v1\x00"
 
@@ -120,9 +132,13 @@ def hash_stats() -> HashStats:
 
 
 class Hasher(ABC):
-    """Turns a feature tensor into a 64-bit content hash."""
+    """Turns a feature tensor into a 64-bit content hash, and a hash into a pad value."""
 
     name: str
+
+    def pad_value(self, hash_value: int) -> int:
+        """The token id that stands for the media of this hash in the input ids."""
+        return PAD_VALUE_SHIFT + hash_value % PAD_VALUE_MODULUS
 
     def hash_tensor(self, modality: str, tensor: torch.Tensor) -> int:
         """Hash ``tensor`` (a feature of ``modality``) and record the cost in [`hash_stats`][]."""
@@ -205,13 +221,28 @@ class Blake3Hasher(Hasher):
 
 
 class Sha256Hasher(Hasher):
-    """SHA-256 of the raw bytes, first 8 bytes big-endian: SGLang's value for the same bytes
-    (except bf16, which SGLang upcasts to float32 first)."""
+    """SHA-256 of the raw bytes, first 8 bytes big-endian (SGLang's ``data_hash`` formula
+    over the bytes as stored); no dtype or shape in the preimage."""
 
     name = "sha256"
 
     def _digest64(self, modality: str, tensor: torch.Tensor, data: memoryview, threads: int) -> int:
         return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+
+
+class SglangHasher(Sha256Hasher):
+    """SGLang's hash and pad value for host tensors, as its sources compute them since
+    ``tensor_hash`` reads raw bytes (bf16 as stored) and pad values are shifted by
+    ``MM_PAD_SHIFT_VALUE``: ``sha256(raw bytes)[:8]`` big-endian, and
+    ``1_000_000 + hash % 2**30``."""
+
+    name = "sglang-0.5"
+    # SGLang's constants, pinned here: mmsched's own pad values may change, these may not.
+    MM_PAD_SHIFT_VALUE = 1_000_000
+    MODULUS = 1 << 30
+
+    def pad_value(self, hash_value: int) -> int:
+        return self.MM_PAD_SHIFT_VALUE + hash_value % self.MODULUS
 
 
 class Xxh3Hasher(Hasher):
@@ -226,7 +257,9 @@ class Xxh3Hasher(Hasher):
         return int(h.intdigest())
 
 
-HASHERS: dict[str, Hasher] = {h.name: h for h in (Blake3Hasher(), Sha256Hasher(), Xxh3Hasher())}
+HASHERS: dict[str, Hasher] = {
+    h.name: h for h in (Blake3Hasher(), Sha256Hasher(), SglangHasher(), Xxh3Hasher())
+}
 DEFAULT_HASHER = "blake3"
 
 
@@ -242,6 +275,6 @@ def get_hasher(name: str) -> Hasher:
         raise UnknownNameError("hasher", name, list(HASHERS)) from None
 
 
-def pad_value_of(hash_value: int) -> int:
-    """The token id that stands for this media in the input ids."""
-    return hash_value % PAD_VALUE_MODULUS
+def pad_value_of(hash_value: int, hasher: str = DEFAULT_HASHER) -> int:
+    """The token id that stands for this media in the input ids, as ``hasher`` computes it."""
+    return get_hasher(hasher).pad_value(hash_value)

@@ -33,7 +33,7 @@ import torch
 
 from mmsched.errors import InvalidMultimodalInput, MmschedError
 from mmsched.frames import Int64List
-from mmsched.hashing import DEFAULT_HASHER, get_hasher, pad_value_of, tensor_bytes
+from mmsched.hashing import DEFAULT_HASHER, get_hasher, tensor_bytes
 
 
 class Modality(enum.StrEnum):
@@ -115,7 +115,8 @@ class MultimodalInputs:
 
         Args:
             raw: the processor output (see the module docstring for its shape).
-            hasher: name of a registered hasher (``blake3``, ``sha256``, ``xxh3``).
+            hasher: name of a registered hasher (``blake3``, ``sha256``, ``sglang-0.5``,
+                ``xxh3``).
             input_len: length of the request's input ids; when given, offsets and M-RoPE
                 positions are checked against it.
             max_bytes: largest total feature size accepted, or ``None`` for no limit.
@@ -133,7 +134,7 @@ class MultimodalInputs:
                     feature=feature,
                     offsets=offsets,
                     hash=(h := hash_fn.hash_tensor(modality.value, feature)),
-                    pad_value=pad_value_of(h),
+                    pad_value=hash_fn.pad_value(h),
                     model_specific_data=extra,
                 )
                 for modality, feature, offsets, extra in parsed.items
@@ -420,6 +421,33 @@ def _from_numpy(name: str, value: np.ndarray[Any, Any]) -> torch.Tensor:
         ) from exc
 
 
+def _feature(name: str, value: Any) -> torch.Tensor:
+    """One tensor, or a list of tensors given as one feature (as SGLang accepts): joined
+    along the first dimension, so that its bytes are the list's bytes one after another,
+    which is what SGLang hashes. The parts must share a dtype and their other dimensions."""
+    if not isinstance(value, list | tuple):
+        return _tensor(name, value)
+    if not value:
+        raise InvalidMultimodalInput(name, "an empty list of tensors")
+    parts = [_tensor(f"{name}[{i}]", part) for i, part in enumerate(value)]
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        if part.dtype != first.dtype or part.dim() == 0 or part.shape[1:] != first.shape[1:]:
+            raise InvalidMultimodalInput(
+                f"{name}[{i}]",
+                f"{part.dtype} {tuple(part.shape)} cannot join {first.dtype} "
+                f"{tuple(first.shape)}: list parts share a dtype and all but the first dimension",
+            )
+    if first.dim() == 0:
+        raise InvalidMultimodalInput(f"{name}[0]", "a 0-d tensor cannot be joined")
+    devices = {part.device for part in parts}
+    if len(devices) > 1:
+        raise InvalidMultimodalInput(
+            name, f"list parts on several devices: {sorted(map(str, devices))}"
+        )
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+
 def _parse_item(
     where: str, raw: Any
 ) -> tuple[Modality, torch.Tensor, list[tuple[int, int]], dict[str, Any]]:
@@ -439,7 +467,7 @@ def _parse_item(
             f"{where}.modality", f"unknown modality {raw['modality']!r}; known: {known}"
         ) from None
 
-    feature = _tensor(f"{where}.feature", raw["feature"])
+    feature = _feature(f"{where}.feature", raw["feature"])
     if feature.dtype not in ALLOWED_FEATURE_DTYPES:
         allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in ALLOWED_FEATURE_DTYPES))
         raise InvalidMultimodalInput(
