@@ -1,0 +1,125 @@
+"""RankGroup: the drop-in for a server's own per-iteration broadcast, in processes the server
+starts itself (examples/own_scheduler.py, run here with real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from mmsched import Config, ConfigError, MultimodalInputs, PeerLost, TokenizedGenerateReqInput
+from mmsched.rank_group import RENDEZVOUS_FILE, RankGroup
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_scheduler.py"
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("own_scheduler", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["own_scheduler"] = module
+    if str(EXAMPLE.parent) not in sys.path:  # spawned ranks import it by name (spawn copies
+        sys.path.append(str(EXAMPLE.parent))  # this process's sys.path into each child)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shm_segments() -> set[str]:
+    return (
+        {p.name for p in Path("/dev/shm").glob("mmsched*")} if Path("/dev/shm").is_dir() else set()
+    )
+
+
+@pytest.mark.parametrize(
+    ("transport", "store"), [("zmq", "shm"), ("shm", "inline"), ("torch", "inline")]
+)
+def test_a_servers_own_ranks_see_the_same_inputs(transport: str, store: str) -> None:
+    example = load_example()
+    before = shm_segments()
+    config = Config(transport=transport, payload_store=store, tp_size=3, timeout_s=30)
+    requests = [(f"req-{i}", 64 * (1 + i % 3), i, i == 4) for i in range(10)]
+    seen = example.serve(config, requests)
+    by_rid: dict[str, list[object]] = {}
+    for s in seen:
+        by_rid.setdefault(s.rid, []).append(s)
+    assert set(by_rid) == {rid for rid, *_ in requests}
+    (refused,) = by_rid.pop("req-4")
+    assert refused.rank == 0 and refused.error == "InvalidMultimodalInput: mm_items[0].offsets"
+    for rid, views in by_rid.items():
+        assert sorted(v.rank for v in views) == [0, 1, 2], rid
+        assert len({(v.digest, v.pad_values) for v in views}) == 1, rid  # identical everywhere
+    assert shm_segments() <= before  # nothing left in /dev/shm
+
+
+async def test_features_cross_through_the_store_not_the_transport(tmp_path: Path) -> None:
+    config = Config(transport="zmq", payload_store="shm", tp_size=2, timeout_s=10)
+    entry, other = await asyncio.gather(
+        RankGroup.join(config, 0, tmp_path), RankGroup.join(config, 1, tmp_path)
+    )
+    async with entry, other:
+        assert (tmp_path / RENDEZVOUS_FILE).stat().st_mode & 0o777 == 0o600
+        feature = entry.allocate_tensor((4000, 1176), torch.float32)  # 18.8 MB, in the arena
+        feature.normal_()
+        mm = {"mm_items": [{"modality": "image", "feature": feature, "offsets": [(0, 3)]}]}
+        published = await entry.publish([TokenizedGenerateReqInput("r", [5] * 4, {}, mm)])
+        received = await other.receive()
+        assert published.index == received.index == 0
+        (req,) = received.requests
+        assert isinstance(req.mm_inputs, MultimodalInputs)
+        assert torch.equal(req.mm_inputs.mm_items[0].feature, feature)
+        assert entry.statistics().bytes_sent < 4096  # a reference, not 18.8 MB
+        empty = await entry.publish([])  # the per-iteration heartbeat
+        assert (empty.index, (await other.receive()).requests) == (1, [])
+    assert not (tmp_path / RENDEZVOUS_FILE).exists()
+
+
+async def test_a_bad_request_fails_alone_on_the_entry_rank(tmp_path: Path) -> None:
+    config = Config(transport="zmq", tp_size=2, timeout_s=10)
+    entry, other = await asyncio.gather(
+        RankGroup.join(config, 0, tmp_path), RankGroup.join(config, 1, tmp_path)
+    )
+    async with entry, other:
+        good = TokenizedGenerateReqInput("good", [1, 2], {}, None)
+        bad_ids = TokenizedGenerateReqInput("ids", [-1], {}, None)
+        bad_mm = TokenizedGenerateReqInput("mm", [1], {}, {"mm_items": "garbage"})
+        published = await entry.publish([bad_ids, good, bad_mm])
+        assert [e.rid for e in published.failed] == ["ids", "mm"]
+        assert [r.rid for r in (await other.receive()).requests] == ["good"]
+
+
+async def test_join_refuses_what_cannot_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="memory"):
+        await RankGroup.join(Config(transport="memory", tp_size=2), 0, tmp_path)
+    with pytest.raises(ConfigError, match="outside"):
+        await RankGroup.join(Config(transport="zmq", tp_size=2), 2, tmp_path)
+    with pytest.raises(ConfigError, match="not a directory"):
+        await RankGroup.join(Config(transport="zmq", tp_size=2), 1, tmp_path / "missing")
+
+
+async def test_a_rank_whose_entry_rank_never_comes_fails_in_time(tmp_path: Path) -> None:
+    (tmp_path / RENDEZVOUS_FILE).write_bytes(b'{"pid": 999999999, "store": null, "group": "x"}')
+    config = Config(transport="zmq", tp_size=2, startup_timeout_s=0.5)
+    start = asyncio.get_running_loop().time()
+    with pytest.raises(PeerLost, match="no entry rank"):
+        await RankGroup.join(config, 1, tmp_path)  # a dead server's file is not followed
+    assert asyncio.get_running_loop().time() - start < 5
+
+
+async def test_receivers_see_end_of_stream_when_the_entry_rank_closes(tmp_path: Path) -> None:
+    from mmsched import EndOfStream
+
+    config = Config(transport="zmq", tp_size=2, timeout_s=10)
+    entry, other = await asyncio.gather(
+        RankGroup.join(config, 0, tmp_path), RankGroup.join(config, 1, tmp_path)
+    )
+    await entry.aclose()
+    with pytest.raises(EndOfStream):
+        await other.receive()
+    await other.aclose()
+    assert os.listdir(tmp_path) == []  # the rendezvous file and the ipc sockets are gone
