@@ -58,6 +58,7 @@ from mmsched.scheduler import (
     CREDENTIALS_USER,
     IterationCallback,
     RankAddresses,
+    RankStartCallback,
     SchedulerRank,
     rank_main,
     read_failure,
@@ -88,6 +89,13 @@ class Pipeline:
             picklable when ranks are processes: a module-level function, say).
         probe: instrumentation for benchmarks and tests ([`mmsched.probes`][]); ``None``
             in production.
+        on_rank_start: called once on every rank, in its process, with ``(rank, device)``
+            before the rank reports ready: where a server loads its model (onto ``device``,
+            the rank's own under a GPU ``device`` setting) and keeps it for ``on_iteration``
+            (a module-level variable of the rank process, say). ``start`` returns once every
+            rank's has finished (bounded by ``startup_timeout_s``); one that raises fails
+            ``start`` with a [`ConfigError`][mmsched.errors.ConfigError] naming the rank.
+            Picklable, like ``on_iteration``.
     """
 
     def __init__(
@@ -96,10 +104,12 @@ class Pipeline:
         *,
         on_iteration: IterationCallback | None = None,
         probe: Probe | None = None,
+        on_rank_start: RankStartCallback | None = None,
     ) -> None:
         self.config = config
         self.on_iteration = on_iteration
         self.probe = probe
+        self.on_rank_start = on_rank_start
         self.in_process = not transport_class(config.transport).cross_process
         self._workdir: Path | None = None
         self._zmq: zmq.asyncio.Context | None = None
@@ -154,7 +164,7 @@ class Pipeline:
 
     async def _start(self) -> None:
         if not self.in_process:
-            _check_picklable(self.on_iteration, self.probe)
+            _check_picklable(self.on_iteration, self.probe, self.on_rank_start)
         # What a crashed earlier run may have left: its ranks clean up after it when they
         # can, but a rank killed with its parent before it ran any code of ours cannot.
         sweep_stale_run_dirs()
@@ -204,7 +214,14 @@ class Pipeline:
             for rank in range(self.config.tp_size):
                 proc = ctx.Process(
                     target=rank_main,
-                    args=(self.config, rank, addresses, self.on_iteration, self.probe),
+                    args=(
+                        self.config,
+                        rank,
+                        addresses,
+                        self.on_iteration,
+                        self.probe,
+                        self.on_rank_start,
+                    ),
                     name=f"mmsched-rank{rank}",
                     daemon=True,
                 )
@@ -251,7 +268,9 @@ class Pipeline:
     async def _run_rank_task(self, rank: int) -> None:
         """An in-process rank: its failure fails the pipeline, as a process's death does."""
         assert self._addresses is not None and self._stage is not None
-        rank_loop = SchedulerRank(self.config, rank, self._addresses, self.on_iteration, self.probe)
+        rank_loop = SchedulerRank(
+            self.config, rank, self._addresses, self.on_iteration, self.probe, self.on_rank_start
+        )
         try:
             await rank_loop.run()
         except Exception as exc:
@@ -423,6 +442,15 @@ class Pipeline:
     def _process_error(self, rank: int, exitcode: int) -> MmschedError:
         """What a dead rank process's death means to callers: the error it left, if any."""
         left = read_failure(self._workdir, rank) if self._workdir is not None else None
+        if left is None and exitcode > 0 and not self._ready:
+            # Failed before any rank code ran: the spawned process could not import the
+            # main module or unpickle the callback. Its traceback went to stderr.
+            return PeerLost(
+                f"scheduler rank {rank} exited with code {exitcode} before it started: the "
+                "spawned rank imports the program's main module, so a script that starts a "
+                'Pipeline must do so under `if __name__ == "__main__":`, and callbacks must '
+                "be importable module-level functions (the rank's traceback is on stderr)"
+            )
         if left is None:
             return PeerLost(f"scheduler rank {rank} exited with code {exitcode}")
         return _rank_error(rank, *left, exitcode=exitcode)

@@ -52,7 +52,7 @@ from mmsched.cache import CacheMiss, CacheOps, FeatureCache
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.devices import DevicePlacer, rank_device
-from mmsched.errors import CodecError
+from mmsched.errors import CodecError, ConfigError
 from mmsched.frames import Frames, Int64List
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
@@ -82,6 +82,10 @@ FAILURE_FILE = "rank-{rank}.failed.json"
 
 IterationCallback = Callable[[int, int, list[TokenizedGenerateReqInput]], Awaitable[None] | None]
 """``callback(rank, iteration, requests)``: requests hold built [`MultimodalInputs`][]."""
+
+RankStartCallback = Callable[[int, torch.device], Awaitable[None] | None]
+"""``on_rank_start(rank, device)``: once per rank, in its process, before it reports ready
+(where a real server loads its model onto ``device``, the rank's own)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ def rank_main(
     addresses: RankAddresses,
     on_iteration: IterationCallback | None = None,
     probe: Probe | None = None,
+    on_rank_start: RankStartCallback | None = None,
 ) -> None:
     """Process entry point of scheduler rank ``rank``."""
     threading.Thread(
@@ -154,7 +159,8 @@ def rank_main(
         device = rank_device(config.device, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the callback's default device is its own
-        asyncio.run(SchedulerRank(config, rank, addresses, on_iteration, probe).run())
+        rank_loop = SchedulerRank(config, rank, addresses, on_iteration, probe, on_rank_start)
+        asyncio.run(rank_loop.run())
     except BaseException as exc:
         log.error("scheduler rank %d failed: %r", rank, exc)
         _leave_failure(addresses.run_dir, rank, exc)
@@ -206,12 +212,14 @@ class SchedulerRank:
         addresses: RankAddresses,
         on_iteration: IterationCallback | None,
         probe: Probe | None = None,
+        on_rank_start: RankStartCallback | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
         self.addresses = addresses
         self.on_iteration = on_iteration
         self.probe = probe
+        self.on_rank_start = on_rank_start
         self.strategy = get_strategy(config.strategy)
         self.device = rank_device(config.device, rank)
         self._placer = DevicePlacer(self.device)
@@ -230,6 +238,7 @@ class SchedulerRank:
         """Join the group, say ready, then run iterations until shut down or a peer is lost."""
         try:
             await self._join()
+            await self._run_start_hook()
             await self._send(RankReady(rank=self.rank, pid=os.getpid()))
             log.debug("scheduler rank %d joined its group", self.rank)
             iteration = 0
@@ -248,6 +257,20 @@ class SchedulerRank:
             self._zmq.term()
             if self._store is not None:
                 self._store.close()
+
+    async def _run_start_hook(self) -> None:
+        """The server's per-rank set-up (its model load), before this rank says ready: the
+        pipeline's ``start`` returns only once every rank's has finished."""
+        if self.on_rank_start is None:
+            return
+        try:
+            result = self.on_rank_start(self.rank, self.device)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            raise ConfigError(
+                f"on_rank_start failed on rank {self.rank}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def _join(self) -> None:
         self._results.setsockopt(zmq.LINGER, 2000)
