@@ -3,7 +3,7 @@
 # documentation site strictly (a broken link or an unresolved API name fails), and run the
 # tests. Arguments go to pytest.
 set -euo pipefail
-MMSCHED_EXTRAS="[test,lint,docs]" source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+MMSCHED_EXTRAS="[test,lint,docs,serve]" source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 .venv/bin/ruff check src tests examples
 .venv/bin/mypy
 # Into site/ (ignored by git). Not --quiet: it hides the warnings that --strict counts, and

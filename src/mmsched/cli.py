@@ -36,6 +36,7 @@ from mmsched.bench.load import DISTINCT, WORKLOADS, LoadRecord, run_load
 from mmsched.bench.load import INPUTS as LOAD_INPUTS
 from mmsched.bench.load import WORKERS as LOAD_WORKERS
 from mmsched.bench.report import write_report
+from mmsched.config import Config
 from mmsched.errors import MmschedError
 from mmsched.hashing import DEFAULT_HASHER, HASHERS
 from mmsched.stores import store_class, store_names
@@ -193,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     report = bench.add_parser("report", help="a Markdown report with plots from --json files")
     report.add_argument("inputs", type=Path, nargs="+", help="JSON files from fanout or load")
     report.add_argument("--out", type=Path, default=Path("bench-results/report"))
+
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible chat server (POST /v1/chat/completions) on the pipeline",
+        description="An OpenAI-compatible chat server: images in data: URLs are processed by "
+        "Qwen2-VL's image processor and carried to every rank by the pipeline. The pipeline "
+        "is configured by --config, then MMSCHED_* variables, then --tp.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--config", type=Path, help="a TOML config file")
+    serve.add_argument("--tp", type=int, help="scheduler ranks (Config.tp_size)")
+    serve.add_argument("--model", default=None, help="the model id answered to")
+    serve.add_argument("--max-images", type=int, default=16, help="images per request")
+    serve.add_argument("--max-image-mb", type=int, default=20, help="largest encoded image")
     return parser
 
 
@@ -444,6 +460,32 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    try:
+        import uvicorn
+
+        from mmsched.serve import DEFAULT_MODEL, ServeSettings, create_app
+    except ImportError as exc:
+        console.print(
+            f"[red]error:[/red] {exc}: install the serve extra: pip install 'mmsched[serve]'"
+        )
+        return 2
+    config = (Config.from_toml(args.config) if args.config else Config()).with_env()
+    if args.tp is not None:
+        config = config.replace(tp_size=args.tp)
+    settings = ServeSettings(
+        model=args.model or DEFAULT_MODEL,
+        max_images=args.max_images,
+        max_image_mb=args.max_image_mb,
+    )
+    console.print(
+        f"serving {settings.model} on http://{args.host}:{args.port}: TP={config.tp_size}, "
+        f"{config.strategy} over {config.transport}, {config.payload_store} store"
+    )
+    uvicorn.run(create_app(config, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _write_json(path: Path | None, rows: list[dict[str, Any]], console: Console) -> None:
     if path is None:
         return
@@ -465,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "report":
             console.print(f"wrote {write_report(args.inputs, args.out)}")
             return 0
+        if args.command == "serve":
+            return _serve(args, console)
     except MmschedError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

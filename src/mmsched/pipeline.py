@@ -123,6 +123,12 @@ class Pipeline:
         self._addresses: RankAddresses | None = None
         self._ready = False
         self._closing = False
+        self._failure: MmschedError | None = None  # why the pipeline stopped serving
+
+    @property
+    def running(self) -> bool:
+        """Whether requests can be served now: started, not closed, no rank lost."""
+        return self._ready and not self._closing and self._failure is None
 
     @property
     def pids(self) -> list[int]:
@@ -262,6 +268,7 @@ class Pipeline:
                 exc = exc.exceptions[0]
             cause = f"failed: {exc}" if exc is not None else "ended"
         error = PeerLost(f"the tokenizer's background work (result router, ranks) {cause}")
+        self._failure = error
         log.error("%s; failing every waiting request", error)
         self._stage.fail_all(error)
 
@@ -275,6 +282,7 @@ class Pipeline:
             await rank_loop.run()
         except Exception as exc:
             error = _rank_error(rank, type(exc).__name__, str(exc))
+            self._failure = error
             log.error("%s", error)
             self._stage.fail_all(error)
             raise  # the group cancels the other ranks: a group missing a rank cannot serve
@@ -431,6 +439,7 @@ class Pipeline:
             for rank, proc in enumerate(self._processes):
                 if proc.exitcode is not None and self._stage is not None:
                     error = self._process_error(rank, proc.exitcode)
+                    self._failure = error
                     log.error("%s", error)
                     self._stage.fail_all(error)
                     # A group missing a rank cannot serve: the others must not wait on it

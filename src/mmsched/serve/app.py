@@ -1,0 +1,328 @@
+"""The HTTP server: an OpenAI-compatible chat endpoint in front of an mmsched pipeline.
+
+``POST /v1/chat/completions`` takes OpenAI-style messages whose ``image_url`` parts are
+``data:`` URLs (PNG or JPEG). Each request is decoded and processed off the event loop
+([`mmsched.serve.chat`][]), then ``Pipeline.generate`` hashes its images once and carries
+them to every TP rank, where the rank callback (the model) runs. The answer comes back as a
+``chat.completion``, or as server-sent events (``stream: true``) ending in ``[DONE]``.
+
+The ranks run the pipeline's stub model: it returns the ids that reached the model step,
+each image's span replaced by its pad value. The reply says what reached the ranks (each
+image's size, patches and pad id, and the prompt's text as the ranks saw it): a check of
+the whole path, not a language model. A server with a real model serves its own
+``on_iteration`` and turns its own output ids into text.
+
+Also: ``GET /v1/models``, ``GET /health`` (503 until the ranks are up, and once they are
+lost), ``GET /metrics`` (Prometheus text, [`mmsched.serve.metrics`][]).
+
+Bad input never reaches the ranks and never stops the server: an undecodable image, a media
+type other than PNG or JPEG, a remote URL, a body or image over its limit, malformed JSON or
+messages get HTTP 400 with an OpenAI-style error body naming the field (``param``); an
+unknown model 404; a full pipeline 503; the next request is served as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from mmsched.config import Config
+from mmsched.errors import (
+    InvalidMultimodalInput,
+    MmschedError,
+    NotRunning,
+    Overloaded,
+    PeerLost,
+    RequestFailed,
+)
+from mmsched.messages import GenerateOutput
+from mmsched.pipeline import Pipeline
+from mmsched.scheduler import IterationCallback, RankStartCallback
+from mmsched.serve.chat import ChatProcessor, PreparedChat
+from mmsched.serve.media import BadRequest, MediaLimits
+from mmsched.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mmsched-stub-qwen2-vl"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The HTTP side's settings (the pipeline's are its [`Config`][mmsched.config.Config]).
+
+    Attributes:
+        model: the model id the server answers to (``GET /v1/models``).
+        max_body_mb: largest request body accepted.
+        max_images: most images in one request.
+        max_image_mb: largest encoded image.
+        max_image_pixels: most pixels of a decoded image.
+    """
+
+    model: str = DEFAULT_MODEL
+    max_body_mb: int = 100
+    max_images: int = 16
+    max_image_mb: int = 20
+    max_image_pixels: int = 40_000_000
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.param = status, kind, message, param
+
+    def response(self) -> JSONResponse:
+        # The message names the field too: clients often show the message alone.
+        message = f"{self.param}: {self.message}" if self.param else self.message
+        error = {"message": message, "type": self.kind, "param": self.param}
+        return JSONResponse({"error": {**error, "code": self.status}}, status_code=self.status)
+
+
+def create_app(
+    config: Config,
+    settings: ServeSettings | None = None,
+    *,
+    processor: ChatProcessor | None = None,
+    on_iteration: IterationCallback | None = None,
+    on_rank_start: RankStartCallback | None = None,
+) -> FastAPI:
+    """The FastAPI application; its lifespan starts the pipeline and closes it.
+
+    Args:
+        config: the pipeline's config (strategy, transport, payload store, TP size...).
+        settings: limits and the model id.
+        processor: messages to ids and images (default: Qwen2-VL's image processor and the
+            byte tokenizer).
+        on_iteration: the model step on every rank (default: the stub).
+        on_rank_start: per-rank set-up, where a model loads.
+    """
+    settings = settings or ServeSettings()
+    limits = MediaLimits(settings.max_image_mb << 20, settings.max_image_pixels)
+    chat = processor or ChatProcessor(limits=limits, max_images=settings.max_images)
+    metrics = ServerMetrics()
+    state: dict[str, Pipeline] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pipeline = Pipeline(config, on_iteration=on_iteration, on_rank_start=on_rank_start)
+        await pipeline.start()
+        state["pipeline"] = pipeline
+        log.info("serving %s: %s", settings.model, config.as_dict())
+        try:
+            yield
+        finally:
+            state.pop("pipeline", None)
+            await pipeline.aclose()
+
+    app = FastAPI(title="mmsched", lifespan=lifespan)
+
+    @app.get("/health")
+    async def health() -> Response:
+        pipeline = state.get("pipeline")
+        if pipeline is None or not pipeline.running:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = {"id": settings.model, "object": "model", "created": 0, "owned_by": "mmsched"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        pipeline = state.get("pipeline")
+        text = metrics.render(
+            request_bytes_sent=pipeline.request_bytes_sent if pipeline else 0,
+            cache=pipeline.cache_stats() if pipeline else None,
+        )
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrived = time.perf_counter()
+        metrics.inflight += 1
+        try:
+            body = await _read_json(request, settings.max_body_mb << 20)
+            stream, include_usage, max_tokens = _options(body, settings.model)
+            pipeline = state.get("pipeline")
+            if pipeline is None:
+                raise _HttpError(503, "service_unavailable", "the pipeline is not running")
+            prepared = await _prepare(chat, body.get("messages"))
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            output = await _generate(pipeline, rid, prepared)
+            text = _describe(chat, prepared, output, config.tp_size)
+            pieces = _pieces(text, max_tokens)
+            feature_bytes = sum(
+                int(item["feature"].nbytes)
+                for item in (prepared.mm_inputs or {}).get("mm_items", [])
+            )
+            metrics.completed(time.perf_counter() - arrived, prepared.images, feature_bytes)
+        except _HttpError as exc:
+            metrics.answered("chat", exc.status)
+            if exc.status >= 500:
+                log.warning("chat request failed: %s", exc.message)
+            return exc.response()
+        finally:
+            metrics.inflight -= 1
+        metrics.answered("chat", 200)
+        usage = {
+            "prompt_tokens": len(prepared.input_ids),
+            "completion_tokens": len(pieces),
+            "total_tokens": len(prepared.input_ids) + len(pieces),
+        }
+        created = int(time.time())
+        finish = "length" if max_tokens is not None and len(pieces) == max_tokens else "stop"
+        if not stream:
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": settings.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(pieces)},
+                            "finish_reason": finish,
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+        return StreamingResponse(
+            _events(rid, created, settings.model, pieces, finish, usage if include_usage else None),
+            media_type="text/event-stream",
+        )
+
+    return app
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, read no further than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _HttpError(400, "invalid_request_error", f"body larger than {limit >> 20} MB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _HttpError(400, "invalid_request_error", f"body larger than {limit >> 20} MB")
+        chunks.append(chunk)
+    try:
+        body = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise _HttpError(400, "invalid_request_error", f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _HttpError(400, "invalid_request_error", "the body must be a JSON object")
+    return body
+
+
+def _options(body: dict[str, Any], model: str) -> tuple[bool, bool, int | None]:
+    """``(stream, include_usage, max_tokens)``, each checked; the model must be ours."""
+    if body.get("model") != model:
+        raise _HttpError(
+            404, "model_not_found", f"the model {body.get('model')!r} does not exist", "model"
+        )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _HttpError(400, "invalid_request_error", "expected true or false", "stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise _HttpError(400, "invalid_request_error", "expected an object", "stream_options")
+    include_usage = stream_options.get("include_usage", False) is True
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise _HttpError(400, "invalid_request_error", "expected a positive integer", "max_tokens")
+    return stream, include_usage, max_tokens
+
+
+async def _prepare(chat: ChatProcessor, messages: Any) -> PreparedChat:
+    try:
+        return await asyncio.to_thread(chat.prepare, messages)
+    except BadRequest as exc:
+        raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
+    except Exception as exc:  # a processor bug, not the client's: still this request alone
+        log.exception("processing a chat request failed")
+        raise _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}") from None
+
+
+async def _generate(pipeline: Pipeline, rid: str, prepared: PreparedChat) -> GenerateOutput:
+    try:
+        return await pipeline.generate(rid, prepared.input_ids, prepared.mm_inputs)
+    except InvalidMultimodalInput as exc:
+        raise _HttpError(400, "invalid_request_error", str(exc), exc.field) from None
+    except Overloaded as exc:
+        raise _HttpError(503, "overloaded_error", str(exc)) from None
+    except (PeerLost, NotRunning) as exc:
+        raise _HttpError(503, "service_unavailable", str(exc)) from None
+    except (RequestFailed, MmschedError) as exc:
+        raise _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}") from None
+
+
+def _describe(chat: ChatProcessor, prepared: PreparedChat, output: GenerateOutput, tp: int) -> str:
+    """What the stub model's output says reached the ranks, in words."""
+    pads = set(output.pad_values)
+    prompt = chat.tokenizer.decode([i for i in output.output_ids if i not in pads])
+    parts = [f"{prepared.images} image(s) reached all {tp} rank(s)."]
+    patch = int(chat.image_processor.patch_size)
+    for n, ((t, h, w), pad) in enumerate(
+        zip(prepared.image_grids, output.pad_values, strict=False)
+    ):
+        parts.append(
+            f"Image {n + 1}: resized to {w * patch}x{h * patch}, {t * h * w} patches, pad id {pad}."
+        )
+    last_user = prompt.rsplit("user\n", 1)[-1].split("assistant\n", 1)[0]
+    words = "".join(ch for ch in last_user if ch.isprintable()).strip()
+    parts.append(f"Prompt: {words!r}.")
+    return " ".join(parts)
+
+
+def _pieces(text: str, max_tokens: int | None) -> list[str]:
+    """The reply in stream-sized pieces (words with their space); at most ``max_tokens``."""
+    words = text.split(" ")
+    pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    return pieces[:max_tokens] if max_tokens is not None else pieces
+
+
+async def _events(
+    rid: str,
+    created: int,
+    model: str,
+    pieces: list[str],
+    finish: str,
+    usage: dict[str, int] | None,
+) -> AsyncIterator[bytes]:
+    """Server-sent events as OpenAI streams them: a role, the pieces, the finish, [DONE]."""
+
+    def chunk(delta: dict[str, Any], reason: str | None, **extra: Any) -> bytes:
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            **extra,
+        }
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    for piece in pieces:
+        yield chunk({"content": piece}, None)
+    yield chunk({}, finish)
+    if usage is not None:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created}
+        body |= {"model": model, "choices": [], "usage": usage}
+        yield b"data: " + orjson.dumps(body) + b"\n\n"
+    yield b"data: [DONE]\n\n"

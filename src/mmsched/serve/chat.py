@@ -1,0 +1,184 @@
+"""A chat request's messages, turned into what the pipeline takes: input ids and images.
+
+[`ChatProcessor`][mmsched.serve.chat.ChatProcessor] renders OpenAI-style ``messages`` with
+Qwen2-VL's chat layout (``<|im_start|>role ... <|im_end|>``, each image as
+``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``), runs
+every image through the real Hugging Face ``transformers`` Qwen2-VL image processor, built
+from its defaults (no download), and returns the processor-output dict that
+``Pipeline.generate`` validates and hashes: one item per image, with its ``pixel_values``,
+``image_grid_thw`` and the span of its pad tokens.
+
+The text tokenizer is a stand-in that needs no download:
+[`ByteTokenizer`][mmsched.serve.chat.ByteTokenizer] gives one id per UTF-8 byte. A
+deployment passes its model's own tokenizer (anything with ``encode`` and ``decode``).
+Qwen2-VL's special token ids are kept, so the ids have the real layout around each image.
+
+Every malformed message raises [`BadRequest`][mmsched.serve.media.BadRequest] naming the
+field (``messages[1].content[0].image_url``), which the server turns into an HTTP 400.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from mmsched.serve.media import BadRequest, MediaLimits, decode_image_url
+
+log = logging.getLogger(__name__)
+
+# Qwen2-VL's special token ids.
+IM_START, IM_END = 151644, 151645
+VISION_START, VISION_END, IMAGE_PAD = 151652, 151653, 151655
+ROLES = ("system", "user", "assistant")
+_NEWLINE = 10  # "\n" under the byte tokenizer
+
+
+class TextTokenizer(Protocol):
+    """What the processor needs of a tokenizer."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """One id per UTF-8 byte (0-255): a tokenizer that needs no vocabulary file."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def qwen2vl_image_processor() -> Any:
+    """The Qwen2-VL image processor of ``transformers``, built from its defaults (no
+    download): patch 14, temporal patch 2, merge 2, CLIP normalisation, resized to between
+    3,136 and 1,003,520 pixels. The Pillow/numpy implementation: it needs no torchvision."""
+    import transformers
+
+    # transformers 5 names the Pillow backend's class apart; in 4 the default class is it.
+    name = "Qwen2VLImageProcessorPil"
+    processor_class = getattr(transformers, name, None) or transformers.Qwen2VLImageProcessor
+    return processor_class()
+
+
+@dataclass
+class PreparedChat:
+    """One chat request, ready for ``Pipeline.generate``."""
+
+    input_ids: list[int]
+    mm_inputs: dict[str, Any] | None
+    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return len(self.image_grids)
+
+
+class ChatProcessor:
+    """Messages to input ids and processed images (module docstring)."""
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer | None = None,
+        *,
+        limits: MediaLimits | None = None,
+        max_images: int = 16,
+    ) -> None:
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.limits = limits or MediaLimits()
+        self.max_images = max_images
+        self.image_processor = qwen2vl_image_processor()
+        self.merge = int(self.image_processor.merge_size)
+
+    def prepare(self, messages: Any) -> PreparedChat:
+        """Render, tokenize and process ``messages`` (blocking: call it off the event loop).
+
+        Raises:
+            BadRequest: naming the first field that cannot be used.
+        """
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages", "expected a non-empty list of messages")
+        ids: list[int] = []
+        items: list[dict[str, Any]] = []
+        grids: list[tuple[int, int, int]] = []
+        for m, message in enumerate(messages):
+            where = f"messages[{m}]"
+            if not isinstance(message, dict):
+                raise BadRequest(where, f"expected an object, got {type(message).__name__}")
+            role = message.get("role")
+            if role not in ROLES:
+                raise BadRequest(f"{where}.role", f"expected one of {', '.join(ROLES)}")
+            ids += [IM_START, *self.tokenizer.encode(f"{role}\n")]
+            for p, part in enumerate(_parts(where, message.get("content"))):
+                kind = part.get("type")
+                if kind == "text":
+                    text = part.get("text")
+                    if not isinstance(text, str):
+                        raise BadRequest(f"{where}.content[{p}].text", "expected a string")
+                    ids += self.tokenizer.encode(text)
+                elif kind == "image_url":
+                    if len(grids) == self.max_images:
+                        raise BadRequest(where, f"more than {self.max_images} images")
+                    param = f"{where}.content[{p}].image_url"
+                    item, grid = self._image(param, part.get("image_url"), start=len(ids) + 1)
+                    ids += [VISION_START, *[IMAGE_PAD] * _tokens(grid, self.merge), VISION_END]
+                    items.append(item)
+                    grids.append(grid)
+                else:
+                    raise BadRequest(f"{where}.content[{p}].type", f"unsupported: {kind!r}")
+            ids += [IM_END, _NEWLINE]
+        ids += [IM_START, *self.tokenizer.encode("assistant\n")]
+        mm = None
+        if items:
+            mm = {
+                "mm_items": items,
+                "im_token_id": IMAGE_PAD,
+                "im_start_id": VISION_START,
+                "im_end_id": VISION_END,
+            }
+        return PreparedChat(ids, mm, grids)
+
+    def _image(
+        self, param: str, image_url: Any, *, start: int
+    ) -> tuple[dict[str, Any], tuple[int, int, int]]:
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        image = decode_image_url(param, url, self.limits)
+        try:
+            out = self.image_processor(images=[image], return_tensors="np")
+            pixels = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+            grid = tuple(int(x) for x in np.asarray(out["image_grid_thw"]).reshape(-1)[:3])
+        except Exception as exc:  # an image the processor refuses (an extreme aspect ratio)
+            raise BadRequest(param, f"the image processor refused it: {exc}") from None
+        t, h, w = grid
+        end = start + _tokens((t, h, w), self.merge) - 1  # inclusive, as SGLang's offsets
+        item = {
+            "modality": "image",
+            "feature": torch.from_numpy(pixels),
+            "offsets": [(start, end)],
+            "image_grid_thw": torch.tensor([[t, h, w]]),
+        }
+        return item, (t, h, w)
+
+
+def _tokens(grid: tuple[int, int, int], merge: int) -> int:
+    t, h, w = grid
+    return t * h * w // (merge * merge)
+
+
+def _parts(where: str, content: Any) -> list[dict[str, Any]]:
+    """A message's content as parts: a plain string is one text part."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content", "expected a string or a list of parts")
+    for p, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise BadRequest(f"{where}.content[{p}]", "expected an object")
+    return content
