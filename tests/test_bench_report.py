@@ -44,3 +44,16 @@ def test_report_refuses_other_json(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="neither fan-out nor load"):
         write_report([other], tmp_path / "out")
+
+
+def test_a_missing_or_foreign_file_is_an_error_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mmsched.cli import main
+
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("fanout was fast\n")
+    for path in (tmp_path / "missing.json", not_json):
+        assert main(["bench", "report", str(path), "--out", str(tmp_path / "r")]) == 2
+        out = capsys.readouterr().out
+        assert "error:" in out and path.name in out and "Traceback" not in out

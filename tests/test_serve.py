@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +198,27 @@ def test_models_health_and_metrics(server: Server) -> None:
     count = next(line for line in text.splitlines() if line.startswith("mmsched_images_total"))
     assert int(count.split()[1]) >= 1
     assert "mmsched_request_latency_seconds_bucket" in text
+
+
+def test_bench_serve_drives_it_and_the_report_plots_it(server: Server, tmp_path: Path) -> None:
+    from mmsched.cli import main
+
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--base-url", f"{server.url}/v1", "--rates", "4", "--images", "1,2"]
+    argv += ["--requests", "6", "--image-size", "256x192", "--json", str(out)]
+    assert main(argv) == 0
+    records = json.loads(out.read_text())
+    assert [(r["images_per_request"], r["completed"], r["failed"]) for r in records] == [
+        (1, 6, 0),
+        (2, 6, 0),
+    ]
+    for r in records:
+        assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"]
+        assert r["model"] == MODEL
+    assert main(["bench", "report", str(out), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Serving: serve" in report
+    assert (tmp_path / "report" / "serve_serve_e2e.png").stat().st_size > 0
 
 
 def test_sigint_stops_the_server_and_its_ranks_cleanly(server: Server) -> None:

@@ -191,6 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--json", type=Path, help="write one record per row to this file")
 
+    serve_bench = bench.add_parser(
+        "serve",
+        help="open-loop chat load with images against any OpenAI-compatible server",
+        description="Streamed chat requests with images, arriving at a fixed mean rate "
+        "(Poisson), against any OpenAI-compatible endpoint: mmsched serve, SGLang, vLLM. "
+        "Every request carries images of its own; TTFT and end-to-end percentiles.",
+    )
+    serve_bench.add_argument(
+        "--base-url", default="http://127.0.0.1:8000/v1", help="the API's base URL"
+    )
+    serve_bench.add_argument("--model", help="model id (default: the first the server lists)")
+    serve_bench.add_argument(
+        "--rates", type=_csv(float), default=[2.0], help="requests/s, comma-separated"
+    )
+    serve_bench.add_argument(
+        "--images", type=_csv(int), default=[1], help="images per request, comma-separated"
+    )
+    serve_bench.add_argument(
+        "--requests", type=int, default=100, help="timed requests per point (default 100)"
+    )
+    serve_bench.add_argument("--image-size", default="1024x768", help="WIDTHxHEIGHT")
+    serve_bench.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg")
+    serve_bench.add_argument("--max-tokens", type=int, default=32, help="per request")
+    serve_bench.add_argument("--json", type=Path, help="write one record per point")
+
     report = bench.add_parser("report", help="a Markdown report with plots from --json files")
     report.add_argument("inputs", type=Path, nargs="+", help="JSON files from fanout or load")
     report.add_argument("--out", type=Path, default=Path("bench-results/report"))
@@ -460,6 +485,51 @@ def _bench_load(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace, console: Console) -> int:
+    from mmsched.bench.serve import ServeRecord, run_serve
+
+    table = _new_table(
+        f"bench serve: {args.base_url}, {args.image_size} {args.image_format}, "
+        f"{args.requests} requests per point",
+        ["images", "MB/req", "offered/s", "arrived/s", "done/s", "failed",
+         "TTFT p50", "TTFT p99", "e2e p50", "e2e p90", "e2e p99", "keeps up"],
+    )  # fmt: skip
+
+    def row(r: ServeRecord) -> None:
+        table.add_row(
+            str(r.images_per_request),
+            f"{r.mb_per_request:.2f}",
+            f"{r.offered_rps:g}",
+            f"{r.arrived_rps:.2f}",
+            f"{r.achieved_rps:.2f}",
+            str(r.failed),
+            *(f"{v:.0f} ms" for v in (r.ttft_ms["p50"], r.ttft_ms["p99"])),
+            *(f"{r.e2e_ms[q]:.0f} ms" for q in ("p50", "p90", "p99")),
+            "yes" if r.keeps_up else "no",
+        )
+        console.print(f"done: {r.images_per_request} image(s) at {r.offered_rps:g}/s")
+
+    records = asyncio.run(
+        run_serve(
+            args.base_url,
+            model=args.model,
+            rates=args.rates,
+            images_per_request=args.images,
+            requests=args.requests,
+            image_size=args.image_size,
+            image_format=args.image_format,
+            max_tokens=args.max_tokens,
+            on_record=row,
+        )
+    )
+    console.print(table)
+    for r in records:
+        if r.first_error:
+            console.print(f"first error at {r.offered_rps:g}/s: {r.first_error}")
+    _write_json(args.json, [r.as_dict() for r in records], console)
+    return 0 if all(r.failed == 0 for r in records) else 1
+
+
 def _serve(args: argparse.Namespace, console: Console) -> int:
     try:
         import uvicorn
@@ -504,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench_fanout(args, console)
         if args.command == "bench" and args.bench == "load":
             return _bench_load(args, console)
+        if args.command == "bench" and args.bench == "serve":
+            return _bench_serve(args, console)
         if args.command == "bench" and args.bench == "report":
             console.print(f"wrote {write_report(args.inputs, args.out)}")
             return 0

@@ -1,10 +1,12 @@
 """``mmsched bench report``: a Markdown report and PNG plots from benchmark JSON files.
 
-Each input file is one run of ``mmsched bench fanout --json`` or ``mmsched bench load --json``
-(told apart by their fields). For a fan-out run: a table, and latency against payload size,
-one line per strategy and transport. For load runs, pooled per workload (an image request and
-a video request are not comparable points): a table, achieved throughput against offered rate,
-and P99 latency against offered rate.
+Each input file is one run of ``mmsched bench fanout --json``, ``mmsched bench load --json``
+or ``mmsched bench serve --json`` (told apart by their fields). For a fan-out run: a table,
+and latency against payload size, one line per strategy and transport. For load runs, pooled
+per workload (an image request and a video request are not comparable points): a table,
+achieved throughput against offered rate, and P99 latency against offered rate. For a
+serving run: end-to-end latency against offered rate, per number of images, and a table
+with TTFT.
 
 Needs matplotlib (``pip install mmsched[report]``).
 """
@@ -159,16 +161,65 @@ def _load_section(workload: str, records: list[dict[str, Any]], out: Path) -> li
     return lines
 
 
+def _serve_section(name: str, records: list[dict[str, Any]], out: Path) -> list[str]:
+    image = f"serve_{name}_e2e.png"
+    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        for q in ("p50", "p99"):
+            label = f"{r['images_per_request']} image(s), e2e {q}"
+            lines[label].append((float(r["offered_rps"]), float(r["e2e_ms"][q])))
+    _plot(
+        out / image,
+        f"{name}: end-to-end latency against offered rate ({records[0]['base_url']})",
+        {k: sorted(v) for k, v in sorted(lines.items())},
+        "offered (requests/s)",
+        "latency (ms)",
+        logy=True,
+    )
+    rows = [
+        f"![{name}: end-to-end latency]({image})\n",
+        "| images | MB/req | offered/s | done/s | failed | TTFT p50 ms | e2e p50 ms |"
+        " e2e p99 ms | keeps up |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(records, key=lambda r: (r["images_per_request"], r["offered_rps"])):
+        rows.append(
+            f"| {r['images_per_request']} | {r['mb_per_request']:.2f} | {r['offered_rps']:g} | "
+            f"{r['achieved_rps']:.2f} | {r['failed']} | {r['ttft_ms']['p50']:.0f} | "
+            f"{r['e2e_ms']['p50']:.0f} | {r['e2e_ms']['p99']:.0f} | "
+            f"{'yes' if r['keeps_up'] else 'no'} |"
+        )
+    return rows
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The records of one ``--json`` file, or a ConfigError that says what is wrong."""
+    try:
+        records = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a JSON file of benchmark records ({exc})") from None
+    if not isinstance(records, list) or not records or not isinstance(records[0], dict):
+        raise ConfigError(f"{path}: not a list of benchmark records")
+    return records
+
+
 def write_report(inputs: list[Path], out: Path) -> Path:
-    """Write ``report.md`` and its plots into ``out``; returns the report's path."""
+    """Write ``report.md`` and its plots into ``out``; returns the report's path.
+
+    Raises:
+        ConfigError: an input is missing, not JSON, or not records of a known benchmark.
+    """
     out.mkdir(parents=True, exist_ok=True)
     fanout: dict[str, list[dict[str, Any]]] = {}
     load: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    serve: dict[str, list[dict[str, Any]]] = {}
     for path in inputs:
-        records = json.loads(path.read_text())
-        if not isinstance(records, list) or not records:
-            raise ConfigError(f"{path}: not a list of benchmark records")
-        if "offered_rps" in records[0]:
+        records = _records(path)
+        if records[0].get("bench") == "serve":
+            serve[path.stem] = records
+        elif "offered_rps" in records[0]:
             for r in records:
                 load[r["workload"]].append(r)
         elif "size_mb" in records[0]:
@@ -181,6 +232,8 @@ def write_report(inputs: list[Path], out: Path) -> Path:
         lines += [f"## Fan-out: {name}", "", *_fanout_section(name, records, out), ""]
     for workload, records in load.items():
         lines += [f"## Load: {workload}", "", *_load_section(workload, records, out), ""]
+    for name, records in serve.items():
+        lines += [f"## Serving: {name}", "", *_serve_section(name, records, out), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
