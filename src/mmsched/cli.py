@@ -492,7 +492,8 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
         f"bench serve: {args.base_url}, {args.image_size} {args.image_format}, "
         f"{args.requests} requests per point",
         ["images", "MB/req", "offered/s", "arrived/s", "done/s", "failed",
-         "TTFT p50", "TTFT p99", "e2e p50", "e2e p90", "e2e p99", "keeps up"],
+         "TTFT p50", "TTFT p99", "e2e p50", "e2e p90", "e2e p99", "prepare p50",
+         "pipeline p50", "keeps up"],
     )  # fmt: skip
 
     def row(r: ServeRecord) -> None:
@@ -505,6 +506,10 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
             str(r.failed),
             *(f"{v:.0f} ms" for v in (r.ttft_ms["p50"], r.ttft_ms["p99"])),
             *(f"{r.e2e_ms[q]:.0f} ms" for q in ("p50", "p90", "p99")),
+            *(
+                f"{m['p50']:.1f} ms" if m["p50"] else "-"
+                for m in (r.server_prepare_ms, r.server_pipeline_ms)
+            ),
             "yes" if r.keeps_up else "no",
         )
         console.print(f"done: {r.images_per_request} image(s) at {r.offered_rps:g}/s")

@@ -8,8 +8,10 @@ before the clock starts, one set per request), so a server's caches see fresh by
 
 Measured per request: time to the first streamed content (TTFT) and to the end of the
 stream (end to end), from the moment its arrival was due (so a client that falls behind
-counts against the server, not in its favour). Per run: requests completed and failed,
-achieved throughput, percentiles, megabytes of request bodies per second.
+counts against the server, not in its favour); from ``mmsched serve``, also its own split
+(``x-mmsched-timing``: image decoding and processing, then the pipeline). Per run: requests
+completed and failed, achieved throughput, percentiles, megabytes of request bodies per
+second.
 
 Needs ``httpx`` and Pillow (both come with the ``serve`` extra).
 """
@@ -59,6 +61,8 @@ class ServeRecord:
     mb_sent_per_s: float
     ttft_ms: dict[str, float]
     e2e_ms: dict[str, float]
+    server_prepare_ms: dict[str, float]
+    server_pipeline_ms: dict[str, float]
     keeps_up: bool
     first_error: str
 
@@ -71,6 +75,17 @@ class _Outcome:
     ttft_s: float | None
     e2e_s: float | None
     error: str
+    server_ms: dict[str, float] | None = None  # mmsched's timing header, where it answers one
+
+
+def _server_timing(value: str | None) -> dict[str, float] | None:
+    """``prepare=1.2;pipeline=3.4`` as a dict; ``None`` from servers that send none."""
+    if not value:
+        return None
+    try:
+        return {k.strip(): float(v) for k, v in (p.split("=") for p in value.split(";"))}
+    except ValueError:
+        return None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -127,6 +142,7 @@ async def _one(client: Any, url: str, body: bytes, due: float) -> _Outcome:
         async with client.stream(
             "POST", url, content=body, headers={"Content-Type": "application/json"}
         ) as response:
+            server_ms = _server_timing(response.headers.get("x-mmsched-timing"))
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:200]
                 return _Outcome(None, None, f"HTTP {response.status_code}: {text}")
@@ -144,7 +160,7 @@ async def _one(client: Any, url: str, body: bytes, due: float) -> _Outcome:
     except Exception as exc:  # a dropped connection, a timeout: this request failed
         return _Outcome(None, None, f"{type(exc).__name__}: {exc}")
     e2e = time.perf_counter() - due
-    return _Outcome(ttft if ttft is not None else e2e, e2e, "")
+    return _Outcome(ttft if ttft is not None else e2e, e2e, "", server_ms)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -252,6 +268,16 @@ async def _point(
         "mb_sent_per_s": mb / duration if duration > 0 else 0.0,
         "ttft_ms": _percentiles([o.ttft_s for o in done if o.ttft_s is not None]),
         "e2e_ms": _percentiles([o.e2e_s for o in done if o.e2e_s is not None]),
+        "server_prepare_ms": _percentiles(
+            [o.server_ms["prepare"] / 1e3 for o in done if o.server_ms and "prepare" in o.server_ms]
+        ),
+        "server_pipeline_ms": _percentiles(
+            [
+                o.server_ms["pipeline"] / 1e3
+                for o in done
+                if o.server_ms and "pipeline" in o.server_ms
+            ]
+        ),
         "keeps_up": not errors and achieved >= 0.95 * arrived,
         "first_error": errors[0] if errors else "",
     }

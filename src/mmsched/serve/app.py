@@ -55,6 +55,9 @@ from mmsched.serve.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "mmsched-stub-qwen2-vl"
+TIMING_HEADER = "x-mmsched-timing"
+"""Response header: ``prepare=<ms>;pipeline=<ms>``, image decoding and processing, then the
+pipeline's part (hashing, placement, delivery to every rank and the answer)."""
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,10 @@ def create_app(
             if pipeline is None:
                 raise _HttpError(503, "service_unavailable", "the pipeline is not running")
             prepared = await _prepare(chat, body.get("messages"))
+            processed = time.perf_counter()
             rid = f"chatcmpl-{uuid.uuid4().hex}"
             output = await _generate(pipeline, rid, prepared)
+            delivered = time.perf_counter()
             text = _describe(chat, prepared, output, config.tp_size)
             pieces = _pieces(text, max_tokens)
             feature_bytes = sum(
@@ -181,6 +186,12 @@ def create_app(
             "total_tokens": len(prepared.input_ids) + len(pieces),
         }
         created = int(time.time())
+        # Where the time went, for load generators: decoding and processing the images,
+        # then the pipeline (hash, placement, every rank's delivery and answer).
+        timing = {
+            TIMING_HEADER: f"prepare={(processed - arrived) * 1e3:.2f};"
+            f"pipeline={(delivered - processed) * 1e3:.2f}"
+        }
         finish = "length" if max_tokens is not None and len(pieces) == max_tokens else "stop"
         if not stream:
             return JSONResponse(
@@ -197,11 +208,13 @@ def create_app(
                         }
                     ],
                     "usage": usage,
-                }
+                },
+                headers=timing,
             )
         return StreamingResponse(
             _events(rid, created, settings.model, pieces, finish, usage if include_usage else None),
             media_type="text/event-stream",
+            headers=timing,
         )
 
     return app
