@@ -12,6 +12,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -541,9 +542,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 
         from mmsched.serve import DEFAULT_MODEL, ServeSettings, create_app
     except ImportError as exc:
-        console.print(
-            f"[red]error:[/red] {exc}: install the serve extra: pip install 'mmsched[serve]'"
-        )
+        hint = f"{exc}: install the serve extra: pip install 'mmsched[serve]'"
+        console.print(f"[red]error:[/red] {escape(hint)}")
         return 2
     config = (Config.from_toml(args.config) if args.config else Config()).with_env()
     if args.tp is not None:
@@ -587,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args, console)
     except MmschedError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")  # messages hold [0]-style names
         return 2
     return 2
 
