@@ -2,7 +2,7 @@
 
 ``load_model`` stands in for a server's model load: it keeps its "model" in a module-level
 variable of the rank process, where ``use_model`` (the iteration callback) finds it, and
-leaves a record in the directory named by ``MMSCHED_TEST_HOOK_DIR``.
+leaves a record in the directory named by ``RANK_HOOKS_TEST_DIR``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ MODEL: dict[str, object] | None = None
 def load_model(rank: int, device: torch.device) -> None:
     global MODEL
     MODEL = {"rank": rank, "device": str(device), "pid": os.getpid()}
-    out = Path(os.environ["MMSCHED_TEST_HOOK_DIR"]) / f"rank{rank}.json"
+    out = Path(os.environ["RANK_HOOKS_TEST_DIR"]) / f"rank{rank}.json"
     out.write_bytes(orjson.dumps(MODEL))
 
 

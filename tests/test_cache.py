@@ -96,7 +96,14 @@ def test_malformed_cache_operations_are_a_codec_error() -> None:
 
 
 async def test_a_repeated_image_crosses_as_a_key_and_every_rank_holds_its_bytes() -> None:
-    config = Config(strategy="tokenizer", transport="memory", tp_size=2, feature_cache_mb=64)
+    # Inline: the first request's bytes then travel in its message, where they can be counted.
+    config = Config(
+        strategy="tokenizer",
+        transport="memory",
+        payload_store="inline",
+        tp_size=2,
+        feature_cache_mb=64,
+    )
     sample = images(1, rows=400)[0]  # 3.8 MB
     async with Pipeline(config, probe=RankTimings(digest_prefix="")) as pipeline:
         sent = []

@@ -11,7 +11,13 @@ from mmsched import Config, ConfigError, UnknownNameError
 
 def test_defaults() -> None:
     config = Config()
-    assert (config.transport, config.strategy, config.hasher) == ("torch", "tokenizer", "blake3")
+    # The docs' recommendation for one host: zero-copy (tokenizer + shm) over zmq.
+    assert (config.transport, config.strategy, config.payload_store, config.hasher) == (
+        "zmq",
+        "tokenizer",
+        "shm",
+        "blake3",
+    )
 
 
 def test_from_dict() -> None:
@@ -85,3 +91,34 @@ def test_zero_copy_is_a_preset_of_strategy_and_store() -> None:
     assert Config().replace(strategy="zero-copy").replace(payload_store="inline").strategy == (
         "tokenizer"
     )
+
+
+def test_a_misspelt_variable_is_an_error_naming_the_near_one() -> None:
+    with pytest.raises(
+        ConfigError, match="unknown variable MMSCHED_TP_SIZ; did you mean MMSCHED_TP_SIZE"
+    ):
+        Config.from_env({"MMSCHED_TP_SIZ": "4"})
+    # The set-up scripts' own variables are not config fields, and not errors.
+    Config.from_env({"MMSCHED_TORCH": "torch==2.13.0", "MMSCHED_EXTRAS": "[serve]"})
+
+
+def test_a_bad_value_names_its_variable() -> None:
+    with pytest.raises(ConfigError, match=r"MMSCHED_TP_SIZE='0': tp_size must be"):
+        Config.from_env({"MMSCHED_TP_SIZE": "0"})
+    with pytest.raises(ConfigError, match=r"MMSCHED_TRANSPORT='zmqq': .*zmq"):
+        Config.from_env({"MMSCHED_TRANSPORT": "zmqq"})
+
+
+def test_a_bad_file_names_its_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "mmsched.toml"
+    path.write_text('[mmsched]\nstrategy = "tokenizer"\ntp_size = -2\n')
+    with pytest.raises(ConfigError, match=rf"{path}:3: tp_size must be"):
+        Config.from_toml(path)
+    path.write_text('[mmsched]\nstrategy = "tokenizer"\ntp_sise = 2\n')
+    with pytest.raises(
+        ConfigError, match=rf"{path}:3: unknown config key 'tp_sise'; did you mean tp_size"
+    ):
+        Config.from_toml(path)
+    path.write_text("tp_size = = 2\n")
+    with pytest.raises(ConfigError, match=rf"{path}: not valid TOML: .*line 1"):
+        Config.from_toml(path)

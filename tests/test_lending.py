@@ -124,6 +124,7 @@ async def test_wrong_tokens_forged_handles_and_garbage_get_nothing() -> None:
 
 
 async def test_stores_without_shared_memory_lend_nothing() -> None:
-    async with Pipeline(Config(strategy="tokenizer", transport="zmq", tp_size=1)) as pipeline:
+    config = Config(strategy="tokenizer", transport="zmq", payload_store="inline", tp_size=1)
+    async with Pipeline(config) as pipeline:
         with pytest.raises(ConfigError, match="lends no memory"):
             pipeline.producer_access()

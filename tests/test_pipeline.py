@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -160,9 +161,28 @@ async def test_prebuilt_inputs_are_accepted() -> None:
 
 
 async def test_dead_rank_fails_requests_fast() -> None:
-    config = Config(strategy="tokenizer", tp_size=TP, timeout_s=10)
+    # Over torch every send is a collective: the next request fails on the dead rank itself.
+    config = Config(strategy="tokenizer", transport="torch", tp_size=TP, timeout_s=10)
     async with Pipeline(config) as pipeline:
         os.kill(pipeline.pids[1], signal.SIGKILL)
+        sample = SAMPLES["image"]
+        with pytest.raises(PeerLost, match="rank 1 exited"):
+            await asyncio.wait_for(
+                pipeline.generate("after-kill", sample.input_ids, sample.mm_inputs), timeout=20
+            )
+
+
+async def test_a_dead_rank_stops_the_pipeline_over_zmq_too() -> None:
+    # zmq never blocks the entry rank: the watchdog notices the death (every 0.2 s), and
+    # from then on the pipeline says it is not running and every request fails.
+    config = Config(strategy="tokenizer", transport="zmq", tp_size=TP, timeout_s=10)
+    async with Pipeline(config) as pipeline:
+        assert pipeline.running
+        os.kill(pipeline.pids[1], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while pipeline.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not pipeline.running
         sample = SAMPLES["image"]
         with pytest.raises(PeerLost, match="rank 1 exited"):
             await asyncio.wait_for(

@@ -18,7 +18,7 @@ from mmsched import Config, ConfigError, PeerLost, Pipeline
 async def test_every_rank_sets_up_before_start_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MMSCHED_TEST_HOOK_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK_HOOKS_TEST_DIR", str(tmp_path))
     config = Config(transport="zmq", tp_size=2, timeout_s=30)
     pipeline = Pipeline(
         config, on_iteration=rank_hooks.use_model, on_rank_start=rank_hooks.load_model
@@ -40,7 +40,7 @@ async def test_a_failing_set_up_fails_start_naming_the_rank() -> None:
 async def test_in_process_ranks_run_the_hook_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MMSCHED_TEST_HOOK_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK_HOOKS_TEST_DIR", str(tmp_path))
     config = Config(transport="memory", tp_size=2)
     async with Pipeline(config, on_rank_start=rank_hooks.load_model):
         assert sorted(os.listdir(tmp_path)) == ["rank0.json", "rank1.json"]

@@ -8,7 +8,12 @@ config = Config.from_toml("mmsched.toml").with_env()
 ```
 
 Environment variables are ``MMSCHED_`` plus the field name in upper case, e.g.
-``MMSCHED_TRANSPORT=torch``, ``MMSCHED_STRATEGY=tokenizer``, ``MMSCHED_TP_SIZE=4``.
+``MMSCHED_TRANSPORT=torch``, ``MMSCHED_STRATEGY=tokenizer``, ``MMSCHED_TP_SIZE=4``. Any other
+``MMSCHED_*`` variable is an error (a misspelt one would otherwise be silently ignored),
+except the set-up scripts' ``MMSCHED_TORCH`` and ``MMSCHED_EXTRAS``.
+
+Every error names where the bad value came from (the variable, or the file and line) and,
+for an unknown name, the nearest known one.
 
 A strategy *preset* stands for several values: ``strategy="zero-copy"`` gives
 ``strategy="tokenizer"`` and ``payload_store="shm"``.
@@ -17,6 +22,7 @@ A strategy *preset* stands for several values: ``strategy="zero-copy"`` gives
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -32,6 +38,8 @@ from mmsched.strategies import PRESETS, get_strategy
 from mmsched.transports import transport_class
 
 ENV_PREFIX = "MMSCHED_"
+SCRIPT_VARIABLES = frozenset({"MMSCHED_TORCH", "MMSCHED_EXTRAS"})
+"""``MMSCHED_*`` variables of the set-up scripts (``scripts/setup.sh``), not config fields."""
 CACHE_HASHERS = ("blake3", "sha256", "sglang-0.5")
 """Hashers that may key the feature cache (collision-resistant)."""
 
@@ -41,8 +49,10 @@ class Config:
     """What a pipeline runs with. Names are resolved (and checked) when the config is made.
 
     Attributes:
-        transport: how the entry rank fans out to the other ranks (``torch``, ``zmq``,
-            ``shm``; ``memory`` runs every rank as a task of the caller's process).
+        transport: how the entry rank fans out to the other ranks (``zmq``, ``shm``,
+            ``torch``; ``memory`` runs every rank as a task of the caller's process).
+            The defaults (``tokenizer`` strategy, ``shm`` store, ``zmq``) are what
+            [Choosing a transport](../transports.md) recommends for ranks on one host.
         strategy: where inputs are materialized (``per-rank``, ``entry-broadcast``,
             ``tokenizer``), or the preset ``zero-copy`` (``tokenizer`` + ``shm`` store).
         payload_store: where tensor bytes live on their way to the ranks: ``inline`` (in
@@ -79,9 +89,9 @@ class Config:
             hashes in the tokenizer and a collision-resistant hasher (``blake3``, ``sha256``).
     """
 
-    transport: str = "torch"
+    transport: str = "zmq"
     strategy: str = "tokenizer"
-    payload_store: str = "inline"
+    payload_store: str = "shm"
     requests_address: str | None = None
     results_address: str | None = None
     hasher: str = DEFAULT_HASHER
@@ -170,11 +180,26 @@ class Config:
             ConfigError: the file cannot be read, is not TOML, or holds a bad value.
         """
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        return cls.from_dict(data.get("mmsched", data))
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        table = data.get("mmsched", data)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [mmsched] must be a table")
+
+        def where(key: str) -> str:
+            lines = text.splitlines()
+            line = next(
+                (n for n, ln in enumerate(lines, 1) if ln.strip().split("=")[0].strip() == key),
+                None,
+            )
+            return f"{path}:{line}" if line else str(path)
+
+        return cls()._apply(table, where)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -192,12 +217,26 @@ class Config:
             ConfigError: a variable's value does not parse, or is out of range.
         """
         env = os.environ if env is None else env
-        values = {
-            f.name: _parse_env(f, env[ENV_PREFIX + f.name.upper()])
-            for f in dataclasses.fields(self)
-            if ENV_PREFIX + f.name.upper() in env
-        }
-        return self.replace(**values)
+        fields = {ENV_PREFIX + f.name.upper(): f for f in dataclasses.fields(self)}
+        for name in env:
+            if name.startswith(ENV_PREFIX) and name not in fields and name not in SCRIPT_VARIABLES:
+                raise ConfigError(f"unknown variable {name}{_near(name, list(fields))}")
+        values = {f.name: _parse_env(f, env[name]) for name, f in fields.items() if name in env}
+        return self._apply(
+            values, lambda key: f"{ENV_PREFIX}{key.upper()}={env[ENV_PREFIX + key.upper()]!r}"
+        )
+
+    def _apply(self, values: Mapping[str, Any], source: Any) -> Config:
+        """``replace(**values)``, an error naming ``source(key)`` for the key at fault."""
+        try:
+            return self.replace(**values)
+        except ConfigError:
+            for key, value in values.items():  # which one? alone, the culprit fails too
+                try:
+                    self.replace(**{key: value})
+                except ConfigError as alone:
+                    raise ConfigError(f"{source(key)}: {alone}") from None
+            raise
 
     def replace(self, **values: Any) -> Config:
         """A copy with ``values`` changed, checked like a new config.
@@ -208,13 +247,22 @@ class Config:
         known = {f.name: f for f in dataclasses.fields(self)}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(known))}")
+                raise ConfigError(
+                    f"unknown config key {key!r}{_near(key, list(known))}; "
+                    f"known: {', '.join(sorted(known))}"
+                )
             _check_type(known[key], value)
         return dataclasses.replace(self, **values)
 
     def as_dict(self) -> dict[str, Any]:
         """Every field by name, e.g. for logging the config a run used."""
         return dataclasses.asdict(self)
+
+
+def _near(name: str, known: list[str]) -> str:
+    """``"; did you mean X?"`` for the closest known name, or nothing."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _check_type(f: dataclasses.Field[Any], value: Any) -> None:

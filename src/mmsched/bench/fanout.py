@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsched.bench import DESIGN_STORE
 from mmsched.codec import encode, encoded_size
 from mmsched.config import Config
 from mmsched.errors import ConfigError
@@ -254,6 +255,7 @@ async def run_combination(
     config = Config(
         transport=transport,
         strategy=strategy,
+        payload_store=DESIGN_STORE,  # a design is its strategy; zero-copy's preset says shm
         hasher=hasher,
         tp_size=tp,
         shm_arena_mb=room_mb,
@@ -377,7 +379,12 @@ def requests_in_run(
     rows = 0
     for strategy, transport in combinations(strategies, transports):
         for store in stores:
-            name = store or Config(strategy=strategy, transport=transport).payload_store
+            name = (
+                store
+                or Config(
+                    strategy=strategy, transport=transport, payload_store=DESIGN_STORE
+                ).payload_store
+            )
             rows += sum(
                 len(_paths(inputs, store_class(name), mode, feature_cache_mb > 0))
                 for mode in consume

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsched.bench import DESIGN_STORE
 from mmsched.cache import CacheStats
 from mmsched.config import Config
 from mmsched.errors import ConfigError, MmschedError
@@ -373,6 +374,7 @@ async def run_load(
         config = Config(
             strategy=strategy,
             transport=transport,
+            payload_store=DESIGN_STORE,  # a design is its strategy; zero-copy's preset says shm
             tp_size=tp,
             hasher=hasher,
             shm_arena_mb=2048 if workload != "image" else 1024,
