@@ -1,9 +1,12 @@
-"""``mmsched bench fanout`` end to end, small: the counts it reports are measured, not assumed."""
+"""The `mmsched` command line: `bench fanout` end to end, small (the counts it reports are
+measured, not assumed), and the help and flags a user meets first."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 
 from mmsched.cli import main
 
@@ -66,3 +69,28 @@ def test_bench_fanout_small(tmp_path: Path) -> None:
 def test_unknown_strategy_is_an_error(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["bench", "fanout", "--strategies", "fastest"]) == 2
     assert "unknown strategy 'fastest'" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command_in_plain_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mmsched.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("serve", "bench fanout", "bench load", "bench serve", "bench report"):
+        assert f"mmsched {command}" in text
+    assert "``" not in text
+
+
+def test_both_benchmarks_take_both_spellings_of_the_design_flags() -> None:
+    from mmsched.cli import build_parser
+
+    parser = build_parser()
+    for bench in ("fanout", "load"):
+        one = parser.parse_args(["bench", bench, "--strategy", "tokenizer", "--transport", "zmq"])
+        two = parser.parse_args(
+            ["bench", bench, "--strategies", "tokenizer", "--transports", "zmq"]
+        )
+        assert vars(one) == vars(two)

@@ -1,4 +1,4 @@
-"""The ``mmsched`` command line: ``mmsched bench fanout [...]``, ``mmsched bench load [...]``."""
+"""The ``mmsched`` command line (``mmsched --help`` prints ``DESCRIPTION``)."""
 
 from __future__ import annotations
 
@@ -57,9 +57,26 @@ def _csv(kind: type[float] | type[str] | type[int]) -> Callable[[str], list[Any]
     return parse
 
 
+DESCRIPTION = """\
+Carry multimodal inputs from the tokenizer to every tensor-parallel rank.
+
+commands:
+  mmsched serve          an OpenAI-compatible chat server with images, on the pipeline
+  mmsched bench fanout   latency until every rank holds a request's inputs
+  mmsched bench load     open-loop load against the pipeline, per strategy and transport
+  mmsched bench serve    open-loop chat load against any OpenAI-compatible server
+  mmsched bench report   a Markdown report with plots from the benchmarks' --json files
+
+Each command's --help lists its flags."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmsched`` argument parser: ``bench fanout``, ``bench load``, ``bench report``."""
-    parser = argparse.ArgumentParser(prog="mmsched", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mmsched",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark").add_subparsers(
         dest="bench", required=True
@@ -80,12 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fan.add_argument(
         "--strategies",
+        "--strategy",  # the load benchmark's spelling: either works in both
         type=_csv(str),
         default=list(DEFAULT_STRATEGIES),
         help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy)",
     )
     fan.add_argument(
         "--transports",
+        "--transport",
         type=_csv(str),
         default=list(DEFAULT_TRANSPORTS),
         help=f"comma-separated, of {', '.join(transport_names())} (default torch,zmq,shm)",
@@ -143,13 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--workload", choices=list(WORKLOADS), default="image", help="(default image)"
     )
     load.add_argument(
+        "--strategies",
         "--strategy",
+        dest="strategy",
         type=_csv(str),
         default=list(DEFAULT_STRATEGIES),
         help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy)",
     )
     load.add_argument(
+        "--transports",
         "--transport",
+        dest="transport",
         type=_csv(str),
         default=["torch"],
         help="comma-separated (default torch)",
