@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ Image = pytest.importorskip("PIL.Image", reason="the serve extra installs Pillow
 
 from own_run import segments_of  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mmsched-stub-qwen2-vl"
 TP = 2
 
@@ -65,10 +65,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     port = free_port()
-    env = {**os.environ, "MMSCHED_TRANSPORT": "zmq", "MMSCHED_PAYLOAD_STORE": "shm"}
-    # The README's command, with a free port.
+    # The README's command (it installs what is missing, then execs the server), on a free
+    # port, with the default config: tokenizer over zmq, the shm store.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mmsched", "serve", "--tp", str(TP), "--port", str(port)],
+        ["bash", str(ROOT / "scripts" / "serve.sh"), "--tp", str(TP), "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
