@@ -1,7 +1,8 @@
 """The GPU data plane on a real GPU: every store delivers each rank's features on its device,
 copied and ready; the pinned arena is page-locked on each rank; the CUDA IPC pool gives its
 slices back, refuses when full, and leaks no device memory across 1,000 requests, a killed
-rank and a restart; the feature cache keeps each rank's copy on its GPU.
+rank and a restart; the feature cache keeps each rank's copy on its GPU; a RankGroup and
+on_rank_start see each rank's own device.
 
 Needs CUDA: on a machine without it every test here is skipped, with the reason. The
 committed output of a run on a GPU machine is in ``docs/results/gpu_tests.txt``.
@@ -14,6 +15,7 @@ import gc
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +214,41 @@ async def test_the_feature_cache_keeps_each_ranks_copy_on_its_gpu(store: str) ->
         assert stats is not None and stats.hits == 6 and stats.misses == 3, stats
         ids = 8 * len(first[0].input_ids)
         assert (pipeline.request_bytes_sent - before) / 6 - ids < 1024
+
+
+async def test_a_rank_group_delivers_on_each_ranks_gpu(tmp_path: Path) -> None:
+    from mmsched import TokenizedGenerateReqInput
+    from mmsched.rank_group import RankGroup
+
+    group_config = config("pinned")
+    entry, other = await asyncio.gather(
+        RankGroup.join(group_config, 0, tmp_path), RankGroup.join(group_config, 1, tmp_path)
+    )
+    async with entry, other:
+        sample = distinct(1)[0]
+        published = await entry.publish(
+            [TokenizedGenerateReqInput("g", sample.input_ids, {}, sample.mm_inputs)]
+        )
+        received = await other.receive()
+        for iteration in (published, received):
+            (req,) = iteration.requests
+            assert isinstance(req.mm_inputs, MultimodalInputs)
+            feature = req.mm_inputs.mm_items[0].feature
+            assert feature.device.type == "cuda"
+            assert torch.equal(feature.cpu(), sample.mm_inputs["mm_items"][0]["feature"])
+
+
+async def test_on_rank_start_gets_each_ranks_cuda_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orjson
+
+    import rank_hooks
+
+    monkeypatch.setenv("RANK_HOOKS_TEST_DIR", str(tmp_path))
+    async with Pipeline(config("pinned"), on_rank_start=rank_hooks.load_model):
+        devices = [
+            orjson.loads((tmp_path / f"rank{r}.json").read_bytes())["device"] for r in range(TP)
+        ]
+    count = torch.cuda.device_count()
+    assert devices == [f"cuda:{r % count}" for r in range(TP)]
