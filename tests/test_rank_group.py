@@ -123,3 +123,22 @@ async def test_receivers_see_end_of_stream_when_the_entry_rank_closes(tmp_path: 
         await other.receive()
     await other.aclose()
     assert os.listdir(tmp_path) == []  # the rendezvous file and the ipc sockets are gone
+
+
+async def test_a_request_the_codec_refuses_fails_alone(tmp_path: Path) -> None:
+    config = Config(transport="zmq", tp_size=2, timeout_s=10)
+    entry, other = await asyncio.gather(
+        RankGroup.join(config, 0, tmp_path), RankGroup.join(config, 1, tmp_path)
+    )
+    async with entry, other:
+        good = TokenizedGenerateReqInput("good", [1, 2], {"stop": ["\n"]}, None)
+        odd = TokenizedGenerateReqInput("odd", [1, 2], {"stop": {1, 2}}, None)  # a set: pickled
+        published = await entry.publish([good, odd])
+        assert [e.rid for e in published.failed] == ["odd"]
+        assert [r.rid for r in published.requests] == ["good"]
+        assert [r.rid for r in (await other.receive()).requests] == ["good"]
+        # A value the codec cannot encode at all fails alone too.
+        huge = TokenizedGenerateReqInput("huge", [1], {"seed": 2**70}, None)
+        published = await entry.publish([huge, good])
+        assert [e.rid for e in published.failed] == ["huge"]
+        assert [r.rid for r in (await other.receive()).requests] == ["good"]

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import orjson
 import torch
@@ -56,7 +57,7 @@ import torch
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.devices import DevicePlacer, rank_device
-from mmsched.errors import CodecError, ConfigError, NotRunning, PeerLost
+from mmsched.errors import CodecError, ConfigError, NotRunning, PeerLost, PickleRefused
 from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
 from mmsched.messages import Batch, ErrorOutput, TokenizedGenerateReqInput
 from mmsched.processes import pid_alive
@@ -253,10 +254,39 @@ class RankGroup:
                 continue
             iteration.requests.append(req)
         if self._transport is not None:
-            batch = Batch(iteration=iteration.index, requests=iteration.requests)
-            await self._transport.send(encode(batch, self._store))
+            await self._transport.send(self._encode(iteration))
         await self._place(iteration)
         return iteration
+
+    def _encode(self, iteration: Iteration) -> list[Any]:
+        """The iteration as frames that every receiver can decode; a request that cannot go
+        (a value the codec refuses, or one it would pickle while receivers refuse pickles:
+        a set in its sampling parameters, say) fails alone."""
+        try:
+            frames = encode(Batch(iteration.index, iteration.requests), self._store)
+            self._check_decodable(frames)
+            return frames
+        except CodecError:
+            kept = []
+            for req in iteration.requests:
+                try:  # the failure path only: finds the culprits
+                    self._check_decodable(encode(req, self._store))
+                except CodecError as exc:
+                    log.warning("rank group refused request %s: %s", req.rid, exc)
+                    iteration.failed.append(ErrorOutput.from_exception(req.rid, exc))
+                    continue
+                kept.append(req)
+            iteration.requests = kept
+            return encode(Batch(iteration.index, kept), self._store)
+
+    def _check_decodable(self, frames: list[Any]) -> None:
+        # A pickled value is a "$pickle" key in the JSON header (frame 0); a string value
+        # cannot produce that unescaped.
+        if not self.config.allow_pickle and b'"$pickle":' in bytes(frames[0]):
+            raise PickleRefused(
+                "a value is neither JSON nor a tensor and would be pickled, which the other "
+                "ranks refuse (allow_pickle is off)"
+            )
 
     async def receive(self) -> Iteration:
         """Other ranks: the entry rank's next iteration.

@@ -24,6 +24,7 @@ unknown model 404; a full pipeline 503; the next request is served as usual.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -165,59 +166,92 @@ def create_app(
             rid = f"chatcmpl-{uuid.uuid4().hex}"
             output = await _generate(pipeline, rid, prepared)
             delivered = time.perf_counter()
-            text = _describe(chat, prepared, output, config.tp_size)
-            pieces = _pieces(text, max_tokens)
-            feature_bytes = sum(
-                int(item["feature"].nbytes)
-                for item in (prepared.mm_inputs or {}).get("mm_items", [])
-            )
-            metrics.completed(time.perf_counter() - arrived, prepared.images, feature_bytes)
+            pieces = _pieces(_describe(chat, prepared, output, config.tp_size), max_tokens)
+            metrics.completed(delivered - arrived, prepared.images, prepared.feature_bytes)
         except _HttpError as exc:
             metrics.answered("chat", exc.status)
             if exc.status >= 500:
                 log.warning("chat request failed: %s", exc.message)
             return exc.response()
+        except Exception as exc:  # a bug of ours: this request's 500, never the server's end
+            log.exception("chat request failed")
+            metrics.answered("chat", 500)
+            return _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}").response()
         finally:
             metrics.inflight -= 1
         metrics.answered("chat", 200)
-        usage = {
-            "prompt_tokens": len(prepared.input_ids),
-            "completion_tokens": len(pieces),
-            "total_tokens": len(prepared.input_ids) + len(pieces),
-        }
-        created = int(time.time())
-        # Where the time went, for load generators: decoding and processing the images,
-        # then the pipeline (hash, placement, every rank's delivery and answer).
-        timing = {
-            TIMING_HEADER: f"prepare={(processed - arrived) * 1e3:.2f};"
-            f"pipeline={(delivered - processed) * 1e3:.2f}"
-        }
-        finish = "length" if max_tokens is not None and len(pieces) == max_tokens else "stop"
-        if not stream:
-            return JSONResponse(
-                {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": settings.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "".join(pieces)},
-                            "finish_reason": finish,
-                        }
-                    ],
-                    "usage": usage,
-                },
-                headers=timing,
-            )
-        return StreamingResponse(
-            _events(rid, created, settings.model, pieces, finish, usage if include_usage else None),
-            media_type="text/event-stream",
-            headers=timing,
+        reply = _Reply(
+            rid=rid,
+            model=settings.model,
+            pieces=pieces,
+            prompt_tokens=len(prepared.input_ids),
+            finish="length" if max_tokens is not None and len(pieces) == max_tokens else "stop",
+            # Where the time went, for load generators: decoding and processing the
+            # images, then the pipeline (hash, placement, every rank's delivery, answer).
+            timing=f"prepare={(processed - arrived) * 1e3:.2f};"
+            f"pipeline={(delivered - processed) * 1e3:.2f}",
         )
+        return reply.stream(include_usage) if stream else reply.completion()
 
     return app
+
+
+@dataclass
+class _Reply:
+    """A finished completion, written whole or as server-sent events."""
+
+    rid: str
+    model: str
+    pieces: list[str]
+    prompt_tokens: int
+    finish: str
+    timing: str
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def usage(self) -> dict[str, int]:
+        done = len(self.pieces)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.prompt_tokens + done,
+        }
+
+    def completion(self) -> Response:
+        message = {"role": "assistant", "content": "".join(self.pieces)}
+        body = {
+            "id": self.rid,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish}],
+            "usage": self.usage,
+        }
+        return JSONResponse(body, headers={TIMING_HEADER: self.timing})
+
+    def stream(self, include_usage: bool) -> Response:
+        return StreamingResponse(
+            self._events(include_usage),
+            media_type="text/event-stream",
+            headers={TIMING_HEADER: self.timing},
+        )
+
+    async def _events(self, include_usage: bool) -> AsyncIterator[bytes]:
+        """As OpenAI streams: a role, the pieces, the finish, the usage if asked, [DONE]."""
+        yield self._chunk({"role": "assistant", "content": ""}, None)
+        for piece in self.pieces:
+            yield self._chunk({"content": piece}, None)
+        yield self._chunk({}, self.finish)
+        if include_usage:
+            yield self._data({"choices": [], "usage": self.usage})
+        yield b"data: [DONE]\n\n"
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
+        return self._data({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    def _data(self, fields: dict[str, Any]) -> bytes:
+        head = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created}
+        return b"data: " + orjson.dumps({**head, "model": self.model, **fields}) + b"\n\n"
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -307,35 +341,3 @@ def _pieces(text: str, max_tokens: int | None) -> list[str]:
     words = text.split(" ")
     pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
     return pieces[:max_tokens] if max_tokens is not None else pieces
-
-
-async def _events(
-    rid: str,
-    created: int,
-    model: str,
-    pieces: list[str],
-    finish: str,
-    usage: dict[str, int] | None,
-) -> AsyncIterator[bytes]:
-    """Server-sent events as OpenAI streams them: a role, the pieces, the finish, [DONE]."""
-
-    def chunk(delta: dict[str, Any], reason: str | None, **extra: Any) -> bytes:
-        body = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-            **extra,
-        }
-        return b"data: " + orjson.dumps(body) + b"\n\n"
-
-    yield chunk({"role": "assistant", "content": ""}, None)
-    for piece in pieces:
-        yield chunk({"content": piece}, None)
-    yield chunk({}, finish)
-    if usage is not None:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created}
-        body |= {"model": model, "choices": [], "usage": usage}
-        yield b"data: " + orjson.dumps(body) + b"\n\n"
-    yield b"data: [DONE]\n\n"

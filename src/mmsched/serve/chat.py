@@ -84,6 +84,12 @@ class PreparedChat:
     def images(self) -> int:
         return len(self.image_grids)
 
+    @property
+    def feature_bytes(self) -> int:
+        """Bytes of every processed image's ``pixel_values``."""
+        items = (self.mm_inputs or {}).get("mm_items", [])
+        return sum(int(item["feature"].nbytes) for item in items)
+
 
 class ChatProcessor:
     """Messages to input ids and processed images (module docstring)."""
