@@ -249,13 +249,28 @@ class Pipeline:
         is cancelled and the failure reaches every caller (``_background_stopped``)."""
         assert self._stage is not None
         async with anyio.create_task_group() as group:
-            group.start_soon(self._stage.route_results, name="mmsched-results")
+            group.start_soon(self._route_results, name="mmsched-results")
             if self.in_process:
                 for rank in range(self.config.tp_size):
                     self._ranks_running += 1
                     group.start_soon(self._run_rank_task, rank, name=f"mmsched-rank{rank}")
             else:
                 group.start_soon(self._watch, name="mmsched-watchdog")
+
+    async def _route_results(self) -> None:
+        """The result router; if it stops, every caller fails now, not once the rest of the
+        background work (in-process ranks finishing their iteration, say) has wound down."""
+        assert self._stage is not None
+        try:
+            await self._stage.route_results()
+        except BaseException as exc:
+            if not self._closing:
+                cause = "was cancelled" if isinstance(exc, asyncio.CancelledError) else exc
+                error = PeerLost(f"the tokenizer's result router stopped: {cause}")
+                self._failure = error
+                log.error("%s; failing every waiting request", error)
+                self._stage.fail_all(error)
+            raise
 
     def _background_stopped(self, task: asyncio.Task[None]) -> None:
         if self._closing or self._stage is None:
