@@ -24,8 +24,14 @@ from typing import Any
 
 import torch
 
-from mmsched import Config, EndOfStream, MultimodalInputs, TokenizedGenerateReqInput
-from mmsched.rank_group import Iteration, RankGroup
+from mmsched import (
+    Config,
+    EndOfStream,
+    Iteration,
+    MultimodalInputs,
+    RankGroup,
+    TokenizedGenerateReqInput,
+)
 
 IMAGE_TOKEN_ID = 151655  # Qwen2-VL's <|image_pad|>
 PATCH_ROW = 1176  # 3 channels x 2 frames x 14 x 14 values per patch

@@ -37,6 +37,8 @@ from mmsched.messages import (
 )
 from mmsched.pipeline import Pipeline
 from mmsched.probes import ModelStub, Probe, RankTimings
+from mmsched.rank_group import Iteration, RankGroup
+from mmsched.sglang_items import from_sglang
 from mmsched.stores import PayloadRef, PayloadStore, register_store, store_names
 from mmsched.strategies import Strategy, get_strategy, register_strategy, strategy_names
 from mmsched.tokenizer import RequestTrace
@@ -62,6 +64,7 @@ __all__ = [
     "GroupSpec",
     "HashStats",
     "InvalidMultimodalInput",
+    "Iteration",
     "MmschedError",
     "Modality",
     "ModelStub",
@@ -75,6 +78,7 @@ __all__ = [
     "PickleRefused",
     "Pipeline",
     "Probe",
+    "RankGroup",
     "RankTimings",
     "RequestFailed",
     "RequestTrace",
@@ -87,6 +91,7 @@ __all__ = [
     "__version__",
     "decode",
     "encode",
+    "from_sglang",
     "get_hasher",
     "get_strategy",
     "hash_stats",
