@@ -291,3 +291,14 @@ def test_validated_ids_travel_in_the_array_made_to_check_them() -> None:
     ids = validate_input_ids(np.arange(100).tolist())
     assert isinstance(ids, Int64List) and ids == list(range(100))
     assert any(f is ids.frame for f in encode(TokenizedGenerateReqInput("r", ids)))
+
+
+def test_a_sender_that_may_not_pickle_is_refused_before_anything_goes() -> None:
+    from mmsched import PickleRefused, TokenizedGenerateReqInput
+
+    odd = TokenizedGenerateReqInput("r", [1], {"stop": {1, 2}}, None)  # a set: pickled
+    with pytest.raises(PickleRefused, match="allow_pickle"):
+        encode(odd, allow_pickle=False)
+    assert len(encode(odd)) == 2  # allowed by default: the header and the pickle frame
+    plain = TokenizedGenerateReqInput("r", [1], {"stop": ["\n"]}, None)
+    assert len(encode(plain, allow_pickle=False)) == 1

@@ -57,7 +57,9 @@ _STRUCTS["mm_item"] = MultimodalDataItem
 _TAG_OF: dict[type[Any], str] = {cls: tag for tag, cls in _STRUCTS.items()}
 
 
-def encode(message: Message, store: PayloadStore | None = None) -> Frames:
+def encode(
+    message: Message, store: PayloadStore | None = None, *, allow_pickle: bool = True
+) -> Frames:
     """Encode a message into frames; tensor frames are views of the tensors' storage.
 
     With a ``store``, each tensor large enough for it is placed there and only its
@@ -66,6 +68,8 @@ def encode(message: Message, store: PayloadStore | None = None) -> Frames:
     Raises:
         CodecError: the message holds a value the codec cannot carry (an int wider than 64
             bits, text that is not UTF-8, a cycle, a tensor without data, ...).
+        PickleRefused: ``allow_pickle`` is off and a value would have to be pickled (a
+            sender that knows its receivers refuse pickles finds out here, not they).
         ArenaFull: the store had no room for a tensor within its timeout.
     """
     if not isinstance(message, MESSAGE_TYPES):
@@ -78,6 +82,11 @@ def encode(message: Message, store: PayloadStore | None = None) -> Frames:
         raise  # the store's own verdict (ArenaFull: backpressure), not a codec fault
     except Exception as exc:
         raise CodecError(f"cannot encode {message.KIND}: {type(exc).__name__}: {exc}") from exc
+    if not allow_pickle and any(isinstance(b, _PickleFrame) for b in buffers):
+        raise PickleRefused(
+            f"{message.KIND}: a value is neither JSON nor a tensor and would be pickled, "
+            "which the receivers refuse (allow_pickle is off)"
+        )
     return [header, *buffers]
 
 
@@ -281,8 +290,12 @@ def _int64_frame(values: list[Any]) -> Buffer | None:
         return None
 
 
+class _PickleFrame(bytes):
+    """A frame holding a pickled value (so that ``encode`` can tell it from the others)."""
+
+
 def _pickled(value: Any, buffers: list[Buffer]) -> dict[str, int]:
-    buffers.append(cloudpickle.dumps(value))
+    buffers.append(_PickleFrame(cloudpickle.dumps(value)))
     return {"$pickle": len(buffers) - 1}
 
 

@@ -49,7 +49,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import orjson
 import torch
@@ -57,7 +56,8 @@ import torch
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.devices import DevicePlacer, rank_device
-from mmsched.errors import CodecError, ConfigError, NotRunning, PeerLost, PickleRefused
+from mmsched.errors import CodecError, ConfigError, NotRunning, PeerLost
+from mmsched.frames import Frames
 from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
 from mmsched.messages import Batch, ErrorOutput, TokenizedGenerateReqInput
 from mmsched.processes import pid_alive
@@ -239,14 +239,7 @@ class RankGroup:
         self._iteration += 1
         for req in requests:
             try:
-                req.input_ids = validate_input_ids(req.input_ids)
-                req.mm_inputs = await asyncio.to_thread(
-                    materialize,
-                    req.mm_inputs,
-                    hasher=self.config.hasher,
-                    input_len=len(req.input_ids),
-                    max_bytes=self.config.max_request_bytes,
-                )
+                await asyncio.to_thread(self._build, req)  # O(ids) and the hash: off the loop
             except Exception as exc:  # foreign data: this request's error, never the loop's
                 rid = req.rid if isinstance(req.rid, str) else repr(req.rid)
                 log.warning("rank group refused request %s: %r", rid, exc)
@@ -258,35 +251,37 @@ class RankGroup:
         await self._place(iteration)
         return iteration
 
-    def _encode(self, iteration: Iteration) -> list[Any]:
+    def _encode(self, iteration: Iteration) -> Frames:
         """The iteration as frames that every receiver can decode; a request that cannot go
         (a value the codec refuses, or one it would pickle while receivers refuse pickles:
         a set in its sampling parameters, say) fails alone."""
+        pickles = self.config.allow_pickle
         try:
-            frames = encode(Batch(iteration.index, iteration.requests), self._store)
-            self._check_decodable(frames)
-            return frames
+            return encode(
+                Batch(iteration.index, iteration.requests), self._store, allow_pickle=pickles
+            )
         except CodecError:
             kept = []
             for req in iteration.requests:
                 try:  # the failure path only: finds the culprits
-                    self._check_decodable(encode(req, self._store))
+                    encode(req, self._store, allow_pickle=pickles)
                 except CodecError as exc:
                     log.warning("rank group refused request %s: %s", req.rid, exc)
                     iteration.failed.append(ErrorOutput.from_exception(req.rid, exc))
                     continue
                 kept.append(req)
             iteration.requests = kept
-            return encode(Batch(iteration.index, kept), self._store)
+            return encode(Batch(iteration.index, kept), self._store, allow_pickle=pickles)
 
-    def _check_decodable(self, frames: list[Any]) -> None:
-        # A pickled value is a "$pickle" key in the JSON header (frame 0); a string value
-        # cannot produce that unescaped.
-        if not self.config.allow_pickle and b'"$pickle":' in bytes(frames[0]):
-            raise PickleRefused(
-                "a value is neither JSON nor a tensor and would be pickled, which the other "
-                "ranks refuse (allow_pickle is off)"
-            )
+    def _build(self, req: TokenizedGenerateReqInput) -> None:
+        """``req``'s ids checked and its inputs built and hashed, in place (raises if bad)."""
+        req.input_ids = validate_input_ids(req.input_ids)
+        req.mm_inputs = materialize(
+            req.mm_inputs,
+            hasher=self.config.hasher,
+            input_len=len(req.input_ids),
+            max_bytes=self.config.max_request_bytes,
+        )
 
     async def receive(self) -> Iteration:
         """Other ranks: the entry rank's next iteration.
