@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from mmsched.bench.load import INPUTS as LOAD_INPUTS
 from mmsched.bench.load import WORKERS as LOAD_WORKERS
 from mmsched.bench.report import write_report
 from mmsched.config import Config
-from mmsched.errors import MmschedError
+from mmsched.errors import ConfigError, MmschedError
 from mmsched.hashing import DEFAULT_HASHER, HASHERS
 from mmsched.stores import store_class, store_names
 from mmsched.strategies import get_strategy
@@ -62,6 +63,7 @@ Carry multimodal inputs from the tokenizer to every tensor-parallel rank.
 
 commands:
   mmsched serve          an OpenAI-compatible chat server with images, on the pipeline
+  mmsched rank           start this host's ranks of a group spread over several hosts
   mmsched bench fanout   latency until every rank holds a request's inputs
   mmsched bench load     open-loop load against the pipeline, per strategy and transport
   mmsched bench serve    open-loop chat load against any OpenAI-compatible server
@@ -99,15 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         "--strategy",  # the load benchmark's spelling: either works in both
         type=_csv(str),
-        default=list(DEFAULT_STRATEGIES),
-        help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy)",
+        help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy; with "
+        "--hosts: zero-copy)",
     )
     fan.add_argument(
         "--transports",
         "--transport",
         type=_csv(str),
-        default=list(DEFAULT_TRANSPORTS),
-        help=f"comma-separated, of {', '.join(transport_names())} (default torch,zmq,shm)",
+        help=f"comma-separated, of {', '.join(transport_names())} (default torch,zmq,shm; "
+        "with --hosts: zmq)",
     )
     fan.add_argument(
         "--input",
@@ -149,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests", type=int, default=20, help="timed requests per size (default 20)"
     )
     fan.add_argument("--warmup", type=int, default=3, help="untimed requests per size (default 3)")
+    fan.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="spread the ranks over this many hosts, simulated here with network namespaces "
+        "(needs root; --tp ranks in all; one strategy and transport; default 1)",
+    )
     fan.add_argument("--json", type=Path, help="write one record per row to this file")
 
     load = bench.add_parser(
@@ -166,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         dest="strategy",
         type=_csv(str),
-        default=list(DEFAULT_STRATEGIES),
-        help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy)",
+        help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy; with "
+        "--hosts: zero-copy)",
     )
     load.add_argument(
         "--transports",
@@ -258,7 +267,77 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="the model id answered to")
     serve.add_argument("--max-images", type=int, default=16, help="images per request")
     serve.add_argument("--max-image-mb", type=int, default=20, help="largest encoded image")
+    _host_flags(serve, required=False)
+
+    rank = sub.add_parser(
+        "rank",
+        help="start this host's ranks of a group spread over several hosts (node 1 and up)",
+        description="Join node 0 (the process running the pipeline: mmsched serve, or a "
+        "server's Pipeline) and run this host's tp_size/nnodes ranks until the group ends. "
+        "The config (--config, MMSCHED_* variables, the flags) must match node 0's.",
+    )
+    _host_flags(rank, required=True)
+    rank.add_argument("--node-rank", type=int, required=True, help="this host: 1 .. nnodes-1")
+    rank.add_argument("--config", type=Path, help="a TOML config file")
+    rank.add_argument("--tp", type=int, help="scheduler ranks of the whole group (tp_size)")
+    rank.add_argument(
+        "--on-iteration", help="the ranks' model step, as module:function (default: the stub)"
+    )
+    rank.add_argument("--on-rank-start", help="per-rank set-up, as module:function")
     return parser
+
+
+def _host_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--nnodes", type=int, required=required, help="hosts the ranks are spread over"
+    )
+    parser.add_argument(
+        "--dist-init-addr", required=required, help="node 0's HOST:PORT, where hosts join"
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The config of ``serve`` and ``rank``: the file, the environment, then the flags."""
+    config = (Config.from_toml(args.config) if args.config else Config()).with_env()
+    flags = {
+        "tp_size": args.tp,
+        "nnodes": args.nnodes,
+        "dist_init_addr": args.dist_init_addr,
+    }
+    return config.replace(**{k: v for k, v in flags.items() if v is not None})
+
+
+def _import_callback(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import {spec!r} (module:function): {exc}") from exc
+
+
+def _rank(args: argparse.Namespace, console: Console) -> int:
+    from mmsched.node import run_node
+
+    config = _config(args)
+    first = args.node_rank * config.ranks_per_node
+    last = first + config.ranks_per_node - 1
+    console.print(
+        f"node {args.node_rank} of {config.nnodes}: ranks {first}..{last} of {config.tp_size}, "
+        f"joining {config.dist_init_addr}"
+    )
+    try:
+        run_node(
+            config,
+            args.node_rank,
+            on_iteration=_import_callback(args.on_iteration),
+            on_rank_start=_import_callback(args.on_rank_start),
+        )
+    except KeyboardInterrupt:
+        return 130
+    console.print(f"node {args.node_rank}: the group ended")
+    return 0
 
 
 def _fanout_table(records: list[FanoutRecord], title: str) -> Table:
@@ -351,7 +430,14 @@ def _new_table(title: str, columns: Sequence[str]) -> Table:
 
 
 def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
+    several_hosts = args.hosts > 1
+    if args.strategies is None:
+        args.strategies = ["zero-copy"] if several_hosts else list(DEFAULT_STRATEGIES)
+    if args.transports is None:
+        args.transports = ["zmq"] if several_hosts else list(DEFAULT_TRANSPORTS)
     _check_names(args.strategies, args.transports, args.stores)
+    if several_hosts:
+        return _bench_fanout_hosts(args, console)
     records: list[FanoutRecord] = []
     # What the run covers: the progress bar counts it, the run does it.
     matrix: dict[str, Any] = {
@@ -392,6 +478,59 @@ def _bench_fanout(args: argparse.Namespace, console: Console) -> int:
     console.print(FANOUT_LEGEND, highlight=False, markup=False)
     _write_json(args.json, [r.as_dict() for r in records], console)
     return 0 if all(r.ranks_identical for r in records) else 1
+
+
+def _bench_fanout_hosts(args: argparse.Namespace, console: Console) -> int:
+    from mmsched.bench.hosts import hosts_config, run_hosts_fanout
+
+    if len(args.strategies) * len(args.transports) * len(args.stores or [None]) * len(args.tp) > 1:
+        raise ConfigError("--hosts runs one design: one strategy, transport, store and --tp")
+    strategy, transport = args.strategies[0], args.transports[0]
+    stores = {"payload_store": args.stores[0]} if args.stores else {}
+    config = hosts_config(
+        args.hosts, args.tp[0], strategy, transport, hasher=args.hasher, **stores
+    ).with_env()
+    table = _new_table(
+        f"fan-out over {args.hosts} simulated hosts, TP={config.tp_size} "
+        f"({config.ranks_per_node} per host), {config.strategy}/{config.transport}/"
+        f"{config.payload_store}, hasher={config.hasher}, consume=none, "
+        f"{args.requests} requests per row",
+        ["MB", "p50 ms", "p90 ms", "node 0 p50", "floor ms", "x floor", "link x payload",
+         "NIC bytes/req", "identical", "clean"],
+    )  # fmt: skip
+    records = run_hosts_fanout(
+        config,
+        args.sizes,
+        requests=args.requests,
+        warmup=args.warmup,
+        work_dir=Path("bench-results") / "hosts-logs",  # each host's output
+    )
+    for r in records:
+        table.add_row(
+            f"{r.size_mb:g}",
+            f"{r.latency_ms['p50']:.2f}",
+            f"{r.latency_ms['p90']:.2f}",
+            f"{r.node0_latency_ms['p50']:.2f}",
+            f"{r.floor_ms:.2f}",
+            f"{r.x_floor:.2f}",
+            f"{r.link_x_payload:.4f}",
+            f"{r.nic_bytes_per_request / 1e6:.2f} MB",
+            "yes" if r.identical else "NO",
+            "yes" if r.clean else "NO",
+        )
+    console.print(table)
+    console.print(HOSTS_LEGEND, highlight=False, markup=False)
+    _write_json(args.json, [r.as_dict() for r in records], console)
+    return 0 if all(r.identical and r.clean for r in records) else 1
+
+
+HOSTS_LEGEND = """\
+p50/p90: from the call into the pipeline to the last rank of every host holding the inputs.
+node 0 p50: to the last of node 0's own ranks. floor: the same number of fresh bytes sent once
+over plain TCP from host 0 to host 1 and acknowledged. link x payload: bytes the busiest
+link's agent received over the cross-host transport per request, over the payload (1.0: once).
+NIC bytes/req: what left host 0's interface per request and other host (framing, heartbeats
+and idle iterations included). clean: no process and no /dev/shm entry left on any host."""
 
 
 def _progress(console: Console) -> Progress:
@@ -568,9 +707,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         hint = f"{exc}: install the serve extra: pip install 'mmsched[serve]'"
         console.print(f"[red]error:[/red] {escape(hint)}")
         return 2
-    config = (Config.from_toml(args.config) if args.config else Config()).with_env()
-    if args.tp is not None:
-        config = config.replace(tp_size=args.tp)
+    config = _config(args)
     settings = ServeSettings(
         model=args.model or DEFAULT_MODEL,
         max_images=args.max_images,
@@ -609,6 +746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(args, console)
+        if args.command == "rank":
+            return _rank(args, console)
     except MmschedError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")  # messages hold [0]-style names
         return 2

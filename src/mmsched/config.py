@@ -87,6 +87,12 @@ class Config:
         feature_cache_mb: bytes of features each rank keeps, by content hash, so that a
             repeated feature travels as a reference (``0``: no cache). Needs a strategy that
             hashes in the tokenizer and a collision-resistant hasher (``blake3``, ``sha256``).
+        nnodes: number of hosts the ``tp_size`` ranks are spread over, ``tp_size / nnodes``
+            on each (see [Several hosts](../hosts.md)). The process that runs the pipeline
+            is node 0; every other host runs ``mmsched rank --node-rank K``.
+        dist_init_addr: ``HOST:PORT`` of node 0 where the other hosts join (``nnodes > 1``
+            only). Node 0 listens on ``PORT`` (joining), ``PORT+1`` (results) and
+            ``PORT+2`` (the iterations, payloads included, once per host) at ``HOST``.
     """
 
     transport: str = "zmq"
@@ -109,6 +115,8 @@ class Config:
     device: str = "cpu"
     cuda_pool_mb: int = 1024
     feature_cache_mb: int = 0
+    nnodes: int = 1
+    dist_init_addr: str | None = None
 
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
@@ -162,6 +170,28 @@ class Config:
             raise ConfigError(f"shm_arena_mb must be at least 1, got {self.shm_arena_mb}")
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:
             raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        self._check_hosts()
+
+    def _check_hosts(self) -> None:
+        if self.nnodes < 1:
+            raise ConfigError(f"nnodes must be at least 1, got {self.nnodes}")
+        if self.tp_size % self.nnodes:
+            raise ConfigError(
+                f"tp_size={self.tp_size} cannot be spread evenly over nnodes={self.nnodes}"
+            )
+        if self.dist_init_addr is not None:
+            split_host_port(self.dist_init_addr)
+        if self.nnodes == 1:
+            return
+        if self.dist_init_addr is None:
+            raise ConfigError(f"nnodes={self.nnodes} needs dist_init_addr (node 0's HOST:PORT)")
+        if not transport_class(self.transport).cross_process:
+            raise ConfigError(f"the {self.transport!r} transport cannot span hosts")
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks on each host: ``tp_size / nnodes``."""
+        return self.tp_size // self.nnodes
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
@@ -257,6 +287,18 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         """Every field by name, e.g. for logging the config a run used."""
         return dataclasses.asdict(self)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``("HOST", PORT)`` of a ``dist_init_addr``; ``PORT+2`` must be a port too.
+
+    Raises:
+        ConfigError: not ``HOST:PORT``.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65534:
+        raise ConfigError(f"dist_init_addr must be HOST:PORT (PORT below 65534), got {address!r}")
+    return host, int(port)
 
 
 def _near(name: str, known: list[str]) -> str:

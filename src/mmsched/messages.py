@@ -13,6 +13,7 @@ Direction of travel:
   [`MaterializedInputs`][]
 - ranks -> tokenizer: [`GenerateOutput`][], [`ErrorOutput`][], [`RankProgress`][],
   [`RankReady`][], and [`ProbeReport`][] only where a [probe][mmsched.probes] is plugged in
+- each other host's agent -> tokenizer: [`NodeStatus`][] (heartbeats)
 """
 
 from __future__ import annotations
@@ -161,6 +162,23 @@ class CacheMissed:
     rank: int
 
 
+@dataclass(eq=False)
+class NodeStatus:
+    """A host's agent to the tokenizer, every heartbeat period (see [`mmsched.node`][]).
+
+    ``bytes_received`` counts what crossed the link from node 0 so far (the cross-host
+    transport's statistics); ``failed`` says why the host stops serving (a rank died there),
+    after which it sends nothing more.
+    """
+
+    KIND: ClassVar[str] = "node_status"
+    node: int
+    pid: int
+    bytes_received: int = 0
+    messages_received: int = 0
+    failed: str | None = None
+
+
 Message = (
     TokenizedGenerateReqInput
     | AbortReq
@@ -173,6 +191,7 @@ Message = (
     | ProbeReport
     | RankReady
     | CacheMissed
+    | NodeStatus
 )
 
 MESSAGE_TYPES: tuple[type[Any], ...] = (
@@ -187,4 +206,5 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     ProbeReport,
     RankReady,
     CacheMissed,
+    NodeStatus,
 )

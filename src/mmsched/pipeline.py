@@ -28,12 +28,14 @@ steal or forge requests by connecting to them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
@@ -50,8 +52,9 @@ from zmq.auth.thread import ThreadAuthenticator
 from mmsched.cache import CacheStats
 from mmsched.config import Config
 from mmsched.errors import ConfigError, MmschedError, NotRunning, PeerLost
+from mmsched.hosts import HostAddresses, JoinServer, host_lost_after_s, probe_name
 from mmsched.inputs import MultimodalInputs
-from mmsched.messages import GenerateOutput
+from mmsched.messages import GenerateOutput, NodeStatus
 from mmsched.probes import Probe
 from mmsched.processes import pid_alive
 from mmsched.scheduler import (
@@ -121,6 +124,7 @@ class Pipeline:
         self._store: PayloadStore | None = None
         self._authenticator: ThreadAuthenticator | None = None
         self._addresses: RankAddresses | None = None
+        self._join_server: JoinServer | None = None  # several hosts: where the others join
         self._ready = False
         self._closing = False
         self._failure: MmschedError | None = None  # why the pipeline stopped serving
@@ -134,6 +138,11 @@ class Pipeline:
     def pids(self) -> list[int]:
         """Process ids of the rank processes, rank order (none when ranks are tasks)."""
         return [p.pid for p in self._processes if p.pid is not None]
+
+    def node_status(self) -> dict[int, NodeStatus]:
+        """Several hosts: each other host's last heartbeat, by node rank, with the bytes
+        that crossed the link to it so far (``bytes_received``)."""
+        return dict(self._stage.node_status) if self._stage is not None else {}
 
     def cache_stats(self) -> CacheStats | None:
         """What the feature cache did (``feature_cache_mb``): hits, bytes saved, bytes held.
@@ -170,7 +179,7 @@ class Pipeline:
 
     async def _start(self) -> None:
         if not self.in_process:
-            _check_picklable(self.on_iteration, self.probe, self.on_rank_start)
+            check_picklable(self.on_iteration, self.probe, self.on_rank_start)
         # What a crashed earlier run may have left: its ranks clean up after it when they
         # can, but a rank killed with its parent before it ran any code of ours cannot.
         sweep_stale_run_dirs()
@@ -198,6 +207,12 @@ class Pipeline:
                 (results, self.config.results_address, "results"),
             )
         ]
+        if self.config.nnodes > 1:
+            hosts = HostAddresses.of(self.config)
+            try:
+                results.bind(hosts.results)  # the other hosts' ranks report here
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot bind {hosts.results}: {exc}") from exc
         addresses = RankAddresses(
             requests=bound[0],
             results=bound[1],
@@ -215,15 +230,19 @@ class Pipeline:
             self._store,
             probed=bool(self.probe and self.probe.reports),
         )
+        if self.config.nnodes > 1:
+            self._join_server = JoinServer(
+                self._zmq, self.config, token, self._stage.fail_all, probe_name(self.probe)
+            )
         if not self.in_process:
             ctx = multiprocessing.get_context("spawn")
-            for rank in range(self.config.tp_size):
+            for rank in range(self.config.ranks_per_node):  # this host's; the others' agents
                 proc = ctx.Process(
                     target=rank_main,
                     args=(
                         self.config,
                         rank,
-                        addresses,
+                        self._rank_addresses(rank),
                         self.on_iteration,
                         self.probe,
                         self.on_rank_start,
@@ -244,12 +263,22 @@ class Pipeline:
         self._ready = True
         self._store.consumers_attached()  # every rank has attached: drop the public name
 
+    def _rank_addresses(self, rank: int) -> RankAddresses:
+        assert self._addresses is not None
+        if rank != 0 or self.config.nnodes == 1:
+            return self._addresses
+        # The entry rank also publishes every iteration to the other hosts' agents.
+        iterations = HostAddresses.of(self.config).iterations
+        return dataclasses.replace(self._addresses, iterations=iterations)
+
     async def _supervise(self) -> None:
         """The pipeline's background work, in one task group: if one part fails, the rest
         is cancelled and the failure reaches every caller (``_background_stopped``)."""
         assert self._stage is not None
         async with anyio.create_task_group() as group:
             group.start_soon(self._route_results, name="mmsched-results")
+            if self._join_server is not None:
+                group.start_soon(self._join_server.serve, name="mmsched-join")
             if self.in_process:
                 for rank in range(self.config.tp_size):
                     self._ranks_running += 1
@@ -411,6 +440,8 @@ class Pipeline:
             await asyncio.gather(self._background, return_exceptions=True)
         if self._stage is not None:
             self._stage.close()
+        if self._join_server is not None:
+            self._join_server.close()
         if self._authenticator is not None:
             self._authenticator.stop()
         if self._zmq is not None:
@@ -451,17 +482,38 @@ class Pipeline:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD_S)
-            for rank, proc in enumerate(self._processes):
-                if proc.exitcode is not None and self._stage is not None:
-                    error = self._process_error(rank, proc.exitcode)
-                    self._failure = error
-                    log.error("%s", error)
-                    self._stage.fail_all(error)
-                    # A group missing a rank cannot serve: the others must not wait on it
-                    # (a collective would, until gloo's timeout). Stop them now.
-                    self._stage.shutdown()
-                    await self._join_ranks()
-                    return
+            error = self._lost_rank() or self._lost_host()
+            if error is not None and self._stage is not None:
+                self._failure = error
+                log.error("%s", error)
+                self._stage.fail_all(error)
+                # A group missing a rank cannot serve: the others must not wait on it
+                # (a collective would, until gloo's timeout). Stop them now.
+                self._stage.shutdown()
+                await self._join_ranks()
+                return
+
+    def _lost_rank(self) -> MmschedError | None:
+        for rank, proc in enumerate(self._processes):
+            if proc.exitcode is not None:
+                return self._process_error(rank, proc.exitcode)
+        return None
+
+    def _lost_host(self) -> MmschedError | None:
+        """Another host that said it stopped, or that went silent (``timeout_s / 2``)."""
+        if self._stage is None or self.config.nnodes == 1:
+            return None
+        if self._stage.node_failure is not None:
+            return self._stage.node_failure
+        silent_for = host_lost_after_s(self.config)
+        now = time.monotonic()
+        for node, seen in self._stage.node_seen.items():
+            if now - seen > silent_for:
+                return PeerLost(
+                    f"node {node} sent no heartbeat for {silent_for:.1f} s (timeout_s / 2): "
+                    "the host is gone, or the link to it is cut"
+                )
+        return None
 
     def _process_error(self, rank: int, exitcode: int) -> MmschedError:
         """What a dead rank process's death means to callers: the error it left, if any."""
@@ -514,7 +566,8 @@ def _bind(sock: zmq.asyncio.Socket, address: str | None, ipc_path: Path) -> str:
     return bound.decode() if isinstance(bound, bytes) else str(bound)
 
 
-def _check_picklable(*hooks: object) -> None:
+def check_picklable(*hooks: object) -> None:
+    """Raise ``ConfigError`` unless every hook can be sent to a spawned rank."""
     # Spawned ranks receive the callback and the probe pickled; a lambda or a local function
     # fails there with an AttributeError that does not say why.
     for hook in hooks:

@@ -54,6 +54,7 @@ from mmsched.config import Config
 from mmsched.devices import DevicePlacer, rank_device
 from mmsched.errors import CodecError, ConfigError
 from mmsched.frames import Frames, Int64List
+from mmsched.hosts import host_lost_after_s
 from mmsched.inputs import MultimodalInputs, materialize
 from mmsched.messages import (
     ABORTED,
@@ -104,6 +105,9 @@ class RankAddresses:
     parent_pid: int  # the process that started the ranks (the tokenizer)
     token: str  # the run's secret (see above)
     store: str | None = None  # where the payload store's consumers attach
+    # Several hosts: where node 0's entry rank publishes each iteration to the other hosts'
+    # agents (``None`` on one host, and for every rank but node 0's entry rank).
+    iterations: str | None = None
 
 
 CREDENTIALS_USER = b"mmsched"
@@ -126,7 +130,7 @@ def store_options(config: Config, rank: int | None = None) -> StoreOptions:
         device = "cpu"  # a host store's producer needs no device: CUDA stays untouched
     return StoreOptions(
         capacity_bytes=int(getattr(config, store.capacity_setting)) << 20,
-        consumers=config.tp_size,
+        consumers=config.ranks_per_node,  # each host's ranks attach to that host's store
         timeout_s=config.timeout_s,
         min_bytes=_STORE_MIN_BYTES,
         device=device,
@@ -150,8 +154,9 @@ def rank_main(
     on_iteration: IterationCallback | None = None,
     probe: Probe | None = None,
     on_rank_start: RankStartCallback | None = None,
+    group: tuple[int, int] | None = None,
 ) -> None:
-    """Process entry point of scheduler rank ``rank``."""
+    """Process entry point of scheduler rank ``rank`` (``group``: see ``SchedulerRank``)."""
     threading.Thread(
         target=_exit_if_orphaned, args=(addresses,), name="mmsched-orphan", daemon=True
     ).start()
@@ -159,7 +164,9 @@ def rank_main(
         device = rank_device(config.device, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the callback's default device is its own
-        rank_loop = SchedulerRank(config, rank, addresses, on_iteration, probe, on_rank_start)
+        rank_loop = SchedulerRank(
+            config, rank, addresses, on_iteration, probe, on_rank_start, group=group
+        )
         asyncio.run(rank_loop.run())
     except BaseException as exc:
         log.error("scheduler rank %d failed: %r", rank, exc)
@@ -203,6 +210,10 @@ class SchedulerRank:
     """One scheduler rank: its sockets, its transport endpoint and its iteration loop.
 
     It is the [`RankServices`][mmsched.strategies.base.RankServices] its strategy uses.
+
+    ``rank`` is the rank's place in the whole TP group; ``group`` is ``(index, size)`` in its
+    host's transport group, whose index 0 sends: on node 0 the entry rank, on another host
+    that host's agent ([`mmsched.node`][]). By default ``(rank, tp_size / nnodes)``.
     """
 
     def __init__(
@@ -213,9 +224,12 @@ class SchedulerRank:
         on_iteration: IterationCallback | None,
         probe: Probe | None = None,
         on_rank_start: RankStartCallback | None = None,
+        *,
+        group: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
+        self.group = group if group is not None else (rank, config.ranks_per_node)
         self.addresses = addresses
         self.on_iteration = on_iteration
         self.probe = probe
@@ -232,6 +246,7 @@ class SchedulerRank:
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
         self._transport: Transport | None = None
+        self._hosts: Transport | None = None  # entry rank of several hosts: to their agents
         self.refused = 0  # messages the entry rank refused (logged one by one)
 
     async def run(self) -> None:
@@ -251,6 +266,8 @@ class SchedulerRank:
         finally:
             if self._transport is not None:
                 await self._transport.aclose()
+            if self._hosts is not None:
+                await self._hosts.aclose()
             self._results.close()
             if self._inbox is not None:
                 self._inbox.close()
@@ -286,18 +303,20 @@ class SchedulerRank:
         self._store = await asyncio.to_thread(
             store_class(self.config.payload_store).attach,
             self.addresses.store,
-            self.rank,
+            self.rank % self.config.ranks_per_node,  # its index among its host's consumers
             store_options(self.config, self.rank),
         )
         self.decoder = Decoder(allow_pickle=self.config.allow_pickle, store=self._store)
         spec = GroupSpec(
-            self.rank,
-            self.config.tp_size,
+            self.group[0],
+            self.group[1],
             self.addresses.group,
             self.config.timeout_s,
             options={"arena_bytes": self.config.shm_arena_mb << 20},
         )
         self._transport = await open_transport(self.config.transport, spec)
+        if self.rank == 0 and self.addresses.iterations is not None:
+            self._hosts = await open_host_fanout(self.config, self.addresses.iterations)
 
     # -- step 1: agree on the iteration's requests ------------------------------------------
 
@@ -311,8 +330,7 @@ class SchedulerRank:
                 )
             return message
         batch = await self._collect(iteration)
-        # Tensors this rank resolved from the store go on as the same references.
-        await self._transport.send(encode(batch, self._store))
+        await self.send_to_group(batch)
         return batch
 
     async def _collect(self, iteration: int) -> Batch:
@@ -428,9 +446,13 @@ class SchedulerRank:
         )
 
     async def send_to_group(self, message: Message) -> None:
-        """Entry rank: one message to every other rank, its tensors by store reference."""
+        """Entry rank: one message to every other rank. On this host its tensors go by
+        store reference (those this rank resolved from the store as the same references);
+        to each other host's agent, once, with the tensors' bytes inline."""
         assert self._transport is not None
         await self._transport.send(encode(message, self._store))
+        if self._hosts is not None:
+            await self._hosts.send(encode(message))
 
     async def recv_from_group(self) -> Message:
         """Other ranks: the entry rank's next message."""
@@ -464,6 +486,21 @@ class SchedulerRank:
 
     async def _send(self, message: Message) -> None:
         await self._results.send_multipart(encode(message), copy=False)
+
+
+async def open_host_fanout(config: Config, address: str) -> Transport:
+    """Node 0's entry rank: the ``zmq`` publisher at ``address`` that every other host's
+    agent subscribes to; returns once all ``nnodes - 1`` have (``startup_timeout_s``)."""
+    # Closing waits for queued iterations to leave only as long as a live host may take to
+    # be heard from: past that, a host behind a cut link would hold the shutdown.
+    linger = {"linger_s": host_lost_after_s(config)}
+    spec = GroupSpec(0, config.nnodes, address, config.startup_timeout_s, linger)
+    try:
+        return await open_transport("zmq", spec)
+    except zmq.ZMQError as exc:
+        raise ConfigError(
+            f"cannot publish iterations to the other hosts at {address}: {exc}"
+        ) from exc
 
 
 def _check_request(message: Message) -> None:

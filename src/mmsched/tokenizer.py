@@ -51,6 +51,7 @@ from mmsched.messages import (
     CacheMissed,
     ErrorOutput,
     GenerateOutput,
+    NodeStatus,
     ProbeReport,
     RankProgress,
     RankReady,
@@ -204,6 +205,12 @@ class TokenizerStage:
         )
         self._sequencer = self._mirror.sequencer if self._mirror is not None else Sequencer()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop requests come from
+        # Several hosts: an answer counts once every rank has run its iteration (a host that
+        # never got it must not let it through), and each other host's last heartbeat.
+        self._answers_wait_for_ranks = config.nnodes > 1
+        self.node_status: dict[int, NodeStatus] = {}
+        self.node_seen: dict[int, float] = {}
+        self.node_failure: PeerLost | None = None  # a host's own report that it stopped
         self.bytes_sent = 0  # bytes of every request sent to the entry rank (the requests leg)
 
     async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
@@ -262,6 +269,9 @@ class TokenizerStage:
                 if it <= done:
                     self._store.settle(placed)
             self._settling = [(it, p) for it, p in self._settling if it > done]
+        if self._answers_wait_for_ranks:
+            for pending in list(self._pending.values()):
+                self._finish_if_complete(pending)
         behind = [(it, n) for it, n in self._held if it > done]
         if len(behind) != len(self._held):
             freed = sum(n for it, n in self._held if it <= done)
@@ -498,6 +508,9 @@ class TokenizerStage:
                     )
 
     def _route(self, message: object) -> None:
+        if isinstance(message, NodeStatus):
+            self._node_reported(message)
+            return
         if isinstance(message, CacheMissed):
             self._cache_missed(message)
             return
@@ -529,10 +542,27 @@ class TokenizerStage:
             pending.reports.append(message)
         else:
             raise CodecError(f"a {type(message).__name__} is not a result")
-        if pending.output is not None and len(pending.reports) >= self._reports_per_request:
-            pending.future.set_result(
-                RequestTrace(pending.output, pending.created_at, pending.reports)
-            )
+        self._finish_if_complete(pending)
+
+    def _finish_if_complete(self, pending: _Pending) -> None:
+        output = pending.output
+        if (
+            output is None
+            or pending.future.done()
+            or len(pending.reports) < self._reports_per_request
+            or (self._answers_wait_for_ranks and output.iteration > min(self._progress.values()))
+        ):
+            return
+        pending.future.set_result(RequestTrace(output, pending.created_at, pending.reports))
+
+    def _node_reported(self, message: NodeStatus) -> None:
+        if not (type(message.node) is int and 0 < message.node < self.config.nnodes):
+            raise CodecError(f"status of unknown node {message.node!r}")
+        self.node_status[message.node] = message
+        self.node_seen[message.node] = time.monotonic()
+        if message.failed is not None and self.node_failure is None:
+            self.node_failure = PeerLost(f"node {message.node} stopped: {message.failed}")
+            self.fail_all(self.node_failure)
 
 
 def _feature_bytes(mm_inputs: MultimodalInputs | Mapping[str, Any] | None) -> int:

@@ -18,6 +18,9 @@ Guarantees and limits:
   ``GroupSpec.timeout_s`` raises [`PeerLost`][]; a dead receiver does not
   disturb the sender or other receivers;
 - a pending ``recv()`` can be cancelled without losing a message.
+
+Option (``GroupSpec.options``): ``linger_s``, how long the sender's ``aclose`` waits for
+queued messages to leave (default ``timeout_s``).
 """
 
 from __future__ import annotations
@@ -64,8 +67,13 @@ class ZmqTransport(Transport):
             socket = context.socket(zmq.XPUB)
             socket.setsockopt(zmq.SNDHWM, 0)
             socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, not the first
-            socket.setsockopt(zmq.LINGER, int(spec.timeout_s * 1000))
-            socket.bind(spec.address)
+            linger_s = float(spec.options.get("linger_s", spec.timeout_s))
+            socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
+            try:
+                socket.bind(spec.address)
+            except zmq.ZMQError:
+                context.destroy(linger=0)
+                raise
             transport = cls(spec.rank, spec.world_size, context, socket, spec.timeout_s)
             await transport._await_subscribers(spec.world_size - 1, spec.timeout_s)
             return transport

@@ -1,0 +1,315 @@
+"""The agent of a host other than node 0: it starts that host's ranks and feeds them.
+
+``mmsched rank --nnodes N --node-rank K --dist-init-addr HOST:PORT`` (or
+[`run_node`][mmsched.node.run_node] from a server's own launcher) runs one
+[`NodeAgent`][mmsched.node.NodeAgent] per host. It
+
+1. joins node 0 ([`mmsched.hosts`][]): the configs must match, and it gets the run's token;
+2. subscribes to node 0's iterations (``PORT+2``), makes this host's payload store and
+   starts this host's ``tp_size / nnodes`` ranks (global ranks ``K*L .. K*L+L-1``), which
+   report to node 0's tokenizer themselves (``PORT+1``);
+3. relays: each message of node 0's entry rank arrives here once, tensors inline; the agent
+   writes them into this host's store and sends the message on over the configured
+   transport, in which it is the sender and its ranks the receivers. Every rank on every
+   host therefore sees the same messages in the same order, and a payload crosses each
+   host's link once whatever the number of ranks behind it;
+4. reports a heartbeat ([`NodeStatus`][mmsched.messages.NodeStatus]) to node 0 every
+   ``min(1 s, timeout_s / 8)``; node 0 counts a host silent for ``timeout_s / 2`` as lost and
+   fails every request in flight with [`PeerLost`][mmsched.errors.PeerLost].
+
+It stops when node 0 shuts the group down, when node 0 is silent for ``timeout_s / 2`` (no
+iteration arrived: node 0 announces one at least every ``idle_wait_ms``), or when one of its
+ranks dies (it tells node 0 why first). Whatever ends it, its ranks are asked to stop, killed
+if they do not, and its store, directory and sockets are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import zmq
+import zmq.asyncio
+
+from mmsched.codec import Decoder, encode
+from mmsched.config import Config
+from mmsched.errors import CodecError, ConfigError, EndOfStream, MmschedError, PeerLost
+from mmsched.hosts import (
+    HostAddresses,
+    heartbeat_period_s,
+    host_lost_after_s,
+    join,
+    probe_name,
+)
+from mmsched.messages import Batch, MaterializedInputs, NodeStatus
+from mmsched.pipeline import RUN_DIR_PREFIX, check_picklable, sweep_stale_run_dirs
+from mmsched.probes import Probe
+from mmsched.scheduler import (
+    IterationCallback,
+    RankAddresses,
+    RankStartCallback,
+    present_credentials,
+    rank_main,
+    read_failure,
+    store_options,
+    sweep_stale_stores,
+)
+from mmsched.stores import PayloadStore, store_class
+from mmsched.transports import GroupSpec, Transport, open_transport, transport_class
+
+log = logging.getLogger(__name__)
+
+_WATCH_PERIOD_S = 0.2
+
+
+class NodeAgent:
+    """Node ``node_rank``'s agent (see the module docstring); ``run`` until the group ends.
+
+    Args:
+        config: the same config as node 0's (checked when joining).
+        node_rank: this host's index, ``1 .. nnodes - 1``.
+        on_iteration: as [`Pipeline`][mmsched.pipeline.Pipeline]'s, for this host's ranks.
+        probe: as ``Pipeline``'s; node 0 refuses a host whose probe differs from its own.
+        on_rank_start: as ``Pipeline``'s.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        node_rank: int,
+        *,
+        on_iteration: IterationCallback | None = None,
+        probe: Probe | None = None,
+        on_rank_start: RankStartCallback | None = None,
+    ) -> None:
+        if config.nnodes < 2:
+            raise ConfigError("a node agent serves a group of several hosts: set nnodes >= 2")
+        if not 0 < node_rank < config.nnodes:
+            raise ConfigError(
+                f"node_rank must be one of 1..{config.nnodes - 1} (node 0 is the process "
+                f"that runs the pipeline), got {node_rank}"
+            )
+        self.config = config
+        self.node_rank = node_rank
+        self.on_iteration = on_iteration
+        self.probe = probe
+        self.on_rank_start = on_rank_start
+        per_node = config.ranks_per_node
+        self.ranks = range(node_rank * per_node, (node_rank + 1) * per_node)
+        self._processes: list[BaseProcess] = []
+        self._workdir: Path | None = None
+        self._store: PayloadStore | None = None
+        self._group_address: str | None = None
+        self._zmq = zmq.asyncio.Context()
+        self._status: zmq.asyncio.Socket | None = None
+        self._upstream: Transport | None = None  # node 0's iterations, received once here
+        self._local: Transport | None = None  # this host's ranks, fed by this agent
+        self._iteration = -1  # the last iteration relayed
+        self._shutdown_relayed = False
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of this host's ranks."""
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    async def run(self) -> None:
+        """Join, start the ranks, relay until the group ends.
+
+        Raises:
+            ConfigError: node 0 refused this host (the message names the config field that
+                differs), or a rank found the config unusable here.
+            PeerLost: node 0 did not answer within ``startup_timeout_s``, went silent for
+                ``timeout_s / 2``, or a rank of this host died.
+        """
+        check_picklable(self.on_iteration, self.probe, self.on_rank_start)
+        try:
+            token = await join(self.config, self.node_rank, probe_name(self.probe))
+            log.info("node %d joined; starting ranks %s", self.node_rank, list(self.ranks))
+            await self._start(token)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._heartbeat, name="mmsched-heartbeat")
+                group.start_soon(self._watch, name="mmsched-node-watch")
+                await self._relay()
+                group.cancel_scope.cancel()
+        except BaseException as exc:
+            failure = exc
+            while isinstance(failure, BaseExceptionGroup) and failure.exceptions:
+                failure = failure.exceptions[0]
+            if not isinstance(failure, asyncio.CancelledError | KeyboardInterrupt):
+                log.error("node %d stops: %s", self.node_rank, failure)
+                self._report_failure(str(failure))
+            if failure is not exc:
+                raise failure from exc
+            raise
+        finally:
+            await self._stop()
+
+    async def _start(self, token: str) -> None:
+        sweep_stale_run_dirs()
+        sweep_stale_stores()
+        config = self.config
+        hosts = HostAddresses.of(config)
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
+        self._status = self._zmq.socket(zmq.PUSH)
+        self._status.setsockopt(zmq.LINGER, 0)
+        present_credentials(self._status, token)
+        self._status.connect(hosts.results)
+        # Subscribe first: node 0's entry rank waits for every host's subscription.
+        self._upstream = await open_transport(
+            "zmq",
+            GroupSpec(self.node_rank, config.nnodes, hosts.iterations, host_lost_after_s(config)),
+        )
+        self._store = await asyncio.to_thread(
+            store_class(config.payload_store).create, store_options(config)
+        )
+        self._group_address = transport_class(config.transport).new_address(self._workdir)
+        addresses = RankAddresses(
+            requests="",  # only node 0's entry rank reads requests
+            results=hosts.results,
+            group=self._group_address,
+            run_dir=str(self._workdir),
+            parent_pid=os.getpid(),
+            token=token,
+            store=self._store.address,
+        )
+        size = config.ranks_per_node + 1  # this agent sends; its ranks receive
+        ctx = multiprocessing.get_context("spawn")
+        for index, rank in enumerate(self.ranks):
+            proc = ctx.Process(
+                target=rank_main,
+                args=(config, rank, addresses, self.on_iteration, self.probe, self.on_rank_start),
+                kwargs={"group": (index + 1, size)},
+                name=f"mmsched-rank{rank}",
+                daemon=True,
+            )
+            proc.start()
+            self._processes.append(proc)
+        spec = GroupSpec(
+            0,
+            size,
+            self._group_address,
+            config.timeout_s,
+            options={"arena_bytes": config.shm_arena_mb << 20},
+        )
+        opening = asyncio.ensure_future(open_transport(config.transport, spec))
+        while not opening.done():  # a rank that fails to start must not leave us waiting
+            await asyncio.wait([opening], timeout=_WATCH_PERIOD_S)
+            if not opening.done() and (error := self._dead_rank()) is not None:
+                opening.cancel()
+                raise error
+        self._local = opening.result()
+        self._store.consumers_attached()  # every rank attached before joining the group
+
+    async def _relay(self) -> None:
+        """Node 0's messages, each written into this host's store and sent on, in order."""
+        assert self._upstream is not None and self._local is not None and self._store
+        decoder = Decoder(allow_pickle=self.config.allow_pickle)
+        while True:
+            try:
+                frames = await self._upstream.recv()
+            except EndOfStream:
+                return  # node 0 closed its side after the shutdown
+            except PeerLost:
+                raise PeerLost(
+                    f"node 0 sent nothing for {host_lost_after_s(self.config):.1f} s "
+                    "(timeout_s / 2): it is gone, or the link to it is cut"
+                ) from None
+            message = decoder.decode(frames)
+            if not isinstance(message, Batch | MaterializedInputs):
+                raise CodecError(f"node 0 sent a {type(message).__name__}, not an iteration")
+            # The store may wait for room (held by this host's ranks): off the event loop.
+            forwarded = await asyncio.to_thread(encode, message, self._store)
+            await self._local.send(forwarded)
+            if isinstance(message, Batch):
+                self._iteration = message.iteration
+                if message.shutdown:
+                    self._shutdown_relayed = True
+                    return
+
+    async def _heartbeat(self) -> None:
+        assert self._status is not None and self._upstream is not None
+        while True:
+            stats = self._upstream.statistics()
+            status = NodeStatus(
+                node=self.node_rank,
+                pid=os.getpid(),
+                bytes_received=stats.bytes_received,
+                messages_received=stats.messages_received,
+            )
+            await self._status.send_multipart(encode(status))
+            await asyncio.sleep(heartbeat_period_s(self.config))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCH_PERIOD_S)
+            error = self._dead_rank()
+            if error is not None:
+                raise error
+
+    def _dead_rank(self) -> MmschedError | None:
+        for rank, proc in zip(self.ranks, self._processes, strict=False):
+            if proc.exitcode is not None:
+                left = read_failure(self._workdir, rank) if self._workdir else None
+                why = f"{left[0]}: {left[1]}" if left else f"exited with code {proc.exitcode}"
+                if left is not None and left[0] in ("ConfigError", "UnknownNameError"):
+                    return ConfigError(f"scheduler rank {rank} on node {self.node_rank}: {why}")
+                return PeerLost(f"scheduler rank {rank} on node {self.node_rank}: {why}")
+        return None
+
+    def _report_failure(self, why: str) -> None:
+        if self._status is None:
+            return
+        status = NodeStatus(node=self.node_rank, pid=os.getpid(), failed=why)
+        with contextlib.suppress(zmq.ZMQError):
+            zmq.Socket.shadow(self._status.underlying).send_multipart(
+                encode(status), flags=zmq.NOBLOCK
+            )
+
+    async def _stop(self) -> None:
+        """Stop this host's ranks (killed after a grace) and remove everything of the run."""
+        if self._local is not None:
+            if not self._shutdown_relayed and any(p.is_alive() for p in self._processes):
+                with contextlib.suppress(Exception):
+                    stop = Batch(iteration=self._iteration + 1, shutdown=True)
+                    await asyncio.wait_for(self._local.send(encode(stop)), 1.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._local.aclose(), self.config.timeout_s)
+        grace = self.config.timeout_s if self._local is not None else 1.0
+        deadline = time.monotonic() + grace
+        for proc in self._processes:
+            await asyncio.to_thread(proc.join, max(0.0, deadline - time.monotonic()))
+        for proc in self._processes:
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5)
+        if self._upstream is not None:
+            with contextlib.suppress(Exception):
+                await self._upstream.aclose()
+        if self._store is not None:
+            self._store.close()
+            store_class(self.config.payload_store).remove_leftovers(self._store.address)
+        if self._group_address is not None:
+            transport_class(self.config.transport).remove_leftovers(self._group_address)
+        self._zmq.destroy(linger=0)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        log.info("node %d stopped", self.node_rank)
+
+
+def run_node(config: Config, node_rank: int, **callbacks: Any) -> None:
+    """Run node ``node_rank``'s agent until the group ends (blocks; see ``NodeAgent``).
+
+    Raises:
+        MmschedError: as [`NodeAgent.run`][mmsched.node.NodeAgent.run].
+    """
+    asyncio.run(NodeAgent(config, node_rank, **callbacks).run())

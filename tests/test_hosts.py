@@ -1,0 +1,307 @@
+"""Ranks on several hosts: config checks, joining, and real runs on simulated hosts.
+
+The first tests need no privileges: the config's rules, the join protocol against a real
+socket, and two "hosts" on loopback whose configs differ. The rest run every host in its
+own network namespace with its own ``/dev/shm`` ([`mmsched.simhosts`][]), joined by veth
+links: payload identity and bytes per link (2 hosts x 4 ranks, 100 MB; 3 hosts), then a link
+cut and a killed host mid-run. They skip, saying why, where namespaces cannot be made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+import zmq.asyncio
+
+from mmsched import Config, ConfigError, Pipeline
+from mmsched.bench.hosts import hosts_config, run_hosts_fanout
+from mmsched.hosts import HostAddresses, JoinServer, config_mismatch, join
+from mmsched.simhosts import SimulatedHosts, address_of, available
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+NAMESPACES = available()
+needs_namespaces = pytest.mark.skipif(NAMESPACES is not None, reason=f"{NAMESPACES}")
+
+
+def _free_port_pair() -> int:
+    """A port P with P, P+1 and P+2 free on loopback now."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 65000:
+            continue
+        try:
+            probes = [socket.create_server(("127.0.0.1", port + k)) for k in range(3)]
+        except OSError:
+            continue
+        for p in probes:
+            p.close()
+        return port
+    raise RuntimeError("no three consecutive free ports")
+
+
+# -- config and joining, no privileges ----------------------------------------------------
+
+
+def test_config_rules_for_several_hosts() -> None:
+    with pytest.raises(ConfigError, match="spread evenly"):
+        Config(tp_size=3, nnodes=2, dist_init_addr="10.0.0.1:29500")
+    with pytest.raises(ConfigError, match="needs dist_init_addr"):
+        Config(tp_size=4, nnodes=2)
+    with pytest.raises(ConfigError, match="cannot span hosts"):
+        Config(tp_size=4, nnodes=2, dist_init_addr="10.0.0.1:29500", transport="memory")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        Config(tp_size=4, nnodes=2, dist_init_addr="10.0.0.1")
+    config = Config(tp_size=8, nnodes=2, dist_init_addr="10.0.0.1:29500")
+    assert config.ranks_per_node == 4
+    addresses = HostAddresses.of(config)
+    assert (addresses.join, addresses.results, addresses.iterations) == (
+        "tcp://10.0.0.1:29500",
+        "tcp://10.0.0.1:29501",
+        "tcp://10.0.0.1:29502",
+    )
+    from_env = Config.from_env(
+        {"MMSCHED_TP_SIZE": "8", "MMSCHED_NNODES": "2", "MMSCHED_DIST_INIT_ADDR": "h:1"}
+    )
+    assert (from_env.nnodes, from_env.dist_init_addr) == (2, "h:1")
+
+
+def test_a_config_mismatch_names_the_field() -> None:
+    ours = Config(tp_size=4, nnodes=2, dist_init_addr="h:1")
+    assert config_mismatch(ours, ours.as_dict()) is None
+    # Node 0's own sockets may differ; nothing else may.
+    assert config_mismatch(ours, {**ours.as_dict(), "results_address": "tcp://x:1"}) is None
+    theirs = {**ours.as_dict(), "shm_arena_mb": 512}
+    assert config_mismatch(ours, theirs) == (
+        "config field 'shm_arena_mb' differs: node 0 has 1024, the joining host has 512"
+    )
+    missing = ours.as_dict()
+    del missing["hasher"]
+    assert "'hasher' is missing" in str(config_mismatch(ours, missing))
+    assert "unknown to node 0" in str(config_mismatch(ours, {**ours.as_dict(), "x": 1}))
+    assert "not a table" in str(config_mismatch(ours, [1, 2]))
+
+
+def test_the_join_server_answers_every_hello_and_keeps_serving() -> None:
+    async def scenario() -> None:
+        port = _free_port_pair()
+        config = Config(tp_size=6, nnodes=3, dist_init_addr=f"127.0.0.1:{port}")
+        mismatches: list[ConfigError] = []
+        context = zmq.asyncio.Context()
+        server = JoinServer(context, config, "the-token", mismatches.append, probe=None)
+        serving = asyncio.create_task(server.serve())
+        raw = context.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(f"tcp://127.0.0.1:{port}")
+        try:
+            for junk in (b"not json", b"[1, 2]", orjson.dumps({"node_rank": "1", "pid": 1})):
+                await raw.send(junk)
+                reply = orjson.loads(await asyncio.wait_for(raw.recv(), 5))
+                assert reply["error"].startswith("malformed hello")
+            assert await join(config, 1) == "the-token"
+            with pytest.raises(ConfigError, match="has joined already"):
+                await join(config, 1)
+            with pytest.raises(ConfigError, match=r"not one of 1\.\.2"):
+                await join(config, 3)
+            with pytest.raises(ConfigError, match="probe"):
+                await join(config, 2, probe="RankTimings")
+            other = config.replace(hasher="sha256")
+            with pytest.raises(ConfigError, match="config field 'hasher' differs"):
+                await join(other, 2)
+            assert [str(e) for e in mismatches][-1].startswith("node 2 cannot join: config field")
+            assert await join(config, 2) == "the-token"
+            assert set(server.joined) == {1, 2}
+        finally:
+            serving.cancel()
+            server.close()
+            context.destroy(linger=0)
+
+    asyncio.run(scenario())
+
+
+def test_an_agent_without_node_0_gives_up_after_startup_timeout() -> None:
+    port = _free_port_pair()
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "mmsched", "rank", "--tp", "2", "--nnodes", "2",
+         "--node-rank", "1", "--dist-init-addr", f"127.0.0.1:{port}"],
+        env={**os.environ, "MMSCHED_STARTUP_TIMEOUT_S": "1"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "node 0 did not answer" in done.stdout
+    assert time.monotonic() - started < 30
+    refused = subprocess.run(
+        [sys.executable, "-m", "mmsched", "rank", "--tp", "2", "--nnodes", "2",
+         "--node-rank", "0", "--dist-init-addr", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "node 0 is the process that runs the pipeline" in refused.stdout
+
+
+def test_mismatched_hosts_fail_at_join_on_both_sides() -> None:
+    """Two hosts on loopback (real processes, the real ``mmsched rank``): the joining host
+    has another arena size; both fail, naming the field, and nothing is left running."""
+    port = _free_port_pair()
+    config = Config(
+        tp_size=2,
+        nnodes=2,
+        dist_init_addr=f"127.0.0.1:{port}",
+        shm_arena_mb=64,
+        timeout_s=20,
+        startup_timeout_s=60,
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "mmsched", "rank", "--tp", "2", "--nnodes", "2",
+         "--node-rank", "1", "--dist-init-addr", config.dist_init_addr or ""],
+        env={**os.environ, "MMSCHED_SHM_ARENA_MB": "32", "MMSCHED_TIMEOUT_S": "20",
+             "MMSCHED_STARTUP_TIMEOUT_S": "60"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+    async def node0() -> list[int]:
+        pipeline = Pipeline(config)
+        with pytest.raises(ConfigError, match="config field 'shm_arena_mb' differs") as raised:
+            await pipeline.start()
+        assert "node 0 has 64, the joining host has 32" in str(raised.value)
+        return pipeline.pids
+
+    try:
+        pids = asyncio.run(node0())
+        output, _ = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert agent.returncode == 2
+    assert "node 0 refused node 1: config field 'shm_arena_mb' differs" in output
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# -- simulated hosts ----------------------------------------------------------------------
+
+
+@needs_namespaces
+def test_two_hosts_of_four_ranks_carry_100_mb_once_per_link(tmp_path: Path) -> None:
+    config = hosts_config(2, 8, "zero-copy", "zmq", shm_arena_mb=512)
+    (record,) = run_hosts_fanout(config, [100.0], requests=3, warmup=1, work_dir=tmp_path)
+    assert record.identical, "every rank on both hosts holds the tokenizer's bytes"
+    assert record.clean, "no process and no /dev/shm entry left on either host"
+    assert record.payload_bytes >= 0.99e8  # 100 MB of image features, to a whole pixel
+    assert record.link_x_payload <= 1.05, record.link_bytes_per_request
+    # What really left host 0's interface, TCP/IP framing and idle iterations included.
+    assert record.nic_bytes_per_request <= 1.05 * record.payload_bytes
+
+
+@needs_namespaces
+def test_three_hosts_see_the_same_bytes(tmp_path: Path) -> None:
+    config = hosts_config(3, 6, "zero-copy", "zmq", shm_arena_mb=128)
+    (record,) = run_hosts_fanout(config, [8.0], requests=3, warmup=1, work_dir=tmp_path)
+    assert record.identical and record.clean
+    assert set(record.link_bytes_per_request) == {"1", "2"}
+    assert record.link_x_payload <= 1.05, record.link_bytes_per_request
+
+
+def _run_until_host_lost(tmp_path: Path, fault: str) -> tuple[dict[str, Any], float, int]:
+    """Node 0 on host 0 keeps requests in flight; the real ``mmsched rank`` runs host 1;
+    once requests flow, ``fault`` hits host 1. Returns node 0's outcomes, the fault's time
+    and host 1's agent's exit code (``None`` when killed)."""
+    timeout_s = 6.0
+    config = Config(
+        tp_size=4,
+        nnodes=2,
+        dist_init_addr=f"{address_of(0)}:29500",
+        shm_arena_mb=64,
+        timeout_s=timeout_s,
+        startup_timeout_s=90,
+    )
+    spec = {
+        "config": config.as_dict(),
+        "ready": str(tmp_path / "ready"),
+        "out": str(tmp_path / "node0.json"),
+        "concurrency": 4,
+        "run_for_s": 60,
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+        "MMSCHED_SHM_ARENA_MB": "64",
+        "MMSCHED_TIMEOUT_S": str(timeout_s),
+        "MMSCHED_STARTUP_TIMEOUT_S": "90",
+    }
+    with SimulatedHosts(2, shm_mb=256) as hosts:
+        agent = hosts[1].popen(
+            [sys.executable, "-m", "mmsched", "rank", "--tp", "4", "--nnodes", "2",
+             "--node-rank", "1", "--dist-init-addr", config.dist_init_addr or ""],
+            env=env, output=tmp_path / "node1.log",
+        )  # fmt: skip
+        node0 = hosts[0].popen(
+            [sys.executable, str(TESTS / "host_roles.py"), json.dumps(spec)],
+            env=env,
+            output=tmp_path / "node0.log",
+        )
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "ready").exists():
+            assert node0.poll() is None, (tmp_path / "node0.log").read_text()
+            assert time.monotonic() < deadline, "the two hosts did not start"
+            time.sleep(0.1)
+        time.sleep(1.5)  # requests flow
+        fault_at = time.monotonic()
+        if fault == "cut":
+            hosts[1].cut()
+        else:
+            hosts[1].kill_all()
+        assert node0.wait(timeout_s + 30) == 0, (tmp_path / "node0.log").read_text()
+        agent_code = agent.wait(timeout_s + 30)
+        clean_by = time.monotonic() + 10
+        while any(h.pids() or h.shm_entries() for h in hosts) and time.monotonic() < clean_by:
+            time.sleep(0.1)
+        for host in hosts:
+            assert host.pids() == [], f"processes left on host {host.index}"
+            assert host.shm_entries() == [], f"/dev/shm entries left on host {host.index}"
+    result = json.loads((tmp_path / "node0.json").read_text())
+    return result, fault_at, agent_code
+
+
+def _check_in_flight_requests_failed(result: dict[str, Any], fault_at: float) -> None:
+    outcomes = result["outcomes"]
+    assert sum(o["kind"] == "ok" for o in outcomes if o["end"] < fault_at) >= 3
+    after = [o for o in outcomes if o["end"] > fault_at]
+    assert any(o["start"] < fault_at for o in after), "requests were in flight at the fault"
+    timeout_s = 6.0
+    for o in after:
+        assert o["end"] - fault_at <= timeout_s, o
+        # A request whose every rank had reported before the fault may still be answered.
+        if o["end"] - fault_at > 0.5:
+            assert o["kind"] == "PeerLost", o
+    assert any(o["kind"] == "PeerLost" for o in after)
+
+
+@needs_namespaces
+def test_a_cut_link_fails_requests_in_flight_and_both_hosts_clean_up(tmp_path: Path) -> None:
+    result, cut_at, agent_code = _run_until_host_lost(tmp_path, "cut")
+    _check_in_flight_requests_failed(result, cut_at)
+    assert agent_code == 2, "host 1 stops on its own once node 0 goes silent"
+    log = (tmp_path / "node1.log").read_text()
+    assert "node 0 sent nothing for 3.0 s" in log
+
+
+@needs_namespaces
+def test_a_killed_host_fails_requests_in_flight_and_node_0_cleans_up(tmp_path: Path) -> None:
+    result, killed_at, _ = _run_until_host_lost(tmp_path, "kill")
+    _check_in_flight_requests_failed(result, killed_at)
