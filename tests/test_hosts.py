@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import pytest
+import torch
 import zmq
 import zmq.asyncio
 
-from mmsched import Config, ConfigError, Pipeline
+from mmsched import Config, ConfigError, PeerLost, Pipeline
 from mmsched.bench.hosts import hosts_config, run_hosts_fanout
 from mmsched.hosts import HostAddresses, JoinServer, config_mismatch, join
 from mmsched.simhosts import SimulatedHosts, address_of, available
+from own_run import segments_of
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -305,3 +309,54 @@ def test_a_cut_link_fails_requests_in_flight_and_both_hosts_clean_up(tmp_path: P
 def test_a_killed_host_fails_requests_in_flight_and_node_0_cleans_up(tmp_path: Path) -> None:
     result, killed_at, _ = _run_until_host_lost(tmp_path, "kill")
     _check_in_flight_requests_failed(result, killed_at)
+
+
+def test_a_dead_rank_on_another_host_fails_node_0_at_once() -> None:
+    """Two hosts on loopback: SIGKILL one of host 1's ranks; its agent tells node 0 why and
+    stops, so node 0 fails with that cause (not after a heartbeat timeout), and nothing of
+    either host is left."""
+    port = _free_port_pair()
+    config = Config(
+        tp_size=4,
+        nnodes=2,
+        dist_init_addr=f"127.0.0.1:{port}",
+        shm_arena_mb=64,
+        timeout_s=30,
+        startup_timeout_s=90,
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "mmsched", "rank", "--tp", "4", "--nnodes", "2",
+         "--node-rank", "1", "--dist-init-addr", config.dist_init_addr or ""],
+        env={**os.environ, "MMSCHED_SHM_ARENA_MB": "64", "MMSCHED_TIMEOUT_S": "30",
+             "MMSCHED_STARTUP_TIMEOUT_S": "90"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+    async def node0() -> tuple[list[int], list[int], float]:
+        async with Pipeline(config) as pipeline:
+            feature = torch.rand(1 << 18)
+            items = {"mm_items": [{"modality": "image", "feature": feature, "offsets": [[1, 3]]}]}
+            output = await pipeline.generate("before", [5, 9, 9, 5], items)
+            assert output.output_ids[0] == 5
+            children = psutil.Process(agent.pid).children()
+            # Ranks 2 and 3 (not multiprocessing's resource tracker).
+            remote = [p.pid for p in children if "resource_tracker" not in " ".join(p.cmdline())]
+            assert len(remote) == 2, "host 1 runs ranks 2 and 3"
+            killed_at = time.monotonic()
+            os.kill(remote[1], signal.SIGKILL)
+            with pytest.raises(PeerLost, match=r"node 1 stopped: scheduler rank [23] on node 1"):
+                for i in range(200):
+                    await pipeline.generate(f"after{i}", [5, 9, 9, 5], items)
+                    await asyncio.sleep(0.05)
+            return pipeline.pids, remote, time.monotonic() - killed_at
+
+    try:
+        node0_pids, remote, failed_in = asyncio.run(node0())
+        output, _ = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert failed_in < 5, "the agent reports the death; no heartbeat timeout (15 s) is waited"
+    assert agent.returncode == 2, output
+    for pid in [*node0_pids, *remote, agent.pid]:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not segments_of([os.getpid(), agent.pid])

@@ -23,6 +23,11 @@ directory (``requests_address`` and ``results_address`` may name ``tcp://`` endp
 instead), and they accept only peers that present the run's secret token in the ZMQ
 handshake (PLAIN credentials checked by a ZAP handler): another process cannot answer,
 steal or forge requests by connecting to them.
+
+With ``nnodes > 1`` this process is node 0: it starts its own ``tp_size / nnodes`` ranks,
+admits the other hosts' agents at ``dist_init_addr`` ([`mmsched.hosts`][]), and ``start``
+returns once every rank of every host is ready. A host that stops reporting for
+``timeout_s / 2`` (killed, or its link cut) fails the pipeline as a dead rank does.
 """
 
 from __future__ import annotations

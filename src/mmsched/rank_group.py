@@ -125,12 +125,17 @@ class RankGroup:
 
         Raises:
             ConfigError: ``rank`` is outside the group, the config cannot serve a group of
-                its own processes (the in-process ``memory`` transport), or ``rendezvous``
-                is not a directory.
+                its own processes (the in-process ``memory`` transport) or spans hosts
+                (``nnodes > 1``), or ``rendezvous`` is not a directory.
             PeerLost: the group was not complete within ``startup_timeout_s``.
         """
         if not 0 <= rank < config.tp_size:
             raise ConfigError(f"rank {rank} outside a group of tp_size={config.tp_size}")
+        if config.nnodes > 1:
+            raise ConfigError(
+                "a RankGroup meets through a directory of one host: with nnodes > 1, run the "
+                "ranks through Pipeline and mmsched rank (see Several hosts)"
+            )
         if not transport_class(config.transport).cross_process:
             raise ConfigError(
                 f"transport {config.transport!r} runs in one process; a RankGroup's ranks are "
