@@ -360,3 +360,57 @@ def test_a_dead_rank_on_another_host_fails_node_0_at_once() -> None:
     for pid in [*node0_pids, *remote, agent.pid]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     assert not segments_of([os.getpid(), agent.pid])
+
+
+@pytest.mark.parametrize(
+    ("transport", "strategy", "store"),
+    [
+        ("torch", "entry-broadcast", "inline"),
+        ("shm", "per-rank", "inline"),
+        ("zmq", "tokenizer", "shm"),
+    ],
+)
+def test_every_transport_and_strategy_spans_two_hosts(
+    transport: str, strategy: str, store: str
+) -> None:
+    """Two hosts on loopback (shared /dev/shm, separate stores): each host's group runs over
+    ``transport``, with the other host's agent as its sender; every rank of both hosts holds
+    the tokenizer's bytes."""
+    from mmsched import MultimodalInputs, RankTimings
+
+    port = _free_port_pair()
+    config = Config(
+        tp_size=4,
+        nnodes=2,
+        dist_init_addr=f"127.0.0.1:{port}",
+        transport=transport,
+        strategy=strategy,
+        payload_store=store,
+        shm_arena_mb=64,
+        timeout_s=30,
+        startup_timeout_s=90,
+    )
+    spec = json.dumps({"config": config.as_dict()})
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "mmsched.bench.hosts", "agent", "1", spec],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+    async def node0() -> None:
+        async with Pipeline(config, probe=RankTimings(digest_prefix="check-")) as pipeline:
+            for i in range(3):
+                feature = torch.rand(1 << 19)  # 2 MB, fresh each request
+                items = {
+                    "mm_items": [{"modality": "image", "feature": feature, "offsets": [[1, 3]]}]
+                }
+                trace = await pipeline.generate_traced(f"check-{i}", [5, 9, 9, 5], items)
+                expected = MultimodalInputs.from_dict(items, hasher=config.hasher)
+                digests = {r.rank: r.data["content_digest"] for r in trace.reports}
+                assert digests == dict.fromkeys(range(4), expected.content_digest())
+
+    try:
+        asyncio.run(node0())
+        output, _ = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, output

@@ -487,6 +487,8 @@ class Pipeline:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD_S)
+            if self._closing:
+                return  # ranks exiting now were told to: not a failure
             error = self._lost_rank() or self._lost_host()
             if error is not None and self._stage is not None:
                 self._failure = error
