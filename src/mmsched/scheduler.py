@@ -5,7 +5,9 @@ Each iteration:
 1. the entry rank (rank 0) takes what the tokenizer sent since the last iteration (waiting
    up to ``idle_wait_ms`` for a first message) and announces it as one [`Batch`][] over
    the transport; the other ranks receive that batch. All ranks therefore run the same
-   requests in the same iteration, and no rank runs a collective the others skip;
+   requests in the same iteration, and no rank runs a collective the others skip. With
+   ranks on several hosts it also publishes the batch once per other host, whose agent
+   passes it on to that host's ranks ([`mmsched.node`][]);
 2. every rank resolves each request's multimodal inputs as its
    [strategy][mmsched.strategies] says (use the tokenizer's object; build it here; or,
    ``entry-broadcast``, receive the entry rank's); tensors that travel by reference are
