@@ -311,10 +311,11 @@ def test_a_killed_host_fails_requests_in_flight_and_node_0_cleans_up(tmp_path: P
     _check_in_flight_requests_failed(result, killed_at)
 
 
-def test_a_dead_rank_on_another_host_fails_node_0_at_once() -> None:
-    """Two hosts on loopback: SIGKILL one of host 1's ranks; its agent tells node 0 why and
-    stops, so node 0 fails with that cause (not after a heartbeat timeout), and nothing of
-    either host is left."""
+@pytest.mark.parametrize("fault", ["a rank killed", "the agent terminated"])
+def test_another_host_that_stops_fails_node_0_at_once(fault: str) -> None:
+    """Two hosts on loopback: SIGKILL one of host 1's ranks, or SIGTERM host 1's agent; the
+    agent tells node 0 why and stops, so node 0 fails with that cause (not after a heartbeat
+    timeout), and nothing of either host is left."""
     port = _free_port_pair()
     config = Config(
         tp_size=4,
@@ -331,6 +332,10 @@ def test_a_dead_rank_on_another_host_fails_node_0_at_once() -> None:
              "MMSCHED_STARTUP_TIMEOUT_S": "90"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    cause = {
+        "a rank killed": r"node 1 stopped: scheduler rank [23] on node 1",
+        "the agent terminated": r"node 1 stopped: its agent was stopped",
+    }[fault]
 
     async def node0() -> tuple[list[int], list[int], float]:
         async with Pipeline(config) as pipeline:
@@ -342,21 +347,24 @@ def test_a_dead_rank_on_another_host_fails_node_0_at_once() -> None:
             # Ranks 2 and 3 (not multiprocessing's resource tracker).
             remote = [p.pid for p in children if "resource_tracker" not in " ".join(p.cmdline())]
             assert len(remote) == 2, "host 1 runs ranks 2 and 3"
-            killed_at = time.monotonic()
-            os.kill(remote[1], signal.SIGKILL)
-            with pytest.raises(PeerLost, match=r"node 1 stopped: scheduler rank [23] on node 1"):
+            hit_at = time.monotonic()
+            if fault == "a rank killed":
+                os.kill(remote[1], signal.SIGKILL)
+            else:
+                agent.terminate()
+            with pytest.raises(PeerLost, match=cause):
                 for i in range(200):
                     await pipeline.generate(f"after{i}", [5, 9, 9, 5], items)
                     await asyncio.sleep(0.05)
-            return pipeline.pids, remote, time.monotonic() - killed_at
+            return pipeline.pids, remote, time.monotonic() - hit_at
 
     try:
         node0_pids, remote, failed_in = asyncio.run(node0())
         output, _ = agent.communicate(timeout=60)
     finally:
         agent.kill()
-    assert failed_in < 5, "the agent reports the death; no heartbeat timeout (15 s) is waited"
-    assert agent.returncode == 2, output
+    assert failed_in < 5, "the agent reports it; no heartbeat timeout (15 s) is waited"
+    assert agent.returncode == (2 if fault == "a rank killed" else 130), output
     for pid in [*node0_pids, *remote, agent.pid]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     assert not segments_of([os.getpid(), agent.pid])
@@ -414,3 +422,17 @@ def test_every_transport_and_strategy_spans_two_hosts(
     finally:
         agent.kill()
     assert agent.returncode == 0, output
+
+
+def test_a_host_that_never_joins_fails_start_naming_it() -> None:
+    port = _free_port_pair()
+    config = Config(tp_size=2, nnodes=2, dist_init_addr=f"127.0.0.1:{port}", startup_timeout_s=3)
+
+    async def node0() -> list[int]:
+        pipeline = Pipeline(config)
+        with pytest.raises(PeerLost, match=r"node\(s\) \[1\] never joined at 127\.0\.0\.1"):
+            await pipeline.start()
+        return pipeline.pids
+
+    for pid in asyncio.run(node0()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"

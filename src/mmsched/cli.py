@@ -334,7 +334,8 @@ def _rank(args: argparse.Namespace, console: Console) -> int:
             on_iteration=_import_callback(args.on_iteration),
             on_rank_start=_import_callback(args.on_rank_start),
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print(f"node {args.node_rank}: stopped by a signal; node 0 was told")
         return 130
     console.print(f"node {args.node_rank}: the group ended")
     return 0

@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
@@ -145,9 +146,12 @@ class NodeAgent:
             failure = exc
             while isinstance(failure, BaseExceptionGroup) and failure.exceptions:
                 failure = failure.exceptions[0]
-            if not isinstance(failure, asyncio.CancelledError | KeyboardInterrupt):
-                log.error("node %d stops: %s", self.node_rank, failure)
-                self._report_failure(str(failure))
+            if isinstance(failure, asyncio.CancelledError | KeyboardInterrupt):
+                why = "its agent was stopped (a signal, or its caller)"
+            else:
+                why = str(failure)
+                log.error("node %d stops: %s", self.node_rank, why)
+            self._report_failure(why)  # node 0 fails now, not after a heartbeat timeout
             if failure is not exc:
                 raise failure from exc
             raise
@@ -312,4 +316,18 @@ def run_node(config: Config, node_rank: int, **callbacks: Any) -> None:
     Raises:
         MmschedError: as [`NodeAgent.run`][mmsched.node.NodeAgent.run].
     """
-    asyncio.run(NodeAgent(config, node_rank, **callbacks).run())
+    asyncio.run(_run_until_signalled(NodeAgent(config, node_rank, **callbacks)))
+
+
+async def _run_until_signalled(agent: NodeAgent) -> None:
+    """``agent.run()``; SIGTERM or SIGINT stops it the way a failure does: node 0 is told,
+    this host's ranks are stopped and its store and directory removed."""
+    task = asyncio.ensure_future(agent.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

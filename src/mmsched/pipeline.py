@@ -262,8 +262,14 @@ class Pipeline:
         try:
             await self._stage.wait_ranks_ready(self.config.startup_timeout_s)
         except TimeoutError:
+            missing = ""
+            if self._join_server is not None:
+                absent = sorted(set(range(1, self.config.nnodes)) - set(self._join_server.joined))
+                if absent:
+                    missing = f": node(s) {absent} never joined at {self.config.dist_init_addr}"
             raise PeerLost(
-                f"not every rank was ready within startup_timeout_s={self.config.startup_timeout_s}"
+                "not every rank was ready within "
+                f"startup_timeout_s={self.config.startup_timeout_s}{missing}"
             ) from None
         self._ready = True
         self._store.consumers_attached()  # every rank has attached: drop the public name
