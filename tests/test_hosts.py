@@ -383,7 +383,7 @@ def test_every_transport_and_strategy_spans_two_hosts(
 ) -> None:
     """Two hosts on loopback (shared /dev/shm, separate stores): each host's group runs over
     ``transport``, with the other host's agent as its sender; every rank of both hosts holds
-    the tokenizer's bytes."""
+    the tokenizer's bytes, and a peer without the run's token hears none of it."""
     from mmsched import MultimodalInputs, RankTimings
 
     port = _free_port_pair()
@@ -406,6 +406,12 @@ def test_every_transport_and_strategy_spans_two_hosts(
 
     async def node0() -> None:
         async with Pipeline(config, probe=RankTimings(digest_prefix="check-")) as pipeline:
+            # A stranger on the iterations port, without the run's token, gets nothing.
+            context = zmq.asyncio.Context()
+            stranger = context.socket(zmq.SUB)
+            stranger.setsockopt(zmq.SUBSCRIBE, b"")
+            stranger.setsockopt(zmq.LINGER, 0)
+            stranger.connect(HostAddresses.of(config).iterations)
             for i in range(3):
                 feature = torch.rand(1 << 19)  # 2 MB, fresh each request
                 items = {
@@ -415,6 +421,8 @@ def test_every_transport_and_strategy_spans_two_hosts(
                 expected = MultimodalInputs.from_dict(items, hasher=config.hasher)
                 digests = {r.rank: r.data["content_digest"] for r in trace.reports}
                 assert digests == dict.fromkeys(range(4), expected.content_digest())
+            assert not await stranger.poll(timeout=500), "an iteration reached a stranger"
+            context.destroy(linger=0)
 
     try:
         asyncio.run(node0())

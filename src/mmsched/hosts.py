@@ -16,9 +16,10 @@ address) every port follows, so that a firewall needs three rules:
   tensors inline; each agent receives them once and writes them into its own host's payload
   store for its ranks ([`mmsched.node`][]).
 
-Trust: whoever reaches ``PORT`` with a matching config gets the token, and ``PORT+2``
-serves the iterations to any subscriber, as torch.distributed's rendezvous store serves any
-peer: these ports must be reachable from the deployment's hosts only (a private network).
+Trust: ``PORT+1`` and ``PORT+2`` accept only peers that present the run's token, but
+whoever reaches ``PORT`` with a matching config gets it, as torch.distributed's rendezvous
+store serves any peer: these ports must be reachable from the deployment's hosts only (a
+private network).
 """
 
 from __future__ import annotations

@@ -172,7 +172,13 @@ class NodeAgent:
         # Subscribe first: node 0's entry rank waits for every host's subscription.
         self._upstream = await open_transport(
             "zmq",
-            GroupSpec(self.node_rank, config.nnodes, hosts.iterations, host_lost_after_s(config)),
+            GroupSpec(
+                self.node_rank,
+                config.nnodes,
+                hosts.iterations,
+                host_lost_after_s(config),
+                {"token": token},
+            ),
         )
         self._store = await asyncio.to_thread(
             store_class(config.payload_store).create, store_options(config)
@@ -204,7 +210,7 @@ class NodeAgent:
             size,
             self._group_address,
             config.timeout_s,
-            options={"arena_bytes": config.shm_arena_mb << 20},
+            options={"arena_bytes": config.shm_arena_mb << 20, "token": token},
         )
         opening = asyncio.ensure_future(open_transport(config.transport, spec))
         while not opening.done():  # a rank that fails to start must not leave us waiting

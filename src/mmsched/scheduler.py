@@ -314,11 +314,13 @@ class SchedulerRank:
             self.group[1],
             self.addresses.group,
             self.config.timeout_s,
-            options={"arena_bytes": self.config.shm_arena_mb << 20},
+            options={"arena_bytes": self.config.shm_arena_mb << 20, "token": self.addresses.token},
         )
         self._transport = await open_transport(self.config.transport, spec)
         if self.rank == 0 and self.addresses.iterations is not None:
-            self._hosts = await open_host_fanout(self.config, self.addresses.iterations)
+            self._hosts = await open_host_fanout(
+                self.config, self.addresses.iterations, self.addresses.token
+            )
 
     # -- step 1: agree on the iteration's requests ------------------------------------------
 
@@ -490,13 +492,14 @@ class SchedulerRank:
         await self._results.send_multipart(encode(message), copy=False)
 
 
-async def open_host_fanout(config: Config, address: str) -> Transport:
+async def open_host_fanout(config: Config, address: str, token: str) -> Transport:
     """Node 0's entry rank: the ``zmq`` publisher at ``address`` that every other host's
-    agent subscribes to; returns once all ``nnodes - 1`` have (``startup_timeout_s``)."""
+    agent subscribes to (with the run's ``token``); returns once all ``nnodes - 1`` have
+    (``startup_timeout_s``)."""
     # Closing waits for queued iterations to leave only as long as a live host may take to
     # be heard from: past that, a host behind a cut link would hold the shutdown.
-    linger = {"linger_s": host_lost_after_s(config)}
-    spec = GroupSpec(0, config.nnodes, address, config.startup_timeout_s, linger)
+    options = {"linger_s": host_lost_after_s(config), "token": token}
+    spec = GroupSpec(0, config.nnodes, address, config.startup_timeout_s, options)
     try:
         return await open_transport("zmq", spec)
     except zmq.ZMQError as exc:

@@ -19,8 +19,12 @@ Guarantees and limits:
   disturb the sender or other receivers;
 - a pending ``recv()`` can be cancelled without losing a message.
 
-Option (``GroupSpec.options``): ``linger_s``, how long the sender's ``aclose`` waits for
-queued messages to leave (default ``timeout_s``).
+Options (``GroupSpec.options``): ``linger_s``, how long the sender's ``aclose`` waits for
+queued messages to leave (default ``timeout_s``); ``token``, a secret every receiver must
+present in the ZMQ handshake (PLAIN credentials checked by a ZAP handler on the sender): a
+peer without it is refused before it can subscribe, so it neither reads the messages nor
+counts as a receiver. The pipeline passes its run's token; without one, any peer that
+reaches the address may subscribe.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ from pathlib import Path
 
 import zmq
 import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
 
 from mmsched.errors import PeerLost
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 
 _MESSAGE = b"M"
 _END = b"E"
+_USER = b"mmsched"
 
 
 class ZmqTransport(Transport):
@@ -50,11 +56,13 @@ class ZmqTransport(Transport):
         context: zmq.asyncio.Context,
         socket: zmq.asyncio.Socket,
         timeout_s: float,
+        authenticator: ThreadAuthenticator | None = None,
     ) -> None:
         super().__init__(rank, world_size)
         self._context = context
         self._socket = socket
         self._timeout_s = timeout_s
+        self._authenticator = authenticator
 
     @classmethod
     def new_address(cls, workdir: Path) -> str:
@@ -62,6 +70,7 @@ class ZmqTransport(Transport):
 
     @classmethod
     async def open(cls, spec: GroupSpec) -> ZmqTransport:
+        token = spec.options.get("token")
         context = zmq.asyncio.Context()
         if spec.rank == 0:
             socket = context.socket(zmq.XPUB)
@@ -69,18 +78,26 @@ class ZmqTransport(Transport):
             socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, not the first
             linger_s = float(spec.options.get("linger_s", spec.timeout_s))
             socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
+            authenticator = _require_token(context, socket, token)
             try:
                 socket.bind(spec.address)
             except zmq.ZMQError:
+                if authenticator is not None:
+                    authenticator.stop()
                 context.destroy(linger=0)
                 raise
-            transport = cls(spec.rank, spec.world_size, context, socket, spec.timeout_s)
+            transport = cls(
+                spec.rank, spec.world_size, context, socket, spec.timeout_s, authenticator
+            )
             await transport._await_subscribers(spec.world_size - 1, spec.timeout_s)
             return transport
         socket = context.socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, 0)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
+        if token is not None:
+            socket.plain_username = _USER
+            socket.plain_password = str(token).encode()
         socket.connect(spec.address)
         return cls(spec.rank, spec.world_size, context, socket, spec.timeout_s)
 
@@ -120,7 +137,22 @@ class ZmqTransport(Transport):
             # LINGER (timeout_s) lets queued messages and the end marker reach receivers.
             await self._socket.send_multipart([_END])
         self._socket.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()  # handshakes only: connections made stay up
         if self.is_sender:
             self._context.term()  # waits up to LINGER for delivery
         else:
             self._context.destroy(linger=0)
+
+
+def _require_token(
+    context: zmq.asyncio.Context, socket: zmq.asyncio.Socket, token: object
+) -> ThreadAuthenticator | None:
+    """With a ``token``, make ``socket`` accept only peers that present it."""
+    if token is None:
+        return None
+    authenticator = ThreadAuthenticator(zmq.Context.shadow(context.underlying))
+    authenticator.start()
+    authenticator.configure_plain(domain="*", passwords={_USER.decode(): str(token)})
+    socket.plain_server = True
+    return authenticator
