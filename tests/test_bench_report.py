@@ -37,6 +37,17 @@ def test_report_from_the_published_results(tmp_path: Path) -> None:
         assert (tmp_path / image).stat().st_size > 10_000  # a drawn plot, not an empty canvas
 
 
+def test_report_from_the_published_multi_host_runs(tmp_path: Path) -> None:
+    inputs = [RESULTS / "hosts_tp8_run1.json", RESULTS / "hosts3_tp12.json"]
+    assert main(["bench", "report", *map(str, inputs), "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Several hosts: hosts_tp8_run1" in report
+    assert "| 100 | 56.12 | 61.75 | 9.46 | 39.56 | 1.42 | 1.0004 | yes | yes |" in report
+    image = tmp_path / "hosts3_tp12_hosts_latency.png"
+    assert "](hosts3_tp12_hosts_latency.png)" in report
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+
+
 def test_report_refuses_other_json(tmp_path: Path) -> None:
     other = tmp_path / "x.json"
     other.write_text('[{"a": 1}]')

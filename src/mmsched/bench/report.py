@@ -6,7 +6,8 @@ and latency against payload size, one line per strategy and transport. For load 
 per workload (an image request and a video request are not comparable points): a table,
 achieved throughput against offered rate, and P99 latency against offered rate. For a
 serving run: end-to-end latency against offered rate, per number of images, and a table
-with TTFT.
+with TTFT. For a ``fanout --hosts`` run: latency to every host's ranks and to node 0's, with
+the floor, against payload size, and a table with the bytes per link.
 
 Needs matplotlib (``pip install mmsched[report]``).
 """
@@ -89,6 +90,46 @@ def _plot(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _hosts_section(name: str, records: list[dict[str, Any]], out: Path) -> list[str]:
+    """A ``bench fanout --hosts`` run: latency to every host's ranks and to node 0's, and
+    the floor, against payload size; bytes per link in the table."""
+    first = records[0]
+    image = f"{name}_hosts_latency.png"
+    by_size = sorted(records, key=lambda r: float(r["size_mb"]))
+
+    def line(value: Any) -> list[tuple[float, float]]:
+        return [(float(r["size_mb"]), float(value(r))) for r in by_size]
+
+    _plot(
+        out / image,
+        f"{name}: {first['hosts']} hosts, TP={first['tp']}, {first['strategy']}/"
+        f"{first['transport']}/{first['payload_store']}, {first['hasher']}",
+        {
+            "every rank of every host": line(lambda r: r["latency_ms"]["p50"]),
+            "node 0's own ranks": line(lambda r: r["node0_latency_ms"]["p50"]),
+        },
+        "payload (MB)",
+        "p50 latency (ms)",
+        logx=True,
+        logy=True,
+        floors={"floor, one TCP crossing": line(lambda r: r["floor_ms"])},
+    )
+    lines = [
+        f"![{name}]({image})\n",
+        "| MB | p50 ms | p90 ms | node 0 p50 ms | floor ms | x floor | link x payload |"
+        " identical | clean |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in by_size:
+        lines.append(
+            f"| {r['size_mb']:g} | {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p90']:.2f} | "
+            f"{r['node0_latency_ms']['p50']:.2f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
+            f"{r['link_x_payload']:.4f} | {'yes' if r['identical'] else 'NO'} | "
+            f"{'yes' if r['clean'] else 'NO'} |"
+        )
+    return lines
 
 
 def _fanout_section(name: str, records: list[dict[str, Any]], out: Path) -> list[str]:
@@ -215,10 +256,13 @@ def write_report(inputs: list[Path], out: Path) -> Path:
     fanout: dict[str, list[dict[str, Any]]] = {}
     load: dict[str, list[dict[str, Any]]] = defaultdict(list)
     serve: dict[str, list[dict[str, Any]]] = {}
+    hosts: dict[str, list[dict[str, Any]]] = {}
     for path in inputs:
         records = _records(path)
         if records[0].get("bench") == "serve":
             serve[path.stem] = records
+        elif records[0].get("bench") == "fanout-hosts":
+            hosts[path.stem] = records
         elif "offered_rps" in records[0]:
             for r in records:
                 load[r["workload"]].append(r)
@@ -234,6 +278,8 @@ def write_report(inputs: list[Path], out: Path) -> Path:
         lines += [f"## Load: {workload}", "", *_load_section(workload, records, out), ""]
     for name, records in serve.items():
         lines += [f"## Serving: {name}", "", *_serve_section(name, records, out), ""]
+    for name, records in hosts.items():
+        lines += [f"## Several hosts: {name}", "", *_hosts_section(name, records, out), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
