@@ -45,7 +45,7 @@ from mmsched import (
     TransportError,
     decode,
 )
-from mmsched.scheduler import present_credentials
+from mmsched.credentials import present_credentials
 from mmsched.stores import StoreOptions
 from mmsched.stores.arena import ArenaReader, Ref
 from mmsched.stores.shm import ShmStore

@@ -44,8 +44,8 @@ from mmsched import (
 )
 from mmsched.bench.workloads import image_sample
 from mmsched.codec import encode
+from mmsched.credentials import present_credentials
 from mmsched.messages import GenerateOutput
-from mmsched.scheduler import present_credentials
 from mmsched.stores.arena import SHM_DIR
 from mmsched.testing import SlowRank
 from own_run import run_dirs_of, segments_of

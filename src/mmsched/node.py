@@ -45,6 +45,7 @@ import zmq.asyncio
 
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
+from mmsched.credentials import present_credentials
 from mmsched.errors import CodecError, ConfigError, EndOfStream, MmschedError, PeerLost
 from mmsched.hosts import (
     HostAddresses,
@@ -60,7 +61,6 @@ from mmsched.scheduler import (
     IterationCallback,
     RankAddresses,
     RankStartCallback,
-    present_credentials,
     rank_main,
     read_failure,
     store_options,

@@ -56,6 +56,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from mmsched.cache import CacheStats
 from mmsched.config import Config
+from mmsched.credentials import check_credentials
 from mmsched.errors import ConfigError, MmschedError, NotRunning, PeerLost
 from mmsched.hosts import HostAddresses, JoinServer, host_lost_after_s, probe_name
 from mmsched.inputs import MultimodalInputs
@@ -63,7 +64,6 @@ from mmsched.messages import GenerateOutput, NodeStatus
 from mmsched.probes import Probe
 from mmsched.processes import pid_alive
 from mmsched.scheduler import (
-    CREDENTIALS_USER,
     IterationCallback,
     RankAddresses,
     RankStartCallback,
@@ -192,11 +192,7 @@ class Pipeline:
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         self._zmq = zmq.asyncio.Context()
         token = secrets.token_hex(16)
-        self._authenticator = ThreadAuthenticator(zmq.Context.shadow(self._zmq.underlying))
-        self._authenticator.start()
-        self._authenticator.configure_plain(
-            domain="*", passwords={CREDENTIALS_USER.decode(): token}
-        )
+        self._authenticator = check_credentials(self._zmq, token)
         requests = self._zmq.socket(zmq.PUSH)
         results = self._zmq.socket(zmq.PULL)
         for sock in (requests, results):

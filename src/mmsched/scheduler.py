@@ -43,7 +43,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 import torch
@@ -53,6 +52,7 @@ import zmq.asyncio
 from mmsched.cache import CacheMiss, CacheOps, FeatureCache
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
+from mmsched.credentials import present_credentials
 from mmsched.devices import DevicePlacer, rank_device
 from mmsched.errors import CodecError, ConfigError
 from mmsched.frames import Frames, Int64List
@@ -110,16 +110,6 @@ class RankAddresses:
     # Several hosts: where node 0's entry rank publishes each iteration to the other hosts'
     # agents (``None`` on one host, and for every rank but node 0's entry rank).
     iterations: str | None = None
-
-
-CREDENTIALS_USER = b"mmsched"
-"""The PLAIN user name of a run's peers; the password is the run's token."""
-
-
-def present_credentials(socket: zmq.Socket[Any], token: str) -> None:
-    """Make ``socket`` log in to a tokenizer socket that asks for the run's token."""
-    socket.plain_username = CREDENTIALS_USER
-    socket.plain_password = token.encode()
 
 
 def store_options(config: Config, rank: int | None = None) -> StoreOptions:

@@ -38,12 +38,12 @@ import zmq
 import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 
+from mmsched.credentials import check_credentials, present_credentials
 from mmsched.errors import PeerLost
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 
 _MESSAGE = b"M"
 _END = b"E"
-_USER = b"mmsched"
 
 
 class ZmqTransport(Transport):
@@ -78,7 +78,10 @@ class ZmqTransport(Transport):
             socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, not the first
             linger_s = float(spec.options.get("linger_s", spec.timeout_s))
             socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
-            authenticator = _require_token(context, socket, token)
+            authenticator = None
+            if token is not None:
+                authenticator = check_credentials(context, str(token))
+                socket.plain_server = True
             try:
                 socket.bind(spec.address)
             except zmq.ZMQError:
@@ -96,8 +99,7 @@ class ZmqTransport(Transport):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         if token is not None:
-            socket.plain_username = _USER
-            socket.plain_password = str(token).encode()
+            present_credentials(socket, str(token))
         socket.connect(spec.address)
         return cls(spec.rank, spec.world_size, context, socket, spec.timeout_s)
 
@@ -143,16 +145,3 @@ class ZmqTransport(Transport):
             self._context.term()  # waits up to LINGER for delivery
         else:
             self._context.destroy(linger=0)
-
-
-def _require_token(
-    context: zmq.asyncio.Context, socket: zmq.asyncio.Socket, token: object
-) -> ThreadAuthenticator | None:
-    """With a ``token``, make ``socket`` accept only peers that present it."""
-    if token is None:
-        return None
-    authenticator = ThreadAuthenticator(zmq.Context.shadow(context.underlying))
-    authenticator.start()
-    authenticator.configure_plain(domain="*", passwords={_USER.decode(): str(token)})
-    socket.plain_server = True
-    return authenticator
