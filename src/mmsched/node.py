@@ -29,12 +29,10 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
 import tempfile
-import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -57,12 +55,13 @@ from mmsched.hosts import (
 from mmsched.messages import Batch, MaterializedInputs, NodeStatus
 from mmsched.pipeline import RUN_DIR_PREFIX, check_picklable, sweep_stale_run_dirs
 from mmsched.probes import Probe
+from mmsched.processes import join_or_kill
 from mmsched.scheduler import (
     IterationCallback,
     RankAddresses,
     RankStartCallback,
-    rank_main,
     read_failure,
+    start_rank_process,
     store_options,
     sweep_stale_stores,
 )
@@ -194,17 +193,10 @@ class NodeAgent:
             store=self._store.address,
         )
         size = config.ranks_per_node + 1  # this agent sends; its ranks receive
-        ctx = multiprocessing.get_context("spawn")
+        hooks = (self.on_iteration, self.probe, self.on_rank_start)
         for index, rank in enumerate(self.ranks):
-            proc = ctx.Process(
-                target=rank_main,
-                args=(config, rank, addresses, self.on_iteration, self.probe, self.on_rank_start),
-                kwargs={"group": (index + 1, size)},
-                name=f"mmsched-rank{rank}",
-                daemon=True,
-            )
-            proc.start()
-            self._processes.append(proc)
+            group = (index + 1, size)
+            self._processes.append(start_rank_process(config, rank, addresses, *hooks, group=group))
         spec = GroupSpec(
             0,
             size,
@@ -295,14 +287,7 @@ class NodeAgent:
                     await asyncio.wait_for(self._local.send(encode(stop)), 1.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._local.aclose(), self.config.timeout_s)
-        grace = self.config.timeout_s if self._local is not None else 1.0
-        deadline = time.monotonic() + grace
-        for proc in self._processes:
-            await asyncio.to_thread(proc.join, max(0.0, deadline - time.monotonic()))
-        for proc in self._processes:
-            if proc.is_alive():
-                proc.kill()
-                await asyncio.to_thread(proc.join, 5)
+        await join_or_kill(self._processes, self.config.timeout_s if self._local else 1.0)
         if self._upstream is not None:
             with contextlib.suppress(Exception):
                 await self._upstream.aclose()

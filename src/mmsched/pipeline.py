@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -62,14 +61,14 @@ from mmsched.hosts import HostAddresses, JoinServer, host_lost_after_s, probe_na
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import GenerateOutput, NodeStatus
 from mmsched.probes import Probe
-from mmsched.processes import pid_alive
+from mmsched.processes import join_or_kill, pid_alive
 from mmsched.scheduler import (
     IterationCallback,
     RankAddresses,
     RankStartCallback,
     SchedulerRank,
-    rank_main,
     read_failure,
+    start_rank_process,
     store_options,
     sweep_stale_stores,
 )
@@ -236,23 +235,10 @@ class Pipeline:
                 self._zmq, self.config, token, self._stage.fail_all, probe_name(self.probe)
             )
         if not self.in_process:
-            ctx = multiprocessing.get_context("spawn")
             for rank in range(self.config.ranks_per_node):  # this host's; the others' agents
-                proc = ctx.Process(
-                    target=rank_main,
-                    args=(
-                        self.config,
-                        rank,
-                        self._rank_addresses(rank),
-                        self.on_iteration,
-                        self.probe,
-                        self.on_rank_start,
-                    ),
-                    name=f"mmsched-rank{rank}",
-                    daemon=True,
-                )
-                proc.start()
-                self._processes.append(proc)
+                hooks = (self.on_iteration, self.probe, self.on_rank_start)
+                addresses = self._rank_addresses(rank)
+                self._processes.append(start_rank_process(self.config, rank, addresses, *hooks))
         self._background = asyncio.create_task(self._supervise(), name="mmsched-background")
         self._background.add_done_callback(self._background_stopped)
         try:
@@ -477,14 +463,7 @@ class Pipeline:
 
     async def _join_ranks(self) -> None:
         grace = self.config.timeout_s if self._ready else _STARTUP_FAILURE_GRACE_S
-        deadline = asyncio.get_running_loop().time() + grace
-        for proc in self._processes:
-            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            await asyncio.to_thread(proc.join, remaining)
-        for proc in self._processes:
-            if proc.is_alive():
-                proc.kill()
-                await asyncio.to_thread(proc.join, 5)
+        await join_or_kill(self._processes, grace)
 
     async def _watch(self) -> None:
         while True:

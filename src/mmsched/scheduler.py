@@ -36,12 +36,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import multiprocessing
 import os
 import shutil
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import orjson
@@ -164,6 +166,28 @@ def rank_main(
         log.error("scheduler rank %d failed: %r", rank, exc)
         _leave_failure(addresses.run_dir, rank, exc)
         raise
+
+
+def start_rank_process(
+    config: Config,
+    rank: int,
+    addresses: RankAddresses,
+    on_iteration: IterationCallback | None = None,
+    probe: Probe | None = None,
+    on_rank_start: RankStartCallback | None = None,
+    *,
+    group: tuple[int, int] | None = None,
+) -> BaseProcess:
+    """Rank ``rank``'s process, started (``spawn``: safe with torch and threads; daemonic, so
+    it does not outlive the process that started it)."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=rank_main,
+        args=(config, rank, addresses, on_iteration, probe, on_rank_start, group),
+        name=f"mmsched-rank{rank}",
+        daemon=True,
+    )
+    proc.start()
+    return proc
 
 
 def _leave_failure(run_dir: str, rank: int, exc: BaseException) -> None:
