@@ -208,6 +208,7 @@ class TokenizerStage:
         # Several hosts: an answer counts once every rank has run its iteration (a host that
         # never got it must not let it through), and each other host's last heartbeat.
         self._answers_wait_for_ranks = config.nnodes > 1
+        self._answers_held: set[str] = set()  # rids whose answer waits for a rank's progress
         self.node_status: dict[int, NodeStatus] = {}
         self.node_seen: dict[int, float] = {}
         self.node_failure: PeerLost | None = None  # a host's own report that it stopped
@@ -269,9 +270,11 @@ class TokenizerStage:
                 if it <= done:
                     self._store.settle(placed)
             self._settling = [(it, p) for it, p in self._settling if it > done]
-        if self._answers_wait_for_ranks:
-            for pending in list(self._pending.values()):
-                self._finish_if_complete(pending)
+        for rid in list(self._answers_held):
+            self._answers_held.discard(rid)
+            pending = self._pending.get(rid)
+            if pending is not None:
+                self._finish_if_complete(rid, pending)
         behind = [(it, n) for it, n in self._held if it > done]
         if len(behind) != len(self._held):
             freed = sum(n for it, n in self._held if it <= done)
@@ -542,16 +545,17 @@ class TokenizerStage:
             pending.reports.append(message)
         else:
             raise CodecError(f"a {type(message).__name__} is not a result")
-        self._finish_if_complete(pending)
+        assert isinstance(rid, str)  # it named a pending request
+        self._finish_if_complete(rid, pending)
 
-    def _finish_if_complete(self, pending: _Pending) -> None:
+    def _finish_if_complete(self, rid: str, pending: _Pending) -> None:
         output = pending.output
-        if (
-            output is None
-            or pending.future.done()
-            or len(pending.reports) < self._reports_per_request
-            or (self._answers_wait_for_ranks and output.iteration > min(self._progress.values()))
-        ):
+        if output is None or pending.future.done():
+            return
+        if len(pending.reports) < self._reports_per_request:
+            return
+        if self._answers_wait_for_ranks and output.iteration > min(self._progress.values()):
+            self._answers_held.add(rid)  # looked at again when a rank reports progress
             return
         pending.future.set_result(RequestTrace(output, pending.created_at, pending.reports))
 
