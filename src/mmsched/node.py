@@ -118,11 +118,6 @@ class NodeAgent:
         self._iteration = -1  # the last iteration relayed
         self._shutdown_relayed = False
 
-    @property
-    def pids(self) -> list[int]:
-        """Process ids of this host's ranks."""
-        return [p.pid for p in self._processes if p.pid is not None]
-
     async def run(self) -> None:
         """Join, start the ranks, relay until the group ends.
 

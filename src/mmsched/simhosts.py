@@ -4,8 +4,9 @@ Each simulated host is a network namespace with its own address and its own ``/d
 (a tmpfs of its own, bind-mounted over ``/dev/shm`` in a mount namespace of the host's
 processes), so that nothing but the network joins two hosts: shared memory, ``ipc://``
 sockets' peers and process trees stay apart as on separate machines. The hosts hang off
-one bridge in a "switch" namespace, each by a veth pair: one link per host, which can be
-cut (``ip link set ... down``) and whose byte counters say what crossed it.
+one bridge in a "switch" namespace, each by a veth pair: one link per host (``eth0`` inside
+it), which can be cut (``ip link set ... down``) and whose byte counters a process on the
+host reads in ``/sys/class/net/eth0/statistics``.
 
 Only namespaces and addresses made here are touched (private ``10.77.0.0/24`` addresses
 that exist only inside them). It needs root (``CAP_SYS_ADMIN`` and ``CAP_NET_ADMIN``);
@@ -104,16 +105,6 @@ class SimulatedHost:
     def shm_entries(self) -> list[str]:
         """What is in this host's ``/dev/shm`` now."""
         return sorted(os.listdir(self.shm_dir))
-
-    def link_bytes(self) -> tuple[int, int]:
-        """``(received, sent)`` bytes of this host's link so far, framing included."""
-        out = _run(
-            "ip", "netns", "exec", self.namespace, "sh", "-c",
-            f"cat /sys/class/net/{self.link}/statistics/rx_bytes "
-            f"/sys/class/net/{self.link}/statistics/tx_bytes",
-        )  # fmt: skip
-        rx, tx = out.split()
-        return int(rx), int(tx)
 
     def cut(self) -> None:
         """Cut this host's link (its processes keep running, unreachable)."""

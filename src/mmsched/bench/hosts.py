@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,6 @@ class HostsRecord:
     clean: bool = True  # no process, no /dev/shm entry left on any host
     consume: str = "none"
     bench: str = "fanout-hosts"
-    notes: list[str] = field(default_factory=list)
 
     @property
     def link_x_payload(self) -> float:
