@@ -58,6 +58,35 @@ def _free_port_pair() -> int:
     raise RuntimeError("no three consecutive free ports")
 
 
+def _rank_command(tp: int, node_rank: int, dist_init_addr: str) -> list[str]:
+    """The real ``mmsched rank`` of a two-host group, as an operator types it."""
+    return [
+        sys.executable, "-m", "mmsched", "rank", "--tp", str(tp), "--nnodes", "2",
+        "--node-rank", str(node_rank), "--dist-init-addr", dist_init_addr,
+    ]  # fmt: skip
+
+
+def _env(**values: object) -> dict[str, str]:
+    """This environment with ``MMSCHED_<NAME>`` set for each value: the rest of the config
+    the agent's host must share with node 0."""
+    return {**os.environ, **{f"MMSCHED_{k.upper()}": str(v) for k, v in values.items()}}
+
+
+def _start_agent(config: Config) -> subprocess.Popen[str]:
+    """Host 1's agent on this machine, with ``config``'s sizes and timeouts."""
+    return subprocess.Popen(
+        _rank_command(config.tp_size, 1, config.dist_init_addr or ""),
+        env=_env(
+            shm_arena_mb=config.shm_arena_mb,
+            timeout_s=config.timeout_s,
+            startup_timeout_s=config.startup_timeout_s,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 # -- config and joining, no privileges ----------------------------------------------------
 
 
@@ -141,19 +170,18 @@ def test_an_agent_without_node_0_gives_up_after_startup_timeout() -> None:
     port = _free_port_pair()
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "mmsched", "rank", "--tp", "2", "--nnodes", "2",
-         "--node-rank", "1", "--dist-init-addr", f"127.0.0.1:{port}"],
-        env={**os.environ, "MMSCHED_STARTUP_TIMEOUT_S": "1"},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        _rank_command(2, 1, f"127.0.0.1:{port}"),
+        env=_env(startup_timeout_s=1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "node 0 did not answer" in done.stdout
     assert time.monotonic() - started < 30
     refused = subprocess.run(
-        [sys.executable, "-m", "mmsched", "rank", "--tp", "2", "--nnodes", "2",
-         "--node-rank", "0", "--dist-init-addr", f"127.0.0.1:{port}"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        _rank_command(2, 0, f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2
     assert "node 0 is the process that runs the pipeline" in refused.stdout
 
@@ -170,13 +198,7 @@ def test_mismatched_hosts_fail_at_join_on_both_sides() -> None:
         timeout_s=20,
         startup_timeout_s=60,
     )
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "mmsched", "rank", "--tp", "2", "--nnodes", "2",
-         "--node-rank", "1", "--dist-init-addr", config.dist_init_addr or ""],
-        env={**os.environ, "MMSCHED_SHM_ARENA_MB": "32", "MMSCHED_TIMEOUT_S": "20",
-             "MMSCHED_STARTUP_TIMEOUT_S": "60"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    agent = _start_agent(config.replace(shm_arena_mb=32))  # the one field that differs
 
     async def node0() -> list[int]:
         pipeline = Pipeline(config)
@@ -242,18 +264,15 @@ def _run_until_host_lost(tmp_path: Path, fault: str) -> tuple[dict[str, Any], fl
         "run_for_s": 60,
     }
     env = {
-        **os.environ,
+        **_env(shm_arena_mb=64, timeout_s=timeout_s, startup_timeout_s=90),
         "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
-        "MMSCHED_SHM_ARENA_MB": "64",
-        "MMSCHED_TIMEOUT_S": str(timeout_s),
-        "MMSCHED_STARTUP_TIMEOUT_S": "90",
     }
     with SimulatedHosts(2, shm_mb=256) as hosts:
         agent = hosts[1].popen(
-            [sys.executable, "-m", "mmsched", "rank", "--tp", "4", "--nnodes", "2",
-             "--node-rank", "1", "--dist-init-addr", config.dist_init_addr or ""],
-            env=env, output=tmp_path / "node1.log",
-        )  # fmt: skip
+            _rank_command(4, 1, config.dist_init_addr or ""),
+            env=env,
+            output=tmp_path / "node1.log",
+        )
         node0 = hosts[0].popen(
             [sys.executable, str(TESTS / "host_roles.py"), json.dumps(spec)],
             env=env,
@@ -325,13 +344,7 @@ def test_another_host_that_stops_fails_node_0_at_once(fault: str) -> None:
         timeout_s=30,
         startup_timeout_s=90,
     )
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "mmsched", "rank", "--tp", "4", "--nnodes", "2",
-         "--node-rank", "1", "--dist-init-addr", config.dist_init_addr or ""],
-        env={**os.environ, "MMSCHED_SHM_ARENA_MB": "64", "MMSCHED_TIMEOUT_S": "30",
-             "MMSCHED_STARTUP_TIMEOUT_S": "90"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    agent = _start_agent(config)
     cause = {
         "a rank killed": r"node 1 stopped: scheduler rank [23] on node 1",
         "the agent terminated": r"node 1 stopped: its agent was stopped",
