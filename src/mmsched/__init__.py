@@ -17,6 +17,7 @@ from mmsched.errors import (
     EndOfStream,
     InvalidMultimodalInput,
     MmschedError,
+    ModelOutputError,
     NotRunning,
     Overloaded,
     PeerLost,
@@ -35,6 +36,7 @@ from mmsched.messages import (
     GenerateOutput,
     TokenizedGenerateReqInput,
 )
+from mmsched.outputs import ModelOutput
 from mmsched.pipeline import Pipeline
 from mmsched.probes import ModelStub, Probe, RankTimings
 from mmsched.rank_group import Iteration, RankGroup
@@ -67,6 +69,8 @@ __all__ = [
     "Iteration",
     "MmschedError",
     "Modality",
+    "ModelOutput",
+    "ModelOutputError",
     "ModelStub",
     "MultimodalDataItem",
     "MultimodalInputs",

@@ -13,6 +13,9 @@
     ├── Overloaded                                 too many bytes in flight (backpressure)
     │   └── ArenaFull                              a shared-memory arena had no room in time
     ├── RequestFailed                              a request failed on a scheduler rank
+    ├── ModelOutputError                           a rank callback's output for a request
+    │                                              is missing or not ids (rank side: the
+    │                                              caller gets RequestFailed of that kind)
     └── NotRunning                                 the pipeline is not started, or closed
 
 Errors from libraries underneath (torch.distributed, zmq) are translated at the transport
@@ -107,3 +110,9 @@ class RequestFailed(MmschedError):
 
     def __reduce__(self) -> tuple[type[RequestFailed], tuple[str, str, str]]:
         return (RequestFailed, (self.rid, self.kind, self.message))
+
+
+class ModelOutputError(MmschedError):
+    """A rank callback's output for one request is missing or malformed; that request
+    fails alone (its caller gets [`RequestFailed`][mmsched.errors.RequestFailed] with
+    ``kind == "ModelOutputError"``)."""

@@ -80,7 +80,12 @@ class MaterializedInputs:
 
 @dataclass(eq=False)
 class GenerateOutput:
-    """A request's result, sent by the entry rank once the iteration that ran it ends."""
+    """A request's result (what the rank callback returned), sent by the entry rank.
+
+    A streamed result comes as several: each holds the ids generated since the one before,
+    and only the last has ``finished`` set (with the finish reason and the pad values).
+    ``Pipeline.generate`` returns one with every id.
+    """
 
     KIND: ClassVar[str] = "output"
     rid: str
@@ -90,6 +95,8 @@ class GenerateOutput:
     pad_values: list[int] = field(default_factory=list)
     # The scheduler iteration that ran it (for backpressure, see RankProgress).
     iteration: int = -1
+    # False for a streamed chunk that more will follow.
+    finished: bool = True
 
 
 ABORTED = "Aborted"

@@ -53,11 +53,11 @@ from mmsched.hosts import (
     probe_name,
 )
 from mmsched.messages import Batch, MaterializedInputs, NodeStatus
+from mmsched.outputs import IterationCallback
 from mmsched.pipeline import RUN_DIR_PREFIX, check_picklable, sweep_stale_run_dirs
 from mmsched.probes import Probe
 from mmsched.processes import join_or_kill
 from mmsched.scheduler import (
-    IterationCallback,
     RankAddresses,
     RankStartCallback,
     read_failure,

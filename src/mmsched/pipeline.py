@@ -33,6 +33,7 @@ returns once every rank of every host is ready. A host that stops reporting for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -40,7 +41,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -60,10 +61,10 @@ from mmsched.errors import ConfigError, MmschedError, NotRunning, PeerLost
 from mmsched.hosts import HostAddresses, JoinServer, host_lost_after_s, probe_name
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import GenerateOutput, NodeStatus
+from mmsched.outputs import IterationCallback
 from mmsched.probes import Probe
 from mmsched.processes import join_or_kill, pid_alive
 from mmsched.scheduler import (
-    IterationCallback,
     RankAddresses,
     RankStartCallback,
     SchedulerRank,
@@ -92,8 +93,10 @@ class Pipeline:
 
     Args:
         config: what to run with.
-        on_iteration: called on every rank with each iteration's requests (must be
-            picklable when ranks are processes: a module-level function, say).
+        on_iteration: the model step, called on every rank with each iteration's requests
+            (must be picklable when ranks are processes: a module-level function, say);
+            what it returns is each request's answer ([`mmsched.outputs`][]). Default: the
+            stub, which answers with the ids it was fed.
         probe: instrumentation for benchmarks and tests ([`mmsched.probes`][]); ``None``
             in production.
         on_rank_start: called once on every rank, in its process, with ``(rank, device)``
@@ -414,6 +417,52 @@ class Pipeline:
         if self._stage is None or self._closing:
             raise NotRunning("the pipeline is not started, or closed")
         return await self._stage.submit(rid, input_ids, mm_inputs, sampling_params)
+
+    async def generate_stream(
+        self,
+        rid: str,
+        input_ids: list[int],
+        mm_inputs: MultimodalInputs | Mapping[str, Any] | None = None,
+        sampling_params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[GenerateOutput]:
+        """Run one request and yield its output as the model streams it: each
+        [`GenerateOutput`][mmsched.messages.GenerateOutput] holds the ids generated since
+        the one before; the last has ``finished`` set (a model that does not stream gives
+        just that one, with every id). Breaking out of the loop aborts the request.
+
+        Raises:
+            MmschedError: as [`generate`][mmsched.pipeline.Pipeline.generate]; a request
+                whose chunks stop coming for ``timeout_s`` fails with ``PeerLost``.
+        """
+        if self._stage is None or self._closing:
+            raise NotRunning("the pipeline is not started, or closed")
+        chunks: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        submitted = asyncio.ensure_future(
+            self._stage.submit(rid, input_ids, mm_inputs, sampling_params, chunks.put_nowait)
+        )
+        sent = 0
+        try:
+            while True:
+                got = asyncio.ensure_future(chunks.get())
+                await asyncio.wait((got, submitted), return_when=asyncio.FIRST_COMPLETED)
+                if got.done():
+                    chunk = got.result()
+                    sent += len(chunk.output_ids)
+                    yield chunk
+                    continue
+                got.cancel()
+                while not chunks.empty():  # chunks that came with the result
+                    chunk = chunks.get_nowait()
+                    sent += len(chunk.output_ids)
+                    yield chunk
+                whole = submitted.result().output
+                yield dataclasses.replace(whole, output_ids=whole.output_ids[sent:])
+                return
+        finally:
+            if not submitted.done():
+                submitted.cancel()  # the caller stopped reading: the request is aborted
+                with contextlib.suppress(BaseException):
+                    await submitted
 
     async def aclose(self) -> None:
         """Stop the ranks (killed after ``timeout_s`` if they hang) and release everything:

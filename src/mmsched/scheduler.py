@@ -13,10 +13,11 @@ Each iteration:
    ``entry-broadcast``, receive the entry rank's); tensors that travel by reference are
    resolved through the [payload store][mmsched.stores] as the message is decoded; with a
    GPU ``device`` the features are then copied onto the rank's GPU ([`mmsched.devices`][]);
-3. the server's callback sees the iteration's typed requests; the stub model step runs;
-4. rank 0 returns outputs (or per-request errors, or receipts of aborts) to the tokenizer,
-   and every rank reports the iteration done: the tokenizer then reuses the requests'
-   room in the payload store.
+3. the server's callback (the model step; the stub by default) sees the iteration's typed
+   requests and returns each one's output ([`mmsched.outputs`][]);
+4. rank 0 returns those outputs, whole or streamed chunk by chunk (or per-request errors,
+   or receipts of aborts) to the tokenizer, and every rank reports the iteration done: the
+   tokenizer then reuses the requests' room in the payload store.
 
 A request whose inputs fail to build fails alone: it gets an [`ErrorOutput`][] and the
 iteration goes on. The decision is made identically on every rank (same bytes, same checks,
@@ -41,10 +42,11 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import orjson
 import torch
@@ -56,7 +58,7 @@ from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.credentials import present_credentials
 from mmsched.devices import DevicePlacer, rank_device
-from mmsched.errors import CodecError, ConfigError
+from mmsched.errors import CodecError, ConfigError, ModelOutputError
 from mmsched.frames import Frames, Int64List
 from mmsched.hosts import host_lost_after_s
 from mmsched.inputs import MultimodalInputs, materialize
@@ -74,6 +76,12 @@ from mmsched.messages import (
     Shutdown,
     TokenizedGenerateReqInput,
 )
+from mmsched.outputs import (
+    IterationCallback,
+    ModelOutput,
+    checked_output,
+    run_callback,
+)
 from mmsched.probes import Probe
 from mmsched.stores import PayloadStore, StoreOptions, store_class, store_names
 from mmsched.strategies import get_strategy
@@ -85,8 +93,6 @@ _ORPHAN_POLL_S = 0.2
 FAILURE_FILE = "rank-{rank}.failed.json"
 """Name of the file in the run directory where a failed rank leaves its error."""
 
-IterationCallback = Callable[[int, int, list[TokenizedGenerateReqInput]], Awaitable[None] | None]
-"""``callback(rank, iteration, requests)``: requests hold built [`MultimodalInputs`][]."""
 
 RankStartCallback = Callable[[int, torch.device], Awaitable[None] | None]
 """``on_rank_start(rank, device)``: once per rank, in its process, before it reports ready
@@ -409,19 +415,52 @@ class SchedulerRank:
             await self._observe(req, batch.iteration, outcome, None)
             ready.append(req)
 
-        if self.on_iteration is not None:
-            result = self.on_iteration(self.rank, batch.iteration, ready)
-            if inspect.isawaitable(result):
-                await result
+        outputs: Mapping[str, Any] = {}
+        failed: ModelOutputError | None = None
+        if ready:
+            try:
+                outputs = await run_callback(self.on_iteration, self.rank, batch.iteration, ready)
+            except ModelOutputError as exc:
+                failed = exc  # the callback's answer as a whole is unusable: each request's
         if ready and self.probe is not None:
             await self.probe.model_step(self.rank, batch.iteration, ready)
-        if self.rank == 0:
-            for req in ready:
-                output = self._stub_output(req)
-                output.iteration = batch.iteration
-                await self._send(output)
+        for req in ready:
+            await self._answer(req, batch.iteration, failed or outputs.get(req.rid))
         if batch.requests:
             await self._send(RankProgress(rank=self.rank, iteration=batch.iteration))
+
+    async def _answer(self, req: TokenizedGenerateReqInput, iteration: int, output: Any) -> None:
+        """Check ``req``'s output and, on the entry rank, send it back: whole in one
+        message, or streamed chunk by chunk and then a last one. Every rank drains a
+        stream (it is the model's lockstep work). A bad output fails ``req`` alone."""
+        mm = req.mm_inputs
+        pads = [i.pad_value for i in mm.mm_items] if isinstance(mm, MultimodalInputs) else []
+        try:
+            if isinstance(output, ModelOutputError):
+                raise output
+            checked = checked_output(req.rid, output)
+            if isinstance(checked, ModelOutput):
+                last = GenerateOutput(req.rid, checked.output_ids, checked.finish_reason, pads)
+            else:
+                last = GenerateOutput(req.rid, [], "stop", pads)
+                async for chunk in checked:
+                    last.finish_reason = chunk.finish_reason
+                    if self.rank == 0:
+                        await self._send(
+                            GenerateOutput(
+                                req.rid, chunk.output_ids, iteration=iteration, finished=False
+                            )
+                        )
+        except Exception as exc:  # the model's failure on this request: it fails alone
+            log.warning("rank %d: the model failed request %r: %r", self.rank, req.rid, exc)
+            if self.rank == 0:
+                error = ErrorOutput.from_exception(req.rid, exc)
+                error.iteration = iteration
+                await self._send(error)
+            return
+        if self.rank == 0:
+            last.iteration = iteration
+            await self._send(last)
 
     async def _ready_inputs(
         self, req: TokenizedGenerateReqInput, inputs: MultimodalInputs
@@ -476,18 +515,6 @@ class SchedulerRank:
         """Other ranks: the entry rank's next message."""
         assert self._transport is not None
         return self.decoder.decode(await self._transport.recv())
-
-    def _stub_output(self, req: TokenizedGenerateReqInput) -> GenerateOutput:
-        # The stub model "generates" the ids it was fed, media spans replaced by pad values:
-        # what a real model step consumes, so callers can check it end to end.
-        mm = req.mm_inputs
-        if isinstance(mm, MultimodalInputs):
-            return GenerateOutput(
-                rid=req.rid,
-                output_ids=mm.pad_input_ids(req.input_ids),
-                pad_values=[i.pad_value for i in mm.mm_items],
-            )
-        return GenerateOutput(rid=req.rid, output_ids=list(req.input_ids))
 
     async def _observe(
         self,

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,7 @@ from mmsched.errors import (
     PeerLost,
     RequestFailed,
 )
-from mmsched.frames import Frames, frames_nbytes
+from mmsched.frames import Frames, Int64List, frames_nbytes
 from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
 from mmsched.messages import (
     ABORTED,
@@ -92,6 +92,11 @@ class _Pending:
     created_at: float
     output: GenerateOutput | None = None
     reports: list[ProbeReport] = field(default_factory=list)
+    # A streamed answer: the ids of its chunks so far, where each chunk is also handed on
+    # (``submit(stream=...)``), and when the last one came (it keeps the request alive).
+    streamed: list[int] = field(default_factory=list)
+    stream: Callable[[GenerateOutput], None] | None = None
+    heard_at: float = 0.0
 
 
 class InflightBudget:
@@ -227,8 +232,12 @@ class TokenizerStage:
         input_ids: list[int],
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None = None,
         sampling_params: dict[str, Any] | None = None,
+        stream: Callable[[GenerateOutput], None] | None = None,
     ) -> RequestTrace:
-        """Send one request and wait for its result.
+        """Send one request and wait for its result (every id, however it was streamed).
+
+        ``stream``, if given, is called with each streamed chunk as it arrives (on the
+        event loop; it must not block); the last chunk is in the result.
 
         Raises:
             InvalidMultimodalInput: the inputs are malformed (whichever process found it).
@@ -251,7 +260,7 @@ class TokenizerStage:
         )
         held = False
         try:
-            trace = await self._submit(rid, input_ids, mm_inputs, sampling_params)
+            trace = await self._submit(rid, input_ids, mm_inputs, sampling_params, stream)
             if trace.output.iteration > min(self._progress.values()):
                 self._held.append((trace.output.iteration, nbytes))  # a rank is still behind
                 held = True
@@ -259,6 +268,17 @@ class TokenizerStage:
         finally:
             if not held:
                 self._budget.release(nbytes)
+
+    async def _answer_of(self, pending: _Pending) -> RequestTrace:
+        """``pending``'s result; raises ``TimeoutError`` after ``timeout_s`` with no word."""
+        pending.heard_at = time.monotonic()
+        while True:
+            wait_s = pending.heard_at + self.config.timeout_s - time.monotonic()
+            if wait_s <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait((pending.future,), timeout=wait_s)
+            if done:
+                return pending.future.result()
 
     def _rank_progressed(self, message: RankProgress) -> None:
         if message.rank not in self._progress or not isinstance(message.iteration, int):
@@ -292,6 +312,7 @@ class TokenizerStage:
         input_ids: list[int],
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None,
         sampling_params: dict[str, Any] | None,
+        stream: Callable[[GenerateOutput], None] | None,
     ) -> RequestTrace:
         created_at = time.monotonic()
         req = TokenizedGenerateReqInput(
@@ -321,7 +342,7 @@ class TokenizerStage:
         except BaseException:
             self._drop_unsent(prepared)
             raise
-        pending = _Pending(loop.create_future(), created_at)
+        pending = _Pending(loop.create_future(), created_at, stream=stream)
         self._pending[rid] = pending
         if placed:
             self._unsettled.setdefault(rid, deque()).append(placed)
@@ -334,7 +355,8 @@ class TokenizerStage:
         try:
             # The answer comes in the iteration after the request reaches the entry rank, and
             # no iteration may take longer than timeout_s: past that, nobody is answering.
-            return await asyncio.wait_for(pending.future, self.config.timeout_s)
+            # A streamed answer may take longer as a whole, as long as chunks keep coming.
+            return await self._answer_of(pending)
         except TimeoutError:
             self._send_nowait(encode(AbortReq(rid=rid)))
             log.warning("no answer to request %r within timeout_s=%s", rid, self.config.timeout_s)
@@ -528,6 +550,11 @@ class TokenizerStage:
                 self._ranks_ready.set()
             return
         rid = getattr(message, "rid", None)
+        if isinstance(message, GenerateOutput):
+            _check_output(message)
+            if not message.finished:
+                self._streamed(message)
+                return
         if isinstance(message, GenerateOutput | ErrorOutput) and isinstance(rid, str):
             iteration = message.iteration if isinstance(message.iteration, int) else -1
             self._answered(rid, iteration)
@@ -540,6 +567,9 @@ class TokenizerStage:
             pending.future.set_exception(_error_from(message))
             return
         if isinstance(message, GenerateOutput):
+            if pending.streamed:  # the result holds every id, the last chunk's too
+                pending.streamed.extend(message.output_ids)
+                message.output_ids = pending.streamed
             pending.output = message
         elif isinstance(message, ProbeReport):
             pending.reports.append(message)
@@ -547,6 +577,16 @@ class TokenizerStage:
             raise CodecError(f"a {type(message).__name__} is not a result")
         assert isinstance(rid, str)  # it named a pending request
         self._finish_if_complete(rid, pending)
+
+    def _streamed(self, chunk: GenerateOutput) -> None:
+        """A chunk of a streamed answer: kept for the result, handed on to the stream."""
+        pending = self._pending.get(chunk.rid)
+        if pending is None or pending.future.done():
+            return
+        pending.heard_at = time.monotonic()
+        pending.streamed.extend(chunk.output_ids)
+        if pending.stream is not None:
+            pending.stream(chunk)
 
     def _finish_if_complete(self, rid: str, pending: _Pending) -> None:
         output = pending.output
@@ -601,3 +641,14 @@ def _error_from(message: ErrorOutput) -> MmschedError:
     if message.kind == InvalidMultimodalInput.__name__ and message.field is not None:
         return InvalidMultimodalInput(message.field, message.message)
     return RequestFailed(message.rid, message.kind, message.message)
+
+
+def _check_output(message: GenerateOutput) -> None:
+    """A result frame is foreign data: its ids must be ints (a chunk's field types too)."""
+    if not isinstance(message.rid, str) or not isinstance(message.finished, bool):
+        raise CodecError("an output with a bad rid or finished flag")
+    ids = message.output_ids
+    if isinstance(ids, Int64List):
+        return  # decoded from an int64 frame: ints by construction
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise CodecError(f"output of request {message.rid!r}: ids that are not a list of ints")

@@ -47,8 +47,9 @@ from mmsched.errors import (
     RequestFailed,
 )
 from mmsched.messages import GenerateOutput
+from mmsched.outputs import IterationCallback
 from mmsched.pipeline import Pipeline
-from mmsched.scheduler import IterationCallback, RankStartCallback
+from mmsched.scheduler import RankStartCallback
 from mmsched.serve.chat import ChatProcessor, PreparedChat
 from mmsched.serve.media import BadRequest, MediaLimits
 from mmsched.serve.metrics import ServerMetrics
