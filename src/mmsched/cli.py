@@ -264,7 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--config", type=Path, help="a TOML config file")
     serve.add_argument("--tp", type=int, help="scheduler ranks (Config.tp_size)")
-    serve.add_argument("--model", default=None, help="the model id answered to")
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="the model the ranks run and the id answered to: mmsched-stub-qwen2-vl (the "
+        "default: the stub, whose reply says what reached the ranks), tiny-qwen2-vl "
+        "(transformers' Qwen2-VL, tiny and random: its generated text); any other id serves "
+        "the stub under that name",
+    )
     serve.add_argument("--max-images", type=int, default=16, help="images per request")
     serve.add_argument("--max-image-mb", type=int, default=20, help="largest encoded image")
     _host_flags(serve, required=False)
@@ -703,6 +710,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     try:
         import uvicorn
 
+        from mmsched.models import served_model
         from mmsched.serve import DEFAULT_MODEL, ServeSettings, create_app
     except ImportError as exc:
         hint = f"{exc}: install the serve extra: pip install 'mmsched[serve]'"
@@ -718,7 +726,11 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         f"serving {settings.model} on http://{args.host}:{args.port}: TP={config.tp_size}, "
         f"{config.strategy} over {config.transport}, {config.payload_store} store"
     )
-    uvicorn.run(create_app(config, settings), host=args.host, port=args.port, log_level="warning")
+    served = served_model(settings.model)
+    app = create_app(
+        config, settings, on_iteration=served.on_iteration, on_rank_start=served.on_rank_start
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

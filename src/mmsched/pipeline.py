@@ -41,7 +41,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -424,7 +424,7 @@ class Pipeline:
         input_ids: list[int],
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None = None,
         sampling_params: dict[str, Any] | None = None,
-    ) -> AsyncIterator[GenerateOutput]:
+    ) -> AsyncGenerator[GenerateOutput, None]:
         """Run one request and yield its output as the model streams it: each
         [`GenerateOutput`][mmsched.messages.GenerateOutput] holds the ids generated since
         the one before; the last has ``finished`` set (a model that does not stream gives

@@ -6,11 +6,13 @@
 them to every TP rank, where the rank callback (the model) runs. The answer comes back as a
 ``chat.completion``, or as server-sent events (``stream: true``) ending in ``[DONE]``.
 
-The ranks run the pipeline's stub model: it returns the ids that reached the model step,
-each image's span replaced by its pad value. The reply says what reached the ranks (each
-image's size, patches and pad id, and the prompt's text as the ranks saw it): a check of
-the whole path, not a language model. A server with a real model serves its own
-``on_iteration`` and turns its own output ids into text.
+By default the ranks run the pipeline's stub model: it returns the ids that reached the
+model step, each image's span replaced by its pad value, and the reply says what reached the
+ranks (each image's size, patches and pad id, and the prompt's text as the ranks saw it): a
+check of the whole path, not a language model. With a model of its own (``on_iteration``;
+``mmsched serve --model tiny-qwen2-vl``, [`mmsched.models`][]) the reply is the text of the
+ids the model returned, decoded by the processor's tokenizer, and ``stream: true`` streams
+them as the model makes them.
 
 Also: ``GET /v1/models``, ``GET /health`` (503 until the ranks are up, and once they are
 lost), ``GET /metrics`` (Prometheus text, [`mmsched.serve.metrics`][]).
@@ -24,11 +26,12 @@ unknown model 404; a full pipeline 503; the next request is served as usual.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +50,7 @@ from mmsched.errors import (
     RequestFailed,
 )
 from mmsched.messages import GenerateOutput
+from mmsched.models import STUB_MODEL
 from mmsched.outputs import IterationCallback
 from mmsched.pipeline import Pipeline
 from mmsched.scheduler import RankStartCallback
@@ -56,7 +60,7 @@ from mmsched.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "mmsched-stub-qwen2-vl"
+DEFAULT_MODEL = STUB_MODEL
 TIMING_HEADER = "x-mmsched-timing"
 """Response header: ``prepare=<ms>;pipeline=<ms>``, image decoding and processing, then the
 pipeline's part (hashing, placement, delivery to every rank and the answer)."""
@@ -116,6 +120,7 @@ def create_app(
     chat = processor or ChatProcessor(limits=limits, max_images=settings.max_images)
     metrics = ServerMetrics()
     state: dict[str, Pipeline] = {}
+    generates_text = on_iteration is not None  # a model's own ids, not the stub's echo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -165,9 +170,28 @@ def create_app(
             prepared = await _prepare(chat, body.get("messages"))
             processed = time.perf_counter()
             rid = f"chatcmpl-{uuid.uuid4().hex}"
-            output = await _generate(pipeline, rid, prepared)
+            sampling = {"max_new_tokens": max_tokens} if max_tokens is not None else {}
+            if stream and generates_text:
+                # The model's ids, streamed as they come: only the first chunk is awaited
+                # here, so that a request refused on its way in is still an HTTP error.
+                return await _model_stream(
+                    pipeline,
+                    rid,
+                    prepared,
+                    sampling,
+                    chat,
+                    settings.model,
+                    include_usage,
+                    on_end=lambda: metrics.completed(
+                        time.perf_counter() - arrived, prepared.images, prepared.feature_bytes
+                    ),
+                )
+            output = await _generate(pipeline, rid, prepared, sampling)
             delivered = time.perf_counter()
-            pieces = _pieces(_describe(chat, prepared, output, config.tp_size), max_tokens)
+            if generates_text:
+                pieces = [chat.tokenizer.decode(output.output_ids)]
+            else:
+                pieces = _pieces(_describe(chat, prepared, output, config.tp_size), max_tokens)
             metrics.completed(delivered - arrived, prepared.images, prepared.feature_bytes)
         except _HttpError as exc:
             metrics.answered("chat", exc.status)
@@ -186,7 +210,12 @@ def create_app(
             model=settings.model,
             pieces=pieces,
             prompt_tokens=len(prepared.input_ids),
-            finish="length" if max_tokens is not None and len(pieces) == max_tokens else "stop",
+            finish=output.finish_reason
+            if generates_text
+            else "length"
+            if max_tokens is not None and len(pieces) == max_tokens
+            else "stop",
+            completion_tokens=len(output.output_ids) if generates_text else None,
             # Where the time went, for load generators: decoding and processing the
             # images, then the pipeline (hash, placement, every rank's delivery, answer).
             timing=f"prepare={(processed - arrived) * 1e3:.2f};"
@@ -208,10 +237,12 @@ class _Reply:
     finish: str
     timing: str
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    # The model's ids (a real model); None: one per piece (the stub's words).
+    completion_tokens: int | None = None
 
     @property
     def usage(self) -> dict[str, int]:
-        done = len(self.pieces)
+        done = len(self.pieces) if self.completion_tokens is None else self.completion_tokens
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": done,
@@ -306,9 +337,68 @@ async def _prepare(chat: ChatProcessor, messages: Any) -> PreparedChat:
         raise _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}") from None
 
 
-async def _generate(pipeline: Pipeline, rid: str, prepared: PreparedChat) -> GenerateOutput:
+async def _generate(
+    pipeline: Pipeline, rid: str, prepared: PreparedChat, sampling: dict[str, Any]
+) -> GenerateOutput:
+    with _pipeline_errors():
+        return await pipeline.generate(rid, prepared.input_ids, prepared.mm_inputs, sampling)
+
+
+async def _model_stream(
+    pipeline: Pipeline,
+    rid: str,
+    prepared: PreparedChat,
+    sampling: dict[str, Any],
+    chat: ChatProcessor,
+    model: str,
+    include_usage: bool,
+    on_end: Callable[[], None],
+) -> Response:
+    """A model's streamed answer as server-sent events, text decoded as the ids come."""
+    chunks = pipeline.generate_stream(rid, prepared.input_ids, prepared.mm_inputs, sampling)
+    with _pipeline_errors():
+        first = await anext(chunks)
+    reply = _Reply(rid, model, [], len(prepared.input_ids), "stop", timing="")
+
+    async def events() -> AsyncIterator[bytes]:
+        ids: list[int] = []
+        sent = ""
+        chunk: GenerateOutput | None = first
+        try:
+            yield reply._chunk({"role": "assistant", "content": ""}, None)
+            while chunk is not None:
+                ids.extend(chunk.output_ids)
+                text = chat.tokenizer.decode(ids)
+                # A character whose bytes are not all here yet decodes as U+FFFD: wait.
+                ready = text if chunk.finished else text.rstrip("\ufffd")
+                if len(ready) > len(sent):
+                    yield reply._chunk({"content": ready[len(sent) :]}, None)
+                    sent = ready
+                if chunk.finished:
+                    reply.finish, reply.completion_tokens = chunk.finish_reason, len(ids)
+                    break
+                chunk = await anext(chunks, None)
+        except MmschedError as exc:  # after the headers went: an error event ends it
+            log.warning("stream of %s failed: %s", rid, exc)
+            yield reply._data({"error": {"message": str(exc), "type": type(exc).__name__}})
+            yield b"data: [DONE]\n\n"
+            return
+        finally:
+            await chunks.aclose()
+        yield reply._chunk({}, reply.finish)
+        if include_usage:
+            yield reply._data({"choices": [], "usage": reply.usage})
+        yield b"data: [DONE]\n\n"
+        on_end()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@contextlib.contextmanager
+def _pipeline_errors() -> Iterator[None]:
+    """The pipeline's errors as the HTTP errors they mean."""
     try:
-        return await pipeline.generate(rid, prepared.input_ids, prepared.mm_inputs)
+        yield
     except InvalidMultimodalInput as exc:
         raise _HttpError(400, "invalid_request_error", str(exc), exc.field) from None
     except Overloaded as exc:

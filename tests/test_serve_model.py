@@ -1,0 +1,130 @@
+"""A real model behind the server: ``mmsched serve --model tiny-qwen2-vl`` (transformers'
+own Qwen2-VL class, tiny config, random weights) answers the ``openai`` client with the ids
+that model generated from the features that reached the ranks.
+
+The expected text is computed here, in this process, by the same model class from the
+processor's own output: equal text means the ranks' model saw the same pixels, grid, image
+token positions and M-RoPE positions (which the model code computes from them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the serve extra installs transformers")
+openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
+
+from test_serve import Server, ask, free_port, image_part, png  # noqa: E402
+
+from mmsched import Config, MultimodalInputs, Pipeline, RequestFailed  # noqa: E402
+from mmsched.models import TINY_QWEN2_VL  # noqa: E402
+from mmsched.models.qwen2_vl import (  # noqa: E402
+    TinyQwen2VL,
+    build_model,
+    generate_ids,
+    model_inputs,
+)
+from mmsched.serve.chat import ChatProcessor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
+    mmsched = Path(sys.executable).with_name("mmsched")
+    process = subprocess.Popen(
+        [str(mmsched), "serve", "--model", TINY_QWEN2_VL, "--tp", "2", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    running = Server(f"http://127.0.0.1:{port}", process)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {process.stdout.read() if process.stdout else ''}")
+        try:
+            if running.get("/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("the server did not become healthy within 240 s")
+    yield running
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[ChatProcessor, object]:
+    return ChatProcessor(), build_model(0)
+
+
+def expected_text(reference: tuple[ChatProcessor, object], messages: list[object]) -> str:
+    chat, model = reference
+    prepared = chat.prepare(messages)
+    mm = MultimodalInputs.from_dict(prepared.mm_inputs) if prepared.mm_inputs else None
+    inputs = model_inputs(prepared.input_ids, mm, torch.device("cpu"))
+    return chat.tokenizer.decode(generate_ids(model, inputs, MAX_TOKENS))
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_the_real_model_answers_from_the_delivered_features(
+    server: Server, reference: tuple[ChatProcessor, object], images: int
+) -> None:
+    parts = [image_part(png(96 + 32 * n, 64 + 48 * n, seed=n)) for n in range(images)]
+    messages = ask(*parts, text=f"describe {images}")
+    reply = server.client().chat.completions.create(
+        model=TINY_QWEN2_VL, messages=messages, max_tokens=MAX_TOKENS
+    )
+    assert reply.choices[0].message.content == expected_text(reference, messages)
+    assert reply.usage is not None and reply.usage.completion_tokens <= MAX_TOKENS
+
+
+def test_the_real_model_streams(server: Server, reference: tuple[ChatProcessor, object]) -> None:
+    messages = ask(image_part(png(128, 128, seed=7)), text="stream it")
+    stream = server.client().chat.completions.create(
+        model=TINY_QWEN2_VL, messages=messages, max_tokens=MAX_TOKENS, stream=True
+    )
+    deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(deltas) == expected_text(reference, messages)
+    assert len([d for d in deltas if d]) >= 2  # more than one piece: it streamed
+
+
+async def test_features_that_do_not_match_their_tokens_fail_alone() -> None:
+    chat = ChatProcessor()
+    good = chat.prepare(ask(image_part(png(64, 64)), text="good"))
+    assert good.mm_inputs is not None
+    item = good.mm_inputs["mm_items"][0]
+    start, end = item["offsets"][0]
+    # One image token short of what the vision tower makes of these pixels.
+    short_ids = good.input_ids[:end] + good.input_ids[end + 1 :]
+    short = {"mm_items": [{**item, "offsets": [(start, end - 1)]}]}
+    model = TinyQwen2VL()
+    config = Config(tp_size=2, transport="memory", payload_store="inline")
+    async with Pipeline(config, on_iteration=model, on_rank_start=model.on_rank_start) as pipe:
+        bad, fine = await asyncio.gather(
+            pipe.generate("short", short_ids, short, {"max_new_tokens": 2}),
+            pipe.generate("fine", good.input_ids, good.mm_inputs, {"max_new_tokens": 2}),
+            return_exceptions=True,
+        )
+    assert isinstance(bad, RequestFailed) and bad.kind == "ModelOutputError", bad
+    assert "match" in str(bad)  # the model code's own check of tokens against features
+    assert not isinstance(fine, BaseException) and len(fine.output_ids) <= 2
