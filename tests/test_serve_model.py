@@ -24,8 +24,6 @@ import torch
 pytest.importorskip("transformers", reason="the serve extra installs transformers")
 openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
 
-from test_serve import Server, ask, free_port, image_part, png  # noqa: E402
-
 from mmsched import Config, MultimodalInputs, Pipeline, RequestFailed  # noqa: E402
 from mmsched.models import TINY_QWEN2_VL  # noqa: E402
 from mmsched.models.qwen2_vl import (  # noqa: E402
@@ -35,6 +33,7 @@ from mmsched.models.qwen2_vl import (  # noqa: E402
     model_inputs,
 )
 from mmsched.serve.chat import ChatProcessor  # noqa: E402
+from test_serve import Server, ask, free_port, image_part, png  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 6
