@@ -94,3 +94,13 @@ def test_both_benchmarks_take_both_spellings_of_the_design_flags() -> None:
             ["bench", bench, "--strategies", "tokenizer", "--transports", "zmq"]
         )
         assert vars(one) == vars(two)
+
+
+def test_bench_load_without_design_flags_runs_every_strategy() -> None:
+    # The README shows `mmsched bench load` with no flags: it must name every strategy.
+    from mmsched.bench.fanout import DEFAULT_STRATEGIES
+    from mmsched.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "load"])
+    assert args.strategy == list(DEFAULT_STRATEGIES)
+    assert args.transport == ["torch"]

@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         dest="strategy",
         type=_csv(str),
-        help="comma-separated (default per-rank,entry-broadcast,tokenizer,zero-copy; with "
-        "--hosts: zero-copy)",
+        default=list(DEFAULT_STRATEGIES),
+        help=f"comma-separated (default {','.join(DEFAULT_STRATEGIES)})",
     )
     load.add_argument(
         "--transports",
