@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 6
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+def start_server(**env_values: str) -> Iterator[Server]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
+    env.update(env_values)
     mmsched = Path(sys.executable).with_name("mmsched")
     process = subprocess.Popen(
         [str(mmsched), "serve", "--model", TINY_QWEN2_VL, "--tp", "2", "--port", str(port)],
@@ -65,10 +65,17 @@ def server() -> Iterator[Server]:
     else:
         process.kill()
         pytest.fail("the server did not become healthy within 240 s")
-    yield running
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        process.wait(60)
+    try:
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    yield from start_server()
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +83,13 @@ def reference() -> tuple[ChatProcessor, object]:
     return ChatProcessor(), build_model(0)
 
 
-def expected_text(reference: tuple[ChatProcessor, object], messages: list[object]) -> str:
+def expected_text(
+    reference: tuple[ChatProcessor, object], messages: list[object], device: str = "cpu"
+) -> str:
     chat, model = reference
     prepared = chat.prepare(messages)
     mm = MultimodalInputs.from_dict(prepared.mm_inputs) if prepared.mm_inputs else None
-    inputs = model_inputs(prepared.input_ids, mm, torch.device("cpu"))
+    inputs = model_inputs(prepared.input_ids, mm, torch.device(device))
     return chat.tokenizer.decode(generate_ids(model, inputs, MAX_TOKENS))
 
 
@@ -127,3 +136,24 @@ async def test_features_that_do_not_match_their_tokens_fail_alone() -> None:
     assert isinstance(bad, RequestFailed) and bad.kind == "ModelOutputError", bad
     assert "match" in str(bad)  # the model code's own check of tokens against features
     assert not isinstance(fine, BaseException) and len(fine.output_ids) <= 2
+
+
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none here"
+)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_real_model_on_gpu_ranks() -> None:
+    # The features reach each rank's GPU through the pinned store; the model runs there.
+    chat = ChatProcessor()
+    reference = (chat, build_model(0, "cuda"))
+    for running in start_server(MMSCHED_DEVICE="cuda", MMSCHED_PAYLOAD_STORE="pinned"):
+        for images in (1, 3):
+            parts = [image_part(png(200 + 40 * n, 150, seed=n)) for n in range(images)]
+            messages = ask(*parts, text="on the gpu")
+            reply = running.client().chat.completions.create(
+                model=TINY_QWEN2_VL, messages=messages, max_tokens=MAX_TOKENS
+            )
+            assert reply.choices[0].message.content == expected_text(reference, messages, "cuda")
