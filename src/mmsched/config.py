@@ -44,6 +44,11 @@ CACHE_HASHERS = ("blake3", "sha256", "sglang-0.5")
 """Hashers that may key the feature cache (collision-resistant)."""
 
 
+SHM_TRANSPORT_HEADERS_MB = 64
+"""The ``shm`` transport's arena where only headers travel: a request's header with its
+token ids is kilobytes to a few MB, so 64 MiB holds many iterations in flight."""
+
+
 @dataclass(frozen=True)
 class Config:
     """What a pipeline runs with. Names are resolved (and checked) when the config is made.
@@ -71,8 +76,13 @@ class Config:
         max_request_bytes: largest total feature size of one request; ``None``: no limit.
         allow_pickle: let the codec unpickle opaque values (trust every sender first).
         tokenizer_workers: threads that materialize inputs in the tokenizer.
-        shm_arena_mb: size of each shared-memory arena (the ``shm`` transport's, and the
-            ``shm`` payload store's); reserved and faulted in at start.
+        shm_arena_mb: size of the ``shm`` (and ``pinned``) payload store's shared-memory
+            arena, where tensor bytes travel; reserved and faulted in at start.
+        shm_transport_mb: size of the ``shm`` transport's own arena, which carries frames.
+            ``None`` (the default) sizes it for what travels there: ``shm_arena_mb`` under
+            the ``inline`` payload store (tensor bytes ride in the frames), else
+            ``SHM_TRANSPORT_HEADERS_MB`` (headers and token ids only: the bytes go through
+            the store), so that a host holds one large arena, not two.
         max_inflight_mb: most feature bytes of requests sent and not yet answered; a slow
             rank then holds back the tokenizer instead of growing queues. ``None``: no bound.
         backpressure: at that bound, ``wait`` (up to ``backpressure_wait_s``) or ``reject``;
@@ -109,6 +119,7 @@ class Config:
     allow_pickle: bool = False
     tokenizer_workers: int = 8
     shm_arena_mb: int = 1024
+    shm_transport_mb: int | None = None
     max_inflight_mb: int | None = 1024
     backpressure: str = "wait"
     backpressure_wait_s: float = 30.0
@@ -168,6 +179,8 @@ class Config:
             raise ConfigError(f"cuda_pool_mb must be at least 1, got {self.cuda_pool_mb}")
         if self.shm_arena_mb < 1:
             raise ConfigError(f"shm_arena_mb must be at least 1, got {self.shm_arena_mb}")
+        if self.shm_transport_mb is not None and self.shm_transport_mb < 1:
+            raise ConfigError(f"shm_transport_mb must be at least 1, got {self.shm_transport_mb}")
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:
             raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         self._check_hosts()
@@ -187,6 +200,15 @@ class Config:
             raise ConfigError(f"nnodes={self.nnodes} needs dist_init_addr (node 0's HOST:PORT)")
         if not transport_class(self.transport).cross_process:
             raise ConfigError(f"the {self.transport!r} transport cannot span hosts")
+
+    @property
+    def shm_transport_bytes(self) -> int:
+        """The ``shm`` transport's arena size (see ``shm_transport_mb``)."""
+        if self.shm_transport_mb is not None:
+            return self.shm_transport_mb << 20
+        if self.payload_store == "inline":
+            return self.shm_arena_mb << 20
+        return SHM_TRANSPORT_HEADERS_MB << 20
 
     @property
     def ranks_per_node(self) -> int:

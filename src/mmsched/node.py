@@ -197,7 +197,7 @@ class NodeAgent:
             size,
             self._group_address,
             config.timeout_s,
-            options={"arena_bytes": config.shm_arena_mb << 20, "token": token},
+            options={"arena_bytes": config.shm_transport_bytes, "token": token},
         )
         opening = asyncio.ensure_future(open_transport(config.transport, spec))
         while not opening.done():  # a rank that fails to start must not leave us waiting

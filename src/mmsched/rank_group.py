@@ -372,7 +372,7 @@ async def _open_within(config: Config, rank: int, address: str) -> Transport:
         config.tp_size,
         address,
         config.timeout_s,
-        options={"arena_bytes": config.shm_arena_mb << 20},
+        options={"arena_bytes": config.shm_transport_bytes},
     )
     try:
         return await asyncio.wait_for(

@@ -334,7 +334,7 @@ class SchedulerRank:
             self.group[1],
             self.addresses.group,
             self.config.timeout_s,
-            options={"arena_bytes": self.config.shm_arena_mb << 20, "token": self.addresses.token},
+            options={"arena_bytes": self.config.shm_transport_bytes, "token": self.addresses.token},
         )
         self._transport = await open_transport(self.config.transport, spec)
         if self.rank == 0 and self.addresses.iterations is not None:
