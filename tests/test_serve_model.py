@@ -43,9 +43,9 @@ def start_server(**env_values: str) -> Iterator[Server]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
     env.update(env_values)
-    mmsched = Path(sys.executable).with_name("mmsched")
+    command = [sys.executable, "-m", "mmsched", "serve", "--model", TINY_QWEN2_VL]
     process = subprocess.Popen(
-        [str(mmsched), "serve", "--model", TINY_QWEN2_VL, "--tp", "2", "--port", str(port)],
+        [*command, "--tp", "2", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
