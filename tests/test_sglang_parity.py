@@ -1,5 +1,5 @@
 """SGLang parity: the ``sglang-0.5.23`` hasher gives SGLang 0.5.23's hash, all its pad values
-and its padded ids.
+and its padded ids, and ``from_sglang`` reads SGLang's own item objects.
 
 The expected values are not written here: ``tests/data/sglang_0_5_23_golden.json`` holds
 what SGLang's own functions computed, loaded unchanged from the PyPI wheel by
@@ -11,15 +11,18 @@ puts it there), the tests at the end also run SGLang's functions and class live;
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import json
 import logging
 import sys
+import typing
 from array import array
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -33,6 +36,7 @@ from mmsched.hashing import (
     pad_values_of,
     padding_sequence,
 )
+from mmsched.sglang_items import from_sglang
 from sglang_recipes import build, input_digest, leaf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +209,165 @@ def test_mmschemds_own_pad_value_is_one_wide_value_below_int64(name: str) -> Non
     assert pad_values_of(2**64 - 1, name) == (PAD_VALUE_SHIFT + 2**62 - 1,)
 
 
+# ------------------------------------------------- SGLang's struct, rebuilt from its layout
+
+
+def rebuilt_structs() -> dict[str, Any]:
+    """SGLang's Modality, MultimodalInputFormat, MultimodalDataItem and
+    MultimodalProcessorOutput as msgspec defines them from the recorded layout: the same
+    field names, order, types, defaults and struct options (no methods of SGLang's)."""
+    layout = GOLDEN["structs"]
+    ns: dict[str, Any] = {
+        name: enum.Enum(name, members) for name, members in layout["enums"].items()
+    }
+    ns.update(
+        Optional=typing.Optional,
+        List=typing.List,  # noqa: UP006 (the recorded names)
+        Tuple=typing.Tuple,  # noqa: UP006
+        Dict=typing.Dict,  # noqa: UP006
+        Tensor=torch.Tensor,
+    )
+    for cls_name in ("MultimodalDataItem", "MultimodalProcessorOutput"):
+        spec = layout[cls_name]
+        fields: list[Any] = []
+        for f in spec["fields"]:
+            tp = eval(
+                f["type"],
+                {
+                    "__builtins__": {
+                        "int": int,
+                        "bool": bool,
+                        "bytes": bytes,
+                        "str": str,
+                        "object": object,
+                    }
+                },
+                ns,
+            )
+            if "default_factory" in f:
+                assert f["default_factory"] == "dict"
+                fields.append((f["name"], tp, msgspec.field(default_factory=dict)))
+            elif "default_enum" in f:
+                fields.append((f["name"], tp, ns[f["type"]][f["default_enum"]]))
+            elif "default" in f:
+                fields.append((f["name"], tp, f["default"]))
+            else:
+                fields.append((f["name"], tp))
+        config = {k: v for k, v in spec["config"].items() if k not in ("tag", "tag_field")}
+        assert spec["config"]["tag"] is None
+        ns[cls_name] = msgspec.defstruct(
+            cls_name, fields, kw_only=spec["kw_only"], module=__name__, **config
+        )
+    return ns
+
+
+def test_the_rebuilt_struct_encodes_as_sglangs_own_class_did() -> None:
+    ns = rebuilt_structs()
+    sample = GOLDEN["structs"]["item_sample"]
+    fields = dict(sample["fields"])
+    item = ns["MultimodalDataItem"](
+        modality=ns["Modality"][fields.pop("modality")],
+        offsets=[tuple(o) for o in fields.pop("offsets")],
+        **fields,
+    )
+    assert msgspec.msgpack.encode(item).hex() == sample["msgpack_hex"]
+    assert not vars(item)  # as with SGLang's: fields are not in __dict__
+
+
+def sglang_request(ns: dict[str, Any], feature: Any) -> Any:
+    item = ns["MultimodalDataItem"](
+        modality=ns["Modality"].IMAGE,
+        feature=feature,
+        offsets=[(1, 4)],
+        model_specific_data={"image_grid_thw": torch.tensor([[1, 4, 4]])},
+    )
+    return ns["MultimodalProcessorOutput"](
+        mm_items=[item], input_ids=[0, 7, 7, 7, 7, 0], im_token_id=7
+    )
+
+
+def test_from_sglang_reads_the_struct_layout() -> None:
+    ns = rebuilt_structs()
+    case = CASES["torch fp32"]
+    (feature,) = features_of(case)
+    mm = MultimodalInputs.from_dict(
+        from_sglang(sglang_request(ns, feature)), hasher=HASHER, input_len=6
+    )
+    (item,) = mm.mm_items
+    assert item.modality.value == "image"
+    assert (item.hash, list(item.pad_values)) == (case["hashes"][0], case["pad_values"][0])
+    assert torch.equal(item.model_specific_data["image_grid_thw"], torch.tensor([[1, 4, 4]]))
+    assert mm.im_token_id == 7
+    assert item.feature.data_ptr() == feature.data_ptr()  # no copy on the way
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("hash", 12, r"mm_items\[0\]\.hash"),
+        ("pad_value", 12, r"mm_items\[0\]\.pad_value"),
+        ("pad_values", (1, 2, 3, 4), r"mm_items\[0\]\.pad_values"),
+        ("identity", b"x" * 32, r"mm_items\[0\]\.identity"),
+        ("precomputed_embeddings", torch.ones(2), "precomputed_embeddings"),
+        ("format", "PRECOMPUTED_EMBEDDING", r"mm_items\[0\]\.format"),
+    ],
+)
+def test_what_mmsched_cannot_carry_in_a_struct_is_refused(
+    field: str, value: Any, match: str
+) -> None:
+    ns = rebuilt_structs()
+    request = sglang_request(ns, torch.randn(16, 8))
+    if field == "format":
+        value = ns["MultimodalInputFormat"][value]
+    setattr(request.mm_items[0], field, value)
+    with pytest.raises(InvalidMultimodalInput, match=match):
+        from_sglang(request)
+
+
+# ---------------------------------------------------------------- SGLang's layout as dicts
+
+
+def test_sglang_dicts_are_accepted_too() -> None:
+    case = CASES["list of tensors"]
+    (feature,) = features_of(case)
+    as_dict = {
+        "mm_items": [
+            {
+                "modality": "IMAGE",
+                "feature": feature,
+                "offsets": [(0, 3)],
+                "hash": None,
+                "format": "NORMAL",
+                "keep_device_embedding": False,
+                "model_specific_data": {"image_grid_thw": torch.tensor([[1, 2, 5], [1, 2, 3]])},
+            }
+        ],
+        "im_token_id": 5,
+        "num_image_tokens": None,
+        "input_ids": [5, 5, 5, 5, 0, 0],
+    }
+    mm = MultimodalInputs.from_dict(from_sglang(as_dict), hasher=HASHER, input_len=6)
+    assert mm.mm_items[0].hash == case["hashes"][0]
+    assert mm.pad_input_ids([5, 5, 5, 5, 0, 0]) == [*case["pad_values"][0], 0, 0]
+
+
+def test_an_unknown_modality_and_bad_model_data_are_refused_by_name() -> None:
+    base = {"modality": "IMAGE", "feature": torch.randn(4, 4), "offsets": [(0, 0)]}
+    for change, match in (
+        ({"modality": "SMELL"}, r"mm_items\[0\]\.modality"),
+        ({"model_specific_data": {"feature": 1}}, "shadows"),
+        ({"model_specific_data": [1]}, "model_specific_data"),
+    ):
+        with pytest.raises(InvalidMultimodalInput, match=match):
+            from_sglang({"mm_items": [{**base, **change}]})
+
+
+def test_garbage_is_an_input_error_not_a_crash() -> None:
+    for garbage in (None, 3, "text", {"mm_items": 3}, {"mm_items": [object()]}):
+        with pytest.raises(InvalidMultimodalInput):
+            from_sglang(garbage)
+
+
 # ------------------------------------------- SGLang's own code, live (where the wheel is)
 
 
@@ -261,3 +424,27 @@ def test_live_against_sglangs_functions(sglang: Any, name: str) -> None:
     (mine,) = MultimodalInputs.from_dict(raw, hasher=HASHER).mm_items
     assert (mine.hash, mine.pad_values) == (item.hash, item.pad_values)
     assert MultimodalInputs.from_dict(raw, hasher=HASHER).pad_input_ids(ids) == expected
+
+
+def test_from_sglang_reads_sglangs_own_class(sglang: Any) -> None:
+    feature = torch.randn(16, 1176)
+    item = sglang.MultimodalDataItem(
+        modality=sglang.Modality.IMAGE, feature=feature, offsets=[(1, 4)]
+    )
+    item.image_grid_thw = torch.tensor([[1, 4, 4]])  # SGLang routes it to model_specific_data
+    assert not vars(item)  # what the old adapter read, and found empty
+    request = sglang.MultimodalProcessorOutput(
+        mm_items=[item], im_token_id=151655, input_ids=[0, 1, 1, 1, 1, 0]
+    )
+    mm = MultimodalInputs.from_dict(from_sglang(request), hasher=HASHER, input_len=6)
+    (mine,) = mm.mm_items
+    item.set_pad_value()  # SGLang's own hash and pad values, for comparison
+    assert (mine.hash, mine.pad_values) == (item.hash, item.pad_values)
+    assert torch.equal(mine.model_specific_data["image_grid_thw"], torch.tensor([[1, 4, 4]]))
+    assert mine.feature.data_ptr() == feature.data_ptr()
+
+
+def test_the_recorded_layout_is_the_wheels(sglang: Any) -> None:
+    for cls_name in ("MultimodalDataItem", "MultimodalProcessorOutput"):
+        real = [f.name for f in msgspec.structs.fields(getattr(sglang, cls_name))]
+        assert real == [f["name"] for f in GOLDEN["structs"][cls_name]["fields"]]
