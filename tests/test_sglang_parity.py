@@ -11,6 +11,7 @@ puts it there), the tests at the end also run SGLang's functions and class live;
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import importlib.util
 import json
@@ -325,6 +326,56 @@ def test_what_mmsched_cannot_carry_in_a_struct_is_refused(
 
 
 # ---------------------------------------------------------------- SGLang's layout as dicts
+
+
+class OldModality(enum.Enum):  # the enum of releases before 0.5.23, MULTI_IMAGES included
+    IMAGE = enum.auto()
+    MULTI_IMAGES = enum.auto()
+    VIDEO = enum.auto()
+    AUDIO = enum.auto()
+
+
+@dataclasses.dataclass
+class OldItem:  # MultimodalDataItem as a dataclass, as older releases defined it
+    modality: OldModality
+    feature: Any = None
+    offsets: Any = None
+    hash: int | None = None
+    pad_value: int | None = None
+    precomputed_embeddings: Any = None
+    model_specific_data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class OldInputs:  # and MultimodalInputs, the fields a processor fills
+    mm_items: list[OldItem]
+    im_token_id: int | None = None
+    image_pad_len: list[int] | None = None
+
+
+def test_older_releases_dataclasses_are_read_too() -> None:
+    case = CASES["torch bf16"]
+    (feature,) = features_of(case)
+    item = OldItem(OldModality.MULTI_IMAGES, feature, [(0, 4)])
+    raw = from_sglang(OldInputs([item], im_token_id=5, image_pad_len=[5]))
+    mm = MultimodalInputs.from_dict(raw, hasher=HASHER, input_len=5)
+    assert mm.mm_items[0].modality.value == "image"
+    assert mm.mm_items[0].hash == case["hashes"][0]
+    assert mm.pad_input_ids([5] * 5) == padding_sequence(case["pad_values"][0], 5)
+
+
+def test_each_item_is_hashed_once_and_counted() -> None:
+    from mmsched import hash_stats
+
+    case = CASES["several items and spans"]
+    features = features_of(case)
+    before = hash_stats()
+    MultimodalInputs.from_dict(raw_of(case, features), hasher=HASHER)
+    delta = hash_stats() - before
+    assert delta.count == len(features)
+    assert delta.nbytes == sum(
+        f.nbytes if isinstance(f, np.ndarray) else f.numel() * f.element_size() for f in features
+    )
 
 
 def test_sglang_dicts_are_accepted_too() -> None:
