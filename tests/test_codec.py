@@ -302,3 +302,23 @@ def test_a_sender_that_may_not_pickle_is_refused_before_anything_goes() -> None:
     assert len(encode(odd)) == 2  # allowed by default: the header and the pickle frame
     plain = TokenizedGenerateReqInput("r", [1], {"stop": ["\n"]}, None)
     assert len(encode(plain, allow_pickle=False)) == 1
+
+
+@pytest.mark.parametrize("hasher", ["blake3", "sglang-0.5.23"])
+def test_wide_pad_values_and_padded_ids_survive_as_int64(hasher: str) -> None:
+    # Pad values take up to 63 bits (62 plus the shift): the items' values, and the padded
+    # ids a rank sends back, must cross the codec unchanged, ids in one int64 frame.
+    sample = image_sample(4, 6)
+    mm = MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher)
+    assert max(mm.mm_items[0].pad_values) >= 2**31
+    back = decode(encode(TokenizedGenerateReqInput("r1", sample.input_ids, {}, mm)))
+    assert isinstance(back, TokenizedGenerateReqInput)
+    assert isinstance(back.mm_inputs, MultimodalInputs)
+    assert back.mm_inputs.mm_items[0].pad_values == mm.mm_items[0].pad_values
+    assert back.mm_inputs.fingerprint() == mm.fingerprint()
+    padded = mm.pad_input_ids([*sample.input_ids, *range(1000)])  # long: one int64 frame
+    frames = encode(GenerateOutput("r1", padded, pad_values=[mm.mm_items[0].pad_value]))
+    assert len(padded) * 8 in [memoryview(f).nbytes for f in frames[1:]]
+    out = decode(frames)
+    assert isinstance(out, GenerateOutput)
+    assert out.output_ids == padded and out.pad_values == [mm.mm_items[0].pad_value]

@@ -57,7 +57,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
     [
         ({"transport": "carrier-pigeon"}, UnknownNameError, "known: memory, shm, torch, zmq"),
         ({"strategy": "fastest"}, UnknownNameError, "per-rank, tokenizer, zero-copy"),
-        ({"hasher": "md5"}, UnknownNameError, "blake3, sglang-0.5, sha256, xxh3"),
+        ({"hasher": "md5"}, UnknownNameError, "blake3, sglang-0.5.23, sha256, xxh3"),
         ({"tp": 4}, ConfigError, "unknown config key 'tp'; known:"),
         ({"tp_size": 0}, ConfigError, "at least 1"),
         ({"tp_size": "4"}, ConfigError, "tp_size must be int"),

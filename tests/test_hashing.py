@@ -1,5 +1,6 @@
-"""Hashers: sha256 (SGLang's formula; parity in test_sglang_parity.py), domain-separated
-blake3, xxh3, and the hash counter."""
+"""Hashers: sha256 (SGLang's byte hash; full parity with SGLang 0.5.23 in
+test_sglang_parity.py), domain-separated blake3, xxh3, mmsched's wide pad values, and the
+hash counter."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mmsched import UnknownNameError, get_hasher, hash_stats
-from mmsched.hashing import HASHERS, pad_value_of, tensor_bytes
+from mmsched.hashing import HASHERS, PAD_VALUE_SHIFT, pad_value_of, padding_sequence, tensor_bytes
 
 
 def sglang_reference(tensor: torch.Tensor) -> int:
@@ -22,7 +23,26 @@ def test_sha256_matches_sglang_formula() -> None:
     t = torch.randn(64, 1176)
     value = get_hasher("sha256").hash_tensor("image", t)
     assert value == sglang_reference(t)
-    assert pad_value_of(value, "sha256") == 1_000_000 + value % 2**30
+    # mmsched's own pad value (no longer 1,000,000 + hash % 2**30): 62 bits of the hash.
+    assert pad_value_of(value, "sha256") == 1_000_000 + (value & (2**62 - 1))
+
+
+@pytest.mark.parametrize("name", ["blake3", "sha256", "xxh3"])
+def test_own_pad_values_are_62_bits_wide_above_the_vocabulary(name: str) -> None:
+    h = get_hasher(name)
+    pads = {h.pad_value(h.hash_tensor("image", torch.tensor([float(i)]))) for i in range(2000)}
+    assert len(pads) == 2000  # a collision among 2000 at 2**-49 odds would be a bug
+    assert min(pads) >= PAD_VALUE_SHIFT
+    assert max(pads) < 2**63  # an int64 token id
+    assert max(pads) >= 2**31  # and no longer confined to int32: 2000 draws all below is 2**-62000
+    assert h.pad_values(12345) == (h.pad_value(12345),)
+
+
+def test_padding_sequence_cycles_from_the_first_value() -> None:
+    assert padding_sequence((1, 2, 3, 4), 6) == [1, 2, 3, 4, 1, 2]
+    assert padding_sequence((1, 2, 3, 4), 3) == [1, 2, 3]
+    assert padding_sequence((9,), 3) == [9, 9, 9]
+    assert padding_sequence((1, 2), 0) == []
 
 
 def test_sha256_ignores_modality_and_shape_as_sglang_does() -> None:
@@ -94,7 +114,7 @@ def test_every_hash_is_counted() -> None:
 
 
 def test_unknown_hasher_lists_known() -> None:
-    with pytest.raises(UnknownNameError, match=r"blake3, sglang-0\.5, sha256, xxh3"):
+    with pytest.raises(UnknownNameError, match=r"blake3, sglang-0\.5\.23, sha256, xxh3"):
         get_hasher("md5")
 
 

@@ -24,7 +24,8 @@ def test_image_from_qwen2vl_shapes() -> None:
     assert (hash_stats() - before).count == 1  # hashed exactly once
     (item,) = mm.mm_items
     assert item.modality is Modality.IMAGE
-    assert item.pad_value == 1_000_000 + item.hash % 2**30
+    assert item.pad_value == 1_000_000 + (item.hash & (2**62 - 1))  # 62 bits: an int64 id
+    assert item.pad_values == (item.pad_value,)
     assert item.offsets == [(16, 16 + 1000 - 1)]
     assert torch.equal(item.model_specific_data["image_grid_thw"], torch.tensor([[1, 50, 80]]))
     assert mm.im_token_id == 151655

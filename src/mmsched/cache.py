@@ -233,6 +233,7 @@ def _placeholder(item: MultimodalDataItem) -> MultimodalDataItem:
         hash=item.hash,
         pad_value=item.pad_value,
         model_specific_data=item.model_specific_data,
+        pad_values=item.pad_values,
     )
 
 

@@ -40,7 +40,7 @@ from mmsched.bench.load import WORKERS as LOAD_WORKERS
 from mmsched.bench.report import write_report
 from mmsched.config import Config
 from mmsched.errors import ConfigError, MmschedError
-from mmsched.hashing import DEFAULT_HASHER, HASHERS
+from mmsched.hashing import DEFAULT_HASHER, hasher_names
 from mmsched.stores import store_class, store_names
 from mmsched.strategies import get_strategy
 from mmsched.transports import transport_class, transport_names
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument(
         "--hasher",
         default=DEFAULT_HASHER,
-        choices=sorted(HASHERS),
+        choices=hasher_names(),
         help=f"content hash for every strategy (default {DEFAULT_HASHER}, as Config)",
     )
     fan.add_argument(
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--hasher",
         default=DEFAULT_HASHER,
-        choices=sorted(HASHERS),
+        choices=hasher_names(),
         help=f"(default {DEFAULT_HASHER}, as Config)",
     )
     load.add_argument(

@@ -40,7 +40,7 @@ from mmsched.transports import transport_class
 ENV_PREFIX = "MMSCHED_"
 SCRIPT_VARIABLES = frozenset({"MMSCHED_TORCH", "MMSCHED_EXTRAS"})
 """``MMSCHED_*`` variables of the set-up scripts (``scripts/setup.sh``), not config fields."""
-CACHE_HASHERS = ("blake3", "sha256", "sglang-0.5")
+CACHE_HASHERS = ("blake3", "sha256", "sglang-0.5.23", "sglang-0.5")
 """Hashers that may key the feature cache (collision-resistant)."""
 
 
@@ -67,7 +67,8 @@ class Config:
             for an ``ipc://`` endpoint in the run's private directory, or
             ``tcp://HOST:PORT`` (``PORT`` may be ``*``: any free port).
         results_address: where the ranks send results to the tokenizer; as above.
-        hasher: content hash of features (``blake3``, ``sha256``, ``sglang-0.5``, ``xxh3``).
+        hasher: content hash of features (``blake3``, ``sha256``, ``sglang-0.5.23``, ``xxh3``;
+            ``sglang-0.5`` is a deprecated alias of ``sglang-0.5.23``).
         tp_size: number of scheduler ranks.
         idle_wait_ms: how long the entry rank waits for a first request before announcing an
             empty iteration (the other ranks' heartbeat).

@@ -15,7 +15,14 @@ returns a valid object or raises [`InvalidMultimodalInput`][] naming the field. 
 the checks below did not foresee is still turned into that error (field ``mm_inputs``), so
 no other exception type ever escapes to the tokenizer's or a rank's loop. Numpy arrays of
 non-native byte order or with negative strides are accepted and copied once into a native,
-contiguous tensor, so every strategy hashes the same bytes.
+contiguous tensor, so every rank reads the same values. The hash is taken before that copy
+and before a list is joined, so that a hasher that matches another system's values
+(``sglang-0.5.23``) sees the feature as the processor gave it.
+
+Each item has one or more pad values: a media span of the input ids cycles through them from
+its first token ([`pad_input_ids`][mmsched.inputs.MultimodalInputs.pad_input_ids]). They lie
+above every vocabulary and may need all 63 bits of an int64 id (see
+[`mmsched.hashing`][mmsched.hashing]): padded ids are int64, as every frame of ids is.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 
 from mmsched.errors import InvalidMultimodalInput, MmschedError
 from mmsched.frames import Int64List
-from mmsched.hashing import DEFAULT_HASHER, get_hasher, tensor_bytes
+from mmsched.hashing import DEFAULT_HASHER, get_hasher, padding_sequence, tensor_bytes
 
 
 class Modality(enum.StrEnum):
@@ -78,11 +85,19 @@ class MultimodalDataItem:
     hash: int
     pad_value: int
     model_specific_data: dict[str, Any] = field(default_factory=dict)
+    # Every pad value, in the order a span cycles through them; pad_value is the first.
+    # Empty means the one pad_value (what an item built before there were several carries).
+    pad_values: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # A decoder hands back plain strings and lists; restore the declared types.
         self.modality = Modality(self.modality)
         self.offsets = [(int(s), int(e)) for s, e in self.offsets]
+        self.pad_values = tuple(int(v) for v in self.pad_values) or (int(self.pad_value),)
+        if self.pad_values[0] != self.pad_value:
+            raise InvalidMultimodalInput(
+                "pad_values", f"first value {self.pad_values[0]} is not pad_value {self.pad_value}"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -115,8 +130,8 @@ class MultimodalInputs:
 
         Args:
             raw: the processor output (see the module docstring for its shape).
-            hasher: name of a registered hasher (``blake3``, ``sha256``, ``sglang-0.5``,
-                ``xxh3``).
+            hasher: name of a registered hasher (``blake3``, ``sha256``,
+                ``sglang-0.5.23``, ``xxh3``).
             input_len: length of the request's input ids; when given, offsets and M-RoPE
                 positions are checked against it.
             max_bytes: largest total feature size accepted, or ``None`` for no limit.
@@ -128,17 +143,26 @@ class MultimodalInputs:
         hash_fn = get_hasher(hasher)  # resolve first: a bad name is a config error, not input
         try:
             parsed = _parse(raw, input_len=input_len, max_bytes=max_bytes)
-            items = [
-                MultimodalDataItem(
-                    modality=modality,
-                    feature=feature,
-                    offsets=offsets,
-                    hash=(h := hash_fn.hash_tensor(modality.value, feature)),
-                    pad_value=hash_fn.pad_value(h),
-                    model_specific_data=extra,
+            items = []
+            for i, (modality, feature, given, offsets, extra) in enumerate(parsed.items):
+                try:
+                    h = hash_fn.hash_feature(modality.value, feature, given)
+                except InvalidMultimodalInput as exc:  # a form this hasher cannot hash
+                    raise InvalidMultimodalInput(
+                        f"mm_items[{i}].{exc.field}", exc.problem
+                    ) from None
+                pads = hash_fn.pad_values(h)
+                items.append(
+                    MultimodalDataItem(
+                        modality=modality,
+                        feature=feature,
+                        offsets=offsets,
+                        hash=h,
+                        pad_value=pads[0],
+                        model_specific_data=extra,
+                        pad_values=pads,
+                    )
                 )
-                for modality, feature, offsets, extra in parsed.items
-            ]
         except MmschedError:
             raise
         except Exception as exc:
@@ -173,9 +197,17 @@ class MultimodalInputs:
         return sum(item.nbytes for item in self.mm_items)
 
     def pad_input_ids(self, input_ids: Sequence[int]) -> list[int]:
-        """Input ids with each item's placeholder span replaced by its ``pad_value``.
+        """Input ids with each item's placeholder spans replaced by its pad values.
 
-        Equal media then give equal token ids, which is what lets a prefix cache hit.
+        Each span (an ``offsets`` pair) cycles through the item's ``pad_values`` from its
+        first token, as SGLang's ``pad_mm_tokens`` does; with one pad value, the span is
+        that value throughout. Equal media then give equal token ids, which is what lets a
+        prefix cache hit. The ids may exceed int32 (see [`mmsched.hashing`][]).
+
+        Two differences from SGLang's function, both where its input would be malformed
+        here: a span past the end of the ids is an error (SGLang pads the part that is
+        left), and every item's spans are padded (SGLang skips a modality whose token id,
+        ``im_token_id`` say, is unset).
         """
         out = list(input_ids)
         for item in self.mm_items:
@@ -184,14 +216,16 @@ class MultimodalInputs:
                     raise InvalidMultimodalInput(
                         "offsets", f"span ({start}, {end}) past input of length {len(out)}"
                     )
-                out[start : end + 1] = [item.pad_value] * (end - start + 1)
+                out[start : end + 1] = padding_sequence(item.pad_values, end - start + 1)
         return out
 
     def fingerprint(self) -> tuple[Any, ...]:
         """Hashes, pad values and offsets: cheap to compare across ranks."""
         return (
             self.hasher,
-            tuple((i.modality.value, i.hash, i.pad_value, tuple(i.offsets)) for i in self.mm_items),
+            tuple(
+                (i.modality.value, i.hash, i.pad_values, tuple(i.offsets)) for i in self.mm_items
+            ),
         )
 
     def content_digest(self) -> str:
@@ -243,7 +277,8 @@ def materialize(
 
 @dataclass
 class _Parsed:
-    items: list[tuple[Modality, torch.Tensor, list[tuple[int, int]], dict[str, Any]]]
+    # (modality, the feature as carried, the feature as given, offsets, model-specific data)
+    items: list[tuple[Modality, torch.Tensor, Any, list[tuple[int, int]], dict[str, Any]]]
     special_token_ids: dict[str, int]
     mrope_positions: torch.Tensor | None
     mrope_position_delta: torch.Tensor | None
@@ -274,7 +309,7 @@ def _parse(raw: Any, *, input_len: int | None, max_bytes: int | None) -> _Parsed
     items = [_parse_item(f"mm_items[{i}]", it) for i, it in enumerate(raw_items)]
     _check_spans(items, input_len)
 
-    total = sum(feature.numel() * feature.element_size() for _, feature, _, _ in items)
+    total = sum(feature.numel() * feature.element_size() for _, feature, _, _, _ in items)
     if max_bytes is not None and total > max_bytes:
         raise InvalidMultimodalInput(
             "mm_items", f"features total {total} bytes, over the limit of {max_bytes}"
@@ -408,8 +443,8 @@ def _from_numpy(name: str, value: np.ndarray[Any, Any]) -> torch.Tensor:
     if value.dtype.hasobject:
         raise InvalidMultimodalInput(name, "numpy array of Python objects is not a tensor")
     if not value.dtype.isnative:
-        # Big-endian data from some file formats: one copy into native order, so that the
-        # bytes every strategy hashes and every rank reads are the same.
+        # Big-endian data from some file formats: one copy into native order, which torch
+        # needs and every rank then reads. (Hashed before: see the module docstring.)
         value = value.astype(value.dtype.newbyteorder("="))
     if any(stride < 0 for stride in value.strides):
         value = np.ascontiguousarray(value)  # a reversed view (arr[::-1]): one copy
@@ -422,14 +457,18 @@ def _from_numpy(name: str, value: np.ndarray[Any, Any]) -> torch.Tensor:
 
 
 def _feature(name: str, value: Any) -> torch.Tensor:
-    """One tensor, or a list of tensors given as one feature (as SGLang accepts): joined
-    along the first dimension, so that its bytes are the list's bytes one after another,
-    which is what SGLang hashes. The parts must share a dtype and their other dimensions."""
+    """One tensor, or a (nested) list of tensors given as one feature (as SGLang accepts):
+    nested lists flattened, then joined along the first dimension, so that its bytes are the
+    list's bytes one after another. The parts must share a dtype and their other dimensions:
+    mmsched carries one tensor per item. (SGLang also hashes ragged and mixed-dtype lists;
+    the ``sglang-0.5.23`` hasher gives their hash, ``SglangHasher.hash_given``, but such a
+    feature cannot be carried as one tensor: send one item per part.)"""
     if not isinstance(value, list | tuple):
         return _tensor(name, value)
-    if not value:
+    flat = list(_flatten(value, depth=0))
+    if not flat:
         raise InvalidMultimodalInput(name, "an empty list of tensors")
-    parts = [_tensor(f"{name}[{i}]", part) for i, part in enumerate(value)]
+    parts = [_tensor(f"{name}[{i}]", part) for i, part in enumerate(flat)]
     first = parts[0]
     for i, part in enumerate(parts[1:], start=1):
         if part.dtype != first.dtype or part.dim() == 0 or part.shape[1:] != first.shape[1:]:
@@ -448,9 +487,19 @@ def _feature(name: str, value: Any) -> torch.Tensor:
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
 
 
+def _flatten(value: Any, *, depth: int) -> Iterator[Any]:
+    if depth >= _MAX_NESTING:
+        raise InvalidMultimodalInput("feature", f"lists nested over {_MAX_NESTING} levels")
+    for part in value:
+        if isinstance(part, list | tuple):
+            yield from _flatten(part, depth=depth + 1)
+        else:
+            yield part
+
+
 def _parse_item(
     where: str, raw: Any
-) -> tuple[Modality, torch.Tensor, list[tuple[int, int]], dict[str, Any]]:
+) -> tuple[Modality, torch.Tensor, Any, list[tuple[int, int]], dict[str, Any]]:
     if not isinstance(raw, Mapping):
         raise InvalidMultimodalInput(where, f"expected a dict, got {type(raw).__name__}")
     if not raw:
@@ -488,7 +537,7 @@ def _parse_item(
     for key, value in extra.items():
         _check_value(f"{where}.{key}", value, depth=0, seen=set())
     _check_model_specific(where, modality, feature, extra)
-    return modality, feature, offsets, extra
+    return modality, feature, raw["feature"], offsets, extra
 
 
 def _check_value(where: str, value: Any, *, depth: int, seen: set[int]) -> None:
@@ -542,10 +591,10 @@ def _parse_offsets(where: str, raw: Any) -> list[tuple[int, int]]:
 
 
 def _check_spans(
-    items: list[tuple[Any, Any, list[tuple[int, int]], Any]], input_len: int | None
+    items: list[tuple[Any, Any, Any, list[tuple[int, int]], Any]], input_len: int | None
 ) -> None:
     # Spans of all items together must be disjoint: one token cannot stand for two media.
-    spans = sorted((s, e, i) for i, (_, _, offsets, _) in enumerate(items) for s, e in offsets)
+    spans = sorted((s, e, i) for i, (_, _, _, offsets, _) in enumerate(items) for s, e in offsets)
     for (s0, e0, i0), (s1, e1, i1) in itertools.pairwise(spans):
         if s1 <= e0:
             raise InvalidMultimodalInput(

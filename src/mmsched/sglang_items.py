@@ -1,20 +1,26 @@
 """SGLang's processor-output layout, turned into the dict that mmsched validates.
 
 A server that already runs SGLang's multimodal processors gets, per request, a
-``MultimodalInputs``-like object whose ``mm_items`` are ``MultimodalDataItem``s: each with
-``modality`` (an enum such as ``Modality.IMAGE``, or its name), ``feature`` (a tensor, an
-array or a list of tensors), ``offsets`` and a ``model_specific_data`` dict holding
-``image_grid_thw`` and the like; ``hash`` and ``pad_value`` still unset.
-[`from_sglang`][mmsched.sglang_items.from_sglang] accepts that layout, as dicts or as the
-objects themselves (dataclasses or anything with those attributes), and returns the plain
+``MultimodalProcessorOutput`` (SGLang 0.5.23; a ``MultimodalInputs`` in older releases)
+whose ``mm_items`` are ``MultimodalDataItem``s: each with ``modality`` (an enum such as
+``Modality.IMAGE``, or its name), ``feature`` (a tensor, an array or a list of tensors),
+``offsets`` and a ``model_specific_data`` dict holding ``image_grid_thw`` and the like;
+``hash`` and the pad values still unset. In SGLang 0.5.23 both are msgspec ``Struct``s
+(``schedule_batch.py``), whose fields are listed by ``__struct_fields__`` and which keep no
+``__dict__`` of their own fields. [`from_sglang`][mmsched.sglang_items.from_sglang] accepts
+that layout as msgspec structs, dataclasses, plain objects or dicts, and returns the plain
 dict that [`MultimodalInputs.from_dict`][mmsched.inputs.MultimodalInputs.from_dict] and
-``Pipeline.generate`` take. With ``hasher="sglang-0.5"`` the hashes and pad values are then
-the ones SGLang itself would compute.
+``Pipeline.generate`` take. With ``hasher="sglang-0.5.23"`` the hashes, pad values and
+padded ids are then the ones SGLang 0.5.23 itself computes.
 
-What mmsched does not carry is refused here, naming the field: precomputed embeddings, and
-a hash or pad value set by the caller (mmsched computes them once, from the bytes).
-Scheduler-side bookkeeping that SGLang fills in later (``image_pad_len``,
-``num_image_tokens``, ``data_offsets``) is dropped, and so is any field left ``None``.
+What mmsched does not carry is refused here, naming the field: precomputed embeddings (and
+an item whose ``format`` says it holds them, or raw processor output), and a hash, pad
+value(s) or identity digest set by the caller (mmsched computes them once, from the bytes).
+Bookkeeping that SGLang fills in elsewhere is dropped: the scheduler's (``image_pad_len``,
+``num_image_tokens``, ``data_offsets``, ``token_modalities``), the request's own ids
+(``input_ids``, ``padded_input_ids``: mmsched pads them itself) and
+``keep_device_embedding``, which only concerns precomputed embeddings; so is any field left
+``None``.
 """
 
 from __future__ import annotations
@@ -32,9 +38,20 @@ _MODALITY_OF = {
     "VIDEO": "video",
     "AUDIO": "audio",
 }
-# Filled in by SGLang's scheduler, not by a processor: nothing for mmsched to carry.
-_SCHEDULER_FIELDS = frozenset({"image_pad_len", "num_image_tokens", "data_offsets"})
+# Filled in by SGLang's scheduler, or the request's own ids: nothing for mmsched to carry.
+_DROPPED_FIELDS = frozenset(
+    {
+        "image_pad_len",
+        "num_image_tokens",
+        "data_offsets",
+        "token_modalities",
+        "input_ids",
+        "padded_input_ids",
+    }
+)
 _ITEM_FIELDS = ("modality", "feature", "offsets")
+# Set by mmsched from the bytes, never by a caller.
+_COMPUTED_FIELDS = ("hash", "pad_value", "pad_values", "identity")
 
 
 def from_sglang(processor_output: Any) -> dict[str, Any]:
@@ -56,7 +73,7 @@ def from_sglang(processor_output: Any) -> dict[str, Any]:
         out: dict[str, Any] = {
             key: value
             for key, value in top.items()
-            if value is not None and key not in _SCHEDULER_FIELDS
+            if value is not None and key not in _DROPPED_FIELDS
         }
         out["mm_items"] = [_item(f"mm_items[{i}]", raw) for i, raw in enumerate(raw_items)]
         return out
@@ -70,7 +87,7 @@ def from_sglang(processor_output: Any) -> dict[str, Any]:
 
 def _item(where: str, raw: Any) -> dict[str, Any]:
     fields = _fields(where, raw)
-    for key in ("hash", "pad_value"):
+    for key in _COMPUTED_FIELDS:
         if fields.pop(key, None) is not None:
             raise InvalidMultimodalInput(
                 f"{where}.{key}", "computed by mmsched from the bytes; leave it unset"
@@ -79,6 +96,14 @@ def _item(where: str, raw: Any) -> dict[str, Any]:
         raise InvalidMultimodalInput(
             f"{where}.precomputed_embeddings", "not carried by mmsched; send the feature"
         )
+    form = fields.pop("format", None)
+    form_name = getattr(form, "name", form)
+    if form is not None and form_name != "NORMAL":
+        # PRECOMPUTED_EMBEDDING and PROCESSOR_OUTPUT items hold something else than a feature.
+        raise InvalidMultimodalInput(
+            f"{where}.format", f"{form_name!r}: only NORMAL items (a raw feature) are carried"
+        )
+    fields.pop("keep_device_embedding", None)
     specific = fields.pop("model_specific_data", None) or {}
     if not isinstance(specific, Mapping):
         raise InvalidMultimodalInput(
@@ -107,6 +132,14 @@ def _modality(where: str, value: Any) -> str:
 def _fields(where: str, obj: Any) -> dict[str, Any]:
     if isinstance(obj, Mapping):
         return dict(obj)
+    struct_fields = getattr(type(obj), "__struct_fields__", None)
+    if isinstance(struct_fields, tuple) and not isinstance(obj, type):
+        # A msgspec Struct (SGLang 0.5.23's items): its fields are slots, not in vars(); a
+        # struct made with dict=True may hold further attributes in its __dict__.
+        extra = getattr(obj, "__dict__", None) or {}
+        fields = {k: v for k, v in extra.items() if not k.startswith("_")}
+        fields.update({name: getattr(obj, name) for name in struct_fields})
+        return fields
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         # Not dataclasses.asdict: it deep-copies every tensor.
         return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
