@@ -104,3 +104,19 @@ def test_bench_load_without_design_flags_runs_every_strategy() -> None:
     args = build_parser().parse_args(["bench", "load"])
     assert args.strategy == list(DEFAULT_STRATEGIES)
     assert args.transport == ["torch"]
+
+
+def test_bench_fanout_counts_only_the_pipelines_hashes_with_ranks_in_process(
+    tmp_path: Path,
+) -> None:
+    # Over the memory transport the ranks share the tokenizer's process and its counter;
+    # the benchmark's floor and checks hash there too. Only the pipeline's count.
+    out = tmp_path / "fanout.json"
+    args = ["--tp", "4", "--sizes", "0.01", "--requests", "4", "--warmup", "1"]
+    args += ["--strategies", "per-rank,tokenizer", "--transports", "memory"]
+    assert main(["bench", "fanout", *args, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert records
+    expected = {"per-rank": 4, "tokenizer": 1}
+    for r in records:
+        assert r["hashes_per_request"] == expected[r["strategy"]], r

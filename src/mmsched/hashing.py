@@ -132,8 +132,11 @@ class _HashCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stats = HashStats()
+        self.uncounted = threading.local()  # .depth > 0: this thread's hashes are not counted
 
     def record(self, cpu_seconds: float, nbytes: int) -> None:
+        if getattr(self.uncounted, "depth", 0):
+            return
         with self._lock:
             s = self._stats
             self._stats = HashStats(s.count + 1, s.cpu_seconds + cpu_seconds, s.nbytes + nbytes)
@@ -147,8 +150,21 @@ _COUNTER = _HashCounter()
 
 
 def hash_stats() -> HashStats:
-    """Hashes computed in this process since it started (all threads)."""
+    """Hashes computed in this process since it started (all threads), but those of
+    [`uncounted`][mmsched.hashing.uncounted] blocks."""
     return _COUNTER.snapshot()
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Hashes on this thread inside the block are left out of [`hash_stats`][]: for a
+    benchmark's own hashes (its floor, its checks), so that the count is the pipeline's."""
+    local = _COUNTER.uncounted
+    local.depth = getattr(local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        local.depth -= 1
 
 
 def padding_sequence(pad_values: Sequence[int], length: int) -> list[int]:

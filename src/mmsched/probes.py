@@ -23,6 +23,7 @@ what it held and what it hashed (``mmsched bench fanout`` and the tests).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any, ClassVar
 
@@ -146,6 +147,7 @@ class RankTimings(ModelStub):
             "iteration": iteration,
             "ready_at": ready_at,
             "fingerprint": blake3.blake3(held.encode()).hexdigest(length=16),
+            "pid": os.getpid(),  # ranks that are tasks of one process share its counter
             "hash_count": stats.count,
             "hash_cpu_seconds": stats.cpu_seconds,
             "content_digest": digest,

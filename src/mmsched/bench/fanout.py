@@ -52,7 +52,7 @@ from mmsched.bench import DESIGN_STORE
 from mmsched.codec import encode, encoded_size
 from mmsched.config import Config
 from mmsched.errors import ConfigError
-from mmsched.hashing import DEFAULT_HASHER, HashStats, hash_stats
+from mmsched.hashing import DEFAULT_HASHER, HashStats, hash_stats, uncounted
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import ProbeReport, TokenizedGenerateReqInput
 from mmsched.pipeline import Pipeline
@@ -124,18 +124,25 @@ def _identical(trace: RequestTrace, tp: int, reference_digest: str | None) -> bo
 
 
 def _rank_hashes(trace: RequestTrace) -> HashStats:
-    """The ranks' hash counters summed (running totals as of this request)."""
+    """The hash counters of the ranks' processes summed (running totals as of this
+    request), each process once: ranks that are tasks of one process share its counter."""
+    by_pid = {int(r.data["pid"]): r.data for r in trace.reports}
     return HashStats(
-        sum(int(r.data["hash_count"]) for r in trace.reports),
-        sum(float(r.data["hash_cpu_seconds"]) for r in trace.reports),
+        sum(int(d["hash_count"]) for d in by_pid.values()),
+        sum(float(d["hash_cpu_seconds"]) for d in by_pid.values()),
     )
+
+
+def _ranks_share_this_process(trace: RequestTrace) -> bool:
+    return any(int(r.data["pid"]) == os.getpid() for r in trace.reports)
 
 
 def encoded_sizes(sample: Sample, hasher: str) -> tuple[int, int]:
     """Bytes of one request encoded carrying the built object, and the raw dict."""
-    built = MultimodalInputs.from_dict(
-        sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
-    )
+    with uncounted():
+        built = MultimodalInputs.from_dict(
+            sample.mm_inputs, hasher=hasher, input_len=len(sample.input_ids)
+        )
     as_object = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=built)
     as_dict = TokenizedGenerateReqInput("size", sample.input_ids, mm_inputs=sample.mm_inputs)
     return encoded_size(encode(as_object)), encoded_size(encode(as_dict))
@@ -174,11 +181,12 @@ async def _one_request(
     # In a thread: waiting for arena room on the event loop would block the answers that
     # give it back.
     sample = await asyncio.to_thread(make, allocate)
-    digest = (
-        MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher).content_digest()
-        if check_bytes
-        else None
-    )
+    with uncounted():  # the benchmark's own check, not the pipeline's work
+        digest = (
+            MultimodalInputs.from_dict(sample.mm_inputs, hasher=hasher).content_digest()
+            if check_bytes
+            else None
+        )
     if path == "gpu":
         sample = on_gpu(sample)
     cpu_before, hashes_before = meter.seconds(), hash_stats()
@@ -306,8 +314,11 @@ async def run_combination(
                         on_request()
                 assert baseline is not None
                 rank_hashes = _rank_hashes(trace) - _rank_hashes(baseline)
-                hashes = row.tokenizer_hashes.count + rank_hashes.count
-                hash_s = row.tokenizer_hashes.cpu_seconds + rank_hashes.cpu_seconds
+                # Ranks in this process (the memory transport): their counter is the
+                # tokenizer's too, and already holds its hashes.
+                own = HashStats() if _ranks_share_this_process(trace) else row.tokenizer_hashes
+                hashes = own.count + rank_hashes.count
+                hash_s = own.cpu_seconds + rank_hashes.cpu_seconds
                 n = len(row.latencies)
                 record = FanoutRecord(
                     strategy=strategy,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmsched.hashing import get_hasher
+from mmsched.hashing import get_hasher, uncounted
 from mmsched.probes import read_pass
 from mmsched.stores.copying import ParallelCopier, wait
 
@@ -84,7 +84,12 @@ class FloorMeter:
 
     def measure(self, payload: torch.Tensor, *, read: bool, to_device: bool = False) -> Floor:
         """One floor of ``payload`` (a contiguous tensor), each part timed once; a payload
-        on a GPU gets the GPU path's parts (hash, one copy on the device)."""
+        on a GPU gets the GPU path's parts (hash, one copy on the device). Its hashes are
+        not counted in ``hash_stats`` (the count is the pipeline's)."""
+        with uncounted():
+            return self._measure(payload, read=read, to_device=to_device)
+
+    def _measure(self, payload: torch.Tensor, *, read: bool, to_device: bool) -> Floor:
         nbytes = payload.numel() * payload.element_size()
         if payload.device.type == "cuda":
             return Floor(
