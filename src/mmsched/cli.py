@@ -267,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="the model id answered to")
     serve.add_argument("--max-images", type=int, default=16, help="images per request")
     serve.add_argument("--max-image-mb", type=int, default=20, help="largest encoded image")
+    serve.add_argument(
+        "--max-prompt-tokens", type=int, help="longest prompt in tokens (max_prompt_tokens)"
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        help="seconds requests in progress get once told to stop (shutdown_timeout_s)",
+    )
     _host_flags(serve, required=False)
 
     rank = sub.add_parser(
@@ -303,6 +311,9 @@ def _config(args: argparse.Namespace) -> Config:
         "tp_size": args.tp,
         "nnodes": args.nnodes,
         "dist_init_addr": args.dist_init_addr,
+        # mmsched serve's own (mmsched rank has no such flags)
+        "max_prompt_tokens": getattr(args, "max_prompt_tokens", None),
+        "shutdown_timeout_s": getattr(args, "shutdown_timeout", None),
     }
     return config.replace(**{k: v for k, v in flags.items() if v is not None})
 
@@ -701,9 +712,7 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
     try:
-        import uvicorn
-
-        from mmsched.serve import DEFAULT_MODEL, ServeSettings, create_app
+        from mmsched.serve import DEFAULT_MODEL, ServeSettings, create_app, run
     except ImportError as exc:
         hint = f"{exc}: install the serve extra: pip install 'mmsched[serve]'"
         console.print(f"[red]error:[/red] {escape(hint)}")
@@ -718,7 +727,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         f"serving {settings.model} on http://{args.host}:{args.port}: TP={config.tp_size}, "
         f"{config.strategy} over {config.transport}, {config.payload_store} store"
     )
-    uvicorn.run(create_app(config, settings), host=args.host, port=args.port, log_level="warning")
+    # Not uvicorn.run: its stop waits for every request in progress, however long.
+    run(create_app(config, settings), host=args.host, port=args.port)
     return 0
 
 
