@@ -209,6 +209,8 @@ def create_app(
                 log.info("chat request abandoned: %s", exc.message)
             elif exc.status >= 500:
                 log.warning("chat request failed: %s", exc.message)
+            else:  # the client's mistake: worth a line, not a warning
+                log.info("chat request refused (%d): %s", exc.status, exc.message)
             return exc.response()
         except Exception as exc:  # a bug of ours: this request's 500, never the server's end
             log.exception("chat request failed")
