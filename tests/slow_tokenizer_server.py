@@ -37,7 +37,8 @@ class SlowTokenizer(ByteTokenizer):
 def main() -> None:
     config = Config.from_env()
     settings = ServeSettings()
-    processor = ChatProcessor(SlowTokenizer(), max_prompt_tokens=config.max_prompt_tokens)
+    # A processor of its own, given no prompt bound: the server applies the config's.
+    processor = ChatProcessor(SlowTokenizer())
     app = create_app(config, settings, processor=processor)
     run(app, host="127.0.0.1", port=int(sys.argv[sys.argv.index("--port") + 1]))
 

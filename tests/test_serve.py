@@ -465,6 +465,12 @@ def test_a_prompt_is_prepared_off_the_event_loop(bounded_server: Server) -> None
     assert watch.slowest < 0.5, watch.slowest
 
 
+def test_the_prompt_bound_holds_for_a_processor_of_ones_own(bounded_server: Server) -> None:
+    status, body = bounded_server.chat(messages=ask(text="x" * 40_000))
+    assert (status, body["error"]["param"]) == (400, "messages")
+    assert "more than max_prompt_tokens=32,768" in body["error"]["message"]
+
+
 def test_sigterm_with_a_client_mid_request_ends_everything_within_the_bound(
     bounded_server: Server,
 ) -> None:

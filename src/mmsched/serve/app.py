@@ -189,7 +189,7 @@ def create_app(
                 pipeline = state.get("pipeline")
                 if pipeline is None:
                     raise _HttpError(503, "service_unavailable", "the pipeline is not running")
-                prepared = await _prepare(chat, body.get("messages"))
+                prepared = await _prepare(chat, body.get("messages"), config.max_prompt_tokens)
                 processed = time.perf_counter()
                 rid = f"chatcmpl-{uuid.uuid4().hex}"
                 output = await _generate(pipeline, rid, prepared)
@@ -337,9 +337,19 @@ def _options(body: dict[str, Any], model: str) -> ChatOptions:
         raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
 
 
-async def _prepare(chat: ChatProcessor, messages: Any) -> PreparedChat:
+async def _prepare(chat: ChatProcessor, messages: Any, max_tokens: int | None) -> PreparedChat:
+    """``chat.prepare(messages)`` on a worker thread; its prompt at most ``max_tokens`` long
+    (a processor of the default kind refuses a longer one on its way, another is checked
+    here)."""
     try:
-        return await asyncio.to_thread(chat.prepare, messages)
+        prepared = await asyncio.to_thread(chat.prepare, messages)
+        if max_tokens is not None and len(prepared.input_ids) > max_tokens:
+            raise BadRequest(
+                "messages",
+                f"the prompt is {len(prepared.input_ids):,} tokens, more than "
+                f"max_prompt_tokens={max_tokens:,}",
+            )
+        return prepared
     except BadRequest as exc:
         raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
     except Exception as exc:  # a processor bug, not the client's: still this request alone
