@@ -76,3 +76,15 @@ def test_the_config_fields_of_the_server() -> None:
         Config(max_prompt_tokens=0)
     with pytest.raises(ConfigError, match="shutdown_timeout_s must not be negative"):
         Config(shutdown_timeout_s=-1)
+
+
+def test_the_serve_flags_set_the_config_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmsched.cli import _config, build_parser
+
+    monkeypatch.setenv("MMSCHED_SHUTDOWN_TIMEOUT_S", "9")  # a flag overrides the variable
+    args = build_parser().parse_args(
+        ["serve", "--max-prompt-tokens", "7", "--shutdown-timeout", "1.5"]
+    )
+    config = _config(args)
+    assert (config.max_prompt_tokens, config.shutdown_timeout_s) == (7, 1.5)
+    assert _config(build_parser().parse_args(["serve"])).shutdown_timeout_s == 9

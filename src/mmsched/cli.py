@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="an OpenAI-compatible chat server (POST /v1/chat/completions) on the pipeline",
         description="An OpenAI-compatible chat server: images in data: URLs are processed by "
         "Qwen2-VL's image processor and carried to every rank by the pipeline. The pipeline "
-        "is configured by --config, then MMSCHED_* variables, then --tp.",
+        "is configured by --config, then MMSCHED_* variables, then the flags that name a "
+        "config field (--tp, --max-prompt-tokens, --shutdown-timeout, --nnodes, "
+        "--dist-init-addr).",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
