@@ -12,8 +12,8 @@ image's size, patches and pad id, and the prompt's text as the ranks saw it): a 
 the whole path, not a language model. A server with a real model serves its own
 ``on_iteration`` and turns its own output ids into text.
 
-Also: ``GET /v1/models``, ``GET /health`` (503 until the ranks are up, once they are lost,
-and once the server is stopping), ``GET /metrics`` (Prometheus text, [`mmsched.serve.metrics`][]).
+Also: ``GET /v1/models``, ``GET /health`` (503 until the ranks are up, and once they are
+lost), ``GET /metrics`` (Prometheus text, [`mmsched.serve.metrics`][]).
 
 Bad input never reaches the ranks and never stops the server: an undecodable image, a media
 type other than PNG or JPEG, a remote URL, a body, image or prompt over its limit, malformed
@@ -155,8 +155,6 @@ def create_app(
         pipeline = state.get("pipeline")
         if pipeline is None or not pipeline.running:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        if drain.stopping:  # a load balancer then sends nothing new here
-            return JSONResponse({"status": "stopping"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")

@@ -47,10 +47,6 @@ class Drain:
         self._deadline: float | None = None
         self._scopes: set[asyncio.Timeout] = set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._deadline is not None
-
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop the requests run on (the application's lifespan calls this)."""
         self._loop = loop
