@@ -74,7 +74,7 @@ class Drain:
         Raises:
             ShuttingDown: the deadline passed first (the block was cancelled).
         """
-        scope = asyncio.timeout(self._deadline)  # None: no deadline until the stop begins
+        scope = asyncio.timeout_at(self._deadline)  # None: no deadline until the stop begins
         try:
             async with scope:
                 self._scopes.add(scope)
