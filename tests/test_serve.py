@@ -10,14 +10,17 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
@@ -55,6 +58,27 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code
 
+    def chat(self, **fields: object) -> tuple[int, dict[str, Any]]:
+        """POST a chat body of exactly ``fields`` (model and a short message by default)."""
+        body = {"model": MODEL, "messages": ask(), **fields}
+        request = urllib.request.Request(
+            self.url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return int(response.status), json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def responses(self, status: int) -> int:
+        """``/metrics``' count of chat responses with ``status``."""
+        text = self.get("/metrics")[1].decode()
+        key = f'mmsched_http_responses_total{{endpoint="chat",status="{status}"}}'
+        line = next((ln for ln in text.splitlines() if ln.startswith(key)), None)
+        return int(line.split()[1]) if line else 0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -62,14 +86,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+def start_server(command: list[str], env: dict[str, str]) -> Server:
     port = free_port()
-    # The README's command (it installs what is missing, then execs the server), on a free
-    # port, with the default config: tokenizer over zmq, the shm store.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
     process = subprocess.Popen(
-        ["bash", str(ROOT / "scripts" / "serve.sh"), "--tp", str(TP), "--port", str(port)],
+        [*command, "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -82,17 +102,29 @@ def server() -> Iterator[Server]:
             pytest.fail(f"the server exited: {process.stdout.read() if process.stdout else ''}")
         try:
             if running.get("/health")[0] == 200:
-                break
+                return running
         except OSError:
             pass
         time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("the server did not become healthy within 120 s")
+    process.kill()
+    pytest.fail("the server did not become healthy within 120 s")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    # The README's command (it installs what is missing, then execs the server), on a free
+    # port, with the default config: tokenizer over zmq, the shm store.
+    command = ["bash", str(ROOT / "scripts" / "serve.sh"), "--tp", str(TP)]
+    running = start_server(command, clean_env())
     yield running
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        process.wait(60)
+    if running.process.poll() is None:
+        running.process.send_signal(signal.SIGINT)
+        running.process.wait(60)
 
 
 def png(width: int = 320, height: int = 240, seed: int = 0) -> str:
@@ -222,9 +254,255 @@ def test_bench_serve_drives_it_and_the_report_plots_it(server: Server, tmp_path:
     assert (tmp_path / "report" / "serve_serve_e2e.png").stat().st_size > 0
 
 
+def data_url(image: Any, fmt: str = "PNG", **save: object) -> str:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save)
+    media_type = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{media_type};base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def pad_ids(server: Server, *urls: str) -> list[int]:
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=ask(*map(image_part, urls))
+    )
+    content = reply.choices[0].message.content or ""
+    return [int(part.split("pad id ")[1].split(".")[0]) for part in content.split("Image ")[1:]]
+
+
+def test_images_reach_the_ranks_as_the_processor_sees_them(server: Server) -> None:
+    """Each awkward image has the pad id (the hash of the pixels the ranks got) of the plain
+    RGB image a direct processor call would see: composited on white, upright, 8-bit."""
+    from PIL import ImageOps
+
+    rgba = np.zeros((240, 320, 4), dtype=np.uint8)
+    rgba[60:180, 80:240, 3] = 255  # a black logo on a transparent background
+    on_white = np.full((240, 320, 3), 255, dtype=np.uint8)
+    on_white[60:180, 80:240] = 0
+    logo, la = Image.fromarray(rgba), Image.fromarray(rgba).convert("LA")
+    stored = np.random.default_rng(3).integers(0, 255, (280, 560, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 280 wide, 560 high
+    jpeg = data_url(Image.fromarray(stored), "JPEG", exif=exif, quality=95)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(base64.b64decode(jpeg.split(",")[1]))))
+    ramp = np.linspace(0, 0xFFFF, 240 * 320).reshape(240, 320).astype(np.uint16)
+    grey8 = Image.fromarray((ramp >> 8).astype(np.uint8)).convert("RGB")
+    pairs = [
+        (data_url(logo), data_url(Image.fromarray(on_white))),
+        (data_url(la), data_url(Image.fromarray(on_white))),
+        (jpeg, data_url(upright)),
+        (data_url(Image.fromarray(ramp)), data_url(grey8)),
+    ]
+    for awkward, plain in pairs:
+        first, second = pad_ids(server, awkward, plain)
+        assert first == second
+    reply = server.client().chat.completions.create(model=MODEL, messages=ask(image_part(jpeg)))
+    assert "resized to 280x560" in (reply.choices[0].message.content or "")
+
+
+def test_n_other_than_one_is_refused(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().chat.completions.create(model=MODEL, messages=ask(), n=2)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "n"
+    assert "one choice" in info.value.body["message"]
+    reply = server.client().chat.completions.create(model=MODEL, messages=ask(), n=1)
+    assert len(reply.choices) == 1
+
+
+def test_both_token_caps_null_is_not_given_and_the_smaller_wins(server: Server) -> None:
+    status, body = server.chat(max_tokens=1, max_completion_tokens=None)
+    assert (status, body["usage"]["completion_tokens"]) == (200, 1)
+    assert body["choices"][0]["finish_reason"] == "length"
+    status, body = server.chat(max_tokens=None, max_completion_tokens=2)
+    assert (status, body["usage"]["completion_tokens"]) == (200, 2)
+    status, body = server.chat(max_tokens=5, max_completion_tokens=3)
+    assert (status, body["usage"]["completion_tokens"]) == (200, 3)
+    status, body = server.chat(max_completion_tokens=0)
+    assert (status, body["error"]["param"]) == (400, "max_completion_tokens")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"temperature": 0.7}, "temperature"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"stop": ["\n"]}, "stop"),
+        ({"best_of": 2}, "best_of"),  # not an OpenAI chat field at all
+    ],
+    ids=["tools", "temperature", "json", "logprobs", "stop", "unknown"],
+)
+def test_fields_the_server_does_not_honour_are_400s_naming_them(
+    server: Server, fields: dict[str, object], param: str
+) -> None:
+    status, body = server.chat(**fields)
+    assert status == 400
+    assert body["error"]["param"] == param
+    assert body["error"]["message"].startswith(f"{param}: not supported by this server")
+
+
+def test_fields_that_ask_nothing_else_are_accepted(server: Server) -> None:
+    reply = server.client().chat.completions.create(
+        model=MODEL,
+        messages=ask(),
+        temperature=0,
+        top_p=1,
+        seed=7,
+        user="someone",
+        frequency_penalty=0,
+        presence_penalty=0,
+        logprobs=False,
+        stream_options=None,
+        tool_choice="none",
+        response_format={"type": "text"},
+    )
+    assert (reply.choices[0].message.content or "").startswith("0 image(s)")
+
+
+def test_a_client_hanging_up_mid_body_is_a_499_not_a_500(server: Server) -> None:
+    before_500, before_499 = server.responses(500), server.responses(499)
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        head += "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        sock.sendall(head.encode() + b'{"model": "' + MODEL.encode())
+        time.sleep(0.5)  # the server is reading the body now
+    deadline = time.monotonic() + 10
+    while server.responses(499) == before_499 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.responses(499) == before_499 + 1
+    assert server.responses(500) == before_500
+    assert server.get("/health")[0] == 200
+
+
+class HealthWatch:
+    """Polls ``/health`` from a thread; the slowest answer is how long the loop stalled."""
+
+    def __init__(self, server: Server) -> None:
+        import threading
+
+        self.server, self.slowest, self.polls = server, 0.0, 0
+        self.statuses: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            self.statuses.add(self.server.get("/health")[0])
+            self.slowest = max(self.slowest, time.perf_counter() - started)
+            self.polls += 1
+            time.sleep(0.02)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def test_a_prompt_over_the_token_bound_is_a_400_naming_it(server: Server) -> None:
+    text = "x" * (10 << 20)  # 10 MB of text: 10 million byte tokens
+    with HealthWatch(server) as watch:
+        started = time.perf_counter()
+        status, body = server.chat(messages=ask(text=text))
+        took = time.perf_counter() - started
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert "more than max_prompt_tokens=32,768" in body["error"]["message"]
+    assert took < 3.0, took
+    assert watch.polls > 0 and watch.statuses == {200}
+    # The loop is never held (decoding and filtering 10 million ids on it took 1.5 s); the
+    # margin is for the 2-core machine the ranks and other jobs share.
+    assert watch.slowest < 1.0, watch.slowest
+    status, body = server.chat(messages=ask(text="x" * 32_000))  # under the bound: served
+    assert status == 200
+
+
 def test_sigint_stops_the_server_and_its_ranks_cleanly(server: Server) -> None:
     # Last in this module: it stops the module's server.
     pid = server.process.pid
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(60) == 0
     assert segments_of([pid]) == set()  # the payload store's segment is gone
+
+
+SHUTDOWN_TIMEOUT_S = 2.0
+
+
+def exited(process: psutil.Process) -> bool:
+    """Gone, or a zombie: dead, waiting for a reaper (a container without init has none)."""
+    try:
+        return bool(process.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(scope="module")
+def bounded_server() -> Iterator[Server]:
+    """A second server (after the module's first has stopped): a short stop bound, and a
+    tokenizer that takes a second to encode and to decode a text that asks for it."""
+    command = [sys.executable, str(ROOT / "tests" / "slow_tokenizer_server.py")]
+    env = clean_env(MMSCHED_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S), MMSCHED_TP_SIZE=str(TP))
+    running = start_server(command, env)
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.wait(60)
+
+
+def test_a_prompt_is_prepared_off_the_event_loop(bounded_server: Server) -> None:
+    # Encoding (before the pipeline) and decoding (the reply) take a second each here.
+    with HealthWatch(bounded_server) as watch:
+        started = time.perf_counter()
+        status, body = bounded_server.chat(messages=ask(text="Describe it slowly."))
+        took = time.perf_counter() - started
+    assert status == 200, body
+    assert "slowly" in body["choices"][0]["message"]["content"]
+    assert took >= 2.0 and watch.polls > 10 and watch.statuses == {200}
+    # The loop never waits for the tokenizer (decoding on it stalled /health for 1 s).
+    assert watch.slowest < 0.5, watch.slowest
+
+
+def test_the_prompt_bound_holds_for_a_processor_of_ones_own(bounded_server: Server) -> None:
+    status, body = bounded_server.chat(messages=ask(text="x" * 40_000))
+    assert (status, body["error"]["param"]) == (400, "messages")
+    assert "more than max_prompt_tokens=32,768" in body["error"]["message"]
+
+
+def test_sigterm_with_a_client_mid_request_ends_everything_within_the_bound(
+    bounded_server: Server,
+) -> None:
+    # Last in this module: it stops the bounded server.
+    process = psutil.Process(bounded_server.process.pid)
+    ranks = process.children(recursive=True)
+    assert len(ranks) >= TP
+    port = int(bounded_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        head += "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        sock.sendall(head.encode() + b'{"model": "')  # ... and the rest never comes
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        bounded_server.process.send_signal(signal.SIGTERM)
+        sock.settimeout(SHUTDOWN_TIMEOUT_S + 10)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        answered = time.monotonic() - stopped
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"shutdown_timeout_s=2" in answer
+    assert SHUTDOWN_TIMEOUT_S - 0.5 < answered < SHUTDOWN_TIMEOUT_S + 2, answered
+    # The server, then its ranks: gone within the bound plus the pipeline's close.
+    rc = bounded_server.process.wait(SHUTDOWN_TIMEOUT_S + 10)
+    ended = time.monotonic() - stopped
+    output = bounded_server.process.stdout.read() if bounded_server.process.stdout else ""
+    assert rc in (0, -signal.SIGTERM), output  # SIGTERM re-raised once everything is closed
+    # The bound, then the pipeline's close: the ranks' own exit, 1-6 s on this 2-core
+    # machine (uvicorn alone waited for the client, however long).
+    assert ended < SHUTDOWN_TIMEOUT_S + 10, ended
+    left = stopped + SHUTDOWN_TIMEOUT_S + 10 - time.monotonic()
+    alive = psutil.wait_procs(ranks, timeout=max(0.1, left))[1]
+    assert [p for p in alive if not exited(p)] == []  # no rank outlives it
+    assert segments_of([process.pid, *(rank.pid for rank in ranks)]) == set()

@@ -50,3 +50,113 @@ def test_random_bytes_are_refused_not_crashing() -> None:
         junk = base64.b64encode(rng.bytes(int(rng.integers(1, 4000)))).decode()
         with pytest.raises(BadRequest):
             decode_image_url("p", "data:image/png;base64," + junk, MediaLimits())
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def url_of(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+def padded_png(size: int) -> bytes:
+    """A valid PNG of exactly ``size`` bytes: pixels, then bytes after IEND Pillow ignores."""
+    data = encoded(Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)))
+    return data + b"\0" * (size - len(data))
+
+
+def test_the_byte_limit_is_exact() -> None:
+    limits = MediaLimits(max_bytes=20 << 20)
+    for size in (limits.max_bytes - 1, limits.max_bytes - 2, limits.max_bytes):
+        decode_image_url("p", url_of(padded_png(size)), limits)  # every padding: 0, 1, 2 "="
+    with pytest.raises(BadRequest, match=r"larger than 20 MiB \(20,971,520 bytes\)"):
+        decode_image_url("p", url_of(padded_png(limits.max_bytes + 1)), limits)
+
+
+def logo() -> Image.Image:
+    """A black square on a transparent background."""
+    rgba = np.zeros((48, 64, 4), dtype=np.uint8)
+    rgba[12:36, 16:48, 3] = 255
+    return Image.fromarray(rgba)
+
+
+def exif_rotated() -> bytes:
+    """A JPEG stored 64x32 whose EXIF orientation (6: rotate 90° clockwise) shows it 32x64."""
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    pixels[:, :8] = 255  # a white band on the left edge, stored: on top once shown
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(Image.fromarray(pixels), "JPEG", exif=exif, quality=95)
+
+
+def grey16() -> bytes:
+    """A 16-bit greyscale PNG: a ramp from black to white."""
+    ramp = np.linspace(0, 0xFFFF, 64 * 48).reshape(48, 64).astype(np.uint16)
+    return encoded(Image.fromarray(ramp))
+
+
+def test_alpha_is_composited_onto_white() -> None:
+    for mode in ("RGBA", "LA"):
+        image = decode_image_url("p", url_of(encoded(logo().convert(mode))), MediaLimits())
+        pixels = np.asarray(image)
+        assert image.mode == "RGB"
+        assert (pixels[0, 0] == 255).all() and (pixels[20, 30] == 0).all(), mode
+    palette = logo().convert("RGBA").quantize()  # a palette PNG with a transparent entry
+    pixels = np.asarray(decode_image_url("p", url_of(encoded(palette)), MediaLimits()))
+    assert (pixels[0, 0] == 255).all()
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = decode_image_url("p", url_of(exif_rotated(), "image/jpeg"), MediaLimits())
+    pixels = np.asarray(image)
+    assert image.size == (32, 64)
+    assert pixels[:4].mean() > 200 and pixels[-4:].mean() < 50
+
+
+def test_16_bit_grey_is_scaled_not_clipped() -> None:
+    pixels = np.asarray(decode_image_url("p", url_of(grey16()), MediaLimits()))[..., 0]
+    ramp = np.linspace(0, 0xFFFF, 64 * 48).reshape(48, 64).astype(np.uint16)
+    assert (pixels == ramp >> 8).all()
+    assert pixels.min() == 0 and pixels.max() == 255 and 100 < pixels.mean() < 155
+
+
+@pytest.mark.parametrize(
+    ("data", "media_type"),
+    [
+        (encoded(logo()), "image/png"),
+        (encoded(logo().convert("LA")), "image/png"),
+        (exif_rotated(), "image/jpeg"),
+        (grey16(), "image/png"),
+        (encoded(Image.fromarray(np.full((40, 40, 3), 7, dtype=np.uint8))), "image/png"),
+    ],
+    ids=["rgba", "la", "exif", "16-bit", "rgb"],
+)
+def test_the_server_and_a_direct_processor_call_see_the_same_pixels(
+    data: bytes, media_type: str
+) -> None:
+    from PIL import ImageOps
+    from transformers.image_utils import load_image
+
+    from mmsched.serve.chat import qwen2vl_image_processor
+
+    processor = qwen2vl_image_processor()
+    served = processor(
+        images=[decode_image_url("p", url_of(data, media_type), MediaLimits())],
+        return_tensors="np",
+    )
+    # The reference: transformers' loading (EXIF applied) and the processor's own RGB
+    # conversion (alpha onto white); load_image's own convert("RGB") would drop the alpha
+    # and clip 16 bits, so an image with either is handed over before it, 16 bits scaled.
+    opened = Image.open(io.BytesIO(data))
+    if "A" in opened.getbands():
+        reference_image = ImageOps.exif_transpose(opened)
+    elif opened.mode.startswith("I"):
+        reference_image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
+    else:
+        reference_image = load_image(opened)
+    reference = processor(images=[reference_image], return_tensors="np")
+    assert (served["image_grid_thw"] == reference["image_grid_thw"]).all()
+    assert np.array_equal(served["pixel_values"], reference["pixel_values"])

@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="an OpenAI-compatible chat server (POST /v1/chat/completions) on the pipeline",
         description="An OpenAI-compatible chat server: images in data: URLs are processed by "
         "Qwen2-VL's image processor and carried to every rank by the pipeline. The pipeline "
-        "is configured by --config, then MMSCHED_* variables, then --tp.",
+        "is configured by --config, then MMSCHED_* variables, then the flags that name a "
+        "config field (--tp, --max-prompt-tokens, --shutdown-timeout, --nnodes, "
+        "--dist-init-addr).",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -274,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-images", type=int, default=16, help="images per request")
     serve.add_argument("--max-image-mb", type=int, default=20, help="largest encoded image")
+    serve.add_argument(
+        "--max-prompt-tokens", type=int, help="longest prompt in tokens (max_prompt_tokens)"
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        help="seconds requests in progress get once told to stop (shutdown_timeout_s)",
+    )
     _host_flags(serve, required=False)
 
     rank = sub.add_parser(
@@ -310,6 +320,9 @@ def _config(args: argparse.Namespace) -> Config:
         "tp_size": args.tp,
         "nnodes": args.nnodes,
         "dist_init_addr": args.dist_init_addr,
+        # mmsched serve's own (mmsched rank has no such flags)
+        "max_prompt_tokens": getattr(args, "max_prompt_tokens", None),
+        "shutdown_timeout_s": getattr(args, "shutdown_timeout", None),
     }
     return config.replace(**{k: v for k, v in flags.items() if v is not None})
 
@@ -708,10 +721,8 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
     try:
-        import uvicorn
-
         from mmsched.models import served_model
-        from mmsched.serve import DEFAULT_MODEL, ServeSettings, create_app
+        from mmsched.serve import DEFAULT_MODEL, ServeSettings, create_app, run
     except ImportError as exc:
         hint = f"{exc}: install the serve extra: pip install 'mmsched[serve]'"
         console.print(f"[red]error:[/red] {escape(hint)}")
@@ -730,7 +741,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     app = create_app(
         config, settings, on_iteration=served.on_iteration, on_rank_start=served.on_rank_start
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Not uvicorn.run: its stop waits for every request in progress, however long.
+    run(app, host=args.host, port=args.port)
     return 0
 
 

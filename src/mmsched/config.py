@@ -104,6 +104,13 @@ class Config:
         dist_init_addr: ``HOST:PORT`` of node 0 where the other hosts join (``nnodes > 1``
             only). Node 0 listens on ``PORT`` (joining), ``PORT+1`` (results) and
             ``PORT+2`` (the iterations, payloads included, once per host) at ``HOST``.
+        max_prompt_tokens: longest prompt ``mmsched serve`` accepts, in tokens (its input
+            ids: text, chat markup and every image's pad tokens); a longer one is an HTTP 400
+            naming this bound. ``None``: no bound but the body's size. ``Pipeline.generate``
+            itself does not apply it.
+        shutdown_timeout_s: how long ``mmsched serve``, told to stop (SIGTERM, SIGINT), lets
+            the requests in progress finish; those still running then are answered HTTP 503,
+            and the pipeline closes.
     """
 
     transport: str = "zmq"
@@ -129,6 +136,8 @@ class Config:
     feature_cache_mb: int = 0
     nnodes: int = 1
     dist_init_addr: str | None = None
+    max_prompt_tokens: int | None = 32768
+    shutdown_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
@@ -156,6 +165,7 @@ class Config:
             "timeout_s",
             "startup_timeout_s",
             "backpressure_wait_s",
+            "shutdown_timeout_s",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -182,6 +192,8 @@ class Config:
             raise ConfigError(f"shm_arena_mb must be at least 1, got {self.shm_arena_mb}")
         if self.shm_transport_mb is not None and self.shm_transport_mb < 1:
             raise ConfigError(f"shm_transport_mb must be at least 1, got {self.shm_transport_mb}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens must be at least 1, got {self.max_prompt_tokens}")
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:
             raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         self._check_hosts()

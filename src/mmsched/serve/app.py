@@ -18,9 +18,15 @@ Also: ``GET /v1/models``, ``GET /health`` (503 until the ranks are up, and once 
 lost), ``GET /metrics`` (Prometheus text, [`mmsched.serve.metrics`][]).
 
 Bad input never reaches the ranks and never stops the server: an undecodable image, a media
-type other than PNG or JPEG, a remote URL, a body or image over its limit, malformed JSON or
-messages get HTTP 400 with an OpenAI-style error body naming the field (``param``); an
-unknown model 404; a full pipeline 503; the next request is served as usual.
+type other than PNG or JPEG, a remote URL, a body, image or prompt over its limit, malformed
+JSON or messages, a field the server does not honour ([`mmsched.serve.options`][]) get HTTP
+400 with an OpenAI-style error body naming the field (``param``); an unknown model 404; a
+full pipeline 503; the next request is served as usual. A client that hangs up before its
+body is complete is counted as 499 ("client closed request", as nginx counts it), not as a
+failure of the server's.
+
+Stopping (SIGTERM, SIGINT) is bounded by ``shutdown_timeout_s`` ([`mmsched.serve.shutdown`][]):
+requests still in progress then are answered 503, and the pipeline closes.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from mmsched.config import Config
 from mmsched.errors import (
@@ -49,6 +56,7 @@ from mmsched.errors import (
     PeerLost,
     RequestFailed,
 )
+from mmsched.hashing import PAD_VALUE_SHIFT
 from mmsched.messages import GenerateOutput
 from mmsched.models import STUB_MODEL
 from mmsched.outputs import IterationCallback
@@ -57,6 +65,8 @@ from mmsched.scheduler import RankStartCallback
 from mmsched.serve.chat import ChatProcessor, PreparedChat
 from mmsched.serve.media import BadRequest, MediaLimits
 from mmsched.serve.metrics import ServerMetrics
+from mmsched.serve.options import ChatOptions, chat_options
+from mmsched.serve.shutdown import Drain, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,11 @@ DEFAULT_MODEL = STUB_MODEL
 TIMING_HEADER = "x-mmsched-timing"
 """Response header: ``prepare=<ms>;pipeline=<ms>``, image decoding and processing, then the
 pipeline's part (hashing, placement, delivery to every rank and the answer)."""
+CLIENT_CLOSED = 499
+"""The status counted for a request whose client hung up before its body was complete
+(nginx's "client closed request"): nobody receives it, and it is no failure of the server's."""
+_PARSE_OFF_LOOP_BYTES = 1 << 20
+"""Bodies at least this large are parsed on a worker thread, so ``/health`` stays prompt."""
 
 
 @dataclass(frozen=True)
@@ -117,13 +132,17 @@ def create_app(
     """
     settings = settings or ServeSettings()
     limits = MediaLimits(settings.max_image_mb << 20, settings.max_image_pixels)
-    chat = processor or ChatProcessor(limits=limits, max_images=settings.max_images)
+    chat = processor or ChatProcessor(
+        limits=limits, max_images=settings.max_images, max_prompt_tokens=config.max_prompt_tokens
+    )
     metrics = ServerMetrics()
     state: dict[str, Pipeline] = {}
     generates_text = on_iteration is not None  # a model's own ids, not the stub's echo
+    drain = Drain(config.shutdown_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drain.attach(asyncio.get_running_loop())
         pipeline = Pipeline(config, on_iteration=on_iteration, on_rank_start=on_rank_start)
         await pipeline.start()
         state["pipeline"] = pipeline
@@ -132,9 +151,11 @@ def create_app(
             yield
         finally:
             state.pop("pipeline", None)
+            log.info("closing the pipeline")
             await pipeline.aclose()
 
     app = FastAPI(title="mmsched", lifespan=lifespan)
+    app.state.drain = drain  # mmsched.serve.shutdown.run starts the stop through it
 
     @app.get("/health")
     async def health() -> Response:
@@ -162,41 +183,60 @@ def create_app(
         arrived = time.perf_counter()
         metrics.inflight += 1
         try:
-            body = await _read_json(request, settings.max_body_mb << 20)
-            stream, include_usage, max_tokens = _options(body, settings.model)
-            pipeline = state.get("pipeline")
-            if pipeline is None:
-                raise _HttpError(503, "service_unavailable", "the pipeline is not running")
-            prepared = await _prepare(chat, body.get("messages"))
-            processed = time.perf_counter()
-            rid = f"chatcmpl-{uuid.uuid4().hex}"
-            sampling = {"max_new_tokens": max_tokens} if max_tokens is not None else {}
-            if stream and generates_text:
-                # The model's ids, streamed as they come: only the first chunk is awaited
-                # here, so that a request refused on its way in is still an HTTP error.
-                return await _model_stream(
-                    pipeline,
-                    rid,
-                    prepared,
-                    sampling,
-                    chat,
-                    settings.model,
-                    include_usage,
-                    on_end=lambda: metrics.completed(
-                        time.perf_counter() - arrived, prepared.images, prepared.feature_bytes
-                    ),
+            async with drain.guard():
+                body = await _read_json(request, settings.max_body_mb << 20)
+                options = _options(body, settings.model)
+                stream, include_usage, max_tokens = (
+                    options.stream,
+                    options.include_usage,
+                    options.max_tokens,
                 )
-            output = await _generate(pipeline, rid, prepared, sampling)
-            delivered = time.perf_counter()
-            if generates_text:
-                pieces = [chat.tokenizer.decode(output.output_ids)]
-            else:
-                pieces = _pieces(_describe(chat, prepared, output, config.tp_size), max_tokens)
-            metrics.completed(delivered - arrived, prepared.images, prepared.feature_bytes)
+                pipeline = state.get("pipeline")
+                if pipeline is None:
+                    raise _HttpError(503, "service_unavailable", "the pipeline is not running")
+                prepared = await _prepare(chat, body.get("messages"), config.max_prompt_tokens)
+                processed = time.perf_counter()
+                rid = f"chatcmpl-{uuid.uuid4().hex}"
+                sampling = {"max_new_tokens": max_tokens} if max_tokens is not None else {}
+                if stream and generates_text:
+                    # The model's ids, streamed as they come: only the first chunk is awaited
+                    # here, so that a request refused on its way in is still an HTTP error.
+                    return await _model_stream(
+                        pipeline,
+                        rid,
+                        prepared,
+                        sampling,
+                        chat,
+                        settings.model,
+                        include_usage,
+                        on_end=lambda: metrics.completed(
+                            time.perf_counter() - arrived, prepared.images, prepared.feature_bytes
+                        ),
+                    )
+                output = await _generate(pipeline, rid, prepared, sampling)
+                delivered = time.perf_counter()
+                # Decoding and filtering are O(prompt): off the loop, as the preparation.
+                if generates_text:
+                    pieces = [await asyncio.to_thread(chat.tokenizer.decode, output.output_ids)]
+                else:
+                    pieces = await asyncio.to_thread(
+                        lambda: _pieces(
+                            _describe(chat, prepared, output, config.tp_size), max_tokens
+                        )
+                    )
+                metrics.completed(delivered - arrived, prepared.images, prepared.feature_bytes)
+        except ShuttingDown as exc:
+            metrics.answered("chat", 503)
+            log.warning("chat request cut short: %s", exc)
+            return _HttpError(503, "service_unavailable", str(exc)).response()
         except _HttpError as exc:
             metrics.answered("chat", exc.status)
-            if exc.status >= 500:
+            if exc.status == CLIENT_CLOSED:
+                log.info("chat request abandoned: %s", exc.message)
+            elif exc.status >= 500:
                 log.warning("chat request failed: %s", exc.message)
+            else:  # the client's mistake: worth a line, not a warning
+                log.info("chat request refused (%d): %s", exc.status, exc.message)
             return exc.response()
         except Exception as exc:  # a bug of ours: this request's 500, never the server's end
             log.exception("chat request failed")
@@ -292,13 +332,24 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _HttpError(400, "invalid_request_error", f"body larger than {limit >> 20} MB")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _HttpError(400, "invalid_request_error", f"body larger than {limit >> 20} MB")
-        chunks.append(chunk)
     try:
-        body = orjson.loads(b"".join(chunks))
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _HttpError(400, "invalid_request_error", f"body larger than {limit >> 20} MB")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _HttpError(
+            CLIENT_CLOSED,
+            "client_closed_request",
+            f"the client closed the connection after {size:,} bytes of its body",
+        ) from None
+    data = b"".join(chunks)
+    try:
+        if len(data) >= _PARSE_OFF_LOOP_BYTES:
+            body = await asyncio.to_thread(orjson.loads, data)
+        else:
+            body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise _HttpError(400, "invalid_request_error", f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -306,30 +357,32 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def _options(body: dict[str, Any], model: str) -> tuple[bool, bool, int | None]:
-    """``(stream, include_usage, max_tokens)``, each checked; the model must be ours."""
+def _options(body: dict[str, Any], model: str) -> ChatOptions:
+    """The request's options, each checked ([`mmsched.serve.options`][]); the model must be
+    ours."""
     if body.get("model") != model:
         raise _HttpError(
             404, "model_not_found", f"the model {body.get('model')!r} does not exist", "model"
         )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _HttpError(400, "invalid_request_error", "expected true or false", "stream")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise _HttpError(400, "invalid_request_error", "expected an object", "stream_options")
-    include_usage = stream_options.get("include_usage", False) is True
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-    ):
-        raise _HttpError(400, "invalid_request_error", "expected a positive integer", "max_tokens")
-    return stream, include_usage, max_tokens
-
-
-async def _prepare(chat: ChatProcessor, messages: Any) -> PreparedChat:
     try:
-        return await asyncio.to_thread(chat.prepare, messages)
+        return chat_options(body)
+    except BadRequest as exc:
+        raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
+
+
+async def _prepare(chat: ChatProcessor, messages: Any, max_tokens: int | None) -> PreparedChat:
+    """``chat.prepare(messages)`` on a worker thread; its prompt at most ``max_tokens`` long
+    (a processor of the default kind refuses a longer one on its way, another is checked
+    here)."""
+    try:
+        prepared = await asyncio.to_thread(chat.prepare, messages)
+        if max_tokens is not None and len(prepared.input_ids) > max_tokens:
+            raise BadRequest(
+                "messages",
+                f"the prompt is {len(prepared.input_ids):,} tokens, more than "
+                f"max_prompt_tokens={max_tokens:,}",
+            )
+        return prepared
     except BadRequest as exc:
         raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
     except Exception as exc:  # a processor bug, not the client's: still this request alone
@@ -411,8 +464,9 @@ def _pipeline_errors() -> Iterator[None]:
 
 def _describe(chat: ChatProcessor, prepared: PreparedChat, output: GenerateOutput, tp: int) -> str:
     """What the stub model's output says reached the ranks, in words."""
-    pads = set(output.pad_values)
-    prompt = chat.tokenizer.decode([i for i in output.output_ids if i not in pads])
+    # Every pad id is at least PAD_VALUE_SHIFT, above any vocabulary (under sglang-0.5.23 a
+    # span cycles through four values, of which pad_values names the first).
+    prompt = chat.tokenizer.decode([i for i in output.output_ids if i < PAD_VALUE_SHIFT])
     parts = [f"{prepared.images} image(s) reached all {tp} rank(s)."]
     patch = int(chat.image_processor.patch_size)
     for n, ((t, h, w), pad) in enumerate(

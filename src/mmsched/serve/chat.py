@@ -53,6 +53,11 @@ class TextTokenizer(Protocol):
 class ByteTokenizer:
     """One id per UTF-8 byte (0-255): a tokenizer that needs no vocabulary file."""
 
+    max_chars_per_token = 1
+    """Every character is at least one token: a text of more characters than the prompt
+    bound is refused without encoding it (``ChatProcessor`` reads this attribute of any
+    tokenizer that has it: the longest token's length, in characters)."""
+
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
@@ -100,10 +105,12 @@ class ChatProcessor:
         *,
         limits: MediaLimits | None = None,
         max_images: int = 16,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer or ByteTokenizer()
         self.limits = limits or MediaLimits()
         self.max_images = max_images
+        self.max_prompt_tokens = max_prompt_tokens
         self.image_processor = qwen2vl_image_processor()
         self.merge = int(self.image_processor.merge_size)
 
@@ -121,6 +128,7 @@ class ChatProcessor:
             raise BadRequest("messages", "expected a non-empty list of messages")
         # First the layout: token runs, and (param, url) where each image goes.
         layout: list[list[int] | int] = []
+        text_tokens = 0  # so far: a prompt too long is refused before any more is encoded
         images: list[tuple[str, Any]] = []
         for m, message in enumerate(messages):
             where = f"messages[{m}]"
@@ -136,7 +144,11 @@ class ChatProcessor:
                     text = part.get("text")
                     if not isinstance(text, str):
                         raise BadRequest(f"{where}.content[{p}].text", "expected a string")
-                    layout.append(self.tokenizer.encode(text))
+                    self._check_text(text, text_tokens)
+                    encoded = self.tokenizer.encode(text)
+                    layout.append(encoded)
+                    text_tokens += len(encoded)
+                    self._check_length(text_tokens, "text")
                 elif kind == "image_url":
                     if len(images) == self.max_images:
                         raise BadRequest(where, f"more than {self.max_images} images")
@@ -148,6 +160,8 @@ class ChatProcessor:
                     raise BadRequest(f"{where}.content[{p}].type", f"unsupported: {kind!r}")
             layout.append([IM_END, _NEWLINE])
         layout.append([IM_START, *self.tokenizer.encode("assistant\n")])
+        # Before any image is decoded: a prompt whose text alone is too long costs no more.
+        self._check_length(sum(len(r) for r in layout if isinstance(r, list)), "text")
         # Then the images, side by side; the first failure (in request order) is the answer.
         processed = list(_POOL.map(lambda job: self._image(*job), images))
         ids: list[int] = []
@@ -170,6 +184,7 @@ class ChatProcessor:
                 }
             )
             grids.append(grid)
+        self._check_length(len(ids), "text and images")
         mm = None
         if items:
             mm = {
@@ -179,6 +194,25 @@ class ChatProcessor:
                 "im_end_id": VISION_END,
             }
         return PreparedChat(ids, mm, grids)
+
+    def _check_text(self, text: str, so_far: int) -> None:
+        """Refuse, before encoding it (a long text costs time and memory to encode), a text
+        that cannot fit: more characters than the bound, times the tokenizer's longest
+        token, allow."""
+        longest = getattr(self.tokenizer, "max_chars_per_token", None)
+        if self.max_prompt_tokens is None or not isinstance(longest, int) or longest < 1:
+            return
+        least = -(-len(text) // longest)  # tokens the text needs at the very least
+        self._check_length(so_far + least, "text, at least")
+
+    def _check_length(self, length: int, what: str) -> None:
+        """Refuse a prompt already ``length`` tokens long (of ``what``) past the bound."""
+        bound = self.max_prompt_tokens
+        if bound is not None and length > bound:
+            raise BadRequest(
+                "messages",
+                f"the prompt is {length:,} tokens ({what}), more than max_prompt_tokens={bound:,}",
+            )
 
     def _image(self, param: str, url: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One image's ``pixel_values`` and ``(t, h, w)`` patch grid."""

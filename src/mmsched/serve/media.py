@@ -6,6 +6,14 @@ decode, or one whose content is not what its media type says) becomes a
 [`BadRequest`][mmsched.serve.media.BadRequest] that names the message part, and the server
 answers HTTP 400. Remote ``http(s)://`` URLs are refused: a server that fetches what a
 client names can be made to reach hosts the client cannot.
+
+A decoded image becomes RGB the way the model's own processor and ``transformers``' image
+loading would make it (so that the pixels reaching the ranks are those a direct processor
+call gives): the EXIF orientation is applied (``load_image``'s ``exif_transpose``), an alpha
+channel or a transparent palette colour is composited onto white (the processor's
+``convert_to_rgb``), and 16-bit greyscale keeps its top 8 bits (Pillow's own ``convert``
+would clip it at 255, turning almost every pixel white; Pillow already reads 16-bit colour
+PNGs that way).
 """
 
 from __future__ import annotations
@@ -16,12 +24,15 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from mmsched.errors import MmschedError
 
 # Media types accepted, and the Pillow format each must decode as.
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG"}
+# Pillow's modes of 16-bit (and 32-bit integer) greyscale: scaled, not clipped, to 8 bits.
+_WIDE_GREY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 class BadRequest(MmschedError):
@@ -63,13 +74,51 @@ def decode_image_url(param: str, url: object, limits: MediaLimits) -> Image.Imag
         raise BadRequest(
             param, f"media type {media_type[:40]!r} not accepted; accepted: {accepted}"
         )
-    if len(payload) * 3 // 4 > limits.max_bytes:
-        raise BadRequest(param, f"image larger than {limits.max_bytes >> 20} MB")
+    # The decoded size, exactly, before decoding: every 4 characters are 3 bytes, less one
+    # per "=" of padding (validate=True below admits no whitespace that would skew it).
+    if _decoded_size(payload) > limits.max_bytes:
+        raise BadRequest(param, _too_large(limits.max_bytes))
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(param, f"invalid base64: {exc}") from None
+    if len(data) > limits.max_bytes:  # the estimate above is exact for valid base64; belt
+        raise BadRequest(param, _too_large(limits.max_bytes))
     return _decode(param, data, expected, limits)
+
+
+def _decoded_size(payload: str) -> int:
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+    return len(payload) * 3 // 4 - padding
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"image larger than {max_bytes >> 20} MiB ({max_bytes:,} bytes)"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` upright and in RGB, as the model's processor would see it (module docstring).
+
+    The image must be loaded (or loadable): its pixels are read.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GREY:
+        wide = np.asarray(image)
+        if wide.dtype.itemsize != 2:  # mode I: 32-bit, holding 16-bit values from a PNG
+            wide = np.clip(wide, 0, 0xFFFF).astype(np.uint16)
+        # The top 8 of 16 bits: 65535 is white, as 255 is in 8 bits.
+        grey = Image.fromarray((wide >> 8).astype(np.uint8))
+        transparent = image.info.get("transparency")
+        if isinstance(transparent, int):  # a tRNS grey value: those pixels are see-through
+            alpha = np.where(wide == transparent, 0, 255).astype(np.uint8)
+            grey = Image.merge("LA", (grey, Image.fromarray(alpha)))
+        image = grey
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # As transformers' convert_to_rgb: what is transparent shows the white beneath.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _decode(param: str, data: bytes, expected: str, limits: MediaLimits) -> Image.Image:
@@ -83,7 +132,7 @@ def _decode(param: str, data: bytes, expected: str, limits: MediaLimits) -> Imag
                     param, f"{width}x{height} is more than {limits.max_pixels:,} pixels"
                 )
             image.load()  # decode now: a truncated or corrupt file fails here, not later
-            return image.convert("RGB")
+            return to_rgb(image)
     except BadRequest:
         raise
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
