@@ -126,7 +126,7 @@ def test_a_bad_file_names_its_file_and_line(tmp_path: Path) -> None:
 
 def test_the_shm_transport_arena_is_sized_for_what_travels_there() -> None:
     # Headers only when a store carries the bytes; the bytes too under the inline store.
-    assert Config(payload_store="shm").shm_transport_bytes == 64 << 20
+    assert Config(payload_store="shm").shm_transport_bytes == 256 << 20
     assert Config(payload_store="inline", shm_arena_mb=512).shm_transport_bytes == 512 << 20
     assert Config(shm_transport_mb=8).shm_transport_bytes == 8 << 20
     assert Config.from_env({"MMSCHED_SHM_TRANSPORT_MB": "16"}).shm_transport_mb == 16

@@ -7,8 +7,11 @@ Real rank processes (TP=2, the default transports); the model is
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -23,11 +26,20 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 TIMEOUT_S = 1.5
 
 
+@pytest.fixture(scope="module")
+def closed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("closed")
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pipeline() -> AsyncIterator[Pipeline]:
+async def pipeline(closed_dir: Path) -> AsyncIterator[Pipeline]:
+    os.environ["MODEL_HOOKS_DIR"] = str(closed_dir)  # the rank processes inherit it
     config = Config(tp_size=2, timeout_s=TIMEOUT_S, shm_arena_mb=16)
-    async with Pipeline(config, on_iteration=scripted_model) as p:
-        yield p
+    try:
+        async with Pipeline(config, on_iteration=scripted_model) as p:
+            yield p
+    finally:
+        del os.environ["MODEL_HOOKS_DIR"]
 
 
 async def test_the_models_ids_are_the_answer(pipeline: Pipeline) -> None:
@@ -65,6 +77,49 @@ async def test_a_stream_longer_than_timeout_s_lives_while_chunks_come(
     out = await pipeline.generate("long", [1], sampling_params=params)
     assert time.monotonic() - started > TIMEOUT_S
     assert out.output_ids == list(range(6))
+
+
+async def test_a_stream_holds_up_no_request_behind_it(pipeline: Pipeline) -> None:
+    # A slow stream (6 chunks, 0.3 s apart) and, just after it, a whole answer and a
+    # second stream: neither waits for the first stream's end.
+    slow = {"script": "stream", "n": 6, "pause_s": 0.3}
+    started = time.monotonic()
+    first = asyncio.ensure_future(pipeline.generate("slow", [1], sampling_params=slow))
+    ended: dict[str, float] = {}
+    first.add_done_callback(lambda _: ended.setdefault("slow", time.monotonic() - started))
+    await asyncio.sleep(0.2)
+    whole = await pipeline.generate("behind", [1, 2], sampling_params={"script": "whole"})
+    whole_at = time.monotonic() - started
+    second = await pipeline.generate(
+        "second", [1], sampling_params={"script": "stream", "n": 2, "pause_s": 0.3}
+    )
+    second_at = time.monotonic() - started
+    slow_out = await first
+    assert whole.output_ids == [2, 1, 0] and second.output_ids == [0, 1]
+    assert slow_out.output_ids == list(range(6))
+    assert whole_at < 1.0, whole_at  # not after the slow stream's 1.8 s
+    assert second_at < ended["slow"], (second_at, ended)  # it went side by side
+
+
+async def test_closing_a_stream_early_closes_the_models_generator(
+    pipeline: Pipeline, closed_dir: Path
+) -> None:
+    params = {"script": "stream", "n": 40, "pause_s": 0.1}
+    async with contextlib.aclosing(
+        pipeline.generate_stream("dropped", [1], sampling_params=params)
+    ) as chunks:
+        async for chunk in chunks:
+            if chunk.output_ids == [1]:
+                break
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and len(list(closed_dir.glob("closed-dropped-*"))) < 2:
+        await asyncio.sleep(0.05)
+    assert sorted(p.name for p in closed_dir.glob("closed-dropped-*")) == [
+        "closed-dropped-rank0",
+        "closed-dropped-rank1",
+    ]
+    after = await pipeline.generate("after-drop", [3], sampling_params={"script": "whole"})
+    assert after.output_ids == [3, 0]
 
 
 async def test_bad_outputs_fail_their_request_alone(pipeline: Pipeline) -> None:

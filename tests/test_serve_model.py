@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,10 +45,12 @@ def start_server(**env_values: str) -> Iterator[Server]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
     env.update(env_values)
     command = [sys.executable, "-m", "mmsched", "serve", "--model", TINY_QWEN2_VL]
+    # Its output goes to a file, read if it fails: a pipe nobody reads could fill and block it.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
     process = subprocess.Popen(
         [*command, "--tp", "2", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -55,7 +58,8 @@ def start_server(**env_values: str) -> Iterator[Server]:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"the server exited: {process.stdout.read() if process.stdout else ''}")
+            log.seek(0)
+            pytest.fail(f"the server exited: {log.read()}")
         try:
             if running.get("/health")[0] == 200:
                 break
@@ -71,6 +75,7 @@ def start_server(**env_values: str) -> Iterator[Server]:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             process.wait(60)
+        log.close()
 
 
 @pytest.fixture(scope="module")

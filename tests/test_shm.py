@@ -343,14 +343,14 @@ async def test_concurrent_requests_through_a_small_arena_keep_their_bytes() -> N
 
 
 async def test_the_shm_transport_over_the_shm_store_reserves_one_large_arena() -> None:
-    # The store's arena holds the bytes; the transport's carries headers: together far
-    # less than two arenas of shm_arena_mb (which is what a host once had to hold).
+    # The store's arena holds the bytes; the transport's carries headers: together less
+    # than two arenas of shm_arena_mb (which is what a host once had to hold).
     import os
 
     from mmsched import Config, Pipeline
     from own_run import shared_memory_of
 
-    config = Config(transport="shm", payload_store="shm", tp_size=2, shm_arena_mb=256)
+    config = Config(transport="shm", payload_store="shm", tp_size=2, shm_arena_mb=512)
     async with Pipeline(config) as pipeline:
         mapped = shared_memory_of([os.getpid(), *pipeline.pids])
-    assert 256 << 20 <= mapped <= (256 + 64 + 1) << 20, mapped >> 20
+    assert 512 << 20 <= mapped <= (512 + 256 + 1) << 20, mapped >> 20

@@ -739,7 +739,11 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     )
     served = served_model(settings.model)
     app = create_app(
-        config, settings, on_iteration=served.on_iteration, on_rank_start=served.on_rank_start
+        config,
+        settings,
+        on_iteration=served.on_iteration,
+        on_rank_start=served.on_rank_start,
+        generates_text=served.generates_text,
     )
     # Not uvicorn.run: its stop waits for every request in progress, however long.
     run(app, host=args.host, port=args.port)

@@ -44,9 +44,10 @@ CACHE_HASHERS = ("blake3", "sha256", "sglang-0.5.23", "sglang-0.5")
 """Hashers that may key the feature cache (collision-resistant)."""
 
 
-SHM_TRANSPORT_HEADERS_MB = 64
-"""The ``shm`` transport's arena where only headers travel: a request's header with its
-token ids is kilobytes to a few MB, so 64 MiB holds many iterations in flight."""
+SHM_TRANSPORT_DEFAULT_MB = 256
+"""The ``shm`` transport's arena over a store that carries the bytes: headers and token ids
+(kilobytes to a few MB a request), and the tensors a full store sends inline rather than
+wait (``stores/shm.py``): room for many iterations in flight, a quarter of the store's."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class Config:
         shm_transport_mb: size of the ``shm`` transport's own arena, which carries frames.
             ``None`` (the default) sizes it for what travels there: ``shm_arena_mb`` under
             the ``inline`` payload store (tensor bytes ride in the frames), else
-            ``SHM_TRANSPORT_HEADERS_MB`` (headers and token ids only: the bytes go through
-            the store), so that a host holds one large arena, not two.
+            ``SHM_TRANSPORT_DEFAULT_MB`` (256: headers, token ids, and what a full store
+            sends inline), so that a host does not hold two arenas of ``shm_arena_mb``.
         max_inflight_mb: most feature bytes of requests sent and not yet answered; a slow
             rank then holds back the tokenizer instead of growing queues. ``None``: no bound.
         backpressure: at that bound, ``wait`` (up to ``backpressure_wait_s``) or ``reject``;
@@ -221,7 +222,7 @@ class Config:
             return self.shm_transport_mb << 20
         if self.payload_store == "inline":
             return self.shm_arena_mb << 20
-        return SHM_TRANSPORT_HEADERS_MB << 20
+        return SHM_TRANSPORT_DEFAULT_MB << 20
 
     @property
     def ranks_per_node(self) -> int:

@@ -428,7 +428,9 @@ class Pipeline:
         """Run one request and yield its output as the model streams it: each
         [`GenerateOutput`][mmsched.messages.GenerateOutput] holds the ids generated since
         the one before; the last has ``finished`` set (a model that does not stream gives
-        just that one, with every id). Breaking out of the loop aborts the request.
+        just that one, with every id). Closing the generator early aborts the request (the
+        ranks close the model's stream): leave the loop inside ``contextlib.aclosing(...)``,
+        or the abort waits for the generator to be collected.
 
         Raises:
             MmschedError: as [`generate`][mmsched.pipeline.Pipeline.generate]; a request
@@ -441,6 +443,7 @@ class Pipeline:
             self._stage.submit(rid, input_ids, mm_inputs, sampling_params, chunks.put_nowait)
         )
         sent = 0
+        got: asyncio.Future[GenerateOutput] | None = None
         try:
             while True:
                 got = asyncio.ensure_future(chunks.get())
@@ -459,6 +462,8 @@ class Pipeline:
                 yield dataclasses.replace(whole, output_ids=whole.output_ids[sent:])
                 return
         finally:
+            if got is not None:
+                got.cancel()
             if not submitted.done():
                 submitted.cancel()  # the caller stopped reading: the request is aborted
                 with contextlib.suppress(BaseException):

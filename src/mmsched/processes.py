@@ -9,6 +9,9 @@ import time
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 
+RANK_PROCESS_PREFIX = "mmsched-rank"
+"""Rank processes are named ``mmsched-rank<N>`` (``multiprocessing.current_process().name``)."""
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process of that pid exists (of any user)."""

@@ -42,7 +42,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -83,6 +83,7 @@ from mmsched.outputs import (
     run_callback,
 )
 from mmsched.probes import Probe
+from mmsched.processes import RANK_PROCESS_PREFIX
 from mmsched.stores import PayloadStore, StoreOptions, store_class, store_names
 from mmsched.strategies import get_strategy
 from mmsched.transports import GroupSpec, Transport, open_transport
@@ -189,7 +190,7 @@ def start_rank_process(
     proc = multiprocessing.get_context("spawn").Process(
         target=rank_main,
         args=(config, rank, addresses, on_iteration, probe, on_rank_start, group),
-        name=f"mmsched-rank{rank}",
+        name=f"{RANK_PROCESS_PREFIX}{rank}",
         daemon=True,
     )
     proc.start()
@@ -270,6 +271,7 @@ class SchedulerRank:
         self._transport: Transport | None = None
         self._hosts: Transport | None = None  # entry rank of several hosts: to their agents
         self.refused = 0  # messages the entry rank refused (logged one by one)
+        self._streams: dict[str, _Stream] = {}  # streamed answers in progress, by rid
 
     async def run(self) -> None:
         """Join the group, say ready, then run iterations until shut down or a peer is lost."""
@@ -361,7 +363,8 @@ class SchedulerRank:
         """Entry rank: everything that arrived, after waiting briefly for a first message."""
         assert self._inbox is not None
         batch = Batch(iteration=iteration)
-        timeout_ms = int(self.config.idle_wait_ms)
+        # Streams in progress are stepped every iteration: no waiting for new requests then.
+        timeout_ms = 0 if self._streams else int(self.config.idle_wait_ms)
         while await self._inbox.poll(timeout=timeout_ms):
             timeout_ms = 0  # drain what is there, then go
             frames = await self._inbox.recv_multipart(copy=False)
@@ -426,41 +429,68 @@ class SchedulerRank:
             await self.probe.model_step(self.rank, batch.iteration, ready)
         for req in ready:
             await self._answer(req, batch.iteration, failed or outputs.get(req.rid))
-        if batch.requests:
+        stepped = await self._step_streams(batch.iteration, aborted, batch.shutdown)
+        if batch.requests or stepped:
             await self._send(RankProgress(rank=self.rank, iteration=batch.iteration))
 
     async def _answer(self, req: TokenizedGenerateReqInput, iteration: int, output: Any) -> None:
-        """Check ``req``'s output and, on the entry rank, send it back: whole in one
-        message, or streamed chunk by chunk and then a last one. Every rank drains a
-        stream (it is the model's lockstep work). A bad output fails ``req`` alone."""
+        """Check ``req``'s output; a whole one goes back now (from the entry rank), a stream
+        joins the ones stepped once per iteration. A bad output fails ``req`` alone."""
         mm = req.mm_inputs
         pads = [i.pad_value for i in mm.mm_items] if isinstance(mm, MultimodalInputs) else []
         try:
             if isinstance(output, ModelOutputError):
                 raise output
             checked = checked_output(req.rid, output)
-            if isinstance(checked, ModelOutput):
-                last = GenerateOutput(req.rid, checked.output_ids, checked.finish_reason, pads)
-            else:
-                last = GenerateOutput(req.rid, [], "stop", pads)
-                async for chunk in checked:
-                    last.finish_reason = chunk.finish_reason
-                    if self.rank == 0:
-                        await self._send(
-                            GenerateOutput(
-                                req.rid, chunk.output_ids, iteration=iteration, finished=False
-                            )
-                        )
         except Exception as exc:  # the model's failure on this request: it fails alone
-            log.warning("rank %d: the model failed request %r: %r", self.rank, req.rid, exc)
-            if self.rank == 0:
-                error = ErrorOutput.from_exception(req.rid, exc)
-                error.iteration = iteration
-                await self._send(error)
+            await self._model_failed(req.rid, iteration, exc)
             return
+        if isinstance(checked, ModelOutput):
+            if self.rank == 0:
+                last = GenerateOutput(req.rid, checked.output_ids, checked.finish_reason, pads)
+                last.iteration = iteration
+                await self._send(last)
+            return
+        self._streams[req.rid] = _Stream(checked, GenerateOutput(req.rid, [], "stop", pads))
+
+    async def _step_streams(self, iteration: int, aborted: set[str], shutdown: bool) -> bool:
+        """One chunk of every stream in progress, as a decode step of every running request:
+        a stream never holds up the requests behind it, and each iteration's batch still
+        says everything every rank does. An aborted stream (or every one, at shutdown) is
+        closed, its generator told so. Returns whether any stream was stepped or ended."""
+        if not self._streams:
+            return False
+        for rid in [r for r in self._streams if r in aborted or shutdown]:
+            stream = self._streams.pop(rid)
+            await _close(stream.chunks)
+            if self.rank == 0:  # the tokenizer's answer: the request's room may be reused
+                await self._send(ErrorOutput(rid, ABORTED, "aborted", iteration=iteration))
+        for rid, stream in list(self._streams.items()):
+            try:
+                chunk = await anext(stream.chunks)
+            except StopAsyncIteration:
+                del self._streams[rid]
+                if self.rank == 0:
+                    stream.last.iteration = iteration
+                    await self._send(stream.last)
+                continue
+            except Exception as exc:  # raised by the model's generator: this request's
+                del self._streams[rid]
+                await self._model_failed(rid, iteration, exc)
+                continue
+            stream.last.finish_reason = chunk.finish_reason
+            if self.rank == 0:
+                await self._send(
+                    GenerateOutput(rid, chunk.output_ids, "", iteration=iteration, finished=False)
+                )
+        return True
+
+    async def _model_failed(self, rid: str, iteration: int, exc: BaseException) -> None:
+        log.warning("rank %d: the model failed request %r: %r", self.rank, rid, exc)
         if self.rank == 0:
-            last.iteration = iteration
-            await self._send(last)
+            error = ErrorOutput.from_exception(rid, exc)
+            error.iteration = iteration
+            await self._send(error)
 
     async def _ready_inputs(
         self, req: TokenizedGenerateReqInput, inputs: MultimodalInputs
@@ -574,3 +604,21 @@ def _check_request(message: Message) -> None:
             raise CodecError("malformed abort")
     elif not isinstance(message, Shutdown):
         raise CodecError(f"a {type(message).__name__} is not for the entry rank")
+
+
+@dataclass
+class _Stream:
+    """A streamed answer in progress: its chunks to come and its last message."""
+
+    chunks: AsyncIterator[ModelOutput]
+    last: GenerateOutput
+
+
+async def _close(chunks: AsyncIterator[ModelOutput]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception as exc:  # the model's generator failing as it closes: nothing to answer
+        log.warning("closing an aborted stream raised %r", exc)

@@ -550,16 +550,19 @@ class TokenizerStage:
                 self._ranks_ready.set()
             return
         rid = getattr(message, "rid", None)
+        final = not isinstance(message, GenerateOutput) or message.finished is not False
+        if isinstance(message, GenerateOutput | ErrorOutput) and isinstance(rid, str) and final:
+            # Settled before the message is checked: a malformed final answer still ends
+            # its request (which fails), and its room must not be held for ever.
+            iteration = message.iteration if type(message.iteration) is int else -1
+            self._answered(rid, iteration)
+            if isinstance(message, ErrorOutput) and message.kind == ABORTED:
+                return  # the entry rank's receipt of an abort: nobody waits for it
         if isinstance(message, GenerateOutput):
             _check_output(message)
             if not message.finished:
                 self._streamed(message)
                 return
-        if isinstance(message, GenerateOutput | ErrorOutput) and isinstance(rid, str):
-            iteration = message.iteration if isinstance(message.iteration, int) else -1
-            self._answered(rid, iteration)
-            if isinstance(message, ErrorOutput) and message.kind == ABORTED:
-                return  # the entry rank's receipt of an abort: nobody waits for it
         pending = self._pending.get(rid) if isinstance(rid, str) else None
         if pending is None or pending.future.done():
             return  # a late report of a request that already failed or was cancelled
@@ -647,6 +650,8 @@ def _check_output(message: GenerateOutput) -> None:
     """A result frame is foreign data: its ids must be ints (a chunk's field types too)."""
     if not isinstance(message.rid, str) or not isinstance(message.finished, bool):
         raise CodecError("an output with a bad rid or finished flag")
+    if not isinstance(message.finish_reason, str) or not isinstance(message.pad_values, list):
+        raise CodecError(f"output of request {message.rid!r}: a bad finish reason or pad values")
     ids = message.output_ids
     if isinstance(ids, Int64List):
         return  # decoded from an int64 frame: ints by construction

@@ -46,8 +46,3 @@ def served_model(name: str) -> ServedModel:
         model = TinyQwen2VL(stream=True)
         return ServedModel(name, model, model.on_rank_start, generates_text=True)
     return ServedModel(name)
-
-
-def model_names() -> list[str]:
-    """The registered models' names."""
-    return [STUB_MODEL, TINY_QWEN2_VL]

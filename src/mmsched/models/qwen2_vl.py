@@ -35,6 +35,7 @@ from mmsched.errors import ModelOutputError
 from mmsched.inputs import Modality, MultimodalInputs
 from mmsched.messages import TokenizedGenerateReqInput
 from mmsched.outputs import ModelOutput, RequestOutput
+from mmsched.processes import RANK_PROCESS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,10 @@ def build_model(seed: int, device: torch.device | str = "cpu") -> Any:
     """The tiny model with weights drawn from ``seed`` (equal on every rank), in eval mode."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    # Its own draw: the process's random state (CPU and every GPU's) is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         model: Any = Qwen2VLForConditionalGeneration(tiny_config())
-    finally:
-        torch.random.set_rng_state(generator_state)
     return model.eval().to(device)
 
 
@@ -172,7 +171,9 @@ class TinyQwen2VL:
 
     def on_rank_start(self, rank: int, device: torch.device) -> None:
         """Build this rank's model on ``device``."""
-        if device.type == "cpu" and multiprocessing.parent_process() is not None:
+        if device.type == "cpu" and multiprocessing.current_process().name.startswith(
+            RANK_PROCESS_PREFIX
+        ):
             torch.set_num_threads(1)  # a rank process of its own: leave the cores to the others
         _MODELS[(self.seed, str(device))] = build_model(self.seed, device)
         log.info("rank %d: tiny Qwen2-VL (seed %d) on %s", rank, self.seed, device)
@@ -185,10 +186,10 @@ class TinyQwen2VL:
             mm = req.mm_inputs if isinstance(req.mm_inputs, MultimodalInputs) else None
             device = mm.mm_items[0].feature.device if mm is not None and mm.mm_items else None
             model = self._model(device)
-            limit = int(req.sampling_params.get("max_new_tokens", self.max_new_tokens))
-            try:
+            try:  # whatever one request's inputs or parameters raise is that request's error
+                limit = _token_limit(req.sampling_params.get("max_new_tokens", self.max_new_tokens))
                 inputs = model_inputs(req.input_ids, mm, model.device)
-            except ModelOutputError as exc:
+            except Exception as exc:
                 outputs[req.rid] = _failing(exc)
                 continue
             if self.stream:
@@ -210,6 +211,12 @@ class TinyQwen2VL:
         return (_rebuild, (self.seed, self.max_new_tokens, self.stream))
 
 
+def _token_limit(value: Any) -> int:
+    if type(value) is not int or value < 1:
+        raise ModelOutputError(f"max_new_tokens must be a positive int, got {value!r}")
+    return value
+
+
 def _rebuild(seed: int, max_new_tokens: int, stream: bool) -> TinyQwen2VL:
     return TinyQwen2VL(seed, max_new_tokens, stream=stream)
 
@@ -223,6 +230,8 @@ async def _whole(model: Any, inputs: dict[str, torch.Tensor], limit: int) -> Req
 
 
 async def _failing(exc: BaseException) -> AsyncIterator[ModelOutput]:
+    if isinstance(exc, ModelOutputError):
+        raise exc
     raise ModelOutputError(f"{type(exc).__name__}: {exc}")
     yield ModelOutput([])  # pragma: no cover - makes this an async generator
 
@@ -260,5 +269,8 @@ async def _streamed(
     while (chunk := await chunks.get()) is not None:
         count += len(chunk)
         yield ModelOutput(chunk)
-    ids = await job  # raises what generate raised
+    try:
+        ids = await job
+    except Exception as exc:  # the model's own check, say: one kind whether streamed or not
+        raise ModelOutputError(f"{type(exc).__name__}: {exc}") from exc
     yield ModelOutput([], "length" if count >= limit and IM_END not in ids else "stop")

@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +119,7 @@ def create_app(
     processor: ChatProcessor | None = None,
     on_iteration: IterationCallback | None = None,
     on_rank_start: RankStartCallback | None = None,
+    generates_text: bool | None = None,
 ) -> FastAPI:
     """The FastAPI application; its lifespan starts the pipeline and closes it.
 
@@ -129,6 +130,9 @@ def create_app(
             byte tokenizer).
         on_iteration: the model step on every rank (default: the stub).
         on_rank_start: per-rank set-up, where a model loads.
+        generates_text: the model's output ids are text, decoded into the reply (and
+            streamed as they come); otherwise the reply describes what reached the ranks,
+            as for the stub. Default: whether ``on_iteration`` is given.
     """
     settings = settings or ServeSettings()
     limits = MediaLimits(settings.max_image_mb << 20, settings.max_image_pixels)
@@ -137,7 +141,8 @@ def create_app(
     )
     metrics = ServerMetrics()
     state: dict[str, Pipeline] = {}
-    generates_text = on_iteration is not None  # a model's own ids, not the stub's echo
+    if generates_text is None:
+        generates_text = on_iteration is not None  # a model's own ids, not the stub's echo
     drain = Drain(config.shutdown_timeout_s)
 
     @asynccontextmanager
@@ -182,6 +187,7 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         arrived = time.perf_counter()
         metrics.inflight += 1
+        streaming = False  # a model's stream is in flight until its last event
         try:
             async with drain.guard():
                 body = await _read_json(request, settings.max_body_mb << 20)
@@ -201,7 +207,8 @@ def create_app(
                 if stream and generates_text:
                     # The model's ids, streamed as they come: only the first chunk is awaited
                     # here, so that a request refused on its way in is still an HTTP error.
-                    return await _model_stream(
+                    # From then on the stream counts it (answered, in flight, completed).
+                    response = await _model_stream(
                         pipeline,
                         rid,
                         prepared,
@@ -209,10 +216,11 @@ def create_app(
                         chat,
                         settings.model,
                         include_usage,
-                        on_end=lambda: metrics.completed(
-                            time.perf_counter() - arrived, prepared.images, prepared.feature_bytes
-                        ),
+                        metrics,
+                        arrived,
                     )
+                    streaming = True
+                    return response
                 output = await _generate(pipeline, rid, prepared, sampling)
                 delivered = time.perf_counter()
                 # Decoding and filtering are O(prompt): off the loop, as the preparation.
@@ -243,7 +251,8 @@ def create_app(
             metrics.answered("chat", 500)
             return _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}").response()
         finally:
-            metrics.inflight -= 1
+            if not streaming:
+                metrics.inflight -= 1
         metrics.answered("chat", 200)
         reply = _Reply(
             rid=rid,
@@ -405,12 +414,22 @@ async def _model_stream(
     chat: ChatProcessor,
     model: str,
     include_usage: bool,
-    on_end: Callable[[], None],
+    metrics: ServerMetrics,
+    arrived: float,
 ) -> Response:
-    """A model's streamed answer as server-sent events, text decoded as the ids come."""
+    """A model's streamed answer as server-sent events, text decoded as the ids come.
+
+    Raises:
+        _HttpError: the request failed before its first chunk (the stream is closed).
+    """
     chunks = pipeline.generate_stream(rid, prepared.input_ids, prepared.mm_inputs, sampling)
-    with _pipeline_errors():
-        first = await anext(chunks)
+    try:
+        with _pipeline_errors():
+            first = await anext(chunks)
+    except BaseException:
+        await chunks.aclose()
+        raise
+    metrics.answered("chat", 200)  # the status line goes now; what follows is the stream's
     reply = _Reply(rid, model, [], len(prepared.input_ids), "stop", timing="")
 
     async def events() -> AsyncIterator[bytes]:
@@ -431,18 +450,20 @@ async def _model_stream(
                     reply.finish, reply.completion_tokens = chunk.finish_reason, len(ids)
                     break
                 chunk = await anext(chunks, None)
+            yield reply._chunk({}, reply.finish)
+            if include_usage:
+                yield reply._data({"choices": [], "usage": reply.usage})
+            yield b"data: [DONE]\n\n"
+            metrics.completed(
+                time.perf_counter() - arrived, prepared.images, prepared.feature_bytes
+            )
         except MmschedError as exc:  # after the headers went: an error event ends it
             log.warning("stream of %s failed: %s", rid, exc)
             yield reply._data({"error": {"message": str(exc), "type": type(exc).__name__}})
             yield b"data: [DONE]\n\n"
-            return
         finally:
+            metrics.inflight -= 1
             await chunks.aclose()
-        yield reply._chunk({}, reply.finish)
-        if include_usage:
-            yield reply._data({"choices": [], "usage": reply.usage})
-        yield b"data: [DONE]\n\n"
-        on_end()
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
