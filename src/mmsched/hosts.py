@@ -228,7 +228,7 @@ class JoinServer:
         if claim is None or claim.pid != status.pid:
             return None
         claim.seen = time.monotonic()
-        if status.ready and not claim.joined:
+        if status.ready is True and not claim.joined:
             claim.joined = True
             log.info("node %d joined: its ranks are started (pid %d)", status.node, claim.pid)
         return claim
