@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from multiprocessing.queues import Queue
 from typing import Any
 
@@ -35,3 +36,18 @@ def lease_and_die(access: ArenaAccess, nbytes: int, out: Queue[Any]) -> None:
     out.close()
     out.join_thread()  # the handle is on its way before the process vanishes
     os._exit(0)
+
+
+def write_two_after_a_pause(access: ArenaAccess, pause_s: float, out: Queue[Any]) -> None:
+    """Connect, wait ``pause_s`` (a worker waiting for work: the lender may close the idle
+    connection meanwhile), then write two images and hand back both handles."""
+    arena = access.connect()
+    time.sleep(pause_s)
+    lents = []
+    for seed in (1, 2):
+        tensor, lent = arena.allocate((ROWS, 1176), torch.float32)
+        tensor.copy_(expected_pixels(seed))
+        lents.append(lent)
+        del tensor
+    out.put(lents)
+    arena.close()

@@ -104,6 +104,20 @@ def test_plain_values_keep_their_types() -> None:
     assert got[3] == "int key"
 
 
+def test_numpy_scalars_keep_their_type_and_need_no_pickle() -> None:
+    values = [np.int64(-3), np.int32(7), np.uint8(255), np.bool_(True), np.float32(0.5)]
+    values.append(np.complex64(1 + 2j))
+    mm = {"mm_items": [{"modality": "image", "offsets": [(np.int64(1), np.int64(3))]}]}
+    req = TokenizedGenerateReqInput("r", [], sampling_params={"v": values}, mm_inputs=mm)
+    back = decode(encode(req, allow_pickle=False))  # no pickle on either side
+    assert isinstance(back, TokenizedGenerateReqInput)
+    for sent, got in zip(values, back.sampling_params["v"], strict=True):
+        assert type(got) is type(sent) and got == sent
+    assert back.mm_inputs == {"mm_items": [{"modality": "image", "offsets": [(1, 3)]}]}
+    (start, end) = back.mm_inputs["mm_items"][0]["offsets"][0]
+    assert type(start) is np.int64 and type(end) is np.int64
+
+
 @pytest.mark.parametrize(
     "message",
     [
@@ -200,6 +214,15 @@ def test_opaque_values_are_pickled_and_refused_by_default() -> None:
         ),
         ([b'{"v": 1, "n": 0, "msg": ' + b"[" * 900 + b"]" * 900 + b"}"], "malformed message"),
         ([b'{"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$dict": 5}}}'], "malformed message"),
+        (
+            [b'{"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$npscalar": "<i8", "hex": "00"}}}'],
+            "bad numpy scalar",
+        ),
+        (
+            [b'{"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$npscalar": "O", "hex": ""}}}'],
+            "bad numpy scalar",
+        ),
+        ([b'{"v": 1, "n": 0, "msg": {"$t": "abort", "rid": {"$npscalar": "zz"}}}'], "malformed"),
     ],
 )
 def test_corrupt_frames_raise_codec_error(frames: list[bytes], problem: str) -> None:

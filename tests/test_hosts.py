@@ -29,6 +29,7 @@ import zmq.asyncio
 from mmsched import Config, ConfigError, PeerLost, Pipeline
 from mmsched.bench.hosts import hosts_config, run_hosts_fanout
 from mmsched.hosts import HostAddresses, JoinServer, config_mismatch, join
+from mmsched.messages import NodeStatus
 from mmsched.simhosts import SimulatedHosts, address_of, available
 from own_run import segments_of
 
@@ -130,9 +131,13 @@ def test_a_config_mismatch_names_the_field() -> None:
 
 
 def test_the_join_server_answers_every_hello_and_keeps_serving() -> None:
+    """The join port against real sockets: garbage is refused and changes nothing (no
+    config, a string for a config: never a failed start), a slot is claimed by a hello and
+    kept only while its joiner is heard from, and joined for good once its ranks started."""
+
     async def scenario() -> None:
         port = _free_port_pair()
-        config = Config(tp_size=6, nnodes=3, dist_init_addr=f"127.0.0.1:{port}")
+        config = Config(tp_size=6, nnodes=3, dist_init_addr=f"127.0.0.1:{port}", timeout_s=2)
         mismatches: list[ConfigError] = []
         context = zmq.asyncio.Context()
         server = JoinServer(context, config, "the-token", mismatches.append, probe=None)
@@ -140,14 +145,37 @@ def test_the_join_server_answers_every_hello_and_keeps_serving() -> None:
         raw = context.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(f"tcp://127.0.0.1:{port}")
+
+        async def hello(body: object) -> dict[str, Any]:
+            await raw.send(body if isinstance(body, bytes) else orjson.dumps(body))
+            reply: dict[str, Any] = orjson.loads(await asyncio.wait_for(raw.recv(), 5))
+            return reply
+
+        def of(pid: int, node: int = 1) -> dict[str, Any]:
+            return {"node_rank": node, "pid": pid, "config": config.as_dict(), "probe": None}
+
         try:
-            for junk in (b"not json", b"[1, 2]", orjson.dumps({"node_rank": "1", "pid": 1})):
-                await raw.send(junk)
-                reply = orjson.loads(await asyncio.wait_for(raw.recv(), 5))
-                assert reply["error"].startswith("malformed hello")
-            assert await join(config, 1) == "the-token"
+            junk: list[object] = [
+                b"not json",
+                b"[1, 2]",
+                {"node_rank": "1", "pid": 1},
+                {"node_rank": 1, "pid": 1},  # no config
+                {"node_rank": 1, "pid": 1, "config": "tp_size=6"},  # a string for a config
+                {"node_rank": 1, "pid": 1, "config": [1, 2]},
+                {"node_rank": 1, "pid": -4, "config": config.as_dict()},
+                {**of(1), "probe": 7},
+            ]
+            for body in junk:
+                reply = await hello(body)
+                assert reply["error"].startswith("malformed hello"), (body, reply)
+            assert mismatches == [] and server.claims == {}  # garbage changed nothing
+            assert await join(config, 1) == "the-token"  # claims node 1 (this pid)
+            assert (await hello(of(4242)))["retry"] is True  # another pid waits for it
+            assert server.heard(NodeStatus(1, os.getpid(), ready=True)) is not None
+            assert server.heard(NodeStatus(1, 4242, ready=True)) is None  # not the claimant
+            assert server.joined == {1: os.getpid()}
             with pytest.raises(ConfigError, match="has joined already"):
-                await join(config, 1)
+                await hello_refused(hello, of(4242))
             with pytest.raises(ConfigError, match=r"not one of 1\.\.2"):
                 await join(config, 3)
             with pytest.raises(ConfigError, match="probe"):
@@ -156,12 +184,23 @@ def test_the_join_server_answers_every_hello_and_keeps_serving() -> None:
             with pytest.raises(ConfigError, match="config field 'hasher' differs"):
                 await join(other, 2)
             assert [str(e) for e in mismatches][-1].startswith("node 2 cannot join: config field")
-            assert await join(config, 2) == "the-token"
-            assert set(server.joined) == {1, 2}
+            # A joiner that says hello and goes silent frees the slot after timeout_s / 2.
+            assert (await hello(of(7, node=2)))["token"] == "the-token"
+            assert (await hello(of(8, node=2)))["retry"] is True
+            await asyncio.sleep(server.claim_lapses_after_s + 0.2)
+            assert "node 2: its joiner (pid 7" in server.waiting_for()
+            assert (await hello(of(8, node=2)))["token"] == "the-token"
+            assert "node 2: pid 8 on ?" in server.waiting_for()
+            assert set(server.joined) == {1}
         finally:
             serving.cancel()
             server.close()
             context.destroy(linger=0)
+
+    async def hello_refused(send: Any, body: dict[str, Any]) -> None:
+        reply = await send(body)
+        if "error" in reply and not reply.get("retry"):
+            raise ConfigError(reply["error"])
 
     asyncio.run(scenario())
 
@@ -217,6 +256,115 @@ def test_mismatched_hosts_fail_at_join_on_both_sides() -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# Plain zmq, no mmsched (whose import pulls in torch): it says hello within a second.
+_IMPOSTOR = """
+import json, os, socket, sys
+import orjson, zmq
+
+address, config = sys.argv[1], json.loads(sys.argv[2])
+context = zmq.Context()
+raw = context.socket(zmq.DEALER)
+raw.setsockopt(zmq.LINGER, 0)
+raw.connect(address)
+replies = []
+for hello in ({"node_rank": 1, "pid": os.getpid()},
+              {"node_rank": 1, "pid": os.getpid(), "config": "tp_size=2"},
+              {"node_rank": 1, "pid": os.getpid(), "hostname": socket.gethostname(),
+               "config": config, "probe": None}):
+    raw.send(orjson.dumps(hello))
+    if not raw.poll(30000):
+        sys.exit("node 0 never answered")
+    replies.append(orjson.loads(raw.recv()))
+context.destroy(linger=0)
+# A matching hello, and then nothing: not an agent.
+print(json.dumps({"garbage": replies[:2], "token": "token" in replies[2]}))
+"""
+
+
+def _impostor(config: Config) -> dict[str, Any]:
+    """A process that is not an agent: two malformed hellos, then a matching one for node
+    1's slot, then it exits (as an agent that crashed right after its hello would)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _IMPOSTOR,
+            HostAddresses.of(config).join,
+            json.dumps(config.as_dict()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_garbage_and_a_joiner_that_goes_silent_neither_fail_nor_keep_the_slot() -> None:
+    """Real processes on loopback: before host 1's agent starts, a process that is not an
+    agent sends node 0 a hello without a config, one with a string for a config, then a
+    matching hello, and exits. Node 0's start neither fails nor waits for it: the slot is
+    freed after ``timeout_s / 2`` of its silence, the real agent (told to retry meanwhile)
+    takes it, and the group serves."""
+    port = _free_port_pair()
+    config = Config(
+        tp_size=2,
+        nnodes=2,
+        dist_init_addr=f"127.0.0.1:{port}",
+        shm_arena_mb=64,
+        timeout_s=6,
+        startup_timeout_s=45,
+    )
+
+    async def node0() -> float:
+        pipeline = Pipeline(config)
+        starting = asyncio.create_task(pipeline.start())
+        try:
+            seen = await asyncio.to_thread(_impostor, config)
+            assert [r["error"][:15] for r in seen["garbage"]] == ["malformed hello"] * 2
+            assert seen["token"]
+            agent = _start_agent(config)
+            began = time.monotonic()
+            await starting  # neither the garbage nor the silent joiner failed it
+            waited = time.monotonic() - began
+            output = await pipeline.generate("after", [5, 9, 9, 5])
+            assert output.output_ids == [5, 9, 9, 5]
+        finally:
+            if not starting.done():
+                starting.cancel()
+            await pipeline.aclose()
+        out, _ = agent.communicate(timeout=60)
+        assert agent.returncode == 0, out
+        return waited
+
+    waited = asyncio.run(node0())
+    assert waited < 30
+
+
+def test_a_joiner_that_never_starts_its_ranks_fails_start_naming_node_and_joiner() -> None:
+    port = _free_port_pair()
+    config = Config(
+        tp_size=2, nnodes=2, dist_init_addr=f"127.0.0.1:{port}", timeout_s=2, startup_timeout_s=12
+    )
+
+    async def node0() -> list[int]:
+        pipeline = Pipeline(config)
+        starting = asyncio.create_task(pipeline.start())
+        await asyncio.to_thread(_impostor, config)
+        with pytest.raises(PeerLost) as raised:
+            await starting
+        message = str(raised.value)
+        # Rank 0 too: it is ready once every other host has subscribed to its iterations.
+        assert "ranks [0, 1] not ready" in message, message
+        assert "node(s) [1] never joined" in message, message
+        assert "node 1: its joiner (pid" in message and "went silent" in message, message
+        return pipeline.pids
+
+    for pid in asyncio.run(node0()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
 # -- simulated hosts ----------------------------------------------------------------------

@@ -5,8 +5,11 @@ wrong token nor a forged or stale handle gets anything."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
+import os
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -23,7 +26,7 @@ from mmsched import (
 from mmsched.bench.workloads import IMAGE_TOKEN_ID
 from mmsched.probes import RankTimings
 from mmsched.stores.lending import ArenaAccess, Lent
-from producers import ROWS, expected_pixels, lease_and_die, write_one
+from producers import ROWS, expected_pixels, lease_and_die, write_one, write_two_after_a_pause
 
 pytestmark = pytest.mark.asyncio
 
@@ -128,3 +131,40 @@ async def test_stores_without_shared_memory_lend_nothing() -> None:
     async with Pipeline(config) as pipeline:
         with pytest.raises(ConfigError, match="lends no memory"):
             pipeline.producer_access()
+
+
+async def test_silent_and_idle_clients_are_dropped_and_producers_reconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that connects and sends nothing holds no thread for ever: it is dropped
+    (and logged) after the token bound; a producer idle past the idle bound loses its
+    connection too, and its next ``allocate`` connects again, transparently."""
+    caplog.set_level(logging.WARNING, logger="mmsched")
+    config = Config(
+        strategy="zero-copy", transport="zmq", tp_size=1, shm_arena_mb=32, timeout_s=1.5
+    )
+    async with Pipeline(config) as pipeline:
+        access = pipeline.producer_access()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+            silent.connect(access.path)
+            silent.settimeout(20)
+            started = time.monotonic()
+            assert await asyncio.to_thread(silent.recv, 1) == b""  # the lender hung up
+            dropped_after = time.monotonic() - started
+        assert 1.0 < dropped_after < 10, dropped_after
+        assert "sent no token within 1.5 s" in caplog.text
+        # Token given, then silence past the idle bound: dropped as well.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+            idle.connect(access.path)
+            idle.sendall(b'{"token": "%s"}\n' % access.token.encode())
+            idle.settimeout(20)
+            message, fds, _, _ = await asyncio.to_thread(socket.recv_fds, idle, 4096, 1)
+            for fd in fds:
+                os.close(fd)
+            assert b"arena" in message
+            assert await asyncio.to_thread(idle.recv, 1) == b""
+        assert "sent no request within 1.5 s" in caplog.text
+        # A real producer in its own process, idle for twice the bound before its outputs.
+        first, second = run_worker(write_two_after_a_pause, access, 3.0)
+        assert torch.equal(pipeline.claim_tensor(first), expected_pixels(1))
+        assert torch.equal(pipeline.claim_tensor(second), expected_pixels(2))

@@ -145,6 +145,17 @@ async def test_bad_request_fails_alone(pipeline: Pipeline) -> None:
     assert_ranks_identical(trace, reference(good))
 
 
+async def test_numpy_offsets_are_served_by_every_strategy(pipeline: Pipeline) -> None:
+    # A processor's offsets taken from its numpy arrays are numpy ints: every strategy
+    # serves them as the tokenizer's own validation does, whichever side validates.
+    sample = image_sample(6, 8, seed=5)
+    item = sample.mm_inputs["mm_items"][0]
+    item["offsets"] = [(np.int64(s), np.int64(e)) for s, e in item["offsets"]]
+    trace = await pipeline.generate_traced("numpy-offsets", sample.input_ids, sample.mm_inputs)
+    assert_ranks_identical(trace, reference(sample))
+    assert trace.output.output_ids == reference(sample).pad_input_ids(sample.input_ids)
+
+
 async def test_text_only_request(pipeline: Pipeline) -> None:
     output = await pipeline.generate("text", [5, 6, 7])
     assert output.output_ids == [5, 6, 7] and output.pad_values == []

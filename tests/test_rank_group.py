@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import orjson
+import psutil
 import pytest
 import torch
 
@@ -142,3 +146,83 @@ async def test_a_request_the_codec_refuses_fails_alone(tmp_path: Path) -> None:
         published = await entry.publish([huge, good])
         assert [e.rid for e in published.failed] == ["huge"]
         assert [r.rid for r in (await other.receive()).requests] == ["good"]
+
+
+# -- rendezvous between the server's own processes ----------------------------------------
+
+MEMBER = Path(__file__).parent / "group_member.py"
+
+
+def _start_member(
+    tmp_path: Path, config: Config, rank: int, delay_s: float = 0.0
+) -> tuple[subprocess.Popen[bytes], Path]:
+    out = tmp_path / f"rank{rank}.json"
+    spec = {
+        "config": config.as_dict(),
+        "rank": rank,
+        "rendezvous": str(tmp_path / "rendezvous"),
+        "delay_s": delay_s,
+        "out": str(out),
+    }
+    proc = subprocess.Popen([sys.executable, str(MEMBER), json.dumps(spec)])
+    return proc, out
+
+
+def _outcome(proc: subprocess.Popen[bytes], out: Path) -> dict[str, object]:
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    result: dict[str, object] = json.loads(out.read_text())
+    return result
+
+
+def test_the_entry_rank_waits_startup_timeout_for_a_late_receiver(tmp_path: Path) -> None:
+    """A receiver that starts well after the entry rank, past ``timeout_s`` but within
+    ``startup_timeout_s``, joins: meeting is bounded by the startup timeout, silence in
+    service by ``timeout_s``."""
+    (tmp_path / "rendezvous").mkdir()
+    config = Config(transport="zmq", tp_size=2, timeout_s=1.5, startup_timeout_s=30)
+    entry = _start_member(tmp_path, config, 0)
+    late = _start_member(tmp_path, config, 1, delay_s=5.0)  # 3x timeout_s after the entry
+    first, second = _outcome(*entry), _outcome(*late)
+    assert first["ok"], first
+    assert second["ok"], second
+    assert first["rids"] == second["rids"] == ["r"]
+    assert first["sum"] == second["sum"] == float(sum(range(64)))
+    assert float(str(first["join_s"])) > 3.0  # it did wait for the late one
+
+
+def test_a_stale_file_whose_pid_is_alive_again_is_not_followed(tmp_path: Path) -> None:
+    """An earlier run's rendezvous file names a pid that another process has now (pid
+    reuse): a receiver started first must not commit to that run's dead address, and
+    joins the real entry rank when it announces itself."""
+    where = tmp_path / "rendezvous"
+    where.mkdir()
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # What the earlier run's entry rank wrote, with its own start time: the pid lives
+        # on in another process, started later.
+        earlier = psutil.Process(stranger.pid).create_time() - 100.0
+        stale = {
+            "pid": stranger.pid,
+            "started": earlier,
+            "store": None,
+            "group": f"ipc://{tmp_path}/gone/zmq-dead",
+        }
+        (where / RENDEZVOUS_FILE).write_bytes(orjson.dumps(stale))
+        # The inline store attaches to anything: only the file's own checks stand between
+        # the receiver and the dead address.
+        config = Config(
+            transport="zmq", payload_store="inline", tp_size=2, timeout_s=3, startup_timeout_s=30
+        )
+        receiver = _start_member(tmp_path, config, 1)
+        entry = _start_member(tmp_path, config, 0, delay_s=2.0)  # after the receiver looked
+        first, second = _outcome(*entry), _outcome(*receiver)
+    finally:
+        stranger.kill()
+        stranger.wait()
+    assert first["ok"], first
+    assert second["ok"], second
+    assert second["rids"] == ["r"] and second["sum"] == float(sum(range(64)))
+    assert not (where / RENDEZVOUS_FILE).exists()

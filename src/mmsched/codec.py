@@ -9,7 +9,9 @@ frames[1:]  raw buffers: tensor bytes, bytes values, pickled opaque values
 
 In the tree a dataclass becomes ``{"$t": KIND, ...fields}``; a tensor becomes
 ``{"$tensor": i, "dtype": ..., "shape": [...]}`` where ``i`` indexes the buffers; a float
-that JSON cannot hold becomes ``{"$float": "nan"}`` (or ``"inf"``, ``"-inf"``); a list of
+that JSON cannot hold becomes ``{"$float": "nan"}`` (or ``"inf"``, ``"-inf"``); a numpy
+scalar (an index a processor took from its arrays, ``np.int64(3)``) becomes
+``{"$npscalar": dtype, "hex": its bytes}`` and comes back the same numpy scalar; a list of
 64 or more ints (token ids) becomes ``{"$ints": i}``, one int64 frame. Tensor
 bytes are never pickled and never copied on encode: the frame is a view of the tensor's
 storage. On decode a tensor is a view of its frame (no copy either), so it shares the
@@ -188,6 +190,13 @@ class Decoder:
                 raise CodecError("an array of Python objects cannot come as raw bytes")
             shape = checked_shape(node.get("shape"), dtype.itemsize, memoryview(buf).nbytes)
             return np.frombuffer(buf, dtype=dtype).reshape(shape)
+        if "$npscalar" in node:
+            dtype = np.dtype(str(node["$npscalar"]))
+            raw = node.get("hex")
+            data = bytes.fromhex(raw) if isinstance(raw, str) else b""
+            if dtype.kind not in _NUMPY_SCALAR_KINDS or len(data) != dtype.itemsize:
+                raise CodecError(f"bad numpy scalar {str(node)[:100]}")
+            return np.frombuffer(data, dtype=dtype)[0]
         if "$ints" in node:
             buf = _buffer(buffers, node["$ints"])
             if memoryview(buf).nbytes % 8:
@@ -230,6 +239,10 @@ def _to_tree(value: Any, buffers: list[Buffer], store: PayloadStore | None) -> A
         if isinstance(value, float) and not math.isfinite(value):
             return {"$float": str(value)}  # JSON has no NaN: it would arrive as null
         return value
+    if isinstance(value, np.generic) and value.dtype.kind in _NUMPY_SCALAR_KINDS:
+        # Exact and small, so that a processor's numpy ints reach every rank as they left
+        # (a pickle would be refused there, and an int would change their type).
+        return {"$npscalar": value.dtype.str, "hex": value.tobytes().hex()}
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in DTYPES:
@@ -275,6 +288,7 @@ def _to_tree(value: Any, buffers: list[Buffer], store: PayloadStore | None) -> A
 
 
 _INT_RUN_MIN = 64
+_NUMPY_SCALAR_KINDS = frozenset("biufc")  # bool, ints, floats, complex: fixed-size bytes
 _NON_FINITE = frozenset({"nan", "inf", "-inf"})
 
 

@@ -175,7 +175,9 @@ class NodeStatus:
 
     ``bytes_received`` counts what crossed the link from node 0 so far (the cross-host
     transport's statistics); ``failed`` says why the host stops serving (a rank died there),
-    after which it sends nothing more.
+    after which it sends nothing more. Heartbeats start right after the agent's hello (they
+    keep its claim on the node's slot alive); ``ready`` says its ranks are started, which
+    completes its join.
     """
 
     KIND: ClassVar[str] = "node_status"
@@ -184,6 +186,7 @@ class NodeStatus:
     bytes_received: int = 0
     messages_received: int = 0
     failed: str | None = None
+    ready: bool = False
 
 
 Message = (

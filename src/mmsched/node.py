@@ -5,6 +5,8 @@
 [`NodeAgent`][mmsched.node.NodeAgent] per host. It
 
 1. joins node 0 ([`mmsched.hosts`][]): the configs must match, and it gets the run's token;
+   from then on it reports a heartbeat (see 4.), which keeps this node's slot its own
+   while it starts its ranks; the first heartbeat after they are up completes the join;
 2. subscribes to node 0's iterations (``PORT+2``), makes this host's payload store and
    starts this host's ``tp_size / nnodes`` ranks (global ranks ``K*L .. K*L+L-1``), which
    report to node 0's tokenizer themselves (``PORT+1``);
@@ -116,6 +118,7 @@ class NodeAgent:
         self._upstream: Transport | None = None  # node 0's iterations, received once here
         self._local: Transport | None = None  # this host's ranks, fed by this agent
         self._iteration = -1  # the last iteration relayed
+        self._ready = False  # this host's ranks are started: its join is complete
         self._shutdown_relayed = False
 
     async def run(self) -> None:
@@ -130,10 +133,17 @@ class NodeAgent:
         check_picklable(self.on_iteration, self.probe, self.on_rank_start)
         try:
             token = await join(self.config, self.node_rank, probe_name(self.probe))
-            log.info("node %d joined; starting ranks %s", self.node_rank, list(self.ranks))
-            await self._start(token)
+            log.info(
+                "node %d claimed its slot; starting ranks %s", self.node_rank, list(self.ranks)
+            )
+            self._connect_status(token)
             async with anyio.create_task_group() as group:
+                # Heartbeats from the hello on: node 0 keeps this host's slot only while it
+                # hears from it (starting the ranks may take a model load's time).
                 group.start_soon(self._heartbeat, name="mmsched-heartbeat")
+                await self._start(token)
+                self._ready = True
+                await self._send_status()  # node 0 counts this host joined from now on
                 group.start_soon(self._watch, name="mmsched-node-watch")
                 await self._relay()
                 group.cancel_scope.cancel()
@@ -153,16 +163,18 @@ class NodeAgent:
         finally:
             await self._stop()
 
+    def _connect_status(self, token: str) -> None:
+        self._status = self._zmq.socket(zmq.PUSH)
+        self._status.setsockopt(zmq.LINGER, 0)
+        present_credentials(self._status, token)
+        self._status.connect(HostAddresses.of(self.config).results)
+
     async def _start(self, token: str) -> None:
         sweep_stale_run_dirs()
         sweep_stale_stores()
         config = self.config
         hosts = HostAddresses.of(config)
         self._workdir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
-        self._status = self._zmq.socket(zmq.PUSH)
-        self._status.setsockopt(zmq.LINGER, 0)
-        present_credentials(self._status, token)
-        self._status.connect(hosts.results)
         # Subscribe first: node 0's entry rank waits for every host's subscription.
         self._upstream = await open_transport(
             "zmq",
@@ -198,6 +210,8 @@ class NodeAgent:
             self._group_address,
             config.timeout_s,
             options={"arena_bytes": config.shm_transport_bytes, "token": token},
+            # Its ranks are starting (spawned, a model to load): bounded as every start is.
+            join_timeout_s=config.startup_timeout_s,
         )
         opening = asyncio.ensure_future(open_transport(config.transport, spec))
         while not opening.done():  # a rank that fails to start must not leave us waiting
@@ -235,17 +249,21 @@ class NodeAgent:
                     return
 
     async def _heartbeat(self) -> None:
-        assert self._status is not None and self._upstream is not None
         while True:
-            stats = self._upstream.statistics()
-            status = NodeStatus(
-                node=self.node_rank,
-                pid=os.getpid(),
-                bytes_received=stats.bytes_received,
-                messages_received=stats.messages_received,
-            )
-            await self._status.send_multipart(encode(status))
+            await self._send_status()
             await asyncio.sleep(heartbeat_period_s(self.config))
+
+    async def _send_status(self) -> None:
+        assert self._status is not None
+        stats = self._upstream.statistics() if self._upstream is not None else None
+        status = NodeStatus(
+            node=self.node_rank,
+            pid=os.getpid(),
+            bytes_received=stats.bytes_received if stats else 0,
+            messages_received=stats.messages_received if stats else 0,
+            ready=self._ready,
+        )
+        await self._status.send_multipart(encode(status))
 
     async def _watch(self) -> None:
         while True:

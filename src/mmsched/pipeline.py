@@ -237,6 +237,7 @@ class Pipeline:
             self._join_server = JoinServer(
                 self._zmq, self.config, token, self._stage.fail_all, probe_name(self.probe)
             )
+            self._stage.claim_of = self._join_server.heard
         if not self.in_process:
             for rank in range(self.config.ranks_per_node):  # this host's; the others' agents
                 hooks = (self.on_iteration, self.probe, self.on_rank_start)
@@ -247,11 +248,16 @@ class Pipeline:
         try:
             await self._stage.wait_ranks_ready(self.config.startup_timeout_s)
         except TimeoutError:
-            missing = ""
+            # Name what the start waited for: the ranks, and the hosts and what became of
+            # each one's joiners.
+            missing = f": ranks {self._stage.ranks_not_ready()} not ready"
             if self._join_server is not None:
                 absent = sorted(set(range(1, self.config.nnodes)) - set(self._join_server.joined))
                 if absent:
-                    missing = f": node(s) {absent} never joined at {self.config.dist_init_addr}"
+                    missing += (
+                        f"; node(s) {absent} never joined at {self.config.dist_init_addr} "
+                        f"({self._join_server.waiting_for()})"
+                    )
             raise PeerLost(
                 "not every rank was ready within "
                 f"startup_timeout_s={self.config.startup_timeout_s}{missing}"

@@ -60,7 +60,7 @@ from mmsched.errors import CodecError, ConfigError, NotRunning, PeerLost
 from mmsched.frames import Frames
 from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
 from mmsched.messages import Batch, ErrorOutput, TokenizedGenerateReqInput
-from mmsched.processes import pid_alive
+from mmsched.processes import process_started, same_process
 from mmsched.scheduler import store_options
 from mmsched.stores import PayloadStore, StoreOptions, store_class
 from mmsched.transports import (
@@ -163,9 +163,17 @@ class RankGroup:
         private = Path(tempfile.mkdtemp(prefix="mmsched-", dir=announce.parent))
         group_address = transport_class(config.transport).new_address(private)
         try:
+            # The pid and its start time: a pid alone is reused by another process once an
+            # earlier run's entry rank is gone, and its file would then look alive.
+            started = process_started(os.getpid())
             _write_private(
                 announce,
-                {"pid": os.getpid(), "store": store.address, "group": group_address},
+                {
+                    "pid": os.getpid(),
+                    "started": started,
+                    "store": store.address,
+                    "group": group_address,
+                },
             )
             transport = await _open_within(config, 0, group_address)
         except BaseException:
@@ -373,14 +381,18 @@ async def _open_within(config: Config, rank: int, address: str) -> Transport:
         address,
         config.timeout_s,
         options={"arena_bytes": config.shm_transport_bytes},
+        # Ranks the server starts itself may come up far apart (one loads its model
+        # first): the entry rank waits for the others as long as they wait for it.
+        join_timeout_s=config.startup_timeout_s,
     )
     try:
         return await asyncio.wait_for(
             open_transport(config.transport, spec), config.startup_timeout_s
         )
     except TimeoutError:
+        waited = f"ranks 1..{config.tp_size - 1}" if rank == 0 else "the entry rank (rank 0)"
         raise PeerLost(
-            f"rank {rank}: the group was not complete within "
+            f"rank {rank}: {waited} did not join the group within "
             f"startup_timeout_s={config.startup_timeout_s}"
         ) from None
 
@@ -395,13 +407,23 @@ def _write_private(path: Path, data: dict[str, object]) -> None:
 
 
 def _read_announcement(path: Path) -> tuple[str | None, str] | None:
-    """``(store address, group address)`` from a live entry rank's file, else ``None``."""
+    """``(store address, group address)`` from a live entry rank's file, else ``None``.
+
+    Live means the pid *and* its start time match a running process. Why not the pid alone:
+    an earlier run's file outlives its entry rank, and the pid is soon another process's,
+    so the file would send a receiver to a dead address. Why not a nonce: a receiver has
+    nothing to compare it with. Why not probing the address: a ZMQ connect succeeds
+    whether or not anyone listens. The kernel's start time of the pid is known to every
+    process of the host, and differs between two processes that shared a pid.
+    """
     try:
         data = orjson.loads(path.read_bytes())
-        pid, store, group = data["pid"], data["store"], data["group"]
+        pid, started, store, group = data["pid"], data["started"], data["store"], data["group"]
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
         return None
-    if not isinstance(pid, int) or not isinstance(group, str) or not pid_alive(pid):
+    if type(pid) is not int or pid <= 0 or not isinstance(group, str):
+        return None
+    if type(started) is not float or not same_process(pid, started):
         return None
     if store is not None and not isinstance(store, str):
         return None

@@ -337,6 +337,9 @@ class SchedulerRank:
             self.addresses.group,
             self.config.timeout_s,
             options={"arena_bytes": self.config.shm_transport_bytes, "token": self.addresses.token},
+            # The group's ranks start apart (spawned, each loading its model): joining is
+            # bounded by startup_timeout_s, a live peer's silence by timeout_s.
+            join_timeout_s=self.config.startup_timeout_s,
         )
         self._transport = await open_transport(self.config.transport, spec)
         if self.rank == 0 and self.addresses.iterations is not None:

@@ -25,7 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ from mmsched.messages import (
 )
 from mmsched.stores import PayloadStore
 from mmsched.strategies import get_strategy
+
+if TYPE_CHECKING:
+    from mmsched.hosts import Claim
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +220,14 @@ class TokenizerStage:
         self.node_status: dict[int, NodeStatus] = {}
         self.node_seen: dict[int, float] = {}
         self.node_failure: PeerLost | None = None  # a host's own report that it stopped
+        # Several hosts: the join port's word on a heartbeat (the claim of the agent it
+        # comes from, or None for a process that holds no node's slot).
+        self.claim_of: Callable[[NodeStatus], Claim | None] | None = None
         self.bytes_sent = 0  # bytes of every request sent to the entry rank (the requests leg)
+
+    def ranks_not_ready(self) -> list[int]:
+        """The ranks that have not reported ready yet."""
+        return [r for r in range(self.config.tp_size) if r not in self._ready_ranks]
 
     async def wait_ranks_ready(self, timeout: float) -> dict[int, int]:
         """Pids of every rank once all have joined; raises if a rank died first."""
@@ -605,6 +615,14 @@ class TokenizerStage:
     def _node_reported(self, message: NodeStatus) -> None:
         if not (type(message.node) is int and 0 < message.node < self.config.nnodes):
             raise CodecError(f"status of unknown node {message.node!r}")
+        claim = self.claim_of(message) if self.claim_of is not None else None
+        if self.claim_of is not None and claim is None:
+            # An agent whose claim lapsed (another took the slot) or a stranger with the
+            # token: it speaks for no node.
+            log.info("ignored a status of node %d from pid %r", message.node, message.pid)
+            return
+        if message.failed is None and claim is not None and not claim.joined:
+            return  # alive, still starting its ranks: silence here is not a lost host yet
         self.node_status[message.node] = message
         self.node_seen[message.node] = time.monotonic()
         if message.failed is not None and self.node_failure is None:

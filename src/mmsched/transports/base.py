@@ -40,6 +40,9 @@ class GroupSpec:
         address: rendezvous made by the transport class's ``new_address``.
         timeout_s: how long a blocking step may wait for peers before failing.
         options: transport-specific settings (each transport documents its own).
+        join_timeout_s: how long ``open`` may wait for the rest of the group to join;
+            ``None``: ``timeout_s``. Ranks that start apart (a server's own processes, one
+            loading a model first) need longer to meet than a live peer may stay silent.
     """
 
     rank: int
@@ -47,6 +50,12 @@ class GroupSpec:
     address: str
     timeout_s: float = 60.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    join_timeout_s: float | None = None
+
+    @property
+    def join_within_s(self) -> float:
+        """How long ``open`` waits for the group: ``join_timeout_s``, else ``timeout_s``."""
+        return self.timeout_s if self.join_timeout_s is None else self.join_timeout_s
 
 
 @dataclass

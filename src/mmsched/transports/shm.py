@@ -75,7 +75,13 @@ class ShmTransport(Transport):
             timeout_s=spec.timeout_s,
             min_bytes=inline_max,
         )
-        control_spec = GroupSpec(spec.rank, spec.world_size, control_address, spec.timeout_s)
+        control_spec = GroupSpec(
+            spec.rank,
+            spec.world_size,
+            control_address,
+            spec.timeout_s,
+            join_timeout_s=spec.join_timeout_s,
+        )
         if spec.rank == 0:
             ShmStore.sweep_stale()
             store = await asyncio.to_thread(ShmStore.create, options, name=segment)

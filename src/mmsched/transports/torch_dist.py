@@ -14,6 +14,7 @@ Guarantees and limits:
   transport, off the event loop;
 - a dead or stuck peer surfaces as [`PeerLost`][] after the group
   timeout (``GroupSpec.timeout_s``), never torch.distributed's default of 30 minutes;
+  forming the group may take ``GroupSpec.join_within_s``;
 - a pending ``recv()`` can be cancelled, but the collective under it cannot: the group is
   then unusable and must be closed.
 
@@ -73,7 +74,7 @@ def _parse_address(address: str) -> tuple[str, str, int]:
 
 def _store(spec: GroupSpec, scheme: str, where: str, port: int) -> Any:
     """The rendezvous store of ``spec.address`` as ``_parse_address`` split it."""
-    timeout = timedelta(seconds=spec.timeout_s)
+    timeout = timedelta(seconds=spec.join_within_s)
     if scheme == "file":
         return dist.FileStore(where, spec.world_size)  # type: ignore[attr-defined]
     if spec.rank != 0:
@@ -138,7 +139,7 @@ class TorchTransport(Transport):
             # Private in torch 2.x, and the only way to say which address gloo listens on
             # without changing the process environment (GLOO_SOCKET_IFNAME).
             options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-            options._timeout = timedelta(seconds=spec.timeout_s)
+            options._timeout = timedelta(seconds=spec.join_within_s)
             if gloo_host is not None:
                 options._devices = [dist.ProcessGroupGloo.create_device(hostname=gloo_host)]
             else:
@@ -148,9 +149,14 @@ class TorchTransport(Transport):
                 store=store,
                 rank=spec.rank,
                 world_size=spec.world_size,
-                timeout=timedelta(seconds=spec.timeout_s),
+                timeout=timedelta(seconds=spec.join_within_s),
                 pg_options=options,
             )
+            # Joining may take join_within_s; a peer silent in a collective is lost after
+            # timeout_s, as everywhere else.
+            group = dist.distributed_c10d._get_default_group()
+            if spec.join_within_s != spec.timeout_s and hasattr(group, "set_timeout"):
+                group.set_timeout(timedelta(seconds=spec.timeout_s))
 
         try:
             await asyncio.to_thread(init)

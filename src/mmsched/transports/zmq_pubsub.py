@@ -14,6 +14,7 @@ Guarantees and limits:
   memory held for a slow receiver grows until it catches up (backpressure is the
   ``shm`` transport's job, whose payloads don't travel here);
 - the sender never blocks on receivers;
+- the sender's ``open`` waits ``GroupSpec.join_within_s`` for every receiver's subscription;
 - a receiver that hears nothing (not even the pipeline's per-iteration heartbeat) for
   ``GroupSpec.timeout_s`` raises [`PeerLost`][]; a dead receiver does not
   disturb the sender or other receivers;
@@ -92,7 +93,7 @@ class ZmqTransport(Transport):
             transport = cls(
                 spec.rank, spec.world_size, context, socket, spec.timeout_s, authenticator
             )
-            await transport._await_subscribers(spec.world_size - 1, spec.timeout_s)
+            await transport._await_subscribers(spec.world_size - 1, spec.join_within_s)
             return transport
         socket = context.socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, 0)
@@ -110,7 +111,10 @@ class ZmqTransport(Transport):
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not await self._socket.poll(timeout=remaining_ms):
                 await self.aclose()
-                raise PeerLost(f"only {seen} of {expected} receivers subscribed in {timeout_s} s")
+                raise PeerLost(
+                    f"only {seen} of the {expected} receivers (ranks 1..{expected}) subscribed "
+                    f"within {timeout_s} s"
+                )
             event = await self._socket.recv()
             if event[:1] == b"\x01":  # a subscription (b"\x00" would be an unsubscription)
                 seen += 1
