@@ -197,3 +197,21 @@ def test_mermaid_blocks_become_what_the_theme_draws() -> None:
     for name, count in (("design.md", 5), ("hosts.md", 1)):
         html = md.reset().convert((DOCS / name).read_text())
         assert html.count('<pre class="mermaid"><code>') == count, name
+
+
+def _quickstart_commands(page: Path) -> list[str]:
+    """The commands in the code blocks of a page's Quickstart section, comments left out."""
+    section = page.read_text().split("## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            command = " ".join(shlex.split(line, comments=True))
+            if command:
+                commands.append(command)
+    return commands
+
+
+def test_the_home_pages_quickstart_is_the_readmes() -> None:
+    readme = _quickstart_commands(ROOT / "README.md")
+    assert readme[:2] == ["bash scripts/serve.sh --tp 2", "bash scripts/test.sh"]
+    assert _quickstart_commands(DOCS / "index.md") == readme
