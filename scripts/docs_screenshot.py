@@ -149,7 +149,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "site"
         env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-        build = [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)]
+        build = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)]
         subprocess.run(build, cwd=ROOT, env=env, check=True)
         pages = sorted(p for p in site.rglob("*.html") if MARKER in p.read_text())
         if not pages:
