@@ -7,9 +7,10 @@ window, every host name but 127.0.0.1 made unresolvable: a diagram that needed t
 (the theme's CDN copy of Mermaid, say) would not render. On each page it measures every
 drawn diagram against the content column and fails if one is not drawn, is Mermaid's
 error picture, sticks out of the column, or had to be shrunk below ``MIN_SCALE`` to fit (its
-text would be too small to read). It prints one line per diagram and writes a screenshot of
-each, cut from a screenshot of the whole page, and those lines (``check.txt``) to
-``docs/images/diagrams/`` (``--out`` for elsewhere).
+text would be too small to read), and if a page asked for anything not on the site (without
+the bundled copy, the theme asks unpkg.com for Mermaid). It prints one line per diagram
+and writes a screenshot of each, cut from a screenshot of the whole page, and those lines
+(``check.txt``) to ``docs/images/diagrams/`` (``--out`` for elsewhere).
 
 The theme draws a diagram inside a closed shadow root, out of reach of a page's scripts.
 The pages this check opens are copies with one script added before the theme's: it makes
@@ -76,10 +77,12 @@ PROBE = """
           || /Syntax error/.test(svg.textContent),
       };
     });
-    const scripts = [...document.scripts].map((s) => s.src).filter((s) => s);
+    // Every script the page has and every resource it asked for, failed ones too.
+    const asked = [...document.scripts].map((s) => s.src).filter((s) => s).concat(
+      performance.getEntriesByType("resource").map((e) => e.name));
     const out = document.createElement("pre");
     out.id = "diagram-check";
-    out.textContent = JSON.stringify({expected: EXPECTED, diagrams: diagrams, scripts: scripts,
+    out.textContent = JSON.stringify({expected: EXPECTED, diagrams: diagrams, asked: asked,
       page_px: document.documentElement.scrollHeight});
     document.body.appendChild(out);
   }
@@ -175,9 +178,9 @@ def main() -> int:
                 failures.append(f"{name}: the page's probe reported nothing")
                 continue
             result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-            remote = [s for s in result["scripts"] if not s.startswith(base)]
+            remote = {s for s in result["asked"] if not s.startswith((base, "data:", "blob:"))}
             if remote:
-                failures.append(f"{name}: scripts from elsewhere: {remote}")
+                failures.append(f"{name}: asked for what is not on the site: {sorted(remote)}")
             if len(result["diagrams"]) != expected:
                 failures.append(f"{name}: {len(result['diagrams'])} of {expected} diagrams drawn")
             # The whole page in one window as tall as it is: no scrolling, every diagram drawn
