@@ -220,7 +220,7 @@ class Config:
         """The ``shm`` transport's arena size (see ``shm_transport_mb``)."""
         if self.shm_transport_mb is not None:
             return self.shm_transport_mb << 20
-        if self.payload_store == "inline":
+        if not store_class(self.payload_store).by_reference:  # the bytes ride in the frames
             return self.shm_arena_mb << 20
         return SHM_TRANSPORT_DEFAULT_MB << 20
 

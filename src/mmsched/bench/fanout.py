@@ -126,7 +126,13 @@ def _identical(trace: RequestTrace, tp: int, reference_digest: str | None) -> bo
 def _rank_hashes(trace: RequestTrace) -> HashStats:
     """The hash counters of the ranks' processes summed (running totals as of this
     request), each process once: ranks that are tasks of one process share its counter."""
-    by_pid = {int(r.data["pid"]): r.data for r in trace.reports}
+    # A shared counter's latest reading is its largest: the rank that observed last had
+    # seen every rank's hash of the request (each hashes before it observes).
+    by_pid: dict[int, dict[str, Any]] = {}
+    for r in trace.reports:
+        pid = int(r.data["pid"])
+        if pid not in by_pid or r.data["hash_count"] > by_pid[pid]["hash_count"]:
+            by_pid[pid] = r.data
     return HashStats(
         sum(int(d["hash_count"]) for d in by_pid.values()),
         sum(float(d["hash_cpu_seconds"]) for d in by_pid.values()),

@@ -115,6 +115,9 @@ class PayloadStore(ABC):
     needs_gpu: ClassVar[bool] = False
     # The config field that sizes it (in MiB).
     capacity_setting: ClassVar[str] = "shm_arena_mb"
+    # Whether tensor bytes travel outside the frames (only references in them); not so for
+    # a store that puts them in the frames, which a transport's arena must then hold.
+    by_reference: ClassVar[bool] = True
 
     def __init__(self, options: StoreOptions) -> None:
         self.options = options

@@ -15,6 +15,7 @@ from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
 
 class InlineStore(PayloadStore):
     name = "inline"
+    by_reference = False
 
     @classmethod
     def create(cls, options: StoreOptions) -> InlineStore:
