@@ -17,8 +17,8 @@ lockstep), and every rank steps the streams it returned, one chunk of each per s
 iteration, as a decode step of every running request: a stream never holds up the requests
 behind it, and an aborted one is closed (``aclose``) on every rank in the same iteration.
 Only the entry rank's outputs travel back: the same rule as SGLang's, whose TP rank 0 alone
-talks to the detokenizer. A request the callback gave no output for, or whose output is not a list of
-ints, fails alone with a [`ModelOutputError`][mmsched.errors.ModelOutputError]; an
+talks to the detokenizer. A request the callback gave no output for, or whose output is not
+a list of ints, fails alone with a [`ModelOutputError`][mmsched.errors.ModelOutputError]; an
 exception raised while one request's stream is read fails that request alone.
 
 [`stub_model`][mmsched.outputs.stub_model] is the default callback: it answers with the ids
