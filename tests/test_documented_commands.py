@@ -2,28 +2,33 @@
 
 What counts as a documented command (in ``README.md`` and every page under ``docs/``):
 
-* In a fenced code block tagged ``bash``, ``sh``, ``shell`` or ``console``, or untagged: each
-  line, once ``\\``-continuations are joined, a ``$`` prompt and ``# comments`` dropped, whose
-  first word after any ``VAR=value`` assignments is a runner: ``bash``, ``sh``, ``python``,
-  ``python3``, ``sudo``, ``mmsched``, ``.venv/bin/...`` or ``scripts/...``. In a shell-tagged
-  block every such line must be a command (a new runner fails here, to be added on purpose);
-  untagged blocks also hold diagrams, whose lines start otherwise. Blocks of other languages
-  (``python``, ``toml``, ``text``) are not commands.
+* In a fenced code block (indented ones in lists too) tagged ``bash``, ``sh``, ``shell`` or
+  ``console``, or untagged: each line, once ``\\``-continuations are joined, a ``$`` prompt
+  and ``# comments`` dropped, whose first word after any ``VAR=value`` assignments is a
+  runner: ``bash``, ``sh``, ``python``, ``python3``, ``sudo``, ``mmsched``, ``.venv/bin/...``
+  or ``scripts/...``. In a shell-tagged block every line must be such a command (a new
+  runner fails here, to be added on purpose); untagged blocks also hold diagrams, whose lines
+  start otherwise. Blocks of other languages (``python``, ``toml``, ``text``) are not
+  commands.
 * In an inline code span of the prose: a span that starts (after any ``VAR=value``) with
   ``bash``, ``sh``, ``python``, ``python3``, ``sudo`` or ``.venv/bin/``; or with ``mmsched``
   or ``scripts/`` and carries a flag (``--x``). ``mmsched serve`` alone names a command,
   ``mmsched serve --tp 2`` shows one. A span of assignments alone (``MMSCHED_X=y``) is a
   setting.
 
-A command is keyed by its normalized text: words re-quoted by ``shlex`` and joined by one
-space, the value after ``--json`` written ``PATH`` (runs that differ only in where they write
-their records are one command).
+A command is keyed by its normalized text: its words, whitespace inside each collapsed, quoted
+as a shell reads them (in double quotes where a word holds single quotes: Python code) and
+joined by one space, the value after ``--json`` written ``PATH`` (runs that differ only in
+where they write their records are one command).
 
 ``COMMANDS`` maps every key to how it is checked, and the two must agree both ways: a
 documented command missing from the table fails, and so does an entry the docs no longer
 show. Each runnable entry runs the real command line, with flags appended that make it small
 (argparse lets a later flag win) and ``--json`` and ``--out`` pointed into a temporary
-directory. ``bash scripts/X.sh ARGS`` runs the line that script ends with (``exec ...``),
+directory; two lines whose arguments are the same once made small run once. A server
+(``Serve``) is started on a free port, asked one chat request with an image once
+``/health`` answers, and stopped with SIGINT: it exits 0, its ranks exit, its shared memory
+is gone. ``bash scripts/X.sh ARGS`` runs the line that script ends with (``exec ...``),
 read from the script itself, rather than the script: the scripts first run ``setup.sh``,
 which reinstalls the project into the environment the tests run in. A script without an
 ``exec`` line runs as itself. The rest are ``ParseOnly``, each with its reason (CUDA, root,
