@@ -31,6 +31,30 @@ def test_bench_load_small(tmp_path: Path) -> None:
         assert r["cpu_seconds_per_request"] >= 0
 
 
+def test_bench_load_over_memory_counts_the_ranks_in_the_tokenizer(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    args = ["--tp", "2", "--rate", "20", "--requests", "4", "--distinct", "2"]
+    assert (
+        main(
+            [
+                "bench",
+                "load",
+                *args,
+                "--strategy",
+                "tokenizer",
+                "--transport",
+                "memory",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (record,) = json.loads(out.read_text())
+    assert record["completed"] == 4 and record["errors"] == 0
+    assert set(record["cpu_utilization"]) == {"tokenizer"}  # the ranks are its tasks
+
+
 def one_zero_copy_run(tmp_path: Path, input_path: str, requests: int) -> dict[str, Any]:
     """One rate (20/s, TP=2, 4 distinct images) of ``--input input_path``: its record."""
     out = tmp_path / "load.json"

@@ -400,7 +400,8 @@ async def run_load(
                 await run_rate(
                     pipeline, pool, order, rate=rates[0], requests=warm, seed=-1, write=write
                 )
-            names = ["tokenizer", *(f"rank{r}" for r in range(tp))]
+            # Over memory the ranks are tasks of this process: no pids, counted as the tokenizer.
+            names = ["tokenizer", *(f"rank{r}" for r in range(len(pipeline.pids)))]
             meters = [CpuMeter([os.getpid()]), *(CpuMeter([pid]) for pid in pipeline.pids)]
             if writers.pids:  # the processor workers, together
                 names.append("workers")
