@@ -86,7 +86,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(command: list[str], env: dict[str, str]) -> Server:
+def start_server(command: list[str], env: dict[str, str], wait_s: float = 120) -> Server:
     port = free_port()
     process = subprocess.Popen(
         [*command, "--port", str(port)],
@@ -96,7 +96,7 @@ def start_server(command: list[str], env: dict[str, str]) -> Server:
         text=True,
     )
     running = Server(f"http://127.0.0.1:{port}", process)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the server exited: {process.stdout.read() if process.stdout else ''}")
@@ -107,7 +107,7 @@ def start_server(command: list[str], env: dict[str, str]) -> Server:
             pass
         time.sleep(0.2)
     process.kill()
-    pytest.fail("the server did not become healthy within 120 s")
+    pytest.fail(f"the server did not become healthy within {wait_s:g} s")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -10,14 +10,9 @@ token positions and M-RoPE positions (which the model code computes from them).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,48 +29,21 @@ from mmsched.models.qwen2_vl import (  # noqa: E402
     model_inputs,
 )
 from mmsched.serve.chat import ChatProcessor  # noqa: E402
-from test_serve import Server, ask, free_port, image_part, png  # noqa: E402
+from test_serve import Server, ask, clean_env, image_part, png  # noqa: E402
+from test_serve import start_server as start_server_of  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 6
 
 
 def start_server(**env_values: str) -> Iterator[Server]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MMSCHED_")}
-    env.update(env_values)
-    command = [sys.executable, "-m", "mmsched", "serve", "--model", TINY_QWEN2_VL]
-    # Its output goes to a file, read if it fails: a pipe nobody reads could fill and block it.
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
-    process = subprocess.Popen(
-        [*command, "--tp", "2", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    running = Server(f"http://127.0.0.1:{port}", process)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the server exited: {log.read()}")
-        try:
-            if running.get("/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("the server did not become healthy within 240 s")
+    command = [sys.executable, "-m", "mmsched", "serve", "--model", TINY_QWEN2_VL, "--tp", "2"]
+    running = start_server_of(command, clean_env(**env_values), wait_s=240)
     try:
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(60)
-        log.close()
+        if running.process.poll() is None:
+            running.process.send_signal(signal.SIGINT)
+            running.process.wait(60)
 
 
 @pytest.fixture(scope="module")

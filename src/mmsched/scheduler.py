@@ -427,7 +427,7 @@ class SchedulerRank:
             try:
                 outputs = await run_callback(self.on_iteration, self.rank, batch.iteration, ready)
             except ModelOutputError as exc:
-                failed = exc  # the callback's answer as a whole is unusable: each request's
+                failed = exc  # the answer as a whole is unusable: every request fails
         if ready and self.probe is not None:
             await self.probe.model_step(self.rank, batch.iteration, ready)
         for req in ready:
