@@ -50,3 +50,13 @@ async def test_the_toy_strategy_refuses_bytes_that_do_not_match_their_hash(
             await pipeline.generate("r", sample.input_ids, built)
         output = await pipeline.generate("next", sample.input_ids, sample.mm_inputs)
         assert output.rid == "next"
+
+
+def test_a_store_whose_references_stay_in_its_process_refuses_ranks_in_processes(
+    toys: object,
+) -> None:
+    from mmsched import ConfigError
+
+    assert not ShelfStore.shares_across_processes
+    with pytest.raises(ConfigError, match="use the memory transport"):
+        Config(transport="zmq", payload_store="shelf", tp_size=2)

@@ -143,14 +143,20 @@ class Config:
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
             object.__setattr__(self, key, value)  # frozen: a preset is resolved once, here
-        transport_class(self.transport)
+        transport = transport_class(self.transport)
         get_strategy(self.strategy)
         store = store_class(self.payload_store)
         check_device_setting(self.device, self.tp_size)
-        if store.needs_gpu and self.device == "cpu":
+        if store.device == "cuda" and self.device == "cpu":
             raise ConfigError(
                 f"the {self.payload_store!r} payload store delivers on a GPU: set device "
                 "(e.g. device='cuda')"
+            )
+        if store.by_reference and not store.shares_across_processes and transport.cross_process:
+            raise ConfigError(
+                f"the {self.payload_store!r} payload store's references resolve only in the "
+                f"tokenizer's process, and the {self.transport!r} transport puts ranks in "
+                "processes of their own: use the memory transport"
             )
         for name in ("requests_address", "results_address"):
             address = getattr(self, name)

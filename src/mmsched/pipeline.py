@@ -350,6 +350,10 @@ class Pipeline:
         """
         if self._store is None or self._addresses is None or self._workdir is None:
             raise NotRunning("the pipeline is not running")
+        if not self._store.lends:
+            raise ConfigError(
+                f"the {self._store.name!r} payload store lends no memory to other processes"
+            )
         return self._store.lend(self._workdir / "producers", self._addresses.token)
 
     def claim_tensor(self, lent: Any) -> torch.Tensor:
@@ -366,6 +370,10 @@ class Pipeline:
         """
         if self._store is None:
             raise NotRunning("the pipeline is not running")
+        if not self._store.lends:
+            raise ConfigError(
+                f"the {self._store.name!r} payload store lends no memory to other processes"
+            )
         return self._store.claim(lent)
 
     def allocate_tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

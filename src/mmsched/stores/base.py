@@ -16,12 +16,18 @@ per process and pipeline:
   request on to its peers) as the same reference, and returns ``None`` for any other.
 
 Lifetime: a resolved tensor holds its bytes for as long as it (or a view of it) lives; the
-store reuses them only after every consumer has let go. A store whose bytes cannot follow
-the garbage collector gives them back in
-[`release`][mmsched.stores.base.PayloadStore.release].
+store reuses them only after every consumer has let go, and after the producer
+[`settle`][mmsched.stores.base.PayloadStore.settle]s what it placed.
+
+What a store can do is said by flags on its class, read before calling, never found out by
+an exception: ``by_reference`` (tensor bytes travel outside the frames), ``shares_across_processes``
+(a reference resolves in another process of the host), ``lends`` (producers in other
+processes write into it: [`lend`][mmsched.stores.base.PayloadStore.lend]), ``device`` (where
+the bytes a reference names live) and ``shares_allocations``.
 
 The codec calls ``put`` and ``resolve`` ([`mmsched.codec`][]); the pipeline calls the rest.
-A new store is one module with a subclass plus one line in [`mmsched.stores`][].
+A new store is one module with a subclass plus one line in [`mmsched.stores`][]; it passes
+the store contract ([`mmsched.testing.run_store_contract`][]).
 """
 
 from __future__ import annotations
@@ -108,16 +114,33 @@ class PayloadStore(ABC):
     """Where tensor bytes live between the tokenizer and the ranks (module docstring)."""
 
     name: ClassVar[str] = ""
-    # Whether allocate() hands out memory the consumers read in place: a producer that
-    # fills it sends its tensor without any copy.
-    shares_allocations: ClassVar[bool] = False
-    # Whether it delivers on a GPU only (a config must then give the ranks a device).
-    needs_gpu: ClassVar[bool] = False
-    # The config field that sizes it (in MiB).
-    capacity_setting: ClassVar[str] = "shm_arena_mb"
+    # -- capabilities (read by the pipeline, the config and the contract suite) --------------
     # Whether tensor bytes travel outside the frames (only references in them); not so for
     # a store that puts them in the frames, which a transport's arena must then hold.
     by_reference: ClassVar[bool] = True
+    # Whether a reference made in one process resolves in another of the same host (ranks
+    # in their own processes); a store that keeps its bytes in the producer's process only
+    # serves ranks that are tasks of that process (the memory transport).
+    shares_across_processes: ClassVar[bool] = False
+    # Whether producers in other processes can write into it (lend/claim, the arena
+    # lending protocol of mmsched.stores.lending).
+    lends: ClassVar[bool] = False
+    # Where the bytes a reference names live: "cpu" (host memory) or "cuda" (a GPU's).
+    device: ClassVar[str] = "cpu"
+    # Whether it delivers on a GPU only (a config must then give the ranks a device):
+    # derived from ``device``.
+    needs_gpu: ClassVar[bool] = False
+    # Whether allocate() hands out memory the consumers read in place: a producer that
+    # fills it sends its tensor without any copy.
+    shares_allocations: ClassVar[bool] = False
+    # The config field that sizes it (in MiB).
+    capacity_setting: ClassVar[str] = "shm_arena_mb"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.device not in ("cpu", "cuda"):
+            raise TypeError(f"{cls.__name__}.device must be 'cpu' or 'cuda', not {cls.device!r}")
+        cls.needs_gpu = cls.device == "cuda"
 
     def __init__(self, options: StoreOptions) -> None:
         self.options = options
@@ -165,18 +188,19 @@ class PayloadStore(ABC):
 
     def lend(self, path: Path, token: str) -> Any:
         """Let producers in other processes write into this store; returns the picklable
-        access they connect with (see [`mmsched.stores.lending`][]).
+        access they connect with (see [`mmsched.stores.lending`][]). Only for a store whose
+        ``lends`` is true (the caller checks the flag).
 
         Raises:
-            ConfigError: this store has no memory to lend.
+            ConfigError: this store has no memory to lend (``lends`` is false).
         """
         raise ConfigError(f"the {self.name!r} payload store lends no memory to other processes")
 
     def claim(self, lent: Any) -> torch.Tensor:
-        """The tensor a producer in another process wrote under ``lent``.
+        """The tensor a producer in another process wrote under ``lent`` (``lends`` only).
 
         Raises:
-            ConfigError: this store lends no memory.
+            ConfigError: this store lends no memory (``lends`` is false).
             TransportError: ``lent`` is not a live lease of this store.
             CodecError: its dtype and shape do not match its size.
         """
@@ -230,9 +254,6 @@ class PayloadStore(ABC):
         """Producer: give back what a [`placing`][mmsched.stores.base.PayloadStore.placing]
         block listed; its room is reused once no rank still holds a tensor on it, or at once
         if it was never ``sent``."""
-
-    def release(self, ref: PayloadRef) -> None:  # noqa: B027 (optional hook)
-        """Give ``ref``'s bytes back early; by default they go with the last tensor on them."""
 
     def borrowed(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` (a resolved one) is this store's memory that a rank copies out

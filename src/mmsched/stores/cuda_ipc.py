@@ -40,7 +40,8 @@ _HEADER = arena.HEADER_BYTES  # ring offsets count from the end of the bookkeepi
 
 class CudaIpcStore(PayloadStore):
     name = "cuda-ipc"
-    needs_gpu = True
+    shares_across_processes = True
+    device = "cuda"
     capacity_setting = "cuda_pool_mb"
 
     def __init__(

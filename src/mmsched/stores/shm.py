@@ -54,6 +54,8 @@ class _Staged:
 
 class ShmStore(PayloadStore):
     name = "shm"
+    shares_across_processes = True
+    lends = True
     shares_allocations = True
 
     def __init__(
