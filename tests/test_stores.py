@@ -1,0 +1,54 @@
+"""The payload-store contract, run against every registered store and the toy one.
+
+One scenario (``mmsched.testing.run_store_contract``): roundtrips of several dtypes and
+shapes (empty and non-contiguous included) from a writer here to readers in processes of
+their own where the store shares memory, forwarding, forged references, room accounting,
+lending, and nothing left in /dev/shm after close. GPU stores run where torch sees a GPU
+and are skipped, with the reason, elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from mmsched.stores import _REGISTRY, register_store, store_class, store_names
+from mmsched.testing import run_store_contract
+
+_GPU = torch.cuda.is_available()
+
+
+def test_every_store_is_covered() -> None:
+    # A newly registered store joins the run below by being registered.
+    assert {"inline", "shm", "pinned", "cuda-ipc"} <= set(store_names())
+
+
+@pytest.mark.parametrize("name", store_names())
+def test_store_contract(name: str) -> None:
+    store = store_class(name)
+    if store.device == "cuda" and not _GPU:
+        pytest.skip(f"the {name!r} store keeps its bytes on a GPU and torch sees none")
+    device = "cuda:0" if _GPU and name in ("cuda-ipc", "pinned") else "cpu"
+    result = run_store_contract(name, device=device)
+    assert result.failed == [], "\n".join(result.failed)
+    assert result.passed  # it did check something
+    if store.by_reference:
+        assert any(p.startswith("reader 1 gets") for p in result.passed)
+    if store.shares_across_processes:
+        assert not any("other processes" in s for s in result.skipped)
+
+
+@pytest.fixture
+def toy_store() -> Iterator[str]:
+    register_store("files", "toy_store:FileStore")  # the one line a new store takes
+    yield "files"
+    _REGISTRY.pop("files")
+
+
+def test_a_toy_store_passes_the_contract(toy_store: str) -> None:
+    result = run_store_contract(toy_store)
+    assert result.failed == [], "\n".join(result.failed)
+    assert "no room: ArenaFull at once" in result.passed
+    assert any(p.startswith("reader 1 gets") for p in result.passed)
