@@ -6,10 +6,8 @@ import pytest
 
 from mmsched import Config, MultimodalInputs, Pipeline, RankTimings, RequestFailed
 from mmsched.bench.workloads import image_sample
-from mmsched.stores import _REGISTRY as STORES
-from mmsched.stores import register_store
-from mmsched.strategies import _REGISTRY as STRATEGIES
-from mmsched.strategies import register_strategy
+from mmsched.stores import STORES, register_store
+from mmsched.strategies import STRATEGIES, register_strategy
 from toy_plugins import ShelfStore
 
 
@@ -18,8 +16,8 @@ def toys() -> object:
     register_store("shelf", "toy_plugins:ShelfStore")
     register_strategy("verify", "toy_plugins:VerifyingStrategy")
     yield
-    STORES.pop("shelf")
-    STRATEGIES.pop("verify")
+    STORES.unregister("shelf")
+    STRATEGIES.unregister("verify")
 
 
 async def test_a_toy_store_and_strategy_run_a_pipeline(toys: object) -> None:
@@ -60,3 +58,52 @@ def test_a_store_whose_references_stay_in_its_process_refuses_ranks_in_processes
     assert not ShelfStore.shares_across_processes
     with pytest.raises(ConfigError, match="use the memory transport"):
         Config(transport="zmq", payload_store="shelf", tp_size=2)
+
+
+def test_one_registry_class_serves_strategies_stores_and_transports() -> None:
+    from mmsched import UnknownNameError
+    from mmsched.registry import Registry
+    from mmsched.stores import PayloadStore
+    from mmsched.transports import TRANSPORTS
+
+    for registry in (STORES, STRATEGIES, TRANSPORTS):
+        assert isinstance(registry, Registry)
+        with pytest.raises(UnknownNameError) as raised:
+            registry.get("no-such-name")
+        for known in registry.names():  # the error lists every known name
+            assert known in str(raised.value)
+    assert STORES.target("shm") == "mmsched.stores.shm:ShmStore"
+    # A name registered to a class of another kind is refused by name, not used.
+    STORES.register("not-a-store", "mmsched.transports.memory:MemoryTransport")
+    try:
+        assert "not-a-store" in STORES.names()
+        with pytest.raises(UnknownNameError):
+            STORES.get("not-a-store")
+    finally:
+        STORES.unregister("not-a-store")
+    assert "not-a-store" not in STORES
+    assert issubclass(STORES.get("inline"), PayloadStore)
+
+
+def test_an_installed_package_registers_a_store_by_entry_point(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from mmsched.registry import Registry
+    from mmsched.stores import PayloadStore
+
+    # What pip install of a package declaring the entry point leaves on sys.path.
+    dist = Path(str(tmp_path)) / "mmsched_shelf-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mmsched-shelf\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mmsched.stores]\nshelf = toy_plugins:ShelfStore\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stores: Registry[PayloadStore] = Registry(
+        "payload store",
+        PayloadStore,
+        {"inline": "mmsched.stores.inline:InlineStore"},
+        entry_points="mmsched.stores",
+    )
+    assert stores.names() == ["inline", "shelf"]
+    assert stores.get("shelf") is ShelfStore

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mmsched.stores import _REGISTRY, register_store, store_class, store_names
+from mmsched.stores import STORES, register_store, store_class, store_names
 from mmsched.testing import run_store_contract
 
 _GPU = torch.cuda.is_available()
@@ -44,7 +44,7 @@ def test_store_contract(name: str) -> None:
 def toy_store() -> Iterator[str]:
     register_store("files", "toy_store:FileStore")  # the one line a new store takes
     yield "files"
-    _REGISTRY.pop("files")
+    STORES.unregister("files")
 
 
 def test_a_toy_store_passes_the_contract(toy_store: str) -> None:

@@ -9,26 +9,34 @@
             ([`mmsched.stores.cuda_ipc`][])
 
 The interface is [`PayloadStore`][mmsched.stores.base.PayloadStore]. A new store is one module
-plus one line in ``_REGISTRY`` (or a call to [`register_store`][]); implementations are
-imported on first use.
+plus one line: in the table below, a call to [`register_store`][], or an entry point in the
+``mmsched.stores`` group of an installed package ([`STORES`][mmsched.stores.STORES], a
+[`Registry`][mmsched.registry.Registry]); implementations are imported on first use. It
+passes the store contract ([`mmsched.testing.run_store_contract`][]).
 """
 
 from __future__ import annotations
 
-from mmsched.registry import lookup
+from mmsched.registry import Registry
 from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
 
-_REGISTRY: dict[str, str | type[PayloadStore]] = {
-    "inline": "mmsched.stores.inline:InlineStore",
-    "shm": "mmsched.stores.shm:ShmStore",
-    "pinned": "mmsched.stores.pinned:PinnedShmStore",
-    "cuda-ipc": "mmsched.stores.cuda_ipc:CudaIpcStore",
-}
+STORES: Registry[PayloadStore] = Registry(
+    "payload store",
+    PayloadStore,
+    {
+        "inline": "mmsched.stores.inline:InlineStore",
+        "shm": "mmsched.stores.shm:ShmStore",
+        "pinned": "mmsched.stores.pinned:PinnedShmStore",
+        "cuda-ipc": "mmsched.stores.cuda_ipc:CudaIpcStore",
+    },
+    entry_points="mmsched.stores",
+)
+"""Every payload store, by name."""
 
 
 def store_names() -> list[str]:
     """The registered store names, sorted."""
-    return sorted(_REGISTRY)
+    return STORES.names()
 
 
 def register_store(name: str, target: str | type[PayloadStore]) -> None:
@@ -37,7 +45,7 @@ def register_store(name: str, target: str | type[PayloadStore]) -> None:
     Rank processes are started with ``spawn``: a store registered at run time must be
     registered again in them (at import of the callback's module, say), or listed here.
     """
-    _REGISTRY[name] = target
+    STORES.register(name, target)
 
 
 def store_class(name: str) -> type[PayloadStore]:
@@ -46,11 +54,11 @@ def store_class(name: str) -> type[PayloadStore]:
     Raises:
         UnknownNameError: no store of that name; the message lists the known ones.
     """
-    store: type[PayloadStore] = lookup("payload store", _REGISTRY, name, PayloadStore)
-    return store
+    return STORES.get(name)
 
 
 __all__ = [
+    "STORES",
     "PayloadRef",
     "PayloadStore",
     "StoreOptions",

@@ -10,7 +10,9 @@ A *preset* is a name that stands for several config values. ``zero-copy`` is the
 shared memory and only references of a few hundred bytes travel, over any transport.
 
 A new strategy is one module with a [`Strategy`][mmsched.strategies.base.Strategy]
-subclass plus one line in ``_REGISTRY`` (or a call to [`register_strategy`][]).
+subclass plus one line: in the table below, a call to [`register_strategy`][], or an entry
+point in the ``mmsched.strategies`` group of an installed package
+([`STRATEGIES`][mmsched.strategies.STRATEGIES], a [`Registry`][mmsched.registry.Registry]).
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmsched.errors import UnknownNameError
-from mmsched.registry import lookup
+from mmsched.registry import Registry
 from mmsched.strategies.base import RankServices, Strategy
 
-_REGISTRY: dict[str, str | type[Strategy]] = {
-    "per-rank": "mmsched.strategies.per_rank:PerRank",
-    "entry-broadcast": "mmsched.strategies.entry_broadcast:EntryBroadcast",
-    "tokenizer": "mmsched.strategies.tokenizer:TokenizerStrategy",
-}
+STRATEGIES: Registry[Strategy] = Registry(
+    "strategy",
+    Strategy,
+    {
+        "per-rank": "mmsched.strategies.per_rank:PerRank",
+        "entry-broadcast": "mmsched.strategies.entry_broadcast:EntryBroadcast",
+        "tokenizer": "mmsched.strategies.tokenizer:TokenizerStrategy",
+    },
+    entry_points="mmsched.strategies",
+)
+"""Every strategy, by name (the presets are not in it)."""
 
 PRESETS: dict[str, Mapping[str, Any]] = {
     "zero-copy": {"strategy": "tokenizer", "payload_store": "shm"},
@@ -36,7 +44,7 @@ PRESETS: dict[str, Mapping[str, Any]] = {
 
 def strategy_names() -> list[str]:
     """The registered strategies and the presets, sorted."""
-    return sorted([*_REGISTRY, *PRESETS])
+    return sorted([*STRATEGIES.names(), *PRESETS])
 
 
 def register_strategy(name: str, target: str | type[Strategy]) -> None:
@@ -45,7 +53,7 @@ def register_strategy(name: str, target: str | type[Strategy]) -> None:
     Rank processes are started with ``spawn``: a strategy registered at run time must be
     registered again in them (at import of the callback's module, say), or listed here.
     """
-    _REGISTRY[name] = target
+    STRATEGIES.register(name, target)
 
 
 def get_strategy(name: str) -> Strategy:
@@ -56,14 +64,14 @@ def get_strategy(name: str) -> Strategy:
     """
     if name in PRESETS:
         name = str(PRESETS[name]["strategy"])
-    elif name not in _REGISTRY:
+    elif name not in STRATEGIES:
         raise UnknownNameError("strategy", name, strategy_names())
-    strategy: type[Strategy] = lookup("strategy", _REGISTRY, name, Strategy)
-    return strategy()
+    return STRATEGIES.get(name)()
 
 
 __all__ = [
     "PRESETS",
+    "STRATEGIES",
     "RankServices",
     "Strategy",
     "get_strategy",

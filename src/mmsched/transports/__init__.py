@@ -6,34 +6,44 @@
 ``shm``     shared-memory payloads + ZMQ control ([`mmsched.transports.shm`][])
 
 Implementations are imported on first use, so that a deployment needs only the libraries of
-the transport it picks.
+the transport it picks. A new transport is one module plus one line: in the table below, a
+call to [`register_transport`][], or an entry point in the ``mmsched.transports`` group of an
+installed package ([`TRANSPORTS`][mmsched.transports.TRANSPORTS], a
+[`Registry`][mmsched.registry.Registry]).
 """
 
 from __future__ import annotations
 
-from mmsched.registry import lookup
+from mmsched.registry import Registry
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport, TransportStatistics
 
-_REGISTRY: dict[str, str | type[Transport]] = {
-    "memory": "mmsched.transports.memory:MemoryTransport",
-    "shm": "mmsched.transports.shm:ShmTransport",
-    "torch": "mmsched.transports.torch_dist:TorchTransport",
-    "zmq": "mmsched.transports.zmq_pubsub:ZmqTransport",
-}
+TRANSPORTS: Registry[Transport] = Registry(
+    "transport",
+    Transport,
+    {
+        "memory": "mmsched.transports.memory:MemoryTransport",
+        "shm": "mmsched.transports.shm:ShmTransport",
+        "torch": "mmsched.transports.torch_dist:TorchTransport",
+        "zmq": "mmsched.transports.zmq_pubsub:ZmqTransport",
+    },
+    entry_points="mmsched.transports",
+)
+"""Every transport, by name."""
 
 
 def transport_names(*, cross_process: bool | None = None) -> list[str]:
     """The registered transport names, sorted; only those that do (or do not) cross
     processes when ``cross_process`` is given."""
-    names = sorted(_REGISTRY)
+    names = TRANSPORTS.names()
     if cross_process is None:
         return names
     return [n for n in names if transport_class(n).cross_process == cross_process]
 
 
 def register_transport(name: str, target: str | type[Transport]) -> None:
-    """Register a transport class (or ``"module:Class"``) under ``name``."""
-    _REGISTRY[name] = target
+    """Register a transport class (or ``"module:Class"``) under ``name`` (in this process:
+    see [`Registry.register`][mmsched.registry.Registry.register])."""
+    TRANSPORTS.register(name, target)
 
 
 def transport_class(name: str) -> type[Transport]:
@@ -42,8 +52,7 @@ def transport_class(name: str) -> type[Transport]:
     Raises:
         UnknownNameError: no transport of that name; the message lists the known ones.
     """
-    transport: type[Transport] = lookup("transport", _REGISTRY, name, Transport)
-    return transport
+    return TRANSPORTS.get(name)
 
 
 async def open_transport(name: str, spec: GroupSpec) -> Transport:
@@ -58,6 +67,7 @@ async def open_transport(name: str, spec: GroupSpec) -> Transport:
 
 
 __all__ = [
+    "TRANSPORTS",
     "Buffer",
     "Frames",
     "GroupSpec",
