@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, on a machine that has one, with their output in OUT_DIR:
 #   1. the GPU test files (every store delivering on each rank's GPU, the CUDA IPC pool,
-#      the tiny Qwen2-VL on GPU ranks): gpu_tests.txt
+#      the store contract over the GPU stores, the tiny Qwen2-VL on GPU ranks): gpu_tests.txt
 #   2. `mmsched serve --model tiny-qwen2-vl` with the features on each rank's GPU (pinned
 #      store), under `mmsched bench serve`: serve_tiny_qwen2_vl_gpu.{txt,json}
 # Runs with the python3 it finds (PYTHON to choose), from the source tree (no install).
@@ -14,7 +14,8 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
 nvidia-smi -L | tee "$OUT_DIR/gpu_tests.txt"
-"$PY" -m pytest tests/test_gpu.py tests/test_serve_model.py -v -rs -p no:cacheprovider \
+"$PY" -m pytest tests/test_gpu.py tests/test_stores.py tests/test_serve_model.py -v -rs \
+  -p no:cacheprovider \
   2>&1 | tee -a "$OUT_DIR/gpu_tests.txt" || true
 
 PORT=8123

@@ -19,6 +19,7 @@ from mmsched import (
     ConfigError,
     EndOfStream,
     GroupSpec,
+    PeerLost,
     TransportClosed,
     TransportError,
     open_transport,
@@ -113,3 +114,50 @@ async def test_roles_are_enforced() -> None:
     await receiver.aclose()
     with pytest.raises(TransportClosed):
         await receiver.recv()
+
+
+def test_transport_options_are_typed_and_filled_from_the_config() -> None:
+    from mmsched import Config
+    from mmsched.transports import TransportOptions
+
+    spec = GroupSpec(0, 2, "x", options={"arena_bytes": 5 << 20, "token": "t"})
+    assert spec.settings == TransportOptions(token="t", arena_bytes=5 << 20)
+    assert GroupSpec(0, 2, "x").settings == TransportOptions()  # every default
+    with pytest.raises(ConfigError, match="unknown transport options"):
+        GroupSpec(0, 2, "x", options={"arena_mb": 5})
+    with pytest.raises(ConfigError, match="arena_bytes"):
+        TransportOptions(arena_bytes=-1)
+    with pytest.raises(ConfigError, match="token"):
+        GroupSpec(0, 2, "x", options={"token": 7})
+    config = Config(transport="shm", shm_transport_mb=48)
+    assert config.transport_options("secret") == TransportOptions(
+        token="secret", arena_bytes=48 << 20
+    )
+
+
+async def test_the_shm_transport_refuses_a_receiver_without_the_token(tmp_path: Path) -> None:
+    from mmsched.transports.shm import ShmTransport
+
+    def spec(rank: int, token: str, address: str) -> GroupSpec:
+        options = {"token": token, "arena_bytes": 1 << 20}
+        return GroupSpec(rank, 2, address, timeout_s=10, options=options, join_timeout_s=2)
+
+    # Its control channel is a zmq group: the run's token is presented there too.
+    address = ShmTransport.new_address(tmp_path)
+    refused = await asyncio.gather(
+        open_transport("shm", spec(0, "right", address)),
+        open_transport("shm", spec(1, "wrong", address)),
+        return_exceptions=True,
+    )
+    assert isinstance(refused[0], PeerLost), refused[0]
+    assert isinstance(refused[1], ShmTransport)
+    await refused[1].aclose()
+    address = ShmTransport.new_address(tmp_path)
+    sender, receiver = await asyncio.gather(
+        open_transport("shm", spec(0, "right", address)),
+        open_transport("shm", spec(1, "right", address)),
+    )
+    await sender.send([bytearray(b"x" * (256 << 10))])
+    assert [bytes(f) for f in await receiver.recv()] == [b"x" * (256 << 10)]
+    await sender.aclose()
+    await receiver.aclose()

@@ -35,7 +35,7 @@ from mmsched.errors import ConfigError
 from mmsched.hashing import DEFAULT_HASHER, get_hasher
 from mmsched.stores import store_class
 from mmsched.strategies import PRESETS, get_strategy
-from mmsched.transports import transport_class
+from mmsched.transports import TransportOptions, transport_class
 
 ENV_PREFIX = "MMSCHED_"
 SCRIPT_VARIABLES = frozenset({"MMSCHED_TORCH", "MMSCHED_EXTRAS"})
@@ -220,6 +220,16 @@ class Config:
             raise ConfigError(f"nnodes={self.nnodes} needs dist_init_addr (node 0's HOST:PORT)")
         if not transport_class(self.transport).cross_process:
             raise ConfigError(f"the {self.transport!r} transport cannot span hosts")
+
+    def transport_options(
+        self, token: str | None, *, linger_s: float | None = None
+    ) -> TransportOptions:
+        """What every transport of this config's groups is opened with: the one place they
+        are filled. ``token`` is the run's secret (every group passes it, so a peer without
+        it cannot join); ``linger_s`` bounds a sender's close (``None``: ``timeout_s``)."""
+        return TransportOptions(
+            token=token, arena_bytes=self.shm_transport_bytes, linger_s=linger_s
+        )
 
     @property
     def shm_transport_bytes(self) -> int:

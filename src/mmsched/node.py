@@ -183,7 +183,7 @@ class NodeAgent:
                 config.nnodes,
                 hosts.iterations,
                 host_lost_after_s(config),
-                {"token": token},
+                config.transport_options(token),
             ),
         )
         self._store = await asyncio.to_thread(
@@ -209,7 +209,7 @@ class NodeAgent:
             size,
             self._group_address,
             config.timeout_s,
-            options={"arena_bytes": config.shm_transport_bytes, "token": token},
+            options=config.transport_options(token),
             # Its ranks are starting (spawned, a model to load): bounded as every start is.
             join_timeout_s=config.startup_timeout_s,
         )

@@ -42,6 +42,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -162,6 +163,7 @@ class RankGroup:
         # The transport's sockets go in a private directory of their own, removed at close.
         private = Path(tempfile.mkdtemp(prefix="mmsched-", dir=announce.parent))
         group_address = transport_class(config.transport).new_address(private)
+        token = secrets.token_hex(16)
         try:
             # The pid and its start time: a pid alone is reused by another process once an
             # earlier run's entry rank is gone, and its file would then look alive.
@@ -173,9 +175,12 @@ class RankGroup:
                     "started": started,
                     "store": store.address,
                     "group": group_address,
+                    # The group's secret: a process that cannot read this private file
+                    # cannot join the group (its transport refuses a peer without it).
+                    "token": token,
                 },
             )
-            transport = await _open_within(config, 0, group_address)
+            transport = await _open_within(config, 0, group_address, token)
         except BaseException:
             announce.unlink(missing_ok=True)
             store.close()
@@ -199,7 +204,7 @@ class RankGroup:
             if found is None:
                 await asyncio.sleep(_POLL_S)
                 continue
-            store_address, group_address = found
+            store_address, group_address, token = found
             try:
                 store = await asyncio.to_thread(
                     kind.attach, store_address, rank - 1, _options(config, rank)
@@ -209,7 +214,7 @@ class RankGroup:
                 await asyncio.sleep(_POLL_S)
                 continue
             try:
-                transport = await _open_within(config, rank, group_address)
+                transport = await _open_within(config, rank, group_address, token)
             except BaseException:
                 store.close()
                 raise
@@ -374,13 +379,13 @@ def _options(config: Config, rank: int | None) -> StoreOptions:
     return dataclasses.replace(store_options(config, rank), consumers=config.tp_size - 1)
 
 
-async def _open_within(config: Config, rank: int, address: str) -> Transport:
+async def _open_within(config: Config, rank: int, address: str, token: str) -> Transport:
     spec = GroupSpec(
         rank,
         config.tp_size,
         address,
         config.timeout_s,
-        options={"arena_bytes": config.shm_transport_bytes},
+        options=config.transport_options(token),
         # Ranks the server starts itself may come up far apart (one loads its model
         # first): the entry rank waits for the others as long as they wait for it.
         join_timeout_s=config.startup_timeout_s,
@@ -406,8 +411,9 @@ def _write_private(path: Path, data: dict[str, object]) -> None:
     tmp.rename(path)
 
 
-def _read_announcement(path: Path) -> tuple[str | None, str] | None:
-    """``(store address, group address)`` from a live entry rank's file, else ``None``.
+def _read_announcement(path: Path) -> tuple[str | None, str, str] | None:
+    """``(store address, group address, token)`` from a live entry rank's file, else
+    ``None``.
 
     Live means the pid *and* its start time match a running process. Why not the pid alone:
     an earlier run's file outlives its entry rank, and the pid is soon another process's,
@@ -419,12 +425,15 @@ def _read_announcement(path: Path) -> tuple[str | None, str] | None:
     try:
         data = orjson.loads(path.read_bytes())
         pid, started, store, group = data["pid"], data["started"], data["store"], data["group"]
+        token = data["token"]
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
         return None
     if type(pid) is not int or pid <= 0 or not isinstance(group, str):
+        return None
+    if not isinstance(token, str):
         return None
     if type(started) is not float or not same_process(pid, started):
         return None
     if store is not None and not isinstance(store, str):
         return None
-    return store, group
+    return store, group, token

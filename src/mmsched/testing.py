@@ -37,14 +37,7 @@ import torch
 
 from mmsched.errors import ArenaFull, EndOfStream, MmschedError, TransportClosed
 from mmsched.messages import TokenizedGenerateReqInput
-from mmsched.stores import (
-    PayloadRef,
-    PayloadStore,
-    StoreOptions,
-    register_store,
-    store_class,
-    store_names,
-)
+from mmsched.stores import STORES, PayloadRef, PayloadStore, StoreOptions, store_class
 from mmsched.transports import GroupSpec, Transport, open_transport
 
 _BIG = 3 * (1 << 20) + 17  # larger than any chunk a transport might cut at, and odd
@@ -356,8 +349,8 @@ def _store_reader_process(
     name: str, target: str, address: str | None, index: int, options: StoreOptions, conn: Any
 ) -> None:
     try:
-        if name not in store_names():  # registered at run time in the parent: again here
-            register_store(name, target)
+        if name not in STORES:  # registered at run time in the parent: again here
+            STORES.register(name, target)
         reader = _Reader(store_class(name).attach(address, index, options))
     except BaseException as exc:
         conn.send(("error", f"attach: {exc!r}"))
@@ -391,8 +384,7 @@ class _Readers:
             ]
             return
         ctx = multiprocessing.get_context("spawn")
-        cls = store_class(name)
-        target = f"{cls.__module__}:{cls.__qualname__}"
+        target = STORES.target(name)
         for i in range(options.consumers):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(

@@ -15,7 +15,14 @@ installed package ([`TRANSPORTS`][mmsched.transports.TRANSPORTS], a
 from __future__ import annotations
 
 from mmsched.registry import Registry
-from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport, TransportStatistics
+from mmsched.transports.base import (
+    Buffer,
+    Frames,
+    GroupSpec,
+    Transport,
+    TransportOptions,
+    TransportStatistics,
+)
 
 TRANSPORTS: Registry[Transport] = Registry(
     "transport",
@@ -72,6 +79,7 @@ __all__ = [
     "Frames",
     "GroupSpec",
     "Transport",
+    "TransportOptions",
     "TransportStatistics",
     "open_transport",
     "register_transport",

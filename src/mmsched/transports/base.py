@@ -21,13 +21,66 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
 from mmsched.errors import ConfigError, EndOfStream, TransportClosed, TransportError
 from mmsched.frames import Buffer, Frames, frames_nbytes
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """What a transport is told beyond who and where: every setting any transport reads,
+    typed, each with its default (a transport ignores those it has no use for).
+
+    A pipeline fills it in one place,
+    [`Config.transport_options`][mmsched.config.Config.transport_options].
+
+    Attributes:
+        token: the run's secret. Over ``zmq`` (and the ``shm`` transport's control channel)
+            every receiver presents it in the handshake, and a peer without it is refused
+            before it can subscribe; ``None``: any peer that reaches the address may.
+        arena_bytes: the ``shm`` transport's arena.
+        inline_max_bytes: the ``shm`` transport's frames smaller than this ride the control
+            channel instead of the arena.
+        linger_s: how long a ``zmq`` sender's ``aclose`` waits for queued messages to
+            leave; ``None``: the group's ``timeout_s``.
+    """
+
+    token: str | None = None
+    arena_bytes: int = 256 << 20
+    inline_max_bytes: int = 64 << 10
+    linger_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not isinstance(self.token, str):
+            raise ConfigError("transport option token must be a string")
+        for name in ("arena_bytes", "inline_max_bytes"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"transport option {name} must be a non-negative int")
+        if self.linger_s is not None and not (
+            isinstance(self.linger_s, int | float) and self.linger_s >= 0
+        ):
+            raise ConfigError("transport option linger_s must be a non-negative number")
+
+    @classmethod
+    def of(cls, options: TransportOptions | Mapping[str, Any]) -> TransportOptions:
+        """``options`` as typed options: a mapping of their names (what ``GroupSpec`` took
+        before) is checked and converted.
+
+        Raises:
+            ConfigError: a name that is no option, or a value of the wrong type.
+        """
+        if isinstance(options, TransportOptions):
+            return options
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown transport options {unknown}; known: {sorted(known)}")
+        return cls(**options)
 
 
 @dataclass(frozen=True)
@@ -39,7 +92,9 @@ class GroupSpec:
         world_size: number of ranks, sender included.
         address: rendezvous made by the transport class's ``new_address``.
         timeout_s: how long a blocking step may wait for peers before failing.
-        options: transport-specific settings (each transport documents its own).
+        options: the transport's settings
+            ([`TransportOptions`][mmsched.transports.base.TransportOptions]; a mapping of
+            their names is converted, and unknown names refused).
         join_timeout_s: how long ``open`` may wait for the rest of the group to join;
             ``None``: ``timeout_s``. Ranks that start apart (a server's own processes, one
             loading a model first) need longer to meet than a live peer may stay silent.
@@ -49,8 +104,17 @@ class GroupSpec:
     world_size: int
     address: str
     timeout_s: float = 60.0
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: TransportOptions | Mapping[str, Any] = field(default_factory=TransportOptions)
     join_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", TransportOptions.of(self.options))
+
+    @property
+    def settings(self) -> TransportOptions:
+        """``options``, typed: always a
+        [`TransportOptions`][mmsched.transports.base.TransportOptions] once the spec is made."""
+        return TransportOptions.of(self.options)
 
     @property
     def join_within_s(self) -> float:
@@ -68,7 +132,14 @@ class TransportStatistics:
     bytes_received: int = 0
 
 
-__all__ = ["Buffer", "Frames", "GroupSpec", "Transport", "TransportStatistics"]
+__all__ = [
+    "Buffer",
+    "Frames",
+    "GroupSpec",
+    "Transport",
+    "TransportOptions",
+    "TransportStatistics",
+]
 
 
 class Transport(ABC):

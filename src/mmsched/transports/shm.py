@@ -18,13 +18,15 @@ Guarantees and limits:
 - the segment's name is unlinked as soon as every receiver has mapped it: a crash of any
   process leaves nothing in /dev/shm.
 
-Options (``GroupSpec.options``): ``arena_bytes`` (default 256 MiB), ``inline_max_bytes``
-(default 64 KiB).
+Options ([`TransportOptions`][mmsched.transports.base.TransportOptions]): ``arena_bytes``
+(default 256 MiB), ``inline_max_bytes`` (default 64 KiB), and ``token``, which the control
+channel's receivers present as over ``zmq``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,8 +40,6 @@ from mmsched.stores.shm import ShmStore
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
 from mmsched.transports.zmq_pubsub import ZmqTransport
 
-DEFAULT_ARENA_BYTES = 256 << 20
-DEFAULT_INLINE_MAX_BYTES = 64 << 10
 _SEPARATOR = "#"
 _PACKED_MAGIC = b"MMSHM2"
 
@@ -68,20 +68,16 @@ class ShmTransport(Transport):
     @classmethod
     async def open(cls, spec: GroupSpec) -> ShmTransport:
         control_address, _, segment = spec.address.rpartition(_SEPARATOR)
-        inline_max = int(spec.options.get("inline_max_bytes", DEFAULT_INLINE_MAX_BYTES))
+        settings = spec.settings
+        inline_max = settings.inline_max_bytes
         options = StoreOptions(
-            capacity_bytes=int(spec.options.get("arena_bytes", DEFAULT_ARENA_BYTES)),
+            capacity_bytes=settings.arena_bytes,
             consumers=spec.world_size - 1,
             timeout_s=spec.timeout_s,
             min_bytes=inline_max,
         )
-        control_spec = GroupSpec(
-            spec.rank,
-            spec.world_size,
-            control_address,
-            spec.timeout_s,
-            join_timeout_s=spec.join_timeout_s,
-        )
+        # The same options: the control channel is where the run's token is presented.
+        control_spec = dataclasses.replace(spec, address=control_address)
         if spec.rank == 0:
             ShmStore.sweep_stale()
             store = await asyncio.to_thread(ShmStore.create, options, name=segment)

@@ -20,12 +20,13 @@ Guarantees and limits:
   disturb the sender or other receivers;
 - a pending ``recv()`` can be cancelled without losing a message.
 
-Options (``GroupSpec.options``): ``linger_s``, how long the sender's ``aclose`` waits for
-queued messages to leave (default ``timeout_s``); ``token``, a secret every receiver must
-present in the ZMQ handshake (PLAIN credentials checked by a ZAP handler on the sender): a
-peer without it is refused before it can subscribe, so it neither reads the messages nor
-counts as a receiver. The pipeline passes its run's token; without one, any peer that
-reaches the address may subscribe.
+Options ([`TransportOptions`][mmsched.transports.base.TransportOptions]): ``linger_s``, how
+long the sender's ``aclose`` waits for queued messages to leave (default ``timeout_s``);
+``token``, a secret every receiver must present in the ZMQ handshake (PLAIN credentials
+checked by a ZAP handler on the sender): a peer without it is refused before it can
+subscribe, so it neither reads the messages nor counts as a receiver. Every group of a
+pipeline passes its run's token; without one, any peer that reaches the address may
+subscribe.
 """
 
 from __future__ import annotations
@@ -71,13 +72,14 @@ class ZmqTransport(Transport):
 
     @classmethod
     async def open(cls, spec: GroupSpec) -> ZmqTransport:
-        token = spec.options.get("token")
+        token = spec.settings.token
         context = zmq.asyncio.Context()
         if spec.rank == 0:
             socket = context.socket(zmq.XPUB)
             socket.setsockopt(zmq.SNDHWM, 0)
             socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, not the first
-            linger_s = float(spec.options.get("linger_s", spec.timeout_s))
+            linger = spec.settings.linger_s
+            linger_s = spec.timeout_s if linger is None else float(linger)
             socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
             authenticator = None
             if token is not None:
