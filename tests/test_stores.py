@@ -10,12 +10,15 @@ and are skipped, with the reason, elsewhere.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from mmsched.stores import STORES, register_store, store_class, store_names
+from mmsched.frames import tensor_from_frame
+from mmsched.stores import STORES, PayloadRef, register_store, store_class, store_names
 from mmsched.testing import run_store_contract
+from toy_store import FileStore
 
 _GPU = torch.cuda.is_available()
 
@@ -52,3 +55,27 @@ def test_a_toy_store_passes_the_contract(toy_store: str) -> None:
     assert result.failed == [], "\n".join(result.failed)
     assert "no room: ArenaFull at once" in result.passed
     assert any(p.startswith("reader 1 gets") for p in result.passed)
+
+
+class TrustingStore(FileStore):
+    """The toy store with its checks taken out: it trusts every reference it is given."""
+
+    name = "trusting"
+    shares_across_processes = False  # its readers run here: the test stays quick
+
+    def resolve(self, ref: PayloadRef) -> torch.Tensor:
+        directory, file = ref.location
+        data = (Path("/dev/shm") / str(directory) / str(file)).read_bytes()
+        return tensor_from_frame(bytearray(data), ref.dtype, list(ref.shape))
+
+
+def test_the_contract_fails_a_store_that_trusts_forged_references() -> None:
+    STORES.register("trusting", TrustingStore)
+    try:
+        result = run_store_contract("trusting", readers=1)
+    finally:
+        STORES.unregister("trusting")
+    failed = "\n".join(result.failed)
+    assert "(a path out of the store) with a typed error: untyped" in failed
+    assert "(another store's name) with a typed error: resolved" in failed
+    assert "reader 0 gets float32 2-d back" in result.passed  # the rest still holds

@@ -28,6 +28,7 @@ import queue
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -507,9 +508,17 @@ def run_store_contract(
     try:
         group = _Readers(name, writer.address, options, apart, timeout_s)
         writer.consumers_attached()
-        _roundtrip(result, writer, group, tensors)
-        _room(result, writer, group, on)
-        _lending(result, writer, workdir)
+        sections: list[tuple[str, Callable[[], None]]] = [
+            ("roundtrip", lambda: _roundtrip(result, writer, group, tensors)),
+            ("room", lambda: _room(result, writer, group, on)),
+            ("lending", lambda: _lending(result, writer, workdir)),
+        ]
+        for section, run in sections:
+            try:
+                run()
+            except (MmschedError, AssertionError, OSError, ValueError, TypeError) as exc:
+                # A store that breaks a promise by raising fails that section, not the run.
+                result.failed.append(f"{section}: raised {type(exc).__name__}: {exc}")
     finally:
         try:
             if group is not None:
