@@ -187,7 +187,11 @@ class ParseOnly:
 
 FANOUT = ("--tp", "2", "--sizes", "0.01", "--requests", "2", "--warmup", "1")
 ONE_ROW = ("--input", "copy", "--consume", "none")  # where the docs leave the axes open
-LOAD = ("--tp", "2", "--rates", "20", "--requests", "4", "--distinct", "2")
+# bench load's lines differ in their workload, input and cache flags, which the tokenizer's
+# side reads: over the memory transport (the ranks are tasks of the command's own process)
+# each runs its own path without spawning ranks. bench load over spawned ranks (zmq and torch,
+# every input, the multiturn cache) is tests/test_bench_load.py's.
+LOAD = ("--tp", "2", "--rates", "20", "--requests", "4", "--distinct", "2", "--transport", "memory")
 CUDA = "needs a CUDA GPU (--consume cuda, the pinned and cuda-ipc stores)"
 ROOT_NS = "simulates hosts with network namespaces: needs root and iproute2"
 HOSTS = "joins node 0 on another host"
@@ -203,7 +207,7 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     # tasks of one process (memory); the spawned transports run in the benchmark page's lines.
     "bash scripts/bench.sh": Run((*FANOUT, *ONE_ROW, "--transports", "memory")),
     "scripts/bench.sh --help": Run(),
-    ".venv/bin/mmsched bench load": Run(LOAD),  # its defaults: every strategy, over torch
+    ".venv/bin/mmsched bench load": Run(LOAD),  # its defaults: every strategy
     "mmsched rank --nnodes N --node-rank K --dist-init-addr HOST:PORT": ParseOnly(
         HOSTS, {"N": "2", "K": "1", "HOST:PORT": "127.0.0.1:29500"}
     ),
@@ -222,11 +226,14 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     # docs/embedding.md
     "MMSCHED_STRATEGY=tokenizer MMSCHED_TRANSPORT=zmq MMSCHED_TP_SIZE=4 "
     ".venv/bin/python examples/serve.py": Run(env={"MMSCHED_TP_SIZE": "2"}),
-    # docs/benchmarks.md
+    # docs/benchmarks.md. Spawned ranks where a line is the only one to show its path: the tp
+    # sweep and --consume read over zmq, torch, the cache over zmq. The first two lines' rows
+    # over spawned ranks are other lines' (zero-copy over zmq) and tests/test_cli.py's (every
+    # strategy over shm, arena input, both consume modes): they run with the ranks in process.
     "python -m mmsched bench fanout --strategies zero-copy --transports zmq --sizes 10,100 "
-    "--json PATH": Run((*FANOUT, "--consume", "none")),
+    "--json PATH": Run((*FANOUT, "--consume", "none", "--transports", "memory")),
     "python -m mmsched bench fanout --consume none --json PATH": Run(
-        (*FANOUT, "--strategies", "tokenizer", "--transports", "shm")
+        (*FANOUT, "--strategies", "tokenizer", "--transports", "memory")
     ),
     "python -m mmsched bench fanout --consume read --json PATH": Run(
         (*FANOUT, "--strategies", "zero-copy", "--transports", "zmq", "--input", "copy")

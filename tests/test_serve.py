@@ -117,9 +117,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    # The README's command (it installs what is missing, then execs the server), on a free
-    # port, with the default config: tokenizer over zmq, the shm store.
-    command = ["bash", str(ROOT / "scripts" / "serve.sh"), "--tp", str(TP)]
+    # The README's command, on a free port, with the default config: tokenizer over zmq, the
+    # shm store. scripts/serve.sh installs what is missing, then ends in
+    # `exec .venv/bin/mmsched serve "$@"` (test_documented_commands checks that line): that
+    # line runs here, without the install step, which would reinstall the project into the
+    # environment these tests run in while they run (and costs a pip run per module).
+    command = [str(Path(sys.executable).parent / "mmsched"), "serve", "--tp", str(TP)]
     running = start_server(command, clean_env())
     yield running
     if running.process.poll() is None:
