@@ -224,14 +224,14 @@ def test_a_processor_the_front_end_cannot_reproduce_is_refused_at_start() -> Non
 def test_the_config_field_its_variable_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     from mmsched.cli import _config, build_parser
 
-    assert Config().wire_pixels == "float32"
-    assert Config.from_env({"MMSCHED_WIRE_PIXELS": "uint8"}).wire_pixels == "uint8"
+    assert Config().wire_pixels == "uint8"
+    assert Config.from_env({"MMSCHED_WIRE_PIXELS": "float32"}).wire_pixels == "float32"
     with pytest.raises(ConfigError, match="wire_pixels must be one of float32, uint8"):
         Config(wire_pixels="fp16")
-    monkeypatch.setenv("MMSCHED_WIRE_PIXELS", "uint8")
-    assert _config(build_parser().parse_args(["serve"])).wire_pixels == "uint8"
-    flag = build_parser().parse_args(["serve", "--wire-pixels", "float32"])
-    assert _config(flag).wire_pixels == "float32"  # the flag overrides the variable
+    monkeypatch.setenv("MMSCHED_WIRE_PIXELS", "float32")
+    assert _config(build_parser().parse_args(["serve"])).wire_pixels == "float32"
+    flag = build_parser().parse_args(["serve", "--wire-pixels", "uint8"])
+    assert _config(flag).wire_pixels == "uint8"  # the flag overrides the variable
 
 
 # -- through the pipeline, to the model ------------------------------------------------------

@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--wire-pixels",
         choices=["float32", "uint8"],
-        help="what travels to the ranks for each image: the processor's float32 pixel_values, "
-        "or its resized uint8 pixels, normalized and patchified on each rank (wire_pixels)",
+        help="what travels to the ranks for each image: the processor's resized uint8 "
+        "pixels, normalized and patchified on each rank (the default), or its float32 "
+        "pixel_values (wire_pixels)",
     )
     _host_flags(serve, required=False)
 
