@@ -89,6 +89,33 @@ def test_the_real_model_streams(server: Server, reference: tuple[ChatProcessor, 
     assert len([d for d in deltas if d]) >= 2  # more than one piece: it streamed
 
 
+def test_uint8_and_float32_pixels_give_the_same_answer(
+    server: Server, reference: tuple[ChatProcessor, object]
+) -> None:
+    """The server's default sends the resized uint8 pixels, which the ranks make
+    pixel_values of on their device; a server sending the processor's float32 pixel_values
+    answers the same (the two differ by float rounding only: no greedy choice changes)."""
+    parts = [image_part(png(96 + 32 * n, 64 + 48 * n, seed=n)) for n in range(2)]
+    messages = ask(*parts, text="describe both")
+    uint8_reference = (ChatProcessor(wire_pixels="uint8"), reference[1])
+    expected = expected_text(uint8_reference, messages)
+    assert expected == expected_text(reference, messages)
+    assert Config().wire_pixels == "uint8"
+
+    def answer(running: Server) -> str | None:
+        reply = running.client().chat.completions.create(
+            model=TINY_QWEN2_VL, messages=messages, max_tokens=MAX_TOKENS
+        )
+        return reply.choices[0].message.content
+
+    assert answer(server) == expected
+    floats = start_server(MMSCHED_WIRE_PIXELS="float32")
+    try:
+        assert answer(next(floats)) == expected
+    finally:
+        floats.close()  # its finally stops the server
+
+
 async def test_features_that_do_not_match_their_tokens_fail_alone() -> None:
     chat = ChatProcessor()
     good = chat.prepare(ask(image_part(png(64, 64)), text="good"))

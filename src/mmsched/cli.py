@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="An OpenAI-compatible chat server: images in data: URLs are processed by "
         "Qwen2-VL's image processor and carried to every rank by the pipeline. The pipeline "
         "is configured by --config, then MMSCHED_* variables, then the flags that name a "
-        "config field (--tp, --max-prompt-tokens, --shutdown-timeout, --nnodes, "
-        "--dist-init-addr).",
+        "config field (--tp, --max-prompt-tokens, --shutdown-timeout, --wire-pixels, "
+        "--nnodes, --dist-init-addr).",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -283,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         help="seconds requests in progress get once told to stop (shutdown_timeout_s)",
+    )
+    serve.add_argument(
+        "--wire-pixels",
+        choices=["float32", "uint8"],
+        help="what travels to the ranks for each image: the processor's resized uint8 "
+        "pixels, normalized and patchified on each rank (the default), or its float32 "
+        "pixel_values (wire_pixels)",
     )
     _host_flags(serve, required=False)
 
@@ -323,6 +330,7 @@ def _config(args: argparse.Namespace) -> Config:
         # mmsched serve's own (mmsched rank has no such flags)
         "max_prompt_tokens": getattr(args, "max_prompt_tokens", None),
         "shutdown_timeout_s": getattr(args, "shutdown_timeout", None),
+        "wire_pixels": getattr(args, "wire_pixels", None),
     }
     return config.replace(**{k: v for k, v in flags.items() if v is not None})
 

@@ -33,6 +33,7 @@ from typing import Any
 from mmsched.devices import check_device_setting
 from mmsched.errors import ConfigError
 from mmsched.hashing import DEFAULT_HASHER, get_hasher
+from mmsched.pixels import WIRE_FORMATS
 from mmsched.stores import store_class
 from mmsched.strategies import PRESETS, get_strategy
 from mmsched.transports import TransportOptions, transport_class
@@ -112,6 +113,12 @@ class Config:
         shutdown_timeout_s: how long ``mmsched serve``, told to stop (SIGTERM, SIGINT), lets
             the requests in progress finish; those still running then are answered HTTP 503,
             and the pipeline closes.
+        wire_pixels: what ``mmsched serve`` sends the ranks for each image: ``uint8`` (the
+            default: it measured faster end to end), the processor's resized pixels, an
+            eighth of the bytes, which each rank's model normalizes and patchifies on its
+            own device ([`mmsched.pixels`][mmsched.pixels]); or ``float32``, the image
+            processor's ``pixel_values``. ``Pipeline.generate`` carries either, as the
+            items say.
     """
 
     transport: str = "zmq"
@@ -139,6 +146,7 @@ class Config:
     dist_init_addr: str | None = None
     max_prompt_tokens: int | None = 32768
     shutdown_timeout_s: float = 5.0
+    wire_pixels: str = "uint8"
 
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
@@ -176,6 +184,10 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.wire_pixels not in WIRE_FORMATS:
+            raise ConfigError(
+                f"wire_pixels must be one of {', '.join(WIRE_FORMATS)}, got {self.wire_pixels!r}"
+            )
         if self.backpressure not in ("wait", "reject"):
             raise ConfigError(f"backpressure must be 'wait' or 'reject', got {self.backpressure!r}")
         if self.max_inflight_mb is not None and self.max_inflight_mb < 1:

@@ -41,6 +41,8 @@ import torch
 from mmsched.errors import InvalidMultimodalInput, MmschedError
 from mmsched.frames import Int64List
 from mmsched.hashing import DEFAULT_HASHER, get_hasher, padding_sequence, tensor_bytes
+from mmsched.pixels import ITEM_KEY as UINT8_PIXELS
+from mmsched.pixels import check_item as check_uint8_pixels
 
 
 class Modality(enum.StrEnum):
@@ -76,7 +78,10 @@ class MultimodalDataItem:
     ``model_specific_data`` holds what only some models need, validated where its meaning is
     known: ``image_grid_thw`` / ``video_grid_thw`` (int ``(n, 3)``; rows of a 2-D feature
     equal ``sum(t*h*w)``), ``second_per_grid_ts`` (one per video), ``audio_feature_lens``
-    (one per audio clip). Other keys pass through untouched.
+    (one per audio clip), ``uint8_pixels`` (an image whose feature is its resized uint8
+    ``(3, H, W)`` pixels, and how each rank makes ``pixel_values`` of them: see
+    [`mmsched.pixels`][mmsched.pixels]; the pixels must match the spec and the grid). Other
+    keys pass through untouched.
     """
 
     modality: Modality
@@ -633,6 +638,13 @@ def _check_model_specific(
                 name, f"grid has {patches} patches but feature has {feature.shape[0]} rows"
             )
         extra[grid_key] = grid
+
+    if UINT8_PIXELS in extra:  # uint8 pixels that each rank patchifies (mmsched.pixels)
+        if modality is not Modality.IMAGE:
+            raise InvalidMultimodalInput(
+                f"{where}.{UINT8_PIXELS}", f"not allowed on a {modality.value} item"
+            )
+        check_uint8_pixels(where, feature, extra.get("image_grid_thw"), extra[UINT8_PIXELS])
 
     if "second_per_grid_ts" in extra:
         name = f"{where}.second_per_grid_ts"

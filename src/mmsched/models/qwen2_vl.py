@@ -3,12 +3,13 @@
 [`TinyQwen2VL`][mmsched.models.qwen2_vl.TinyQwen2VL] builds
 ``Qwen2VLForConditionalGeneration`` from a tiny config with random weights (seeded, so every
 rank builds the same model; nothing is downloaded) and is a rank callback: for each request
-it takes the delivered ``pixel_values`` and ``image_grid_thw``, the input ids padded as a
-prefix cache sees them, turns each image's span back into Qwen2-VL's image token (as
-SGLang's model code replaces its pad values by the image's embeddings), and runs the real
-vision tower, M-RoPE position computation and decoder, greedily. The model's own code checks
-that the image tokens match the vision tower's output; a request whose features do not
-match fails alone with that error.
+it takes the delivered ``pixel_values`` (made on the model's device from the image's uint8
+pixels where those travelled instead: [`mmsched.pixels`][mmsched.pixels]) and
+``image_grid_thw``, the input ids padded as a prefix cache sees them, turns each image's
+span back into Qwen2-VL's image token (as SGLang's model code replaces its pad values by
+the image's embeddings), and runs the real vision tower, M-RoPE position computation and
+decoder, greedily. The model's own code checks that the image tokens match the vision
+tower's output; a request whose features do not match fails alone with that error.
 
 Its weights are random, so the text it generates means nothing: the point is that real model
 code consumed what reached the rank. Sampling is limited to the ids the server's tokenizer
@@ -35,6 +36,7 @@ from mmsched.errors import ModelOutputError
 from mmsched.inputs import Modality, MultimodalInputs
 from mmsched.messages import TokenizedGenerateReqInput
 from mmsched.outputs import ModelOutput, RequestOutput
+from mmsched.pixels import item_pixel_values
 from mmsched.processes import RANK_PROCESS_PREFIX
 
 log = logging.getLogger(__name__)
@@ -99,11 +101,13 @@ def model_inputs(
 ) -> dict[str, torch.Tensor]:
     """What ``Qwen2VLForConditionalGeneration.generate`` takes, from a delivered request:
     the padded ids with each image span turned back into the image token, the images'
-    ``pixel_values`` (in span order) and ``image_grid_thw``.
+    ``pixel_values`` (in span order; from uint8 pixels, made on ``device``) and
+    ``image_grid_thw``.
 
     Raises:
         ModelOutputError: a modality this model does not take, or an image without its
             ``image_grid_thw``.
+        InvalidMultimodalInput: uint8 pixels that do not match their spec.
     """
     padded = mm.pad_input_ids(input_ids) if mm is not None else list(input_ids)
     ids = torch.tensor([padded], dtype=torch.long)
@@ -118,7 +122,8 @@ def model_inputs(
             raise ModelOutputError("an image without its image_grid_thw")
         for start, end in item.offsets:
             ids[0, start : end + 1] = IMAGE_TOKEN
-        pixels.append(item.feature.to(device, torch.float32))
+        # uint8 pixels (mmsched.pixels) are normalized and patchified here, on the device.
+        pixels.append(item_pixel_values(item.feature, item.model_specific_data, device))
         grids.append(torch.as_tensor(grid, dtype=torch.long).reshape(-1, 3))
     out = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
     if pixels:

@@ -127,7 +127,8 @@ def create_app(
         config: the pipeline's config (strategy, transport, payload store, TP size...).
         settings: limits and the model id.
         processor: messages to ids and images (default: Qwen2-VL's image processor and the
-            byte tokenizer).
+            byte tokenizer, sending the config's ``wire_pixels``; one of your own decides
+            what it sends).
         on_iteration: the model step on every rank (default: the stub).
         on_rank_start: per-rank set-up, where a model loads.
         generates_text: the model's output ids are text, decoded into the reply (and
@@ -137,7 +138,10 @@ def create_app(
     settings = settings or ServeSettings()
     limits = MediaLimits(settings.max_image_mb << 20, settings.max_image_pixels)
     chat = processor or ChatProcessor(
-        limits=limits, max_images=settings.max_images, max_prompt_tokens=config.max_prompt_tokens
+        limits=limits,
+        max_images=settings.max_images,
+        max_prompt_tokens=config.max_prompt_tokens,
+        wire_pixels=config.wire_pixels,
     )
     metrics = ServerMetrics()
     state: dict[str, Pipeline] = {}

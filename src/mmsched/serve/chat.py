@@ -6,7 +6,10 @@ Qwen2-VL's chat layout (``<|im_start|>role ... <|im_end|>``, each image as
 every image through the real Hugging Face ``transformers`` Qwen2-VL image processor, built
 from its defaults (no download), and returns the processor-output dict that
 ``Pipeline.generate`` validates and hashes: one item per image, with its ``pixel_values``,
-``image_grid_thw`` and the span of its pad tokens.
+``image_grid_thw`` and the span of its pad tokens. With ``wire_pixels="uint8"`` an item's
+feature is instead the processor's resized uint8 pixels, from
+[`mmsched.pixels.resized_pixels`][] (the function a worker process can call too), with the
+spec each rank needs to make ``pixel_values`` of them.
 
 The text tokenizer is a stand-in that needs no download:
 [`ByteTokenizer`][mmsched.serve.chat.ByteTokenizer] gives one id per UTF-8 byte. A
@@ -29,6 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mmsched.errors import ConfigError
+from mmsched.pixels import ITEM_KEY, WIRE_FORMATS, resized_pixels, specs_of
 from mmsched.serve.media import BadRequest, MediaLimits, decode_image_url
 
 log = logging.getLogger(__name__)
@@ -106,6 +111,7 @@ class ChatProcessor:
         limits: MediaLimits | None = None,
         max_images: int = 16,
         max_prompt_tokens: int | None = None,
+        wire_pixels: str = "float32",
     ) -> None:
         self.tokenizer = tokenizer or ByteTokenizer()
         self.limits = limits or MediaLimits()
@@ -113,6 +119,12 @@ class ChatProcessor:
         self.max_prompt_tokens = max_prompt_tokens
         self.image_processor = qwen2vl_image_processor()
         self.merge = int(self.image_processor.merge_size)
+        if wire_pixels not in WIRE_FORMATS:
+            raise ConfigError(f"wire_pixels must be one of {', '.join(WIRE_FORMATS)}")
+        self.wire_pixels = wire_pixels
+        # uint8: only the processor's resize runs here; each rank does the rest.
+        self.resize, patch_spec = specs_of(self.image_processor)
+        self._item_data = {ITEM_KEY: patch_spec.as_dict()} if wire_pixels == "uint8" else {}
 
     def prepare(self, messages: Any) -> PreparedChat:
         """Render, tokenize and process ``messages`` (blocking: call it off the event loop).
@@ -181,6 +193,7 @@ class ChatProcessor:
                     "feature": pixels,
                     "offsets": [(start, start + tokens - 1)],  # inclusive, as SGLang's
                     "image_grid_thw": torch.tensor([list(grid)]),
+                    **self._item_data,
                 }
             )
             grids.append(grid)
@@ -215,9 +228,11 @@ class ChatProcessor:
             )
 
     def _image(self, param: str, url: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """One image's ``pixel_values`` and ``(t, h, w)`` patch grid."""
+        """One image's ``pixel_values`` (or resized uint8 pixels) and ``(t, h, w)`` grid."""
         image = decode_image_url(param, url, self.limits)
         try:
+            if self._item_data:
+                return resized_pixels(image, self.resize)
             out = self.image_processor(images=[image], return_tensors="np")
             pixels = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
             t, h, w = (int(x) for x in np.asarray(out["image_grid_thw"]).reshape(-1)[:3])
