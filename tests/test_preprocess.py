@@ -316,8 +316,20 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+def photo(width: int, height: int, seed: int, fmt: str = "JPEG") -> EncodedImage:
+    """Smooth colour with a little noise, as a photo is (pure noise is every decoder's and
+    resizer's worst case, and no camera's)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / (40 + 9 * c) + y / (60 + 5 * c)) for c in range(3)], -1)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, quality=90)
+    return EncodedImage(f"photo[{seed}]", out.getvalue(), fmt)
+
+
 def jpeg(width: int, height: int, seed: int) -> EncodedImage:
-    return encoded(width, height, seed, fmt="JPEG")
+    return photo(width, height, seed)
 
 
 @pytest.mark.gpu
@@ -330,7 +342,7 @@ async def test_cuda_batches_decode_and_process_on_the_gpu_close_to_the_cpu() -> 
     await backend.start(None)
     cpu = ThreadBackend(LIMITS)
     try:
-        images = [jpeg(320, 240, 20), encoded(320, 240, 21), jpeg(400, 300, 22)]
+        images = [jpeg(320, 240, 20), photo(320, 240, 21, "PNG"), jpeg(400, 300, 22)]
         bad = EncodedImage("bad", b"\xff\xd8\xff\xe0 truncated", "JPEG")
         results = await asyncio.gather(
             backend.process(images[:2]), backend.process([bad, images[2]])
@@ -338,13 +350,15 @@ async def test_cuda_batches_decode_and_process_on_the_gpu_close_to_the_cpu() -> 
         flat = [*results[0], *results[1]]
         kinds = [type(r).__name__ for r in flat]
         assert kinds == ["Processed", "Processed", "BadRequest", "Processed"]
-        assert backend.batches == 1  # both requests' images in one batch
+        assert backend.batches == 1, backend.batches  # both requests' images in one batch
         for image, got in zip(images, [flat[0], flat[1], flat[3]], strict=True):
             assert isinstance(got, Processed) and got.pixels.device.type == "cuda"
             expected = cpu.process_one(image)
             assert isinstance(expected, Processed) and got.grid == expected.grid
-            difference = (got.pixels.cpu() - expected.pixels).abs().max().item()
-            assert difference < 1.0, difference  # another decoder and resize: close, not equal
+            # Another decoder (nvJPEG) and resize: close, not equal (docs/serving.md).
+            difference = (got.pixels.cpu() - expected.pixels).abs()
+            largest, mean = difference.max().item(), difference.mean().item()
+            assert largest < 0.7 and mean < 0.05, (image.param, largest, mean)
     finally:
         await backend.aclose()
         await cpu.aclose()

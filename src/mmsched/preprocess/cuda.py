@@ -262,7 +262,7 @@ class CudaBackend(Backend):
             image = decode_image(item.image, self.limits)
         except MmschedError as exc:
             return exc
-        array = np.asarray(image)  # (H, W, 3) uint8, upright and RGB (media.to_rgb)
+        array = np.array(image)  # (H, W, 3) uint8, upright and RGB (media.to_rgb); writable
         tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         return tensor.pin_memory().to(self.device, non_blocking=True)
 

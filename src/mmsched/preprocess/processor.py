@@ -48,10 +48,9 @@ def build_processor(backend: str) -> Any:
     if backend == TORCHVISION:
         if not torchvision_available():
             raise ImportError("the processor's torchvision backend needs torchvision")
-        fast = getattr(transformers, "Qwen2VLImageProcessorFast", None)  # transformers 4
-        if fast is not None:
-            return fast()
-        processor = transformers.Qwen2VLImageProcessor()
+        if not hasattr(transformers, "Qwen2VLImageProcessorPil"):  # transformers 4
+            return getattr(transformers, "Qwen2VLImageProcessorFast")()  # noqa: B009 (5 lacks it)
+        processor = transformers.Qwen2VLImageProcessor()  # 5: the torchvision backend
         if getattr(processor, "backend", TORCHVISION) != TORCHVISION:
             raise ImportError("transformers offers no torchvision backend of this processor")
         return processor

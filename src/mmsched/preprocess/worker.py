@@ -53,6 +53,11 @@ def main(conn: Connection, spec: WorkerSpec) -> None:
 
     processor = build_processor(spec.backend)
     limits = MediaLimits(spec.max_bytes, spec.max_pixels)
+    # One image through it before the worker says it is ready: the processor's first call
+    # loads what it imports lazily (a second or more), which no request should wait for.
+    from PIL import Image
+
+    run_processor(processor, "warm-up", [Image.new("RGB", (56, 56))])
     arena = spec.access.connect() if spec.access is not None else None
     try:
         conn.send(("ready", os.getpid()))
