@@ -273,9 +273,19 @@ def pad_ids(server: Server, *urls: str) -> list[int]:
 
 
 def test_images_reach_the_ranks_as_the_processor_sees_them(server: Server) -> None:
-    """Each awkward image has the pad id (the hash of the pixels the ranks got) of the plain
-    RGB image a direct processor call would see: composited on white, upright, 8-bit."""
+    """Each awkward image is processed into the features of the plain RGB image a direct
+    processor call would see (composited on white, upright, 8-bit), by the server's own
+    preprocessing path; and is keyed by its own bytes: another encoding of the same pixels
+    is other media to the ranks (another pad id)."""
+    import asyncio
+
+    import torch
     from PIL import ImageOps
+
+    from mmsched import Config
+    from mmsched.preprocess import Preprocessor, StageSettings
+    from mmsched.serve.chat import ChatProcessor
+    from mmsched.serve.media import MediaLimits
 
     rgba = np.zeros((240, 320, 4), dtype=np.uint8)
     rgba[60:180, 80:240, 3] = 255  # a black logo on a transparent background
@@ -295,9 +305,22 @@ def test_images_reach_the_ranks_as_the_processor_sees_them(server: Server) -> No
         (jpeg, data_url(upright)),
         (data_url(Image.fromarray(ramp)), data_url(grey8)),
     ]
+
+    async def features(*urls: str) -> list[torch.Tensor]:
+        stage = Preprocessor(StageSettings.of(Config(preprocess_cache_mb=0)), MediaLimits())
+        await stage.start(None)
+        try:
+            chat = ChatProcessor(preprocessor=stage)
+            prepared = await chat.prepare_async(ask(*map(image_part, urls)))
+            assert prepared.mm_inputs is not None
+            return [item["feature"] for item in prepared.mm_inputs["mm_items"]]
+        finally:
+            await stage.aclose()
+
     for awkward, plain in pairs:
-        first, second = pad_ids(server, awkward, plain)
-        assert first == second
+        first, second = asyncio.run(features(awkward, plain))
+        assert torch.equal(first, second)
+        assert len(set(pad_ids(server, awkward, plain))) == 2  # keyed by their own bytes
     reply = server.client().chat.completions.create(model=MODEL, messages=ask(image_part(jpeg)))
     assert "resized to 280x560" in (reply.choices[0].message.content or "")
 

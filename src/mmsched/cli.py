@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Qwen2-VL's image processor and carried to every rank by the pipeline. The pipeline "
         "is configured by --config, then MMSCHED_* variables, then the flags that name a "
         "config field (--tp, --max-prompt-tokens, --shutdown-timeout, --wire-pixels, "
-        "--nnodes, --dist-init-addr).",
+        "--nnodes, --dist-init-addr, --preprocess*).",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -290,6 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="what travels to the ranks for each image: the processor's resized uint8 "
         "pixels, normalized and patchified on each rank (the default), or its float32 "
         "pixel_values (wire_pixels)",
+    )
+    serve.add_argument(
+        "--preprocess",
+        choices=["auto", "cpu", "threads", "cuda"],
+        help="where images are decoded and processed (preprocess_backend; default auto: "
+        "cpu worker processes where torchvision imports, else Pillow on threads)",
+    )
+    serve.add_argument(
+        "--preprocess-workers", type=int, help="the cpu pool's processes (preprocess_workers)"
+    )
+    serve.add_argument(
+        "--preprocess-device", help="the cuda backend's GPU (preprocess_device; default cuda:0)"
+    )
+    serve.add_argument(
+        "--preprocess-cache-mb",
+        type=int,
+        help="processed-features cache by content key (preprocess_cache_mb; default 1024, 0: none)",
     )
     _host_flags(serve, required=False)
 
@@ -331,6 +348,10 @@ def _config(args: argparse.Namespace) -> Config:
         "max_prompt_tokens": getattr(args, "max_prompt_tokens", None),
         "shutdown_timeout_s": getattr(args, "shutdown_timeout", None),
         "wire_pixels": getattr(args, "wire_pixels", None),
+        "preprocess_backend": getattr(args, "preprocess", None),
+        "preprocess_workers": getattr(args, "preprocess_workers", None),
+        "preprocess_device": getattr(args, "preprocess_device", None),
+        "preprocess_cache_mb": getattr(args, "preprocess_cache_mb", None),
     }
     return config.replace(**{k: v for k, v in flags.items() if v is not None})
 

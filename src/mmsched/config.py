@@ -45,6 +45,9 @@ CACHE_HASHERS = ("blake3", "sha256", "sglang-0.5.23", "sglang-0.5")
 """Hashers that may key the feature cache (collision-resistant)."""
 
 
+PREPROCESS_BACKENDS = ("auto", "cpu", "threads", "cuda")
+"""Where ``mmsched serve`` decodes and processes images (``preprocess_backend``)."""
+
 SHM_TRANSPORT_DEFAULT_MB = 256
 """The ``shm`` transport's arena over a store that carries the bytes: headers and token ids
 (kilobytes to a few MB a request), and the tensors a full store sends inline rather than
@@ -119,6 +122,22 @@ class Config:
             own device ([`mmsched.pixels`][mmsched.pixels]); or ``float32``, the image
             processor's ``pixel_values``. ``Pipeline.generate`` carries either, as the
             items say.
+        preprocess_backend: where ``mmsched serve`` decodes and processes images: ``cpu``
+            (a pool of worker processes, each on one core, running the processor's
+            torchvision backend and writing into the payload store), ``threads`` (Pillow on
+            threads of the server's process), ``cuda`` (decoded and processed on
+            ``preprocess_device`` in micro-batches), or ``auto``: ``cpu`` where torchvision
+            imports, else ``threads``. See [The server](../serving.md#preprocessing).
+        preprocess_workers: processes of the ``cpu`` pool; ``None``: the cores left after
+            the server's process and this host's ranks, at least 1.
+        preprocess_device: the GPU of the ``cuda`` backend.
+        preprocess_gpu_mb: most GPU memory the ``cuda`` backend holds for images in work
+            (decoded pixels, features); an image past it is answered HTTP 503.
+        preprocess_batch_ms: longest an image waits for others to share its GPU batch.
+        preprocess_batch_images: most images in one GPU batch.
+        preprocess_cache_mb: bytes of processed features ``mmsched serve`` keeps by content
+            key (the image's encoded bytes and the processor), so that a repeated image is
+            neither decoded nor processed again; ``0``: no cache.
     """
 
     transport: str = "zmq"
@@ -147,6 +166,13 @@ class Config:
     max_prompt_tokens: int | None = 32768
     shutdown_timeout_s: float = 5.0
     wire_pixels: str = "uint8"
+    preprocess_backend: str = "auto"
+    preprocess_workers: int | None = None
+    preprocess_device: str = "cuda:0"
+    preprocess_gpu_mb: int = 2048
+    preprocess_batch_ms: float = 2.0
+    preprocess_batch_images: int = 32
+    preprocess_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
@@ -216,6 +242,34 @@ class Config:
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:
             raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         self._check_hosts()
+        self._check_preprocess()
+
+    def _check_preprocess(self) -> None:
+        if self.preprocess_backend not in PREPROCESS_BACKENDS:
+            raise ConfigError(
+                f"preprocess_backend must be one of {', '.join(PREPROCESS_BACKENDS)}, got "
+                f"{self.preprocess_backend!r}"
+            )
+        if self.preprocess_workers is not None and self.preprocess_workers < 1:
+            raise ConfigError(
+                f"preprocess_workers must be at least 1, got {self.preprocess_workers}"
+            )
+        if not self.preprocess_device.startswith("cuda"):
+            raise ConfigError(
+                f"preprocess_device must be a CUDA device (cuda, cuda:N), got "
+                f"{self.preprocess_device!r}"
+            )
+        for name in ("preprocess_gpu_mb", "preprocess_batch_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.preprocess_batch_ms < 0:
+            raise ConfigError(
+                f"preprocess_batch_ms must not be negative, got {self.preprocess_batch_ms}"
+            )
+        if self.preprocess_cache_mb < 0:
+            raise ConfigError(
+                f"preprocess_cache_mb must not be negative, got {self.preprocess_cache_mb}"
+            )
 
     def _check_hosts(self) -> None:
         if self.nnodes < 1:

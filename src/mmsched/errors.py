@@ -16,6 +16,8 @@
     ├── ModelOutputError                           a rank callback's output for a request
     │                                              is missing or not ids (rank side: the
     │                                              caller gets RequestFailed of that kind)
+    ├── PreprocessWorkerLost                       a preprocessing worker process died or
+    │                                              hung with the request's image in hand
     └── NotRunning                                 the pipeline is not started, or closed
 
 Errors from libraries underneath (torch.distributed, zmq) are translated at the transport
@@ -110,6 +112,11 @@ class RequestFailed(MmschedError):
 
     def __reduce__(self) -> tuple[type[RequestFailed], tuple[str, str, str]]:
         return (RequestFailed, (self.rid, self.kind, self.message))
+
+
+class PreprocessWorkerLost(MmschedError):
+    """A preprocessing worker process died (or stopped answering) while it held an image of
+    the request; the worker is replaced, and only the requests it held fail."""
 
 
 class ModelOutputError(MmschedError):

@@ -107,17 +107,20 @@ def _preimage_header(modality: str, tensor: torch.Tensor) -> bytes:
 
 @dataclass(frozen=True)
 class HashStats:
-    """Hashes computed by this process so far and the process CPU time they took."""
+    """Hashes computed by this process so far and the process CPU time they took;
+    ``supplied``: items whose hash the caller supplied (``content_hash``), not computed."""
 
     count: int = 0
     cpu_seconds: float = 0.0
     nbytes: int = 0
+    supplied: int = 0
 
     def __add__(self, other: HashStats) -> HashStats:
         return HashStats(
             self.count + other.count,
             self.cpu_seconds + other.cpu_seconds,
             self.nbytes + other.nbytes,
+            self.supplied + other.supplied,
         )
 
     def __sub__(self, other: HashStats) -> HashStats:
@@ -125,6 +128,7 @@ class HashStats:
             self.count - other.count,
             self.cpu_seconds - other.cpu_seconds,
             self.nbytes - other.nbytes,
+            self.supplied - other.supplied,
         )
 
 
@@ -139,7 +143,16 @@ class _HashCounter:
             return
         with self._lock:
             s = self._stats
-            self._stats = HashStats(s.count + 1, s.cpu_seconds + cpu_seconds, s.nbytes + nbytes)
+            self._stats = HashStats(
+                s.count + 1, s.cpu_seconds + cpu_seconds, s.nbytes + nbytes, s.supplied
+            )
+
+    def record_supplied(self) -> None:
+        if getattr(self.uncounted, "depth", 0):
+            return
+        with self._lock:
+            s = self._stats
+            self._stats = HashStats(s.count, s.cpu_seconds, s.nbytes, s.supplied + 1)
 
     def snapshot(self) -> HashStats:
         with self._lock:
@@ -147,6 +160,11 @@ class _HashCounter:
 
 
 _COUNTER = _HashCounter()
+
+
+def record_supplied_hash() -> None:
+    """Count one item whose hash its caller supplied (in [`hash_stats`][]'s ``supplied``)."""
+    _COUNTER.record_supplied()
 
 
 def hash_stats() -> HashStats:

@@ -19,6 +19,17 @@ contiguous tensor, so every rank reads the same values. The hash is taken before
 and before a list is joined, so that a hasher that matches another system's values
 (``sglang-0.5.23``) sees the feature as the processor gave it.
 
+An item may carry its own content hash, ``content_hash``: an int in ``[0, 2**64)``, or
+bytes of 8 to 64 (a digest, say BLAKE3's 32; its first 8 bytes, big-endian, are the hash).
+It is then the item's hash, and its feature is not hashed at all: a front end that keyed the
+media by its encoded bytes (as ``mmsched serve`` does, [`mmsched.preprocess.keys`][])
+passes that key, and the features, on a GPU maybe, are never read to hash them. It is
+*trusted* input, as SGLang's ``content_hash`` and vLLM's ``multi_modal_uuids`` are: the
+hash names the media for the ranks' feature cache and the prefix cache, so a caller that
+passes the same hash for other media gets the other media's cached features and pad
+values. Pass it only from code that computed it, never from a client. Such items are
+counted in [`hash_stats`][mmsched.hashing.hash_stats]' ``supplied``, not in its ``count``.
+
 Each item has one or more pad values: a media span of the input ids cycles through them from
 its first token ([`pad_input_ids`][mmsched.inputs.MultimodalInputs.pad_input_ids]). They lie
 above every vocabulary and may need all 63 bits of an int64 id (see
@@ -40,7 +51,13 @@ import torch
 
 from mmsched.errors import InvalidMultimodalInput, MmschedError
 from mmsched.frames import Int64List
-from mmsched.hashing import DEFAULT_HASHER, get_hasher, padding_sequence, tensor_bytes
+from mmsched.hashing import (
+    DEFAULT_HASHER,
+    get_hasher,
+    padding_sequence,
+    record_supplied_hash,
+    tensor_bytes,
+)
 from mmsched.pixels import ITEM_KEY as UINT8_PIXELS
 from mmsched.pixels import check_item as check_uint8_pixels
 
@@ -67,7 +84,9 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MAX_NESTING = 32
 
 _GRID_KEY_OF = {Modality.IMAGE: "image_grid_thw", Modality.VIDEO: "video_grid_thw"}
-_ITEM_KEYS = {"modality", "feature", "offsets"}
+_ITEM_KEYS = {"modality", "feature", "offsets", "content_hash"}
+# A caller-supplied content hash: an int of 64 bits, or a digest of this many bytes.
+CONTENT_HASH_BYTES = (8, 64)
 _TOP_LEVEL_KEYS = {"mm_items", "mrope_positions", "mrope_position_delta"}
 
 
@@ -150,8 +169,13 @@ class MultimodalInputs:
             parsed = _parse(raw, input_len=input_len, max_bytes=max_bytes)
             items = []
             for i, (modality, feature, given, offsets, extra) in enumerate(parsed.items):
+                supplied = parsed.content_hashes[i]
                 try:
-                    h = hash_fn.hash_feature(modality.value, feature, given)
+                    if supplied is not None:
+                        h = supplied  # trusted (module docstring): no hash of the feature
+                        record_supplied_hash()
+                    else:
+                        h = hash_fn.hash_feature(modality.value, feature, given)
                 except InvalidMultimodalInput as exc:  # a form this hasher cannot hash
                     raise InvalidMultimodalInput(
                         f"mm_items[{i}].{exc.field}", exc.problem
@@ -284,6 +308,7 @@ def materialize(
 class _Parsed:
     # (modality, the feature as carried, the feature as given, offsets, model-specific data)
     items: list[tuple[Modality, torch.Tensor, Any, list[tuple[int, int]], dict[str, Any]]]
+    content_hashes: list[int | None]  # each item's caller-supplied hash, if any
     special_token_ids: dict[str, int]
     mrope_positions: torch.Tensor | None
     mrope_position_delta: torch.Tensor | None
@@ -312,6 +337,12 @@ def _parse(raw: Any, *, input_len: int | None, max_bytes: int | None) -> _Parsed
 
     special = {k: _token_id(k, v) for k, v in raw.items() if k.endswith("_id")}
     items = [_parse_item(f"mm_items[{i}]", it) for i, it in enumerate(raw_items)]
+    content_hashes = [
+        _content_hash(f"mm_items[{i}].content_hash", it["content_hash"])
+        if "content_hash" in it
+        else None
+        for i, it in enumerate(raw_items)
+    ]
     _check_spans(items, input_len)
 
     total = sum(feature.numel() * feature.element_size() for _, feature, _, _, _ in items)
@@ -347,7 +378,25 @@ def _parse(raw: Any, *, input_len: int | None, max_bytes: int | None) -> _Parsed
             raise InvalidMultimodalInput(
                 "mrope_position_delta", f"must be integer, got {delta.dtype}"
             )
-    return _Parsed(items, special, mrope_positions, delta)
+    return _Parsed(items, content_hashes, special, mrope_positions, delta)
+
+
+def _content_hash(where: str, value: Any) -> int:
+    """A caller-supplied content hash as the item's 64-bit hash (module docstring)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | bytes):
+        raise InvalidMultimodalInput(
+            where, f"expected an int or bytes, got {type(value).__name__}"
+        )
+    if isinstance(value, bytes):
+        low, high = CONTENT_HASH_BYTES
+        if not low <= len(value) <= high:
+            raise InvalidMultimodalInput(
+                where, f"expected {low} to {high} bytes, got {len(value)}"
+            )
+        return int.from_bytes(value[:8], "big")
+    if not 0 <= int(value) < 2**64:
+        raise InvalidMultimodalInput(where, f"must lie in [0, 2**64), got {value}")
+    return int(value)
 
 
 def _token_id(name: str, value: Any) -> int:

@@ -402,6 +402,12 @@ class Pipeline:
     ) -> GenerateOutput:
         """Run one request; ``mm_inputs`` is the processor's output dict (or a built object).
 
+        An item of the dict may carry its own ``content_hash`` (an int below ``2**64``, or 8
+        to 64 bytes of a digest): it is then the item's hash, for the ranks' feature cache
+        and the pad values, and the feature is not hashed. Trusted input, as SGLang's
+        ``content_hash`` and vLLM's ``multi_modal_uuids`` are: pass only a key your own code
+        computed over the media ([`mmsched.inputs`][]).
+
         Raises:
             InvalidMultimodalInput: the inputs are malformed; this request alone fails.
             RequestFailed: a rank failed the request for another reason (``kind`` says which).

@@ -243,7 +243,9 @@ class RankGroup:
     async def publish(self, requests: Sequence[TokenizedGenerateReqInput]) -> Iteration:
         """Entry rank: build each request's inputs once and send the iteration to every rank.
 
-        A request whose ids or inputs are malformed fails alone (in ``failed``).
+        A request whose ids or inputs are malformed fails alone (in ``failed``). An item
+        that carries its own ``content_hash`` (trusted: see [`mmsched.inputs`][]) is not
+        hashed.
 
         Raises:
             NotRunning: closed, or called on another rank than 0.

@@ -40,7 +40,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -54,6 +54,7 @@ from mmsched.errors import (
     NotRunning,
     Overloaded,
     PeerLost,
+    PreprocessWorkerLost,
     RequestFailed,
 )
 from mmsched.hashing import PAD_VALUE_SHIFT
@@ -67,6 +68,9 @@ from mmsched.serve.media import BadRequest, MediaLimits
 from mmsched.serve.metrics import ServerMetrics
 from mmsched.serve.options import ChatOptions, chat_options
 from mmsched.serve.shutdown import Drain, ShuttingDown
+
+if TYPE_CHECKING:
+    from mmsched.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +149,7 @@ def create_app(
     )
     metrics = ServerMetrics()
     state: dict[str, Pipeline] = {}
+    stages: dict[str, Preprocessor] = {}
     if generates_text is None:
         generates_text = on_iteration is not None  # a model's own ids, not the stub's echo
     drain = Drain(config.shutdown_timeout_s)
@@ -154,12 +159,27 @@ def create_app(
         drain.attach(asyncio.get_running_loop())
         pipeline = Pipeline(config, on_iteration=on_iteration, on_rank_start=on_rank_start)
         await pipeline.start()
+        stage: Preprocessor | None = None
+        try:
+            if processor is None:  # the default processor: through the preprocessing stage
+                from mmsched.preprocess import Preprocessor, StageSettings  # (a cycle, at import)
+
+                stage = Preprocessor(StageSettings.of(config), limits)
+                await stage.start(pipeline)
+                chat.attach(stage)
+                stages["preprocess"] = stage
+        except BaseException:
+            await pipeline.aclose()
+            raise
         state["pipeline"] = pipeline
         log.info("serving %s: %s", settings.model, config.as_dict())
         try:
             yield
         finally:
             state.pop("pipeline", None)
+            stages.pop("preprocess", None)
+            if stage is not None:
+                await stage.aclose()  # its workers first: they write into the pipeline's store
             log.info("closing the pipeline")
             await pipeline.aclose()
 
@@ -185,6 +205,8 @@ def create_app(
             request_bytes_sent=pipeline.request_bytes_sent if pipeline else 0,
             cache=pipeline.cache_stats() if pipeline else None,
         )
+        if "preprocess" in stages:
+            text += stages["preprocess"].metrics_text()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
@@ -384,11 +406,11 @@ def _options(body: dict[str, Any], model: str) -> ChatOptions:
 
 
 async def _prepare(chat: ChatProcessor, messages: Any, max_tokens: int | None) -> PreparedChat:
-    """``chat.prepare(messages)`` on a worker thread; its prompt at most ``max_tokens`` long
-    (a processor of the default kind refuses a longer one on its way, another is checked
-    here)."""
+    """``chat.prepare_async(messages)`` (the preprocessing stage); its prompt at most
+    ``max_tokens`` long (a processor of the default kind refuses a longer one on its way,
+    another is checked here)."""
     try:
-        prepared = await asyncio.to_thread(chat.prepare, messages)
+        prepared = await chat.prepare_async(messages)
         if max_tokens is not None and len(prepared.input_ids) > max_tokens:
             raise BadRequest(
                 "messages",
@@ -398,6 +420,10 @@ async def _prepare(chat: ChatProcessor, messages: Any, max_tokens: int | None) -
         return prepared
     except BadRequest as exc:
         raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
+    except Overloaded as exc:  # a preprocessing budget
+        raise _HttpError(503, "overloaded_error", str(exc)) from None
+    except PreprocessWorkerLost as exc:
+        raise _HttpError(503, "service_unavailable", str(exc)) from None
     except Exception as exc:  # a processor bug, not the client's: still this request alone
         log.exception("processing a chat request failed")
         raise _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}") from None

@@ -18,23 +18,40 @@ Qwen2-VL's special token ids are kept, so the ids have the real layout around ea
 
 Every malformed message raises [`BadRequest`][mmsched.serve.media.BadRequest] naming the
 field (``messages[1].content[0].image_url``), which the server turns into an HTTP 400.
+
+The server calls [`prepare_async`][mmsched.serve.chat.ChatProcessor.prepare_async]: the
+images' bytes are read out of their URLs and keyed there, before any decoding, and the
+preprocessing stage ([`mmsched.preprocess`][]) decodes and processes those its cache does
+not hold, each item then carrying its key as ``content_hash``.
+[`prepare`][mmsched.serve.chat.ChatProcessor.prepare] is the blocking path for callers
+without an event loop: Pillow on threads, no cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from mmsched.errors import ConfigError
+from mmsched.errors import ConfigError, MmschedError
 from mmsched.pixels import ITEM_KEY, WIRE_FORMATS, resized_pixels, specs_of
-from mmsched.serve.media import BadRequest, MediaLimits, decode_image_url
+from mmsched.serve.media import (
+    BadRequest,
+    EncodedImage,
+    MediaLimits,
+    decode_image_url,
+    read_image_url,
+)
+
+if TYPE_CHECKING:
+    from mmsched.preprocess.stage import Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +129,7 @@ class ChatProcessor:
         max_images: int = 16,
         max_prompt_tokens: int | None = None,
         wire_pixels: str = "float32",
+        preprocessor: Preprocessor | None = None,
     ) -> None:
         self.tokenizer = tokenizer or ByteTokenizer()
         self.limits = limits or MediaLimits()
@@ -125,6 +143,28 @@ class ChatProcessor:
         # uint8: only the processor's resize runs here; each rank does the rest.
         self.resize, patch_spec = specs_of(self.image_processor)
         self._item_data = {ITEM_KEY: patch_spec.as_dict()} if wire_pixels == "uint8" else {}
+        self.preprocessor: Preprocessor | None = None
+        if preprocessor is not None:
+            self.attach(preprocessor)
+
+    def attach(self, preprocessor: Preprocessor) -> None:
+        """Process images through ``preprocessor`` (started by the caller) from now on, in
+        [`prepare_async`][mmsched.serve.chat.ChatProcessor.prepare_async]; it must produce
+        the pixels this processor's ``wire_pixels`` names.
+
+        Raises:
+            ConfigError: the stage's ``wire_pixels`` is not this processor's.
+        """
+        if preprocessor.settings.wire_pixels != self.wire_pixels:
+            raise ConfigError(
+                f"the preprocessing stage makes {preprocessor.settings.wire_pixels} pixels, "
+                f"this chat processor sends {self.wire_pixels}"
+            )
+        self.preprocessor = preprocessor
+        self.image_processor = preprocessor.backend.processor
+        self.merge = int(self.image_processor.merge_size)
+        self.resize, patch_spec = specs_of(self.image_processor)
+        self._item_data = {ITEM_KEY: patch_spec.as_dict()} if self.wire_pixels == "uint8" else {}
 
     def prepare(self, messages: Any) -> PreparedChat:
         """Render, tokenize and process ``messages`` (blocking: call it off the event loop).
@@ -136,6 +176,49 @@ class ChatProcessor:
         Raises:
             BadRequest: naming the first field that cannot be used.
         """
+        layout, images = self._layout(messages)
+        # The images, side by side; the first failure (in request order) is the answer.
+        processed = list(_POOL.map(lambda job: self._image(*job), images))
+        return self._assemble(layout, [(pixels, grid, None) for pixels, grid in processed])
+
+    async def prepare_async(self, messages: Any) -> PreparedChat:
+        """Like [`prepare`][mmsched.serve.chat.ChatProcessor.prepare], through the attached
+        preprocessing stage (without one: ``prepare`` on a worker thread). Each image's
+        bytes are read from its URL and keyed before anything is decoded; the stage's cache
+        answers a repeat, the backend the rest.
+
+        Raises:
+            BadRequest: naming the first field that cannot be used (HTTP 400).
+            Overloaded: a preprocessing budget is full (HTTP 503).
+            PreprocessWorkerLost: a worker process died holding one of the images (503).
+        """
+        stage = self.preprocessor
+        if stage is None:
+            return await asyncio.to_thread(self.prepare, messages)
+        layout, encoded, keys = await asyncio.to_thread(self._layout_and_keys, messages, stage)
+        results = await stage.process(encoded, keys) if encoded else []
+        done: list[tuple[torch.Tensor, tuple[int, int, int], bytes | None]] = []
+        for image, result in zip(encoded, results, strict=True):
+            # The first failure, in request order, is the answer; named as this request
+            # names the image (a repeat's failure may be another request's).
+            if isinstance(result, BadRequest):
+                raise BadRequest(image.param, result.problem)
+            if isinstance(result, MmschedError):
+                raise result
+            supplied = result.key if stage.settings.supply_keys else None
+            done.append((result.processed.pixels, result.processed.grid, supplied))
+        return self._assemble(layout, done)
+
+    def _layout_and_keys(
+        self, messages: Any, stage: Preprocessor
+    ) -> tuple[list[list[int] | int], list[EncodedImage], list[bytes]]:
+        layout, images = self._layout(messages)
+        encoded = [read_image_url(param, url, self.limits) for param, url in images]
+        return layout, encoded, [stage.key(image) for image in encoded]
+
+    def _layout(self, messages: Any) -> tuple[list[list[int] | int], list[tuple[str, Any]]]:
+        """The prompt's token runs with an image's index where it goes, and each image's
+        ``(param, url)``; the text is checked against the prompt bound on the way."""
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages", "expected a non-empty list of messages")
         # First the layout: token runs, and (param, url) where each image goes.
@@ -174,8 +257,15 @@ class ChatProcessor:
         layout.append([IM_START, *self.tokenizer.encode("assistant\n")])
         # Before any image is decoded: a prompt whose text alone is too long costs no more.
         self._check_length(sum(len(r) for r in layout if isinstance(r, list)), "text")
-        # Then the images, side by side; the first failure (in request order) is the answer.
-        processed = list(_POOL.map(lambda job: self._image(*job), images))
+        return layout, images
+
+    def _assemble(
+        self,
+        layout: list[list[int] | int],
+        processed: Sequence[tuple[torch.Tensor, tuple[int, int, int], bytes | None]],
+    ) -> PreparedChat:
+        """The ids and the processor-output dict from the layout and each image's
+        ``pixel_values``, grid and key (``content_hash``, when the stage supplies it)."""
         ids: list[int] = []
         items: list[dict[str, Any]] = []
         grids: list[tuple[int, int, int]] = []
@@ -183,7 +273,7 @@ class ChatProcessor:
             if isinstance(run, list):
                 ids += run
                 continue
-            pixels, grid = processed[run]
+            pixels, grid, key = processed[run]
             tokens = _tokens(grid, self.merge)
             start = len(ids) + 1  # after <|vision_start|>
             ids += [VISION_START, *[IMAGE_PAD] * tokens, VISION_END]
@@ -196,6 +286,8 @@ class ChatProcessor:
                     **self._item_data,
                 }
             )
+            if key is not None:  # the image's content key: the pipeline hashes nothing
+                items[-1]["content_hash"] = key
             grids.append(grid)
         self._check_length(len(ids), "text and images")
         mm = None

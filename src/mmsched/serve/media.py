@@ -53,11 +53,32 @@ class MediaLimits:
     max_pixels: int = 40_000_000
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image's encoded bytes, as the client sent them (base64 undone), not decoded yet:
+    what a content key is taken over and what a preprocessing worker decodes."""
+
+    param: str
+    data: bytes
+    format: str  # the Pillow format its media type names: PNG or JPEG
+
+
 def decode_image_url(param: str, url: object, limits: MediaLimits) -> Image.Image:
     """The RGB image a ``data:image/png;base64,...`` (or JPEG) URL holds.
 
     Raises:
         BadRequest: naming ``param``, for anything but a decodable PNG or JPEG within limits.
+    """
+    encoded = read_image_url(param, url, limits)
+    return decode_image(encoded, limits)
+
+
+def read_image_url(param: str, url: object, limits: MediaLimits) -> EncodedImage:
+    """The encoded bytes a ``data:`` URL holds, checked (scheme, media type, base64, size)
+    but not decoded.
+
+    Raises:
+        BadRequest: naming ``param``, for anything but base64 PNG or JPEG within limits.
     """
     if not isinstance(url, str):
         raise BadRequest(param, f"expected a URL string, got {type(url).__name__}")
@@ -84,7 +105,39 @@ def decode_image_url(param: str, url: object, limits: MediaLimits) -> Image.Imag
         raise BadRequest(param, f"invalid base64: {exc}") from None
     if len(data) > limits.max_bytes:  # the estimate above is exact for valid base64; belt
         raise BadRequest(param, _too_large(limits.max_bytes))
-    return _decode(param, data, expected, limits)
+    return EncodedImage(param, data, expected)
+
+
+def decode_image(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
+    """``encoded`` decoded into an upright RGB image (module docstring).
+
+    Raises:
+        BadRequest: naming its ``param``: not decodable as its format, or too many pixels.
+    """
+    return _decode(encoded.param, encoded.data, encoded.format, limits)
+
+
+def open_checked(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
+    """``encoded`` opened (its header read, its pixels not decoded yet) and its size checked
+    against ``limits``: a decompression bomb is refused before any pixel is decoded.
+
+    Raises:
+        BadRequest: naming its ``param``: not a file of its format, or too many pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
+    except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
+        raise BadRequest(
+            encoded.param, f"not a decodable {encoded.format} image: {exc}"
+        ) from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise BadRequest(
+            encoded.param, f"{width}x{height} is more than {limits.max_pixels:,} pixels"
+        )
+    return image
 
 
 def _decoded_size(payload: str) -> int:

@@ -1,0 +1,340 @@
+"""The ``cuda`` backend: images decoded on a GPU and processed there, in micro-batches.
+
+Requests arrive one by one; the GPU works best on many images at once. Images are gathered
+for at most ``preprocess_batch_ms`` (or until ``preprocess_batch_images`` have come), then
+one thread runs the batch: JPEGs are decoded on the GPU together (``torchvision.io.decode_jpeg``
+with ``device``; nvJPEG), PNGs (and JPEGs whose EXIF orientation must be applied) are decoded
+on the CPU by Pillow and moved, and the torchvision backend of the processor runs on the GPU
+over the whole batch. The features stay on the GPU: under the ``cuda-ipc`` payload store they
+reach the ranks device to device, and with the content key as their hash nothing copies them
+to the host to hash them.
+
+GPU memory is bounded: each image reserves, before any work, what its decoded pixels and its
+features take (from its header's size; features twice, for the processor's intermediate),
+against ``preprocess_gpu_mb``. An image that does not fit is refused with
+[`Overloaded`][mmsched.errors.Overloaded] (HTTP 503) rather than queued; its decoded pixels
+and the intermediate are given back when its batch is done, its features' share when the
+tensor is freed (after the request's pipeline has copied it).
+
+One bad image never fails a batch: a batch decode or processor run that raises is retried
+image by image, and only the images that fail alone get their error (HTTP 400).
+
+Sharing the GPU with the ranks (the default device is rank 0's, ``cuda:0``): this process
+then holds a CUDA context (a few hundred MB) plus up to ``preprocess_gpu_mb`` on that GPU,
+and its kernels take time slices from the model's. Give the stage its own GPU where there is
+one, or size ``preprocess_gpu_mb`` into the model's memory plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmsched.errors import ConfigError, MmschedError, Overloaded
+from mmsched.preprocess.backend import Backend, Outcome, Processed
+from mmsched.preprocess.keys import processor_identity
+from mmsched.preprocess.processor import TORCHVISION, build_processor, run_processor
+from mmsched.serve.media import EncodedImage, MediaLimits, decode_image, open_checked
+
+log = logging.getLogger(__name__)
+
+
+class GpuBudget:
+    """Bytes of GPU memory the stage may hold at once (thread-safe)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.held + nbytes > self.capacity:
+                self.refused += 1
+                return False
+            self.held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.held = max(0, self.held - nbytes)
+
+
+@dataclass
+class _Item:
+    image: EncodedImage
+    size: tuple[int, int]  # width, height
+    orientation: int
+    reserved: int
+    features: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Outcome] = field(repr=False)
+
+
+class CudaBackend(Backend):
+    """Decode and process on ``device``, micro-batched (module docstring)."""
+
+    name = "cuda"
+
+    def __init__(
+        self,
+        limits: MediaLimits,
+        device: str,
+        budget_mb: int,
+        batch_ms: float,
+        batch_images: int,
+        wire_pixels: str = "float32",
+    ) -> None:
+        self.limits = limits
+        self.wire_pixels = wire_pixels
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ConfigError(f"the cuda preprocessing backend needs a CUDA device, not {device!r}")
+        if not torch.cuda.is_available():
+            raise ConfigError("the cuda preprocessing backend needs CUDA, and torch sees no GPU")
+        try:
+            self._processor = build_processor(TORCHVISION)
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError as exc:
+            raise ConfigError(f"the cuda preprocessing backend needs torchvision: {exc}") from exc
+        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
+        self.identity = processor_identity(
+            "cuda",
+            self._processor,
+            {"decoder": "nvjpeg", "torch": torch.__version__, "wire_pixels": wire_pixels},
+        )
+        self.budget = GpuBudget(budget_mb << 20)
+        self.batch_s = batch_ms / 1e3
+        self.batch_images = batch_images
+        self.batches = 0  # batches run
+        self.batched_images = 0
+        self._queue: list[_Item] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._runner = ThreadPoolExecutor(1, thread_name_prefix="mmsched-preprocess-gpu")
+
+    @property
+    def processor(self) -> Any:
+        return self._processor
+
+    async def start(self, pipeline: Any | None) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._batcher(), name="mmsched-preprocess-batcher")
+        # The CUDA context and the kernels' first run, before the first request pays for it.
+        await asyncio.get_running_loop().run_in_executor(self._runner, self._warm)
+        log.info(
+            "preprocessing on %s: batches of up to %d images or %.1f ms, %d MB budget",
+            self.device,
+            self.batch_images,
+            self.batch_s * 1e3,
+            self.budget.capacity >> 20,
+        )
+
+    def _warm(self) -> None:
+        blank = torch.zeros((3, 56, 56), dtype=torch.uint8, device=self.device)
+        run_processor(self._processor, "warm-up", [blank], self.device)
+        torch.cuda.synchronize(self.device)
+
+    async def process(self, images: Sequence[EncodedImage]) -> list[Outcome]:
+        if self._task is None or self._wake is None:
+            raise MmschedError("the cuda preprocessing backend is not started")
+        loop = asyncio.get_running_loop()
+        outcomes: list[Outcome | None] = [None] * len(images)
+        waiting: list[tuple[int, asyncio.Future[Outcome]]] = []
+        for n, image in enumerate(images):
+            try:
+                item = self._admit(image, loop)
+            except MmschedError as exc:
+                outcomes[n] = exc
+                continue
+            self._queue.append(item)
+            waiting.append((n, item.future))
+        self._wake.set()
+        for n, future in waiting:
+            outcomes[n] = await future
+        return [o for o in outcomes if o is not None]
+
+    def _admit(self, image: EncodedImage, loop: asyncio.AbstractEventLoop) -> _Item:
+        """The image's header read (its size checked) and its GPU memory reserved.
+
+        Raises:
+            BadRequest: not an image of its format, or too many pixels.
+            Overloaded: its memory does not fit in the budget now.
+        """
+        header = open_checked(image, self.limits)
+        width, height = header.size
+        orientation = 1
+        if image.format == "JPEG":
+            with contextlib.suppress(Exception):  # a broken EXIF block: decode as it is
+                orientation = int(header.getexif().get(0x0112, 1))
+        features = _feature_bytes(self._processor, width, height)
+        reserved = width * height * 3 + 2 * features
+        if not self.budget.reserve(reserved):
+            raise Overloaded(
+                f"{image.param}: the GPU preprocessing budget (preprocess_gpu_mb="
+                f"{self.budget.capacity >> 20}) is full: {self.budget.held >> 20} MB held"
+            )
+        return _Item(
+            image, (width, height), orientation, reserved, features, loop, loop.create_future()
+        )
+
+    async def _batcher(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._queue:
+                continue
+            # A bounded window: the first image waits at most batch_s for company.
+            deadline = time.monotonic() + self.batch_s
+            while len(self._queue) < self.batch_images and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), deadline - time.monotonic())
+                self._wake.clear()
+            batch, self._queue = self._queue[: self.batch_images], self._queue[self.batch_images :]
+            if self._queue:
+                self._wake.set()
+            try:
+                outcomes = await loop.run_in_executor(self._runner, self._run_batch, batch)
+            except Exception as exc:  # a bug of ours: this batch's error, not the server's end
+                log.exception("a preprocessing batch failed")
+                outcomes = [MmschedError(f"preprocessing failed: {exc}")] * len(batch)
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if not item.future.done():
+                    item.future.set_result(outcome)
+
+    def _run_batch(self, batch: list[_Item]) -> list[Outcome]:
+        self.batches += 1
+        self.batched_images += len(batch)
+        try:
+            decoded = self._decode(batch)
+            outcomes = self._process(batch, decoded)
+            torch.cuda.synchronize(self.device)  # the features are ready when handed over
+        finally:
+            for item in batch:  # the pixels and the intermediate are gone; features stay
+                self.budget.release(item.reserved - item.features)
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Processed):
+                weakref.finalize(outcome.pixels, self.budget.release, item.features)
+            else:
+                self.budget.release(item.features)
+        return outcomes
+
+    def _decode(self, batch: list[_Item]) -> list[torch.Tensor | MmschedError]:
+        """Each image as a ``(3, H, W)`` uint8 tensor on the GPU, or its error."""
+        out: list[torch.Tensor | MmschedError | None] = [None] * len(batch)
+        on_gpu = [
+            n for n, it in enumerate(batch) if it.image.format == "JPEG" and it.orientation == 1
+        ]
+        if on_gpu:
+            data = [
+                torch.frombuffer(bytearray(batch[n].image.data), dtype=torch.uint8) for n in on_gpu
+            ]
+            try:
+                tensors = self._decode_jpeg(data, mode=self._rgb, device=self.device)
+                for n, tensor in zip(on_gpu, tensors, strict=True):
+                    out[n] = tensor
+            except Exception:  # one bad file fails nvJPEG's batch: each on its own below
+                pass
+        for n, item in enumerate(batch):
+            if out[n] is not None:
+                continue
+            out[n] = self._decode_one(item)
+        return [o for o in out if o is not None]
+
+    def _decode_one(self, item: _Item) -> torch.Tensor | MmschedError:
+        if item.image.format == "JPEG" and item.orientation == 1:
+            data = torch.frombuffer(bytearray(item.image.data), dtype=torch.uint8)
+            with contextlib.suppress(Exception):  # nvJPEG refuses some (CMYK): Pillow below
+                decoded: torch.Tensor = self._decode_jpeg(data, mode=self._rgb, device=self.device)
+                return decoded
+        try:
+            image = decode_image(item.image, self.limits)
+        except MmschedError as exc:
+            return exc
+        array = np.array(image)  # (H, W, 3) uint8, upright and RGB (media.to_rgb); writable
+        tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _process(
+        self, batch: list[_Item], decoded: list[torch.Tensor | MmschedError]
+    ) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [
+            d if isinstance(d, MmschedError) else None for d in decoded
+        ]
+        good = [n for n, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
+        tensors = [d for d in decoded if isinstance(d, torch.Tensor)]
+        if good:
+            try:
+                results = run_processor(
+                    self._processor, "images", tensors, self.device, self.wire_pixels
+                )
+            except MmschedError:  # one refused image fails the batch's call: each alone
+                results = []
+            if results:
+                for n, (pixels, grid) in zip(good, results, strict=True):
+                    outcomes[n] = Processed(pixels, grid, owned=False)
+            else:
+                for n, tensor in zip(good, tensors, strict=True):
+                    param = batch[n].image.param
+                    try:
+                        [(pixels, grid)] = run_processor(
+                            self._processor, param, [tensor], self.device, self.wire_pixels
+                        )
+                        outcomes[n] = Processed(pixels, grid, owned=False)
+                    except MmschedError as exc:
+                        outcomes[n] = exc
+        return [o for o in outcomes if o is not None]
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_result(MmschedError("the preprocessing stage closed"))
+            self.budget.release(item.reserved)
+        self._queue.clear()
+        self._runner.shutdown(wait=True)
+
+
+def _feature_bytes(processor: Any, width: int, height: int) -> int:
+    """Bytes of the float32 ``pixel_values`` the processor makes of a ``width x height``
+    image (its resize rule, from the header's size: no decoding)."""
+    patch, merge = int(processor.patch_size), int(processor.merge_size)
+    size = processor.size
+    lo = (
+        size.get("shortest_edge")
+        if isinstance(size, dict)
+        else getattr(size, "shortest_edge", None)
+    )
+    hi = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    factor = patch * merge
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if hi and h_bar * w_bar > hi:
+        beta = math.sqrt(height * width / hi)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif lo and h_bar * w_bar < lo:
+        beta = math.sqrt(lo / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    rows = (h_bar // patch) * (w_bar // patch)
+    row = 3 * int(processor.temporal_patch_size) * patch * patch
+    return rows * row * 4

@@ -1,0 +1,382 @@
+"""The preprocessing stage of ``mmsched serve``: content keys of the encoded bytes, the
+processed-features cache, the process pool writing into the payload store (a worker killed
+mid-image, shutdown), the caller-supplied hash, and the cuda backend (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import psutil
+import pytest
+import pytest_asyncio
+import torch
+
+Image = pytest.importorskip("PIL.Image", reason="the serve extra installs Pillow")
+pytest.importorskip("transformers", reason="the serve extra installs transformers")
+
+from mmsched import Config, Pipeline  # noqa: E402
+from mmsched.errors import InvalidMultimodalInput, Overloaded, PreprocessWorkerLost  # noqa: E402
+from mmsched.hashing import hash_stats, pad_values_of  # noqa: E402
+from mmsched.inputs import MultimodalInputs  # noqa: E402
+from mmsched.preprocess import Preprocessor, StageSettings, content_key, key_hash  # noqa: E402
+from mmsched.preprocess.backend import Processed  # noqa: E402
+from mmsched.preprocess.cache import ProcessedCache  # noqa: E402
+from mmsched.preprocess.keys import processor_identity  # noqa: E402
+from mmsched.preprocess.pool import ProcessPoolBackend  # noqa: E402
+from mmsched.preprocess.processor import (  # noqa: E402
+    PIL,
+    TORCHVISION,
+    build_processor,
+    torchvision_available,
+)
+from mmsched.preprocess.threads import ThreadBackend  # noqa: E402
+from mmsched.serve.chat import ChatProcessor  # noqa: E402
+from mmsched.serve.media import BadRequest, EncodedImage, MediaLimits  # noqa: E402
+
+LIMITS = MediaLimits()
+WORKER_BACKEND = TORCHVISION if torchvision_available() else PIL
+
+
+def encoded(width: int = 64, height: int = 48, seed: int = 0, fmt: str = "PNG") -> EncodedImage:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return EncodedImage(f"image[{seed}]", out.getvalue(), fmt)
+
+
+def url_of(image: EncodedImage) -> str:
+    media = "image/png" if image.format == "PNG" else "image/jpeg"
+    return f"data:{media};base64," + base64.b64encode(image.data).decode()
+
+
+def messages(*images: EncodedImage) -> list[object]:
+    parts = [{"type": "image_url", "image_url": {"url": url_of(i)}} for i in images]
+    return [{"role": "user", "content": [{"type": "text", "text": "what?"}, *parts]}]
+
+
+# -- content keys ----------------------------------------------------------------------------
+
+
+def test_same_bytes_and_processor_give_the_same_key_any_change_another() -> None:
+    pil = build_processor(PIL)
+    identity = processor_identity(PIL, pil)
+    image = encoded()
+    key = content_key(image.data, "PNG", identity)
+    assert len(key) == 32
+    rebuilt = processor_identity(PIL, build_processor(PIL))
+    assert content_key(bytes(image.data), "PNG", rebuilt) == key
+    flipped = bytes([image.data[0] ^ 1]) + image.data[1:]
+    other_options = type(pil)(min_pixels=56 * 56 * 4)
+    others = {
+        content_key(flipped, "PNG", identity),
+        content_key(image.data, "JPEG", identity),
+        content_key(image.data, "PNG", processor_identity(PIL, other_options)),
+        content_key(image.data, "PNG", processor_identity("cuda", pil)),
+    }
+    assert key not in others and len(others) == 4
+    assert key_hash(key) == int.from_bytes(key[:8], "big")
+
+
+def test_key_fields_are_length_prefixed() -> None:
+    # The same bytes split differently between the fields: a plain concatenation would
+    # give both the same key.
+    assert content_key(b"Zdata", "PNG", b"id") != content_key(b"data", "PNG", b"idZ")
+    assert content_key(b"data", "PNGX", b"id") != content_key(b"Xdata", "PNG", b"id")
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
+def test_the_cache_evicts_the_least_recently_used_within_its_budget() -> None:
+    cache = ProcessedCache(capacity_bytes=3 * 400)
+    tensors = {k: torch.full((100,), float(n)) for n, k in enumerate([b"a", b"b", b"c", b"d"])}
+    for key in (b"a", b"b", b"c"):
+        assert cache.put(key, tensors[key], (1, 1, 1))
+    assert cache.get(b"a") is not None  # a is now the most recent: b goes first
+    assert cache.put(b"d", tensors[b"d"], (1, 1, 1))
+    assert cache.get(b"b") is None
+    assert cache.get(b"a") is not None and cache.get(b"d") is not None
+    assert not cache.put(b"huge", torch.zeros(1000), (1, 1, 1))  # over the whole budget
+    stats = cache.stats()
+    assert (stats.entries, stats.bytes_held, stats.evictions) == (3, 1200, 1)
+    kept = cache.get(b"a")
+    assert kept is not None and kept.pixels.data_ptr() != tensors[b"a"].data_ptr()  # a copy
+
+
+async def test_a_repeat_is_neither_decoded_nor_processed() -> None:
+    stage = Preprocessor(StageSettings(backend="threads", cache_mb=64), LIMITS)
+    await stage.start(None)
+    try:
+        image = encoded(seed=1)
+        [first] = await stage.process([image])
+        [again] = await stage.process([EncodedImage("elsewhere", bytes(image.data), "PNG")])
+        stats = stage.stats()
+        assert (stats.processed, stats.cached) == (1, 1)
+        assert stats.cache is not None and stats.cache.hits == 1
+        assert not isinstance(first, BaseException) and not isinstance(again, BaseException)
+        assert again.cached and again.key == first.key
+        assert torch.equal(again.processed.pixels, first.processed.pixels)
+        assert 'mmsched_preprocess_images_total{outcome="cached"} 1' in stage.metrics_text()
+        # The same image twice in one request: processed once.
+        twice = encoded(seed=2)
+        results = await stage.process([twice, twice])
+        assert stage.stats().processed == 2
+        assert all(not isinstance(r, BaseException) for r in results)
+    finally:
+        await stage.aclose()
+
+
+async def test_a_bad_image_fails_alone_among_good_ones() -> None:
+    stage = Preprocessor(StageSettings(backend="threads", cache_mb=0), LIMITS)
+    await stage.start(None)
+    chat = ChatProcessor(preprocessor=stage)
+    try:
+        good, bad = encoded(seed=3), EncodedImage("x", b"\x89PNG\r\n\x1a\nnot really", "PNG")
+        results = await stage.process([good, bad, encoded(seed=4)])
+        assert [type(r).__name__ for r in results] == ["Result", "BadRequest", "Result"]
+        with pytest.raises(BadRequest) as refused:
+            await chat.prepare_async(messages(good, bad))
+        assert refused.value.param == "messages[0].content[2].image_url"
+        prepared = await chat.prepare_async(messages(good))
+        assert prepared.images == 1
+    finally:
+        await stage.aclose()
+
+
+# -- the caller-supplied hash ----------------------------------------------------------------
+
+
+def item(**extra: object) -> dict[str, object]:
+    return {
+        "mm_items": [
+            {
+                "modality": "image",
+                "feature": torch.ones(4, 1176),
+                "offsets": [(1, 1)],
+                "image_grid_thw": torch.tensor([[1, 2, 2]]),
+                **extra,
+            }
+        ]
+    }
+
+
+def test_a_supplied_hash_is_the_items_hash_and_nothing_is_hashed() -> None:
+    key = content_key(b"bytes", "PNG", b"identity")
+    before = hash_stats()
+    built = MultimodalInputs.from_dict(item(content_hash=key), input_len=3)
+    counted = hash_stats() - before
+    assert (counted.count, counted.supplied) == (0, 1)
+    assert built.mm_items[0].hash == key_hash(key)
+    assert built.mm_items[0].pad_values == pad_values_of(key_hash(key))
+    assert "content_hash" not in built.mm_items[0].model_specific_data
+    assert MultimodalInputs.from_dict(item(content_hash=7)).mm_items[0].hash == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (b"short", "8 to 64 bytes"),
+        (b"x" * 65, "8 to 64 bytes"),
+        ("0123456789abcdef", "an int or bytes"),
+        (True, "an int or bytes"),
+        (-1, "[0, 2**64)"),
+        (2**64, "[0, 2**64)"),
+    ],
+)
+def test_an_invalid_supplied_hash_is_refused(value: object, problem: str) -> None:
+    with pytest.raises(InvalidMultimodalInput, match="content_hash") as refused:
+        MultimodalInputs.from_dict(item(content_hash=value))
+    assert refused.value.field == "mm_items[0].content_hash" and problem in str(refused.value)
+
+
+async def test_generate_takes_the_supplied_hash_without_hashing() -> None:
+    key = content_key(b"other bytes", "PNG", b"identity")
+    config = Config(transport="memory", tp_size=2, feature_cache_mb=16)
+    async with Pipeline(config) as pipeline:
+        before = hash_stats()
+        output = await pipeline.generate("r", [0, 5, 0], item(content_hash=key))
+        again = await pipeline.generate("r2", [0, 5, 0], item(content_hash=key))
+        counted = hash_stats() - before
+        stats = pipeline.cache_stats()
+    assert output.pad_values == [pad_values_of(key_hash(key))[0]]
+    assert again.pad_values == output.pad_values
+    assert (counted.count, counted.supplied) == (0, 2)
+    assert stats is not None and stats.hits == 1  # the ranks' cache keyed by the same key
+
+
+# -- the process pool ------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pool() -> AsyncIterator[tuple[Pipeline, ProcessPoolBackend]]:
+    config = Config(transport="memory", tp_size=1, shm_arena_mb=64, timeout_s=30)
+    async with Pipeline(config) as pipeline:
+        backend = ProcessPoolBackend(LIMITS, 2, WORKER_BACKEND, timeout_s=30)
+        await backend.start(pipeline)
+        try:
+            yield pipeline, backend
+        finally:
+            await backend.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_pool_writes_features_into_the_store(
+    pool: tuple[Pipeline, ProcessPoolBackend],
+) -> None:
+    pipeline, backend = pool
+    assert backend.lends and len(set(backend.pids)) == 2
+    assert all(pid != os.getpid() for pid in backend.pids)
+    images = [encoded(seed=s) for s in (5, 6, 7)]
+    results = await backend.process(images)
+    reference = ThreadBackend(LIMITS) if WORKER_BACKEND == PIL else None
+    for image, result in zip(images, results, strict=True):
+        assert isinstance(result, Processed) and not result.owned  # a view of the arena
+        if reference is not None:
+            expected = reference.process_one(image)
+            assert isinstance(expected, Processed)
+            assert torch.equal(result.pixels, expected.pixels) and result.grid == expected.grid
+    output = await pipeline.generate(
+        "pooled", [0, *[9] * 4, 0], {"mm_items": [_item_of(results[0])]}
+    )
+    assert len(output.pad_values) == 1
+
+
+def _item_of(result: object) -> dict[str, object]:
+    assert isinstance(result, Processed)
+    t, h, w = result.grid
+    tokens = t * h * w // 4
+    return {
+        "modality": "image",
+        "feature": result.pixels,
+        "offsets": [(1, tokens)],
+        "image_grid_thw": torch.tensor([list(result.grid)]),
+    }
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_bad_image_in_the_pool_fails_alone(
+    pool: tuple[Pipeline, ProcessPoolBackend],
+) -> None:
+    _, backend = pool
+    bad = EncodedImage("bad", b"\xff\xd8\xff\xe0 truncated", "JPEG")
+    wide = encoded(width=2000, height=8, seed=8)  # aspect ratio over 200: the processor refuses
+    results = await backend.process([encoded(seed=9), bad, wide, encoded(seed=10)])
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == ["Processed", "BadRequest", "BadRequest", "Processed"]
+    assert "refused" in str(results[2])
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_worker_killed_mid_image_fails_that_image_and_is_replaced(
+    pool: tuple[Pipeline, ProcessPoolBackend],
+) -> None:
+    _, backend = pool
+    big = encoded(width=2400, height=1800, seed=11)  # long enough to be caught in the act
+    work = asyncio.ensure_future(backend.process([big]))
+    deadline = time.monotonic() + 20
+    while not backend.busy_pids() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    [victim] = backend.busy_pids()
+    os.kill(victim, signal.SIGKILL)
+    [outcome] = await asyncio.wait_for(work, 30)
+    assert isinstance(outcome, PreprocessWorkerLost) and str(victim) in str(outcome)
+    # The pool recovers: the next images are served, by a new process in the dead one's place.
+    results = await asyncio.wait_for(backend.process([encoded(seed=12), encoded(seed=13)]), 60)
+    assert all(isinstance(r, Processed) for r in results)
+    assert victim not in backend.pids and len(backend.pids) == 2 and backend.replaced >= 1
+
+
+async def test_a_pool_without_a_lending_store_returns_features_by_pipe_and_leaves_nothing() -> None:
+    backend = ProcessPoolBackend(LIMITS, 1, WORKER_BACKEND, timeout_s=30)
+    await backend.start(None)
+    try:
+        [pid] = backend.pids
+        [result] = await backend.process([encoded(seed=14)])
+        assert isinstance(result, Processed) and result.owned and not backend.lends
+        assert result.pixels.shape[1] == 1176
+    finally:
+        await backend.aclose()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(PreprocessWorkerLost):
+        await backend.process([encoded(seed=15)])
+
+
+# -- the cuda backend ------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torchvision_available()),
+    reason="the cuda backend needs a CUDA GPU and torchvision (neither is here)",
+)
+
+
+def photo(width: int, height: int, seed: int, fmt: str = "JPEG") -> EncodedImage:
+    """Smooth colour with a little noise, as a photo is (pure noise is every decoder's and
+    resizer's worst case, and no camera's)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / (40 + 9 * c) + y / (60 + 5 * c)) for c in range(3)], -1)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, quality=90)
+    return EncodedImage(f"photo[{seed}]", out.getvalue(), fmt)
+
+
+def jpeg(width: int, height: int, seed: int) -> EncodedImage:
+    return photo(width, height, seed)
+
+
+@pytest.mark.gpu
+@needs_cuda
+async def test_cuda_batches_decode_and_process_on_the_gpu_close_to_the_cpu() -> None:
+    from mmsched.preprocess.cuda import CudaBackend
+    from mmsched.preprocess.threads import ThreadBackend
+
+    backend = CudaBackend(LIMITS, "cuda:0", 512, batch_ms=20, batch_images=8)
+    await backend.start(None)
+    cpu = ThreadBackend(LIMITS)
+    try:
+        images = [jpeg(320, 240, 20), photo(320, 240, 21, "PNG"), jpeg(400, 300, 22)]
+        bad = EncodedImage("bad", b"\xff\xd8\xff\xe0 truncated", "JPEG")
+        results = await asyncio.gather(
+            backend.process(images[:2]), backend.process([bad, images[2]])
+        )
+        flat = [*results[0], *results[1]]
+        kinds = [type(r).__name__ for r in flat]
+        assert kinds == ["Processed", "Processed", "BadRequest", "Processed"]
+        assert backend.batches == 1, backend.batches  # both requests' images in one batch
+        for image, got in zip(images, [flat[0], flat[1], flat[3]], strict=True):
+            assert isinstance(got, Processed) and got.pixels.device.type == "cuda"
+            expected = cpu.process_one(image)
+            assert isinstance(expected, Processed) and got.grid == expected.grid
+            # Another decoder (nvJPEG) and resize: close, not equal (docs/serving.md).
+            difference = (got.pixels.cpu() - expected.pixels).abs()
+            largest, mean = difference.max().item(), difference.mean().item()
+            assert largest < 0.7 and mean < 0.05, (image.param, largest, mean)
+    finally:
+        await backend.aclose()
+        await cpu.aclose()
+
+
+@pytest.mark.gpu
+@needs_cuda
+async def test_cuda_over_its_memory_budget_is_overloaded() -> None:
+    from mmsched.preprocess.cuda import CudaBackend
+
+    backend = CudaBackend(LIMITS, "cuda:0", 1, batch_ms=1, batch_images=4)
+    await backend.start(None)
+    try:
+        [outcome] = await backend.process([jpeg(1024, 768, 23)])
+        assert isinstance(outcome, Overloaded) and "preprocess_gpu_mb" in str(outcome)
+        [small] = await backend.process([jpeg(64, 48, 24)])
+        assert isinstance(small, Processed)
+        del small
+        assert backend.budget.held <= backend.budget.capacity
+    finally:
+        await backend.aclose()
