@@ -25,6 +25,7 @@ from mmsched import Config, Pipeline  # noqa: E402
 from mmsched.errors import InvalidMultimodalInput, Overloaded, PreprocessWorkerLost  # noqa: E402
 from mmsched.hashing import hash_stats, pad_values_of  # noqa: E402
 from mmsched.inputs import MultimodalInputs  # noqa: E402
+from mmsched.pixels import resized_pixels, specs_of  # noqa: E402
 from mmsched.preprocess import Preprocessor, StageSettings, content_key, key_hash  # noqa: E402
 from mmsched.preprocess.backend import Processed  # noqa: E402
 from mmsched.preprocess.cache import ProcessedCache  # noqa: E402
@@ -306,6 +307,34 @@ async def test_a_pool_without_a_lending_store_returns_features_by_pipe_and_leave
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(PreprocessWorkerLost):
         await backend.process([encoded(seed=15)])
+
+
+async def test_uint8_wire_pixels_are_the_processors_resize_through_every_cpu_backend() -> None:
+    """Under ``wire_pixels = "uint8"`` the backends make the resized uint8 pixels (through a
+    worker's pipe as well as on threads), and the wire format is part of the content key."""
+    images = [encoded(width=90, height=70, seed=s) for s in (16, 17)]
+    threads = ThreadBackend(LIMITS, wire_pixels="uint8")
+    pooled = ProcessPoolBackend(LIMITS, 1, WORKER_BACKEND, timeout_s=30, wire_pixels="uint8")
+    await pooled.start(None)
+    try:
+        through_pipe = await pooled.process(images)
+    finally:
+        await pooled.aclose()
+    resize, _ = specs_of(build_processor(PIL))
+    for image, result in zip(images, through_pipe, strict=True):
+        assert isinstance(result, Processed) and result.pixels.dtype == torch.uint8
+        on_threads = threads.process_one(image)
+        assert isinstance(on_threads, Processed)
+        if WORKER_BACKEND == PIL:  # the same backend: the same bytes
+            assert torch.equal(result.pixels, on_threads.pixels)
+        with Image.open(io.BytesIO(image.data)) as decoded:
+            expected, grid = resized_pixels(decoded.convert("RGB"), resize)
+        assert torch.equal(on_threads.pixels, expected) and on_threads.grid == grid
+    floats = ThreadBackend(LIMITS)
+    assert floats.identity != threads.identity
+    assert content_key(images[0].data, "PNG", floats.identity) != content_key(
+        images[0].data, "PNG", threads.identity
+    )
 
 
 # -- the cuda backend ------------------------------------------------------------------------

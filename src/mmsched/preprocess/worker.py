@@ -80,7 +80,8 @@ def main(conn: Connection, spec: WorkerSpec) -> None:
                 if arena is None:
                     dtype = str(pixels.dtype).removeprefix("torch.")
                     conn.send(("bytes", job, tuple(pixels.shape), dtype, grid))
-                    conn.send_bytes(pixels.numpy().data)
+                    # Flat: send_bytes measures a buffer of one-byte items by its first dimension.
+                    conn.send_bytes(pixels.numpy().reshape(-1).data)
                     continue
                 room, lent = arena.allocate(tuple(pixels.shape), pixels.dtype)
                 room.copy_(pixels)
