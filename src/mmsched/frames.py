@@ -47,6 +47,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 """The tensor dtypes that travel as raw bytes, by name (``float32``, ``bfloat16``, ...)."""
 
+_ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``float32``."""
@@ -76,7 +78,7 @@ def tensor_from_frame(buf: Buffer, dtype: str, shape: Any) -> torch.Tensor:
     if torch_dtype is None:
         raise CodecError(f"unknown tensor dtype {dtype!r}")
     nbytes = memoryview(buf).nbytes
-    dims = checked_shape(shape, torch.empty((), dtype=torch_dtype).element_size(), nbytes)
+    dims = checked_shape(shape, _ITEMSIZE[dtype], nbytes)
     if nbytes == 0:
         return torch.empty(dims, dtype=torch_dtype)
     with warnings.catch_warnings():
