@@ -268,6 +268,7 @@ class SchedulerRank:
         self._zmq = zmq.asyncio.Context()
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
+        self._inbox_now: zmq.Socket[Any] | None = None  # the inbox, read without waiting
         self._transport: Transport | None = None
         self._hosts: Transport | None = None  # entry rank of several hosts: to their agents
         self.refused = 0  # messages the entry rank refused (logged one by one)
@@ -322,6 +323,7 @@ class SchedulerRank:
             self._inbox.setsockopt(zmq.LINGER, 0)
             present_credentials(self._inbox, self.addresses.token)
             self._inbox.connect(self.addresses.requests)
+            self._inbox_now = zmq.Socket.shadow(self._inbox.underlying)
         # Attach to the payload store before saying ready: the tokenizer may then drop its
         # public name (the shm store unlinks its segment).
         self._store = await asyncio.to_thread(
@@ -374,9 +376,19 @@ class SchedulerRank:
         received: dict[int, Frames] = {}
         # Streams in progress are stepped every iteration: no waiting for new requests then.
         timeout_ms = 0 if self._streams else int(self.config.idle_wait_ms)
-        while await self._inbox.poll(timeout=timeout_ms):
-            timeout_ms = 0  # drain what is there, then go
-            frames = await self._inbox.recv_multipart(copy=False)
+        # What has arrived is taken at once (no future, no trip through the loop); only an
+        # empty inbox is waited on, once, and a wake-up brings its message.
+        inbox = self._inbox_now
+        assert inbox is not None
+        while True:
+            try:
+                frames = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if not timeout_ms or not await self._inbox.poll(timeout=timeout_ms):
+                    break
+                timeout_ms = 0  # drain what is there, then go
+                continue
+            timeout_ms = 0
             buffers: Frames = [f.buffer for f in frames]
             try:
                 message = self.decoder.decode(buffers)

@@ -16,7 +16,7 @@ imported on first use.
 from __future__ import annotations
 
 from mmsched.registry import lookup
-from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
+from mmsched.stores.base import PayloadRef, PayloadStore, Placement, StoreOptions
 
 _REGISTRY: dict[str, str | type[PayloadStore]] = {
     "inline": "mmsched.stores.inline:InlineStore",
@@ -53,6 +53,7 @@ def store_class(name: str) -> type[PayloadStore]:
 __all__ = [
     "PayloadRef",
     "PayloadStore",
+    "Placement",
     "StoreOptions",
     "register_store",
     "store_class",
