@@ -90,12 +90,13 @@ def tensor_from_frame(buf: Buffer, dtype: str, shape: Any) -> torch.Tensor:
 
 
 class Int64List(list[int]):
-    """Token ids decoded from one int64 frame, which they keep.
+    """Token ids with the int64 frame they travel in, made once.
 
-    The entry rank forwards the ids it received to every other rank; encoding them again
-    would convert and check every id twice (a few ms for the 21,000 ids of a large image).
-    Encoding an unchanged ``Int64List`` sends its frame as it came; any change to the list
-    forgets the frame.
+    The tokenizer checks a request's ids into this frame, and a rank decodes ids from one:
+    converting and checking every id again would cost a few ms for the 21,000 ids of a
+    large image. Encoding an unchanged ``Int64List`` sends its frame as it is; any change to
+    the list forgets the frame. (The entry rank forwards each request's frames as they came,
+    so its ids are not encoded again there at all.)
     """
 
     __slots__ = ("frame",)

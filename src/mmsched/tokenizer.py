@@ -2,7 +2,11 @@
 
 Under the ``tokenizer`` strategy this is where [`MultimodalInputs.from_dict`][] runs, once
 per request, in a pool of worker threads: hashing releases the GIL, so the event loop stays
-responsive and several requests build at once. A malformed input raises
+responsive and several requests build at once. A small request (features under
+[`INLINE_MAX_BYTES`][mmsched.tokenizer.INLINE_MAX_BYTES]) is prepared on the event loop
+instead: its work is less than the hop to a thread and back. Either way it is validated
+first, then placed in the payload store through its own
+[`Placement`][mmsched.stores.base.Placement] and encoded once. A malformed input raises
 [`InvalidMultimodalInput`][] to its own caller and never reaches a rank.
 
 Results from the ranks (outputs, errors and, when enabled, per-rank reports) arrive on one

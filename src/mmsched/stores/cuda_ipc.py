@@ -128,9 +128,7 @@ class CudaIpcStore(PayloadStore):
         try:
             # Holding slices of this request already, it must not wait for more: requests
             # doing so could wait on each other forever. Without room now, it goes inline.
-            ref, _ = self._writer.reserve(
-                nbytes, hold=placed is not None, wait=wait and not placed
-            )
+            ref, _ = self._writer.reserve(nbytes, hold=placed is not None, wait=wait and not placed)
         except ArenaFull:
             if not placed:
                 raise
