@@ -51,6 +51,8 @@ class Modality(enum.StrEnum):
     AUDIO = "audio"
 
 
+_MODALITY_OF: dict[object, Modality] = {m.value: m for m in Modality}
+
 # Feature dtypes a vision or audio encoder consumes: float pixel/feature values, or raw
 # uint8 frames for processors that defer normalisation to the model.
 ALLOWED_FEATURE_DTYPES = frozenset(
@@ -90,8 +92,9 @@ class MultimodalDataItem:
     pad_values: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        # A decoder hands back plain strings and lists; restore the declared types.
-        self.modality = Modality(self.modality)
+        # A decoder hands back plain strings and lists; restore the declared types (by a
+        # table: an enum's own lookup costs more than the rest of the item's decode).
+        self.modality = _MODALITY_OF.get(self.modality) or Modality(self.modality)
         self.offsets = [(int(s), int(e)) for s, e in self.offsets]
         self.pad_values = tuple(int(v) for v in self.pad_values) or (int(self.pad_value),)
         if self.pad_values[0] != self.pad_value:
