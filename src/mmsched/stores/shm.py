@@ -7,9 +7,11 @@ cut into chunks on a few threads ([`mmsched.stores.copying`][]) and, staged thro
 request's [`Placement`][mmsched.stores.base.Placement], runs while the tokenizer hashes the
 same bytes. Ranks resolve
 a reference to a tensor viewing the mapped arena: no copy, and the bytes stay reserved
-until every rank's tensor is gone. The entry rank forwards
-a tensor it resolved as the same reference, so a request's bytes are written once whatever
-the number of ranks and whatever the transport that carries the references.
+until every rank's tensor is gone. The entry rank passes each request on as the frames it
+came in, and a tensor it resolved and sends in a message of its own (the
+``entry-broadcast`` strategy's built inputs) as the same reference, so a request's bytes are
+written once whatever the number of ranks and whatever the transport that carries the
+references.
 
 One host only (shared memory); Linux only (``/dev/shm``).
 """
