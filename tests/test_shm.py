@@ -142,17 +142,19 @@ def test_staged_copies_run_beside_the_hash_and_put_returns_them() -> None:
     try:
         first, second = torch.randn(750_001), torch.randn(5_000)  # an odd length: a short tail
         small = torch.randn(10)  # below min_bytes: not staged, travels inline
-        with producer.staging([first, second, small]):
+        with producer.placement() as placement:
+            placement.stage([first, second, small])
             # Both copies were started before any put: their room is already reserved.
             assert len(producer._writer._live) == 2  # type: ignore[union-attr]
-            refs = [producer.put(first), producer.put(second)]
-            assert producer.put(small) is not None  # not staged: an ordinary copy
+            refs = [placement.put(first), placement.put(second)]
+            assert placement.put(small) is not None  # not staged: an ordinary copy
         assert all(r is not None for r in refs)
+        producer.settle(placement.placed)
         got = [consumer.resolve(r) for r in refs if r is not None]
         assert torch.equal(got[0], first) and torch.equal(got[1], second)
         # Staged room never sent is reclaimed like any payload once later ones are read.
-        with producer.staging([torch.randn(300_000)]):
-            pass
+        with producer.placement() as unsent:
+            unsent.stage([torch.randn(300_000)])
         del got
         gc.collect()
         for _ in range(4):  # 2.8 MB each: the ring wraps past the unsent room

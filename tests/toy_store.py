@@ -18,8 +18,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from mmsched.errors import ArenaFull, TransportError
 from mmsched.frames import DTYPES, dtype_name, tensor_from_frame
 from mmsched.hashing import tensor_bytes
-from mmsched.stores import PayloadRef, PayloadStore, StoreOptions
+from mmsched.stores import PayloadRef, PayloadStore, Placement, StoreOptions
 
 _ROOT = Path("/dev/shm")
 _FILE = re.compile(r"t[0-9]{1,18}")
@@ -45,7 +44,6 @@ class FileStore(PayloadStore):
         self._numbers = itertools.count()
         self._sizes: dict[str, int] = {}  # file -> bytes, the writer's live placements
         self._room = threading.Condition()
-        self._local = threading.local()  # the placing block of each producer thread
 
     @classmethod
     def create(cls, options: StoreOptions) -> FileStore:
@@ -73,26 +71,30 @@ class FileStore(PayloadStore):
         if address is not None and address.startswith("mmsched-") and "/" not in address:
             shutil.rmtree(_ROOT / address, ignore_errors=True)
 
+    def placement(self, *, wait: bool = True) -> Placement:
+        return _FilePlacement(self, wait=wait)
+
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        return self.place(tensor, wait=True)
+
+    def place(self, tensor: torch.Tensor, *, wait: bool) -> PayloadRef | None:
+        """``put``, waiting for room only if ``wait``."""
         if not self._writer or dtype_name(tensor.dtype) not in DTYPES:
             return None  # a rank holds copies: what it forwards travels inline
         data = tensor_bytes(tensor)
         if data.nbytes > self.options.capacity_bytes:
             return None  # can never fit
-        file = self._reserve(data.nbytes)
+        file = self._reserve(data.nbytes, wait)
         partial = self._dir / f"{file}.part"
         with open(partial, "wb") as f:
             f.write(data)
         partial.rename(self._dir / file)  # a reader never sees half a file
-        placed: list[Any] | None = getattr(self._local, "placed", None)
-        if placed is not None:
-            placed.append(file)
         location = (self._dir.name, file)
         return PayloadRef(self.name, dtype_name(tensor.dtype), tuple(tensor.shape), "cpu", location)
 
-    def _reserve(self, nbytes: int) -> str:
+    def _reserve(self, nbytes: int, wait: bool) -> str:
         """A new file's name, its bytes counted against the capacity (waiting for room)."""
-        wait_s = 0.0 if self.options.reject_when_full else self.options.timeout_s
+        wait_s = 0.0 if self.options.reject_when_full or not wait else self.options.timeout_s
         deadline = time.monotonic() + wait_s
         with self._room:
             while sum(self._sizes.values()) + nbytes > self.options.capacity_bytes:
@@ -103,15 +105,6 @@ class FileStore(PayloadStore):
             file = f"t{next(self._numbers)}"
             self._sizes[file] = nbytes
             return file
-
-    @contextmanager
-    def placing(self) -> Iterator[list[Any]]:
-        placed: list[Any] = []
-        self._local.placed = placed
-        try:
-            yield placed
-        finally:
-            self._local.placed = None
 
     def settle(self, placed: Sequence[Any], *, sent: bool = True) -> None:
         # Every rank copied what it resolved: sent or not, the files can go.
@@ -133,3 +126,14 @@ class FileStore(PayloadStore):
         except FileNotFoundError:
             raise TransportError(f"no file {file} in the files store (settled?)") from None
         return tensor_from_frame(bytearray(data), ref.dtype, list(ref.shape))
+
+
+class _FilePlacement(Placement):
+    """One request's files: each put's file is listed, to be deleted when it is settled."""
+
+    def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        assert isinstance(self.store, FileStore)
+        ref = self.store.place(tensor, wait=self.wait)
+        if ref is not None:
+            self.placed.append(ref.location[1])
+        return ref

@@ -12,7 +12,9 @@ In the tree a dataclass becomes ``{"$t": KIND, ...fields}``; a tensor becomes
 that JSON cannot hold becomes ``{"$float": "nan"}`` (or ``"inf"``, ``"-inf"``); a numpy
 scalar (an index a processor took from its arrays, ``np.int64(3)``) becomes
 ``{"$npscalar": dtype, "hex": its bytes}`` and comes back the same numpy scalar; a list of
-64 or more ints (token ids) becomes ``{"$ints": i}``, one int64 frame. Tensor
+64 or more ints (token ids) becomes ``{"$ints": i}``, one int64 frame; a message forwarded
+as it was received becomes ``{"$msg": [i, n]}``, its own ``n`` frames (header first) from
+buffer ``i`` on, decoded as a message of its own. Tensor
 bytes are never pickled and never copied on encode: the frame is a view of the tensor's
 storage. On decode a tensor is a view of its frame (no copy either), so it shares the
 frame's memory and must be treated as read-only when the frame is.
@@ -27,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, cast
 
 import cloudpickle
 import numpy as np
@@ -59,13 +61,35 @@ _STRUCTS["mm_item"] = MultimodalDataItem
 _TAG_OF: dict[type[Any], str] = {cls: tag for tag, cls in _STRUCTS.items()}
 
 
+class Placer(Protocol):
+    """Where ``encode`` places tensors that go by reference: a payload store, or one
+    request's [placement][mmsched.stores.base.Placement] in it."""
+
+    def wants(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is large enough to go by reference."""
+        ...
+
+    def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        """A reference to ``tensor``'s bytes, or ``None``: it travels inline."""
+        ...
+
+
 def encode(
-    message: Message, store: PayloadStore | None = None, *, allow_pickle: bool = True
+    message: Message,
+    store: Placer | None = None,
+    *,
+    allow_pickle: bool = True,
+    forward: Mapping[int, Sequence[Buffer]] | None = None,
 ) -> Frames:
     """Encode a message into frames; tensor frames are views of the tensors' storage.
 
-    With a ``store``, each tensor large enough for it is placed there and only its
-    [`PayloadRef`][mmsched.stores.base.PayloadRef] travels (``{"$ref": [...]}``).
+    With a ``store`` (or a placement in one), each tensor large enough for it is placed
+    there and only its [`PayloadRef`][mmsched.stores.base.PayloadRef] travels
+    (``{"$ref": [...]}``).
+
+    ``forward`` maps messages held inside ``message`` (by ``id``) to the frames they were
+    received in: each goes as those frames, unchanged (``{"$msg": [first, count]}``), and is
+    neither walked nor encoded again. The entry rank passes requests on to its peers so.
 
     Raises:
         CodecError: the message holds a value the codec cannot carry (an int wider than 64
@@ -78,7 +102,7 @@ def encode(
         raise CodecError(f"not a message: {type(message).__name__}")
     buffers: list[Buffer] = []
     try:
-        tree = _to_tree(message, buffers, store)
+        tree = _to_tree(message, buffers, store, forward)
         header = orjson.dumps({"v": CODEC_VERSION, "n": len(buffers), "msg": tree})
     except MmschedError:
         raise  # the store's own verdict (ArenaFull: backpressure), not a codec fault
@@ -162,19 +186,33 @@ class Decoder:
         return rid if isinstance(rid, str) else None
 
     def _from_tree(self, node: Any, buffers: Sequence[Buffer]) -> Any:
-        if isinstance(node, list):
-            return [self._from_tree(x, buffers) for x in node]
-        if not isinstance(node, dict):
+        # orjson makes exact lists and dicts only; scalars are returned without a call.
+        kind = type(node)
+        if kind is list:
+            return [x if type(x) not in _NESTED else self._from_tree(x, buffers) for x in node]
+        if kind is not dict:
             return node
         if "$t" in node:
             cls = _STRUCTS.get(node["$t"])
             if cls is None:
                 raise CodecError(f"unknown message kind {node['$t']!r}")
-            kwargs = {k: self._from_tree(v, buffers) for k, v in node.items() if k != "$t"}
+            kwargs = {
+                k: v if type(v) not in _NESTED else self._from_tree(v, buffers)
+                for k, v in node.items()
+                if k != "$t"
+            }
             try:
                 return cls(**kwargs)
             except (TypeError, ValueError) as exc:
                 raise CodecError(f"bad fields for {node['$t']}: {exc}") from exc
+        if not node.keys() & _MARKERS:  # a plain dict (the common case): one set operation
+            return {
+                k: v if type(v) not in _NESTED else self._from_tree(v, buffers)
+                for k, v in node.items()
+            }
+        return self._marked(node, buffers)
+
+    def _marked(self, node: dict[str, Any], buffers: Sequence[Buffer]) -> Any:
         if "$tensor" in node:
             buf = _buffer(buffers, node["$tensor"])
             return tensor_from_frame(buf, str(node.get("dtype")), node.get("shape"))
@@ -183,6 +221,19 @@ class Decoder:
             if self.store is None or ref.store != self.store.name:
                 raise CodecError(f"a {ref.store!r} payload reference, and no such store here")
             return self.store.resolve(ref)
+        if "$msg" in node:
+            # A message forwarded as the frames it came in (see encode's ``forward``): each
+            # nesting takes at least its own header frame, so the depth is bounded.
+            span = node["$msg"]
+            if not (
+                type(span) is list
+                and len(span) == 2
+                and all(type(x) is int for x in span)
+                and span[0] >= 0
+                and 1 <= span[1] <= len(buffers) - span[0]
+            ):
+                raise CodecError(f"bad forwarded message span {str(span)[:100]}")
+            return self._decode(list(buffers[span[0] : span[0] + span[1]]))
         if "$ndarray" in node:
             buf = _buffer(buffers, node["$ndarray"])
             dtype = np.dtype(node["dtype"])
@@ -232,7 +283,43 @@ def decode(frames: Sequence[Buffer], *, allow_pickle: bool = False) -> Message:
 # ----------------------------------------------------------------------------- internals
 
 
-def _to_tree(value: Any, buffers: list[Buffer], store: PayloadStore | None) -> Any:
+def _to_tree(value: Any, buffers: list[Buffer], store: Placer | None, forward: _Forward) -> Any:
+    # Exact builtins and the messages' own classes first, by type (one dict lookup each):
+    # they are nearly every value of a request. Anything else takes the general path.
+    kind = type(value)
+    if kind in _SCALARS:
+        if kind is float and not math.isfinite(value):
+            return {"$float": str(value)}  # JSON has no NaN: it would arrive as null
+        return value
+    tag = _TAG_OF.get(kind)
+    if tag is not None:
+        if forward is not None:
+            frames = forward.get(id(value))
+            if frames is not None:  # sent on as it came: no walk, no copy
+                buffers.extend(frames)
+                return {"$msg": [len(buffers) - len(frames), len(frames)]}
+        tree: dict[str, Any] = {"$t": tag}
+        for name in _FIELDS[kind]:
+            field_value = getattr(value, name)
+            tree[name] = (
+                field_value
+                if type(field_value) in _PLAIN
+                else _to_tree(field_value, buffers, store, forward)
+            )
+        return tree
+    if kind is dict and all(type(k) is str and k[:1] != "$" for k in value):
+        return {
+            k: v if type(v) in _PLAIN else _to_tree(v, buffers, store, forward)
+            for k, v in value.items()
+        }
+    if kind is list and len(value) < _INT_RUN_MIN:
+        return [x if type(x) in _PLAIN else _to_tree(x, buffers, store, forward) for x in value]
+    return _to_tree_general(value, buffers, store, forward)
+
+
+def _to_tree_general(
+    value: Any, buffers: list[Buffer], store: Placer | None, forward: _Forward
+) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         if isinstance(value, enum.Enum):
             return value.value
@@ -244,8 +331,8 @@ def _to_tree(value: Any, buffers: list[Buffer], store: PayloadStore | None) -> A
         # (a pickle would be refused there, and an int would change their type).
         return {"$npscalar": value.dtype.str, "hex": value.tobytes().hex()}
     if isinstance(value, torch.Tensor):
-        dtype = str(value.dtype).removeprefix("torch.")
-        if dtype not in DTYPES:
+        dtype = _DTYPE_NAMES.get(value.dtype)
+        if dtype is None:
             return _pickled(value, buffers)
         if store is not None and store.wants(value):
             ref = store.put(value)
@@ -266,26 +353,47 @@ def _to_tree(value: Any, buffers: list[Buffer], store: PayloadStore | None) -> A
             # stay small and a shared-memory transport can carry the ids by reference.
             buffers.append(frame)
             return {"$ints": len(buffers) - 1}
-        return [_to_tree(x, buffers, store) for x in value]
+        return [_to_tree(x, buffers, store, forward) for x in value]
     if isinstance(value, tuple):
-        return {"$tuple": [_to_tree(x, buffers, store) for x in value]}
+        return {"$tuple": [_to_tree(x, buffers, store, forward) for x in value]}
     if isinstance(value, dict):
         # Keys starting with "$" are reserved for the markers above: such a dict goes as pairs.
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
-            return {k: _to_tree(v, buffers, store) for k, v in value.items()}
+            return {k: _to_tree(v, buffers, store, forward) for k, v in value.items()}
         return {
             "$dict": [
-                [_to_tree(k, buffers, store), _to_tree(v, buffers, store)] for k, v in value.items()
+                [_to_tree(k, buffers, store, forward), _to_tree(v, buffers, store, forward)]
+                for k, v in value.items()
             ]
         }
-    tag = _TAG_OF.get(type(value))
-    if tag is not None:
-        tree = {"$t": tag}
-        for f in dataclasses.fields(value):
-            tree[f.name] = _to_tree(getattr(value, f.name), buffers, store)
-        return tree
     return _pickled(value, buffers)
 
+
+# Values that are their own tree (``float`` is not: NaN and infinities are not JSON).
+_PLAIN = frozenset({str, int, bool, type(None)})
+_SCALARS = frozenset({str, int, bool, float, type(None)})
+# What a decoded tree holds that needs a walk (anything else is returned as it is).
+_NESTED = frozenset({list, dict})
+_MARKERS = frozenset(
+    {
+        "$tensor",
+        "$ref",
+        "$msg",
+        "$ndarray",
+        "$npscalar",
+        "$ints",
+        "$float",
+        "$bytes",
+        "$tuple",
+        "$dict",
+        "$pickle",
+    }
+)
+_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAG_OF
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+_Forward = Mapping[int, Sequence[Buffer]] | None
 
 _INT_RUN_MIN = 64
 _NUMPY_SCALAR_KINDS = frozenset("biufc")  # bool, ints, floats, complex: fixed-size bytes

@@ -47,6 +47,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 """The tensor dtypes that travel as raw bytes, by name (``float32``, ``bfloat16``, ...)."""
 
+_ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``float32``."""
@@ -76,7 +78,7 @@ def tensor_from_frame(buf: Buffer, dtype: str, shape: Any) -> torch.Tensor:
     if torch_dtype is None:
         raise CodecError(f"unknown tensor dtype {dtype!r}")
     nbytes = memoryview(buf).nbytes
-    dims = checked_shape(shape, torch.empty((), dtype=torch_dtype).element_size(), nbytes)
+    dims = checked_shape(shape, _ITEMSIZE[dtype], nbytes)
     if nbytes == 0:
         return torch.empty(dims, dtype=torch_dtype)
     with warnings.catch_warnings():
@@ -88,12 +90,13 @@ def tensor_from_frame(buf: Buffer, dtype: str, shape: Any) -> torch.Tensor:
 
 
 class Int64List(list[int]):
-    """Token ids decoded from one int64 frame, which they keep.
+    """Token ids with the int64 frame they travel in, made once.
 
-    The entry rank forwards the ids it received to every other rank; encoding them again
-    would convert and check every id twice (a few ms for the 21,000 ids of a large image).
-    Encoding an unchanged ``Int64List`` sends its frame as it came; any change to the list
-    forgets the frame.
+    The tokenizer checks a request's ids into this frame, and a rank decodes ids from one:
+    converting and checking every id again would cost a few ms for the 21,000 ids of a
+    large image. Encoding an unchanged ``Int64List`` sends its frame as it is; any change to
+    the list forgets the frame. (The entry rank forwards each request's frames as they came,
+    so its ids are not encoded again there at all.)
     """
 
     __slots__ = ("frame",)

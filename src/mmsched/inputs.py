@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,8 @@ class Modality(enum.StrEnum):
     VIDEO = "video"
     AUDIO = "audio"
 
+
+_MODALITY_OF: dict[object, Modality] = {m.value: m for m in Modality}
 
 # Feature dtypes a vision or audio encoder consumes: float pixel/feature values, or raw
 # uint8 frames for processors that defer normalisation to the model.
@@ -114,8 +116,9 @@ class MultimodalDataItem:
     pad_values: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        # A decoder hands back plain strings and lists; restore the declared types.
-        self.modality = Modality(self.modality)
+        # A decoder hands back plain strings and lists; restore the declared types (by a
+        # table: an enum's own lookup costs more than the rest of the item's decode).
+        self.modality = _MODALITY_OF.get(self.modality) or Modality(self.modality)
         self.offsets = [(int(s), int(e)) for s, e in self.offsets]
         self.pad_values = tuple(int(v) for v in self.pad_values) or (int(self.pad_value),)
         if self.pad_values[0] != self.pad_value:
@@ -149,6 +152,7 @@ class MultimodalInputs:
         hasher: str = DEFAULT_HASHER,
         input_len: int | None = None,
         max_bytes: int | None = None,
+        on_valid: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> MultimodalInputs:
         """Validate a processor's output and hash each item once.
 
@@ -159,6 +163,9 @@ class MultimodalInputs:
             input_len: length of the request's input ids; when given, offsets and M-RoPE
                 positions are checked against it.
             max_bytes: largest total feature size accepted, or ``None`` for no limit.
+            on_valid: called with the item features as they will be carried, once all of
+                ``raw`` is validated and before any is hashed (the tokenizer starts their
+                copy into a payload store there, so that it overlaps the hash).
 
         Raises:
             InvalidMultimodalInput: naming the first offending field.
@@ -167,6 +174,8 @@ class MultimodalInputs:
         hash_fn = get_hasher(hasher)  # resolve first: a bad name is a config error, not input
         try:
             parsed = _parse(raw, input_len=input_len, max_bytes=max_bytes)
+            if on_valid is not None:
+                on_valid([feature for _, feature, _, _, _ in parsed.items])
             items = []
             for i, (modality, feature, given, offsets, extra) in enumerate(parsed.items):
                 supplied = parsed.content_hashes[i]
@@ -287,8 +296,10 @@ def materialize(
     hasher: str = DEFAULT_HASHER,
     input_len: int | None = None,
     max_bytes: int | None = None,
+    on_valid: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> MultimodalInputs | None:
-    """``mm_inputs`` as a [`MultimodalInputs`][]: built from a dict, passed through if built.
+    """``mm_inputs`` as a [`MultimodalInputs`][]: built from a dict, passed through if built
+    (``on_valid``: see [`from_dict`][mmsched.inputs.MultimodalInputs.from_dict]).
 
     Raises:
         InvalidMultimodalInput: the dict fails validation (the message names the field).
@@ -297,7 +308,7 @@ def materialize(
     if mm_inputs is None or isinstance(mm_inputs, MultimodalInputs):
         return mm_inputs
     return MultimodalInputs.from_dict(
-        mm_inputs, hasher=hasher, input_len=input_len, max_bytes=max_bytes
+        mm_inputs, hasher=hasher, input_len=input_len, max_bytes=max_bytes, on_valid=on_valid
     )
 
 

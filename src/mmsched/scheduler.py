@@ -268,6 +268,7 @@ class SchedulerRank:
         self._zmq = zmq.asyncio.Context()
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
+        self._inbox_now: zmq.Socket[Any] | None = None  # the inbox, read without waiting
         self._transport: Transport | None = None
         self._hosts: Transport | None = None  # entry rank of several hosts: to their agents
         self.refused = 0  # messages the entry rank refused (logged one by one)
@@ -322,6 +323,7 @@ class SchedulerRank:
             self._inbox.setsockopt(zmq.LINGER, 0)
             present_credentials(self._inbox, self.addresses.token)
             self._inbox.connect(self.addresses.requests)
+            self._inbox_now = zmq.Socket.shadow(self._inbox.underlying)
         # Attach to the payload store before saying ready: the tokenizer may then drop its
         # public name (the shm store unlinks its segment).
         self._store = await asyncio.to_thread(
@@ -358,19 +360,35 @@ class SchedulerRank:
                     f"expected a batch from the entry rank, got {type(message).__name__}"
                 )
             return message
-        batch = await self._collect(iteration)
-        await self.send_to_group(batch)
+        batch, received = await self._collect(iteration)
+        # Each request goes on to the other ranks as the frames it came in: decoded here only
+        # to be checked and used, never encoded again (its tensors' references included).
+        await self._transport.send(encode(batch, self._store, forward=received))
+        if self._hosts is not None:
+            await self._hosts.send(encode(batch))  # other hosts: the bytes inline
         return batch
 
-    async def _collect(self, iteration: int) -> Batch:
-        """Entry rank: everything that arrived, after waiting briefly for a first message."""
+    async def _collect(self, iteration: int) -> tuple[Batch, dict[int, Frames]]:
+        """Entry rank: everything that arrived, after waiting briefly for a first message,
+        and the frames each request came in (by the decoded request's ``id``)."""
         assert self._inbox is not None
         batch = Batch(iteration=iteration)
+        received: dict[int, Frames] = {}
         # Streams in progress are stepped every iteration: no waiting for new requests then.
         timeout_ms = 0 if self._streams else int(self.config.idle_wait_ms)
-        while await self._inbox.poll(timeout=timeout_ms):
-            timeout_ms = 0  # drain what is there, then go
-            frames = await self._inbox.recv_multipart(copy=False)
+        # What has arrived is taken at once (no future, no trip through the loop); only an
+        # empty inbox is waited on, once, and a wake-up brings its message.
+        inbox = self._inbox_now
+        assert inbox is not None
+        while True:
+            try:
+                frames = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if not timeout_ms or not await self._inbox.poll(timeout=timeout_ms):
+                    break
+                timeout_ms = 0  # drain what is there, then go
+                continue
+            timeout_ms = 0
             buffers: Frames = [f.buffer for f in frames]
             try:
                 message = self.decoder.decode(buffers)
@@ -386,11 +404,12 @@ class SchedulerRank:
                 continue
             if isinstance(message, TokenizedGenerateReqInput):
                 batch.requests.append(message)
+                received[id(message)] = buffers
             elif isinstance(message, AbortReq):
                 batch.aborted.append(message.rid)
             elif isinstance(message, Shutdown):
                 batch.shutdown = True
-        return batch
+        return batch, received
 
     # -- steps 2-4 ----------------------------------------------------------------------------
 
@@ -536,9 +555,10 @@ class SchedulerRank:
         )
 
     async def send_to_group(self, message: Message) -> None:
-        """Entry rank: one message to every other rank. On this host its tensors go by
-        store reference (those this rank resolved from the store as the same references);
-        to each other host's agent, once, with the tensors' bytes inline."""
+        """Entry rank: one message to every other rank (a strategy's own: the iteration's
+        batch goes in ``_next_batch``). On this host its tensors go by store reference
+        (those this rank resolved from the store as the same references); to each other
+        host's agent, once, with the tensors' bytes inline."""
         assert self._transport is not None
         await self._transport.send(encode(message, self._store))
         if self._hosts is not None:

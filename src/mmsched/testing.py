@@ -453,9 +453,9 @@ class StoreContractResult:
 
 
 def _placed(store: PayloadStore, tensor: torch.Tensor) -> tuple[PayloadRef | None, list[Any]]:
-    with store.placing() as placed:
-        ref = store.put(tensor)
-    return ref, list(placed)
+    with store.placement() as placement:
+        ref = placement.put(tensor)
+    return ref, list(placement.placed)
 
 
 def run_store_contract(
@@ -467,7 +467,7 @@ def run_store_contract(
     process of its own where the store's ``shares_across_processes`` says its references
     cross processes, else in this process. What is checked:
 
-    - **roundtrip**: every tensor of [`contract_tensors`][] put inside a ``placing`` block
+    - **roundtrip**: every tensor of [`contract_tensors`][] put through a ``placement``
       either travels inline (``put`` returns ``None``) or comes back from every reader with
       its dtype, shape and bytes, on the store's ``device``; a ``by_reference`` store places
       the large contiguous ones, and one that is not places none;
@@ -544,11 +544,12 @@ def _roundtrip(
     tensors: dict[str, torch.Tensor],
 ) -> None:
     refs: dict[str, PayloadRef] = {}
-    with writer.placing() as placed:
+    with writer.placement() as placement:
         for label, tensor in tensors.items():
-            ref = writer.put(tensor)
+            ref = placement.put(tensor)
             if ref is not None:
                 refs[label] = ref
+    placed = placement.placed
     big = [label for label, t in tensors.items() if t.is_contiguous() and t.nbytes >= 1 << 16]
     if writer.by_reference:
         missing = [label for label in big if label not in refs]

@@ -2,7 +2,11 @@
 
 Under the ``tokenizer`` strategy this is where [`MultimodalInputs.from_dict`][] runs, once
 per request, in a pool of worker threads: hashing releases the GIL, so the event loop stays
-responsive and several requests build at once. A malformed input raises
+responsive and several requests build at once. A small request (features under
+[`INLINE_MAX_BYTES`][mmsched.tokenizer.INLINE_MAX_BYTES]) is prepared on the event loop
+instead: its work is less than the hop to a thread and back. Either way it is validated
+first, then placed in the payload store through its own
+[`Placement`][mmsched.stores.base.Placement] and encoded once. A malformed input raises
 [`InvalidMultimodalInput`][] to its own caller and never reaches a rank.
 
 Results from the ranks (outputs, errors and, when enabled, per-rank reports) arrive on one
@@ -36,6 +40,7 @@ from mmsched.cache import CacheMirror, CacheStats, Sequencer
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.errors import (
+    ArenaFull,
     CodecError,
     InvalidMultimodalInput,
     MmschedError,
@@ -76,6 +81,12 @@ class RequestTrace:
     created_at: float
     reports: list[ProbeReport] = field(default_factory=list)
 
+
+INLINE_MAX_BYTES = 256 << 10
+"""Requests with fewer feature bytes than this (and at most ``_INLINE_MAX_IDS`` token ids)
+are prepared on the event loop: validating, hashing (about 0.05 ms for 256 KiB of BLAKE3 on
+one core) and copying them costs less than the hop to a worker thread and back."""
+_INLINE_MAX_IDS = 4096  # validating an id costs about as much as hashing 100 bytes
 
 # Longest wait of a request planned by the cache mirror for the ones planned before it (they
 # are encoding: milliseconds); past it they are skipped and the caches start over.
@@ -270,7 +281,7 @@ class TokenizerStage:
         )
         held = False
         try:
-            trace = await self._submit(rid, input_ids, mm_inputs, sampling_params, stream)
+            trace = await self._submit(rid, input_ids, mm_inputs, sampling_params, stream, nbytes)
             if trace.output.iteration > min(self._progress.values()):
                 self._held.append((trace.output.iteration, nbytes))  # a rank is still behind
                 held = True
@@ -323,6 +334,7 @@ class TokenizerStage:
         mm_inputs: MultimodalInputs | Mapping[str, Any] | None,
         sampling_params: dict[str, Any] | None,
         stream: Callable[[GenerateOutput], None] | None,
+        nbytes: int,
     ) -> RequestTrace:
         created_at = time.monotonic()
         req = TokenizedGenerateReqInput(
@@ -331,15 +343,29 @@ class TokenizerStage:
             sampling_params=dict(sampling_params or {}),
             mm_inputs=dict(mm_inputs) if isinstance(mm_inputs, Mapping) else mm_inputs,
         )
-        # Building, hashing and copying into shared memory release the GIL: worker threads
-        # keep the event loop free for other requests.
         loop = self._loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._pool, self._prepare, req)
-        try:
-            prepared = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            job.add_done_callback(self._drop_unsent)  # the thread finishes on its own
-            raise
+        prepared = None
+        if nbytes < INLINE_MAX_BYTES and _id_count(input_ids) <= _INLINE_MAX_IDS:
+            # Less work than the hop to a worker thread and back (a wake-up each way, and
+            # the GIL handed over twice): done here, on the loop, without waiting for room.
+            given = req.input_ids, req.mm_inputs
+            try:
+                prepared = self._prepare(req, inline=True)
+            except ArenaFull:
+                if self.config.backpressure == "reject":
+                    raise
+                # No room now: a worker thread may wait for it (the loop gives it back),
+                # and starts again from the request as it was given.
+                req.input_ids, req.mm_inputs = given
+        if prepared is None:
+            # Building, hashing and copying into shared memory release the GIL: worker
+            # threads keep the event loop free for other requests.
+            job = loop.run_in_executor(self._pool, self._prepare, req)
+            try:
+                prepared = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                job.add_done_callback(self._drop_unsent)  # the thread finishes on its own
+                raise
         frames, placed = prepared.frames, prepared.placed
         try:
             if prepared.ticket is not None:  # the cache mirror planned it: go in that order
@@ -382,32 +408,34 @@ class TokenizerStage:
             if placed and not (sending.done() and not sending.cancelled()):
                 self._settle_unsent(rid, placed)  # it never went out: nobody will read it
 
-    def _prepare(self, req: TokenizedGenerateReqInput) -> _Prepared:
-        """The request's frames, inputs built if the strategy says so (worker thread), the
-        payload-store room they name (held until settled) and, with a feature cache, its
-        turn to be sent."""
+    def _prepare(self, req: TokenizedGenerateReqInput, inline: bool = False) -> _Prepared:
+        """The request's frames, inputs built if the strategy says so (a worker thread, or
+        the loop for a small request: ``inline``), the payload-store room they hold (until
+        settled) and, with a feature cache, its turn to be sent."""
         ticket = None
-        with self._store.placing() as placed:
-            try:
-                req.input_ids = validate_input_ids(req.input_ids)  # O(ids): off the loop
-                # The store starts copying the features in now, so that the copy overlaps
-                # the hash that prepare() computes over the same bytes.
-                # A request over the size limit is refused by prepare() without a copy.
-                limit = self.config.max_request_bytes
-                too_large = limit is not None and _feature_bytes(req.mm_inputs) > limit
-                with self._store.staging([] if too_large else _feature_tensors(req.mm_inputs)):
-                    self.strategy.prepare(req, self._build)
-                    if self._mirror is not None and isinstance(req.mm_inputs, MultimodalInputs):
-                        # Hits travel as their key only; the order of plans is the order
-                        # of sends, so that every rank applies them as the mirror did.
-                        req.mm_inputs, ticket = self._mirror.plan(req.mm_inputs)
-                    frames = encode(req, self._store)
-            except BaseException:
-                self._store.settle(placed, sent=False)  # nothing of it is sent
-                if ticket is not None and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._abandon_ticket, ticket)
-                raise
-        return _Prepared(frames, placed, ticket)
+        # Placed through this request's own handle; on the loop it must not wait for room.
+        placement = self._store.placement(wait=not inline)
+        try:
+            with placement:
+                req.input_ids = validate_input_ids(req.input_ids)
+                # A worker thread starts the features' copy into the store once they are
+                # valid, so that it overlaps the hash prepare() computes over the same bytes.
+                self.strategy.prepare(
+                    req, lambda r: self._build(r, None if inline else placement.stage)
+                )
+                if self._mirror is not None and isinstance(req.mm_inputs, MultimodalInputs):
+                    # Hits travel as their key only; the order of plans is the order
+                    # of sends, so that every rank applies them as the mirror did.
+                    req.mm_inputs, ticket = self._mirror.plan(req.mm_inputs)
+                frames = encode(req, placement)
+        except BaseException:
+            self._store.settle(placement.placed, sent=False)  # nothing of it is sent
+            if ticket is not None and inline:
+                self._abandon_ticket(ticket)  # on the loop: before anything is planned again
+            elif ticket is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._abandon_ticket, ticket)
+            raise
+        return _Prepared(frames, placement.placed, ticket)
 
     def _drop_unsent(self, prepared: _Prepared | asyncio.Future[_Prepared]) -> None:
         """A prepared request that will not be sent: its room and its turn go back."""
@@ -466,12 +494,17 @@ class TokenizerStage:
         else:
             self._settling.append((iteration, placed))
 
-    def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
+    def _build(
+        self,
+        req: TokenizedGenerateReqInput,
+        on_valid: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> MultimodalInputs | None:
         return materialize(
             req.mm_inputs,
             hasher=self.config.hasher,
             input_len=len(req.input_ids),
             max_bytes=self.config.max_request_bytes,
+            on_valid=on_valid,
         )
 
     def shutdown(self) -> None:
@@ -644,11 +677,12 @@ def _feature_bytes(mm_inputs: MultimodalInputs | Mapping[str, Any] | None) -> in
     return total
 
 
-def _feature_tensors(mm_inputs: MultimodalInputs | Mapping[str, Any] | None) -> list[torch.Tensor]:
-    """The feature tensors of a request (built or raw); none where malformed."""
-    if isinstance(mm_inputs, MultimodalInputs):
-        return [item.feature for item in mm_inputs.mm_items]
-    return [f for f in _raw_features(mm_inputs) if isinstance(f, torch.Tensor)]
+def _id_count(input_ids: Any) -> int:
+    """How many token ids a request carries (validation tells whether they are ids)."""
+    try:
+        return len(input_ids)
+    except TypeError:
+        return 0
 
 
 def _raw_features(mm_inputs: Mapping[str, Any] | None) -> list[Any]:

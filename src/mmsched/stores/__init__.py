@@ -18,7 +18,7 @@ passes the store contract ([`mmsched.testing.run_store_contract`][]).
 from __future__ import annotations
 
 from mmsched.registry import Registry
-from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
+from mmsched.stores.base import PayloadRef, PayloadStore, Placement, StoreOptions
 
 STORES: Registry[PayloadStore] = Registry(
     "payload store",
@@ -61,6 +61,7 @@ __all__ = [
     "STORES",
     "PayloadRef",
     "PayloadStore",
+    "Placement",
     "StoreOptions",
     "register_store",
     "store_class",

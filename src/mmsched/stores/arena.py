@@ -306,11 +306,11 @@ class ArenaWriter:
         start = self._data_start + alloc.offset
         return Ref(self.name, alloc.seq, start, nbytes), self._mapped.base + start
 
-    def reserve_all(self, sizes: Sequence[int]) -> list[tuple[Ref, int]]:
-        """Room for every one of ``sizes`` at once, or for none (waiting up to the timeout):
-        like [`reserve`][mmsched.stores.arena.ArenaWriter.reserve] with ``hold``, for a
-        producer that needs several payloads' room before it can send any of them."""
-        made = self._allocate_all(sizes, writer_held=True)
+    def reserve_all(self, sizes: Sequence[int], *, wait: bool = True) -> list[tuple[Ref, int]]:
+        """Room for every one of ``sizes`` at once, or for none (waiting up to the timeout,
+        if ``wait``): like [`reserve`][mmsched.stores.arena.ArenaWriter.reserve] with
+        ``hold``, for a producer that needs several payloads' room before it can send any."""
+        made = self._allocate_all(sizes, writer_held=True, wait=wait)
         return [
             (
                 Ref(self.name, a.seq, self._data_start + a.offset, n),

@@ -8,7 +8,9 @@ per process and pipeline:
 - the **producer** (the tokenizer) makes it with
   [`create`][mmsched.stores.base.PayloadStore.create]; [`put`][mmsched.stores.base.PayloadStore.put]
   places a tensor (or [`allocate`][mmsched.stores.base.PayloadStore.allocate] gives a processor
-  a tensor to fill in place, and ``put`` then copies nothing);
+  a tensor to fill in place, and ``put`` then copies nothing); a request's tensors are placed
+  through an explicit [`Placement`][mmsched.stores.base.Placement] handle, which holds their
+  room until the tokenizer settles it;
 - every **consumer** (each scheduler rank) joins it with
   [`attach`][mmsched.stores.base.PayloadStore.attach], and
   [`resolve`][mmsched.stores.base.PayloadStore.resolve] turns a reference into a usable
@@ -32,9 +34,8 @@ the store contract ([`mmsched.testing.run_store_contract`][]).
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -206,19 +207,6 @@ class PayloadStore(ABC):
         """
         raise ConfigError(f"the {self.name!r} payload store lends no memory to other processes")
 
-    @contextlib.contextmanager
-    def staging(self, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-        """Start placing ``tensors`` while the caller does other work (the producer hashes).
-
-        Inside the block, ``put`` of one of them waits for its placement and returns its
-        reference; on leaving, every placement has finished. By default nothing is started
-        and ``put`` places as usual.
-
-        Raises:
-            ArenaFull: no room within the store's timeout.
-        """
-        yield
-
     @abstractmethod
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
         """A reference to ``tensor``'s bytes in this store, or ``None``: it travels inline.
@@ -236,24 +224,17 @@ class PayloadStore(ABC):
             CodecError: its dtype or shape does not match the bytes it names.
         """
 
-    @contextlib.contextmanager
-    def placing(self) -> Iterator[list[Any]]:
-        """Producer: inside the block, what ``put`` places on this thread is held from reuse
-        and listed in the yielded list, until [`settle`][mmsched.stores.base.PayloadStore.settle]d.
-
-        The tokenizer settles a request's placements once every rank has finished the
-        iteration that ran it (or at once, if it never went out): a rank's watermark cannot
-        free them before, since a rank that has not received a message yet holds nothing of
-        it. Outside such a block a placement is freed by the watermarks alone, which is
-        right for one sender whose messages reach every reader in the order it placed them.
-        By default nothing is held or listed.
-        """
-        yield []
+    def placement(self, *, wait: bool = True) -> Placement:
+        """Producer: a handle for one request's placements (see [`Placement`][]). With
+        ``wait`` off, a placement that finds no room raises
+        [`ArenaFull`][mmsched.errors.ArenaFull] at once (a caller on the event loop, whose
+        own loop gives room back, must not wait for it)."""
+        return Placement(self, wait=wait)
 
     def settle(self, placed: Sequence[Any], *, sent: bool = True) -> None:  # noqa: B027
-        """Producer: give back what a [`placing`][mmsched.stores.base.PayloadStore.placing]
-        block listed; its room is reused once no rank still holds a tensor on it, or at once
-        if it was never ``sent``."""
+        """Producer: give back what a [`Placement`][mmsched.stores.base.Placement] held
+        (its ``placed``); its room is reused once no rank still holds a tensor on it, or at
+        once if it was never ``sent``."""
 
     def borrowed(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` (a resolved one) is this store's memory that a rank copies out
@@ -263,3 +244,58 @@ class PayloadStore(ABC):
     def wants(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is large enough to go by reference rather than inline."""
         return tensor.numel() * tensor.element_size() >= self.options.min_bytes
+
+
+class Placement:
+    """One request's placements in a producer's store: the codec places through this handle
+    (``encode(message, placement)``), so a store needs no per-thread state to tell one
+    request's room from another's.
+
+    What it places is held from reuse and listed in ``placed`` until the tokenizer
+    [`settle`][mmsched.stores.base.PayloadStore.settle]s it, once every rank has finished
+    the iteration that ran the request (or at once, if it never went out): a rank's
+    watermark cannot free it before, since a rank that has not received a message yet holds
+    nothing of it. A store's ``put`` outside a placement is freed by the watermarks alone,
+    which is right for one sender whose messages reach every reader in the order it placed
+    them. This default places through the store's ``put`` and holds nothing.
+
+    Use it as a context manager: on leaving, every copy it
+    [`stage`][mmsched.stores.base.Placement.stage]d has finished, and staged room that no
+    ``put`` took is given back.
+    """
+
+    def __init__(self, store: PayloadStore, *, wait: bool = True) -> None:
+        self.store = store
+        self.wait = wait
+        self.placed: list[Any] = []
+
+    def stage(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Start placing ``tensors`` (validated features) while the caller does other work
+        (the producer hashes them); ``put`` of one of them then waits for its copy and
+        returns its reference. By default nothing is started.
+
+        Raises:
+            ArenaFull: no room within the store's timeout.
+        """
+
+    def wants(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` goes by reference (the store's rule)."""
+        return self.store.wants(tensor)
+
+    def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        """A reference to ``tensor``'s bytes in the store, held for this request, or
+        ``None``: it travels inline.
+
+        Raises:
+            ArenaFull: no room (within the store's timeout, if ``wait``).
+        """
+        return self.store.put(tensor)
+
+    def finish(self) -> None:
+        """Wait for every staged copy; give back staged room that no ``put`` took."""
+
+    def __enter__(self) -> Placement:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()

@@ -22,9 +22,7 @@ One host only; every rank needs a GPU (``device``).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,7 +31,7 @@ from mmsched import cudart
 from mmsched.errors import ArenaFull, CodecError, ConfigError, TransportError
 from mmsched.frames import DTYPES, checked_shape, dtype_name
 from mmsched.stores import arena
-from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
+from mmsched.stores.base import PayloadRef, PayloadStore, Placement, StoreOptions
 
 _HEADER = arena.HEADER_BYTES  # ring offsets count from the end of the bookkeeping header
 
@@ -57,7 +55,6 @@ class CudaIpcStore(PayloadStore):
         self._address = address
         self._writer = writer
         self._reader = reader
-        self._placed: dict[int, list[int]] = {}  # by producer thread
 
     @classmethod
     def create(cls, options: StoreOptions) -> CudaIpcStore:
@@ -112,6 +109,16 @@ class CudaIpcStore(PayloadStore):
             arena.unlink_segment(address.split("/", 1)[0])
 
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        return self._place(tensor, None, wait=True)
+
+    def placement(self, *, wait: bool = True) -> Placement:
+        if self._writer is None:  # a consumer places nothing of its own
+            return super().placement(wait=wait)
+        return _CudaIpcPlacement(self, wait=wait)
+
+    def _place(
+        self, tensor: torch.Tensor, placed: list[Any] | None, *, wait: bool
+    ) -> PayloadRef | None:
         if dtype_name(tensor.dtype) not in DTYPES:
             return None
         nbytes = tensor.numel() * tensor.element_size()
@@ -119,11 +126,10 @@ class CudaIpcStore(PayloadStore):
             return self._forward(tensor, nbytes)
         if nbytes > self._writer.capacity:
             return None  # can never fit: it travels inline
-        placed = self._placed.get(threading.get_ident())
         try:
             # Holding slices of this request already, it must not wait for more: requests
             # doing so could wait on each other forever. Without room now, it goes inline.
-            ref, _ = self._writer.reserve(nbytes, hold=placed is not None, wait=not placed)
+            ref, _ = self._writer.reserve(nbytes, hold=placed is not None, wait=wait and not placed)
         except ArenaFull:
             if not placed:
                 raise
@@ -138,16 +144,6 @@ class CudaIpcStore(PayloadStore):
             # complete on the device, not only queued.
             torch.cuda.current_stream().synchronize()
         return self._ref(tensor, ref)
-
-    @contextlib.contextmanager
-    def placing(self) -> Iterator[list[Any]]:
-        placed: list[Any] = []
-        if self._writer is not None:
-            self._placed[threading.get_ident()] = placed
-        try:
-            yield placed
-        finally:
-            self._placed.pop(threading.get_ident(), None)
 
     def settle(self, placed: Sequence[Any], *, sent: bool = True) -> None:
         if self._writer is not None:
@@ -197,3 +193,14 @@ class CudaIpcStore(PayloadStore):
     def borrowed(self, tensor: torch.Tensor) -> bool:
         start, size = self._pool.data_ptr(), self._pool.numel()
         return tensor.device == self._pool.device and start <= tensor.data_ptr() < start + size
+
+
+class _CudaIpcPlacement(Placement):
+    """One request's slices of the pool, held until settled."""
+
+    def __init__(self, store: CudaIpcStore, *, wait: bool) -> None:
+        super().__init__(store, wait=wait)
+        self._cuda = store
+
+    def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        return self._cuda._place(tensor, self.placed, wait=self.wait)

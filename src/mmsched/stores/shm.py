@@ -3,13 +3,15 @@
 The tokenizer owns the arena ([`mmsched.stores.arena`][]); a tensor is copied in once, or
 not at all when the processor filled a tensor from
 [`allocate`][mmsched.stores.shm.ShmStore.allocate] (it already lives there). The copy is
-cut into chunks on a few threads ([`mmsched.stores.copying`][]) and, through
-[`staging`][mmsched.stores.shm.ShmStore.staging], runs while the tokenizer hashes the
+cut into chunks on a few threads ([`mmsched.stores.copying`][]) and, staged through a
+request's [`Placement`][mmsched.stores.base.Placement], runs while the tokenizer hashes the
 same bytes. Ranks resolve
 a reference to a tensor viewing the mapped arena: no copy, and the bytes stay reserved
-until every rank's tensor is gone. The entry rank forwards
-a tensor it resolved as the same reference, so a request's bytes are written once whatever
-the number of ranks and whatever the transport that carries the references.
+until every rank's tensor is gone. The entry rank passes each request on as the frames it
+came in, and a tensor it resolved and sends in a message of its own (the
+``entry-broadcast`` strategy's built inputs) as the same reference, so a request's bytes are
+written once whatever the number of ranks and whatever the transport that carries the
+references.
 
 One host only (shared memory); Linux only (``/dev/shm``).
 """
@@ -17,9 +19,7 @@ One host only (shared memory); Linux only (``/dev/shm``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from mmsched.errors import ArenaFull, ConfigError, TransportError
 from mmsched.frames import DTYPES, dtype_name, tensor_from_frame
 from mmsched.hashing import large_hashes_running, tensor_bytes
 from mmsched.stores import arena
-from mmsched.stores.base import PayloadRef, PayloadStore, StoreOptions
+from mmsched.stores.base import PayloadRef, PayloadStore, Placement, StoreOptions
 from mmsched.stores.copying import shared_copier, wait
 from mmsched.stores.lending import ArenaAccess, ArenaLender
 
@@ -67,8 +67,6 @@ class ShmStore(PayloadStore):
         super().__init__(options)
         self._writer = writer
         self._reader = reader
-        # Placements staged by one tokenizer worker thread, found by its own put().
-        self._local = threading.local()
         self._lender: ArenaLender | None = None
 
     @classmethod
@@ -144,85 +142,29 @@ class ShmStore(PayloadStore):
         # that same loop (the ranks' answers and progress arrive there).
         return self._writer.allocate_tensor(shape, dtype, wait=not _on_event_loop())
 
-    @contextlib.contextmanager
-    def staging(self, tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-        # The copy into the arena runs on the copier's threads while the caller hashes the
-        # same source bytes on others: the two passes overlap instead of adding up.
-        writer = self._writer
-        if writer is None:  # a consumer places nothing
-            yield
-            return
-        staged: dict[tuple[int, int], _Staged] = {}
-        chosen: dict[tuple[int, int], torch.Tensor] = {}
-        for tensor in tensors:
-            nbytes = tensor.numel() * tensor.element_size()
-            if (
-                self.wants(tensor)
-                and dtype_name(tensor.dtype) in DTYPES
-                and tensor.device.type == "cpu"
-                and tensor.is_contiguous()
-                and writer.ref_at(tensor.data_ptr(), nbytes) is None
-            ):
-                chosen[(tensor.data_ptr(), nbytes)] = tensor
-        if sum(n for _, n in chosen) > self.capacity:
-            chosen = {}  # can never be staged together: put() decides tensor by tensor
-        try:
-            # All of the request's room at once (held while staged), or none yet: holding
-            # part while waiting for the rest could wait forever on other requests doing so.
-            rooms = writer.reserve_all([n for _, n in chosen]) if chosen else []
-            for ((address, nbytes), tensor), (ref, dst) in zip(chosen.items(), rooms, strict=True):
-                # Under load (other hashes running, every core busy) one piece: each piece
-                # costs a GIL hand-over when its thread comes back, and no core is idle.
-                pieces = 1 if large_hashes_running() else None
-                copy = shared_copier().start(dst, address, nbytes, pieces=pieces)
-                staged[(address, nbytes)] = _Staged(ref, copy, tensor)
-            self._local.staged = staged
-            yield
-        finally:
-            self._local.staged = {}
-            for entry in staged.values():  # no copy may still run into room that gets reused
-                wait(entry.copy)
-                if entry.used:
-                    writer.release(entry.ref.seq)  # put() took its own hold for the sending
-                else:
-                    writer.abandon(entry.ref.seq)  # never sent (a cache hit, say)
+    def placement(self, *, wait: bool = True) -> Placement:
+        if self._writer is None:  # a consumer places nothing of its own
+            return super().placement(wait=wait)
+        return _ShmPlacement(self, self._writer, wait=wait)
 
     def put(self, tensor: torch.Tensor) -> PayloadRef | None:
         if dtype_name(tensor.dtype) not in DTYPES:
             return None
         owner = self._writer or self._reader
         assert owner is not None
-        placed: list[int] | None = getattr(self._local, "placed", None)
         ref = None
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.device.type == "cpu" and tensor.is_contiguous():
-            staged = getattr(self._local, "staged", {}).get((tensor.data_ptr(), nbytes))
-            if staged is not None:
-                wait(staged.copy)
-                staged.used = True
-                ref = staged.ref
-            else:
-                ref = owner.ref_at(tensor.data_ptr(), nbytes)
-            if ref is not None and placed is not None and self._writer is not None:
-                self._writer.hold(ref.seq)
+            # Already in the arena: allocated there by a processor, or (a consumer) resolved
+            # from it and forwarded as the same reference.
+            ref = owner.ref_at(tensor.data_ptr(), nbytes)
         if ref is None and self._writer is not None:
-            if tensor.numel() * tensor.element_size() > self._writer.capacity:
+            if nbytes > self._writer.capacity:
                 return None  # can never fit: it travels inline
-            # Holding room already (staged or placed for this request), it must not wait
-            # for more (see staging): without room now, the tensor travels inline.
-            holding = bool(placed) or bool(getattr(self._local, "staged", None))
-            try:
-                ref = self._writer.put(
-                    tensor_bytes(tensor), hold=placed is not None, wait=not holding
-                )
-            except ArenaFull:
-                if not holding:
-                    raise
-                return None
-        if ref is None:
-            return None
-        if placed is not None:
-            placed.append(ref.seq)
+            ref = self._writer.put(tensor_bytes(tensor))
+        return None if ref is None else self._ref(tensor, ref)
+
+    def _ref(self, tensor: torch.Tensor, ref: arena.Ref) -> PayloadRef:
         return PayloadRef(
             self.name,
             dtype_name(tensor.dtype),
@@ -230,15 +172,6 @@ class ShmStore(PayloadStore):
             "cpu",
             (ref.arena, ref.seq, ref.offset, ref.nbytes),
         )
-
-    @contextlib.contextmanager
-    def placing(self) -> Iterator[list[Any]]:
-        placed: list[Any] = []
-        self._local.placed = placed if self._writer is not None else None
-        try:
-            yield placed
-        finally:
-            self._local.placed = None
 
     def settle(self, placed: Sequence[Any], *, sent: bool = True) -> None:
         if self._writer is not None:
@@ -256,3 +189,80 @@ class ShmStore(PayloadStore):
             raise TransportError(f"malformed shm location {location}")
         view = self._reader.view(arena.Ref(name, int(seq), int(offset), int(nbytes)))
         return tensor_from_frame(view, ref.dtype, list(ref.shape))
+
+
+class _ShmPlacement(Placement):
+    """One request's room in the arena: what it staged, and what its puts hold."""
+
+    def __init__(self, store: ShmStore, writer: arena.ArenaWriter, *, wait: bool) -> None:
+        super().__init__(store, wait=wait)
+        self._shm = store
+        self._writer = writer
+        self._staged: dict[tuple[int, int], _Staged] = {}
+
+    def stage(self, tensors: Iterable[torch.Tensor]) -> None:
+        # The copy into the arena runs on the copier's threads while the caller hashes the
+        # same source bytes on others: the two passes overlap instead of adding up.
+        writer = self._writer
+        chosen: dict[tuple[int, int], torch.Tensor] = {}
+        for tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if (
+                self.wants(tensor)
+                and dtype_name(tensor.dtype) in DTYPES
+                and tensor.device.type == "cpu"
+                and tensor.is_contiguous()
+                and writer.ref_at(tensor.data_ptr(), nbytes) is None
+            ):
+                chosen[(tensor.data_ptr(), nbytes)] = tensor
+        if not chosen or sum(n for _, n in chosen) > writer.capacity:
+            return  # nothing to stage, or never all at once: put() decides tensor by tensor
+        # All of the request's room at once (held while staged), or none yet: holding part
+        # while waiting for the rest could wait forever on other requests doing so.
+        rooms = writer.reserve_all([n for _, n in chosen], wait=self.wait)
+        for ((address, nbytes), tensor), (ref, dst) in zip(chosen.items(), rooms, strict=True):
+            # Under load (other hashes running, every core busy) one piece: each piece costs
+            # a GIL hand-over when its thread comes back, and no core is idle.
+            pieces = 1 if large_hashes_running() else None
+            copy = shared_copier().start(dst, address, nbytes, pieces=pieces)
+            self._staged[(address, nbytes)] = _Staged(ref, copy, tensor)
+
+    def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        if dtype_name(tensor.dtype) not in DTYPES:
+            return None
+        writer = self._writer
+        ref = None
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device.type == "cpu" and tensor.is_contiguous():
+            staged = self._staged.get((tensor.data_ptr(), nbytes))
+            if staged is not None:
+                wait(staged.copy)
+                staged.used = True
+                ref = staged.ref
+            else:
+                ref = writer.ref_at(tensor.data_ptr(), nbytes)
+            if ref is not None:
+                writer.hold(ref.seq)
+        if ref is None:
+            if nbytes > writer.capacity:
+                return None  # can never fit: it travels inline
+            # Holding room already (staged or placed for this request), it must not wait
+            # for more (see stage): without room now, the tensor travels inline.
+            holding = bool(self.placed) or bool(self._staged)
+            try:
+                ref = writer.put(tensor_bytes(tensor), hold=True, wait=self.wait and not holding)
+            except ArenaFull:
+                if not holding:
+                    raise
+                return None
+        self.placed.append(ref.seq)
+        return self._shm._ref(tensor, ref)
+
+    def finish(self) -> None:
+        staged, self._staged = self._staged, {}
+        for entry in staged.values():  # no copy may still run into room that gets reused
+            wait(entry.copy)
+            if entry.used:
+                self._writer.release(entry.ref.seq)  # put() took its own hold for the sending
+            else:
+                self._writer.abandon(entry.ref.seq)  # never sent (a cache hit, say)

@@ -1,0 +1,113 @@
+"""The request's hot path: forwarded once, placed through its own handle, no needless hops.
+
+What these check is the structure that keeps a small request cheap (no figure is timed
+here: the targets are met in ``mmsched bench fanout``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import orjson
+import pytest
+import torch
+
+from mmsched import Batch, CodecError, Config, Decoder, Pipeline, TokenizedGenerateReqInput, encode
+from mmsched.errors import ArenaFull
+from mmsched.stores import StoreOptions
+from mmsched.stores.shm import ShmStore
+from mmsched.tokenizer import INLINE_MAX_BYTES
+
+
+def _request(rid: str, ids: int) -> TokenizedGenerateReqInput:
+    return TokenizedGenerateReqInput(
+        rid=rid,
+        input_ids=list(range(ids)),
+        sampling_params={"temperature": 0.5},
+        mm_inputs={
+            "mm_items": [{"modality": "image", "feature": torch.randn(64), "offsets": [[1, 2]]}]
+        },
+    )
+
+
+def test_a_batch_carries_each_request_as_the_frames_it_came_in() -> None:
+    first, second = _request("a", 100), _request("b", 3)
+    sent = {id(r): encode(r) for r in (first, second)}
+    batch = Batch(iteration=7, requests=[first, second], aborted=["x"])
+    frames = encode(batch, forward=sent)
+    # The requests' own frames, the very objects, follow the batch's header: nothing of them
+    # was walked or encoded again.
+    assert frames[1:] == [*sent[id(first)], *sent[id(second)]]
+    assert all(
+        a is b for a, b in zip(frames[1:], [*sent[id(first)], *sent[id(second)]], strict=True)
+    )
+    got = Decoder().decode(frames)
+    assert isinstance(got, Batch) and got.iteration == 7 and got.aborted == ["x"]
+    for mine, theirs in zip(got.requests, (first, second), strict=True):
+        assert isinstance(mine, TokenizedGenerateReqInput)
+        assert mine.rid == theirs.rid and mine.input_ids == theirs.input_ids
+        assert mine.sampling_params == theirs.sampling_params
+        assert isinstance(mine.mm_inputs, dict) and isinstance(theirs.mm_inputs, dict)
+        assert torch.equal(
+            mine.mm_inputs["mm_items"][0]["feature"], theirs.mm_inputs["mm_items"][0]["feature"]
+        )
+
+
+def _batch_header(buffers: int, span: object) -> bytes:
+    tree = {"$t": "batch", "iteration": 0, "requests": [{"$msg": span}]}
+    return orjson.dumps({"v": 1, "n": buffers, "msg": tree})
+
+
+@pytest.mark.parametrize(
+    "span", ["[0, 0]", "[0, 9]", "[-1, 1]", "[1, 1]", "[0]", '"a"', "[0.0, 1]", "[true, 1]"]
+)
+def test_a_forwarded_span_out_of_its_frames_is_a_codec_error(span: str) -> None:
+    inner = encode(_request("a", 3))
+    with pytest.raises(CodecError):
+        Decoder().decode([_batch_header(len(inner), orjson.loads(span)), *inner])
+
+
+def test_a_forwarded_message_that_is_not_one_is_a_codec_error() -> None:
+    with pytest.raises(CodecError):
+        Decoder().decode([_batch_header(1, [0, 1]), b"not a header"])
+
+
+def test_a_placement_that_must_not_wait_finds_no_room_at_once() -> None:
+    options = StoreOptions(capacity_bytes=1 << 20, consumers=1, timeout_s=30.0, min_bytes=1024)
+    producer = ShmStore.create(options)
+    consumer = ShmStore.attach(producer.address, 0, options)
+    try:
+        held = producer.placement()
+        assert held.put(torch.zeros(200_000)) is not None  # 800 kB, held until settled
+        hurried = producer.placement(wait=False)
+        with pytest.raises(ArenaFull):  # at once, not after timeout_s
+            hurried.put(torch.zeros(100_000))
+        assert hurried.placed == []
+        producer.settle(held.placed, sent=False)  # never sent: its room is free again
+        assert hurried.put(torch.zeros(100_000)) is not None
+        producer.settle(hurried.placed, sent=False)
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def _worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("mmsched-tok")]
+
+
+async def test_small_requests_are_prepared_on_the_loop_and_large_ones_in_a_worker() -> None:
+    config = Config(strategy="zero-copy", transport="memory", tp_size=2)
+    small = torch.randn(2_500)  # 10 kB
+    large = torch.randn(INLINE_MAX_BYTES // 4 + 1)
+    ids = list(range(8))
+    async with Pipeline(config) as pipeline:
+        for i in range(3):
+            item = {"modality": "image", "feature": small.clone(), "offsets": [(1, 2)]}
+            out = await pipeline.generate(f"s{i}", ids, {"mm_items": [item]})
+            assert len(out.pad_values) == 1
+        await pipeline.generate("text", ids)
+        assert _worker_threads() == []  # the pool's threads start only once it is used
+        item = {"modality": "image", "feature": large, "offsets": [(1, 2)]}
+        out = await pipeline.generate("large", ids, {"mm_items": [item]})
+        assert len(out.pad_values) == 1
+        assert _worker_threads()
