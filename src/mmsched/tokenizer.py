@@ -44,7 +44,7 @@ from mmsched.errors import (
     RequestFailed,
 )
 from mmsched.frames import Frames, Int64List, frames_nbytes
-from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
+from mmsched.inputs import MultimodalInputs, validate_input_ids
 from mmsched.messages import (
     ABORTED,
     AbortReq,
@@ -58,6 +58,7 @@ from mmsched.messages import (
     Shutdown,
     TokenizedGenerateReqInput,
 )
+from mmsched.runtime.building import build_inputs
 from mmsched.stores import PayloadStore
 from mmsched.strategies import get_strategy
 
@@ -467,12 +468,7 @@ class TokenizerStage:
             self._settling.append((iteration, placed))
 
     def _build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
-        return materialize(
-            req.mm_inputs,
-            hasher=self.config.hasher,
-            input_len=len(req.input_ids),
-            max_bytes=self.config.max_request_bytes,
-        )
+        return build_inputs(self.config, req)
 
     def shutdown(self) -> None:
         """Ask the ranks to exit after their current iteration, if the entry rank's
