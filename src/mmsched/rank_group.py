@@ -372,11 +372,11 @@ class _OtherHosts:
         self._context = zmq.asyncio.Context()
         self._tasks: list[asyncio.Future[Any]] = []
         self._join: JoinServer | None = None
-        resources.on_close("the ports of the other hosts", self._close)
         self._authenticator = check_credentials(self._context, token)
         # Polled without waiting (``lost``), between the server's iterations: a plain socket.
         plain: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self._context.underlying)
         self._status: zmq.Socket[bytes] = plain.socket(zmq.PULL)
+        resources.on_close("the ports of the other hosts", self._close)
         self._status.setsockopt(zmq.LINGER, 0)
         self._status.plain_server = True  # the agents present the run's token
         address = HostAddresses.of(config).results
