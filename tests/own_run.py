@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from mmsched.pipeline import RUN_DIR_PREFIX
+from mmsched.runtime.rundir import RUN_DIR_PREFIX
 from mmsched.stores.arena import SEGMENT_PREFIX, SHM_DIR, live_segments
 
 

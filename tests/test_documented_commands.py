@@ -317,6 +317,8 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     "mmsched rank --tp 8 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:29500": ParseOnly(
         HOSTS
     ),
+    "mmsched rank --tp 8 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:29500 "
+    "--rendezvous /run/myserver": ParseOnly(HOSTS),
     "sudo .venv/bin/mmsched bench fanout --hosts 2 --tp 8 --sizes 10,100": ParseOnly(ROOT_NS),
     # docs/serving.md: the script itself (it has no setup step), two images per request at most
     'MMSCHED_TRANSPORT=zmq MMSCHED_PAYLOAD_STORE=shm "SERVE_ARGS=--tp 4" bash '

@@ -489,9 +489,9 @@ async def test_rank_failure_names_its_cause_in_peer_lost() -> None:
 
 
 def test_json_of_failure_is_what_read_failure_reads(tmp_path: Path) -> None:
-    from mmsched.scheduler import _leave_failure, read_failure
+    from mmsched.runtime.rundir import leave_failure, read_failure
 
-    _leave_failure(str(tmp_path), 3, ConfigError("too small"))
+    leave_failure(str(tmp_path), 3, ConfigError("too small"))
     assert read_failure(tmp_path, 3) == ("ConfigError", "too small")
     assert read_failure(tmp_path, 4) is None
     (tmp_path / "rank-5.failed.json").write_text(json.dumps([1]))

@@ -391,29 +391,49 @@ def test_three_hosts_see_the_same_bytes(tmp_path: Path) -> None:
     assert record.link_x_payload <= 1.05, record.link_bytes_per_request
 
 
-def _run_until_host_lost(tmp_path: Path, fault: str) -> tuple[dict[str, Any], float, int]:
-    """Node 0 on host 0 keeps requests in flight; the real ``mmsched rank`` runs host 1;
-    once requests flow, ``fault`` hits host 1. Returns node 0's outcomes, the fault's time
-    and host 1's agent's exit code (``None`` when killed)."""
-    timeout_s = 6.0
+_FAULT_TIMEOUT_S = 6.0
+
+
+def _two_simulated_hosts() -> tuple[Config, dict[str, str]]:
+    """The config of the runs on two simulated hosts (TP=4, node 0 on host 0), and the
+    environment that gives host 1's agent the same one."""
     config = Config(
         tp_size=4,
         nnodes=2,
         dist_init_addr=f"{address_of(0)}:29500",
         shm_arena_mb=64,
-        timeout_s=timeout_s,
+        timeout_s=_FAULT_TIMEOUT_S,
         startup_timeout_s=90,
     )
+    env = {
+        **_env(shm_arena_mb=64, timeout_s=_FAULT_TIMEOUT_S, startup_timeout_s=90),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+    }
+    return config, env
+
+
+def _wait_clean(hosts: SimulatedHosts) -> None:
+    """Every host's processes and ``/dev/shm`` entries gone (within 10 s), or fail."""
+    clean_by = time.monotonic() + 10
+    while any(h.pids() or h.shm_entries() for h in hosts) and time.monotonic() < clean_by:
+        time.sleep(0.1)
+    for host in hosts:
+        assert host.pids() == [], f"processes left on host {host.index}"
+        assert host.shm_entries() == [], f"/dev/shm entries left on host {host.index}"
+
+
+def _run_until_host_lost(tmp_path: Path, fault: str) -> tuple[dict[str, Any], float, int]:
+    """Node 0 on host 0 keeps requests in flight; the real ``mmsched rank`` runs host 1;
+    once requests flow, ``fault`` hits host 1. Returns node 0's outcomes, the fault's time
+    and host 1's agent's exit code (``None`` when killed)."""
+    timeout_s = _FAULT_TIMEOUT_S
+    config, env = _two_simulated_hosts()
     spec = {
         "config": config.as_dict(),
         "ready": str(tmp_path / "ready"),
         "out": str(tmp_path / "node0.json"),
         "concurrency": 4,
         "run_for_s": 60,
-    }
-    env = {
-        **_env(shm_arena_mb=64, timeout_s=timeout_s, startup_timeout_s=90),
-        "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
     }
     with SimulatedHosts(2, shm_mb=256) as hosts:
         agent = hosts[1].popen(
@@ -439,12 +459,7 @@ def _run_until_host_lost(tmp_path: Path, fault: str) -> tuple[dict[str, Any], fl
             hosts[1].kill_all()
         assert node0.wait(timeout_s + 30) == 0, (tmp_path / "node0.log").read_text()
         agent_code = agent.wait(timeout_s + 30)
-        clean_by = time.monotonic() + 10
-        while any(h.pids() or h.shm_entries() for h in hosts) and time.monotonic() < clean_by:
-            time.sleep(0.1)
-        for host in hosts:
-            assert host.pids() == [], f"processes left on host {host.index}"
-            assert host.shm_entries() == [], f"/dev/shm entries left on host {host.index}"
+        _wait_clean(hosts)
     result = json.loads((tmp_path / "node0.json").read_text())
     return result, fault_at, agent_code
 
@@ -454,7 +469,7 @@ def _check_in_flight_requests_failed(result: dict[str, Any], fault_at: float) ->
     assert sum(o["kind"] == "ok" for o in outcomes if o["end"] < fault_at) >= 3
     after = [o for o in outcomes if o["end"] > fault_at]
     assert any(o["start"] < fault_at for o in after), "requests were in flight at the fault"
-    timeout_s = 6.0
+    timeout_s = _FAULT_TIMEOUT_S
     for o in after:
         assert o["end"] - fault_at <= timeout_s, o
         # A request whose every rank had reported before the fault may still be answered.
@@ -476,6 +491,78 @@ def test_a_cut_link_fails_requests_in_flight_and_both_hosts_clean_up(tmp_path: P
 def test_a_killed_host_fails_requests_in_flight_and_node_0_cleans_up(tmp_path: Path) -> None:
     result, killed_at, _ = _run_until_host_lost(tmp_path, "kill")
     _check_in_flight_requests_failed(result, killed_at)
+
+
+@needs_namespaces
+@pytest.mark.parametrize("fault", ["none", "host 1 killed"])
+def test_a_servers_own_ranks_span_two_hosts(tmp_path: Path, fault: str) -> None:
+    """A RankGroup of TP=4 over two simulated hosts: ranks 0-1 on host 0 (the entry rank
+    admits host 1), ranks 2-3 on host 1 with the real ``mmsched rank --rendezvous`` as its
+    agent, each host meeting in its own directory. Every rank sees the same requests with
+    the same bytes, a malformed request fails alone on rank 0, and then either the group
+    closes (every rank and the agent end cleanly) or host 1 is killed, which rank 0's
+    ``publish`` notices within ``timeout_s``. Nothing is left on either host."""
+    config, env = _two_simulated_hosts()
+    config = config.replace(transport="zmq", payload_store="shm")
+    rendezvous = [tmp_path / "host0", tmp_path / "host1"]
+    for where in rendezvous:
+        where.mkdir()
+
+    def ranks_on(host: int, ranks: list[int]) -> list[str]:
+        spec = {
+            "role": "group",
+            "config": config.as_dict(),
+            "ranks": ranks,
+            "rendezvous": str(rendezvous[host]),
+            "iterations": 3,
+            "until_lost": fault != "none",
+            "published": str(tmp_path / "published"),
+            "out": str(tmp_path / f"host{host}.json"),
+        }
+        return [sys.executable, str(TESTS / "host_roles.py"), json.dumps(spec)]
+
+    def log(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text()
+
+    with SimulatedHosts(2, shm_mb=256) as hosts:
+        agent = hosts[1].popen(
+            [*_rank_command(4, 1, config.dist_init_addr or ""), "--rendezvous", str(rendezvous[1])],
+            env={**env, "MMSCHED_TRANSPORT": "zmq", "MMSCHED_PAYLOAD_STORE": "shm"},
+            output=tmp_path / "agent.log",
+        )
+        node0 = hosts[0].popen(ranks_on(0, [0, 1]), env=env, output=tmp_path / "node0.log")
+        node1 = hosts[1].popen(ranks_on(1, [2, 3]), env=env, output=tmp_path / "node1.log")
+        killed_at = None
+        if fault != "none":
+            deadline = time.monotonic() + 90
+            while not (tmp_path / "published").exists():
+                assert node0.poll() is None, log("node0")
+                assert time.monotonic() < deadline, "the group did not start"
+                time.sleep(0.05)
+            time.sleep(0.5)  # empty iterations flow
+            killed_at = time.monotonic()
+            hosts[1].kill_all()
+        assert node0.wait(120) == 0, log("node0")
+        if killed_at is None:
+            assert node1.wait(30) == 0, log("node1")
+            assert agent.wait(30) == 0, log("agent")
+        _wait_clean(hosts)
+    for where in rendezvous[: 2 if killed_at is None else 1]:  # a killed host's stays
+        assert os.listdir(where) == [], f"left in {where}"
+    ranks = json.loads((tmp_path / "host0.json").read_text())["ranks"]
+    if killed_at is None:
+        ranks |= json.loads((tmp_path / "host1.json").read_text())["ranks"]
+    entry = ranks.pop("0")
+    assert entry["refused"] == [f"bad-{i}: InvalidMultimodalInput" for i in range(3)]
+    assert [it["rids"] for it in entry["iterations"]] == [[f"good-{i}"] for i in range(3)]
+    for rank, seen in ranks.items():
+        assert seen["iterations"] == entry["iterations"], f"rank {rank} saw other requests"
+        assert seen["ended"]["kind"] == "EndOfStream", seen["ended"]
+    assert set(ranks) == ({"1", "2", "3"} if killed_at is None else {"1"})
+    if killed_at is not None:
+        assert entry["ended"]["kind"] == "PeerLost", entry["ended"]
+        assert "node 1" in entry["ended"]["message"]
+        assert entry["ended"]["at"] - killed_at <= _FAULT_TIMEOUT_S, entry["ended"]
 
 
 @pytest.mark.parametrize("fault", ["a rank killed", "the agent terminated"])

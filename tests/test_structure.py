@@ -17,9 +17,22 @@ from mmsched.transports import transport_names
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mmsched"
 # The modules that use strategies, stores and transports without being one of them.
-USERS = [
-    SRC / name for name in ("pipeline.py", "tokenizer.py", "scheduler.py", "config.py", "cli.py")
-] + sorted((SRC / "bench").glob("*.py"))
+USERS = (
+    [
+        SRC / name
+        for name in (
+            "pipeline.py",
+            "tokenizer.py",
+            "scheduler.py",
+            "config.py",
+            "cli.py",
+            "node.py",
+            "rank_group.py",
+        )
+    ]
+    + sorted((SRC / "runtime").glob("*.py"))
+    + sorted((SRC / "bench").glob("*.py"))
+)
 NAMES = {*store_names(), *strategy_names(), *transport_names(), *PRESETS}
 
 
@@ -41,6 +54,23 @@ def _compared_names(path: Path) -> list[str]:
 def test_no_module_branches_on_a_strategy_store_or_transport_name() -> None:
     assert len(USERS) > 8
     assert [hit for path in USERS for hit in _compared_names(path)] == []
+
+
+def test_the_rank_side_opens_stores_and_transports_only_through_the_runtime() -> None:
+    """The store and transport lifecycle (``create``, ``attach``, ``open_transport``) and
+    input building are written once, in ``mmsched.runtime``; the rank side calls that."""
+    calls = {"create", "attach", "open_transport", "materialize", "from_dict"}
+    found = []
+    for path in sorted(SRC.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                # inputs.py and config.py define from_dict; the transport contract suite
+                # opens the transport under test itself.
+                if name in calls and path.name not in ("inputs.py", "config.py", "testing.py"):
+                    found.append(f"{path.name}:{node.lineno}: {name}")
+    assert found == []
 
 
 def test_the_name_check_would_catch_a_comparison(tmp_path: Path) -> None:

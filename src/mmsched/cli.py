@@ -325,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-iteration", help="the ranks' model step, as module:function (default: the stub)"
     )
     rank.add_argument("--on-rank-start", help="per-rank set-up, as module:function")
+    rank.add_argument(
+        "--rendezvous",
+        type=Path,
+        help="start no ranks: feed the server's own, which join a RankGroup in this "
+        "directory of this host (node 0 is a RankGroup too)",
+    )
     return parser
 
 
@@ -372,9 +378,10 @@ def _rank(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
     first = args.node_rank * config.ranks_per_node
     last = first + config.ranks_per_node - 1
+    own = f" (the server's own, meeting in {args.rendezvous})" if args.rendezvous else ""
     console.print(
-        f"node {args.node_rank} of {config.nnodes}: ranks {first}..{last} of {config.tp_size}, "
-        f"joining {config.dist_init_addr}"
+        f"node {args.node_rank} of {config.nnodes}: ranks {first}..{last} of {config.tp_size}"
+        f"{own}, joining {config.dist_init_addr}"
     )
     try:
         run_node(
@@ -382,6 +389,7 @@ def _rank(args: argparse.Namespace, console: Console) -> int:
             args.node_rank,
             on_iteration=_import_callback(args.on_iteration),
             on_rank_start=_import_callback(args.on_rank_start),
+            rendezvous=args.rendezvous,
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print(f"node {args.node_rank}: stopped by a signal; node 0 was told")

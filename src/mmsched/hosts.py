@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,7 @@ class Hello:
     hostname: str
     config: dict[str, Any]
     probe: str | None
+    own_ranks: bool = False  # the agent feeds the server's own ranks (a RankGroup's)
 
     @classmethod
     def parse(cls, body: bytes) -> Hello:
@@ -91,7 +92,10 @@ class Hello:
         probe, hostname = hello.get("probe"), hello.get("hostname", "?")
         if not (probe is None or isinstance(probe, str)) or not isinstance(hostname, str):
             raise ValueError("probe and hostname must be text")
-        return cls(node, pid, hostname[:200], config, probe)
+        own_ranks = hello.get("own_ranks", False)
+        if type(own_ranks) is not bool:
+            raise ValueError("own_ranks must be true or false")
+        return cls(node, pid, hostname[:200], config, probe, own_ranks)
 
 
 @dataclass
@@ -144,6 +148,25 @@ def host_lost_after_s(config: Config) -> float:
     return config.timeout_s / 2
 
 
+def lost_host(
+    config: Config, seen: Mapping[int, float], failure: PeerLost | None = None
+) -> PeerLost | None:
+    """Node 0's verdict on the other hosts: ``failure`` (a host's own report that it
+    stopped), or the first host silent for ``host_lost_after_s`` by ``seen`` (node rank ->
+    ``time.monotonic()`` of its last heartbeat); ``None`` while every host is heard from."""
+    if failure is not None:
+        return failure
+    silent_for = host_lost_after_s(config)
+    now = time.monotonic()
+    for node, last in seen.items():
+        if now - last > silent_for:
+            return PeerLost(
+                f"node {node} sent no heartbeat for {silent_for:.1f} s (timeout_s / 2): "
+                "the host is gone, or the link to it is cut"
+            )
+    return None
+
+
 def config_mismatch(ours: Config, theirs: Any) -> str | None:
     """The first field where ``theirs`` (another host's ``Config.as_dict()``) differs from
     ``ours``, described; ``None`` when they agree on every field that must agree."""
@@ -169,7 +192,8 @@ class JoinServer:
     """Node 0's side of joining: a ROUTER at ``PORT`` answering hellos (see the module
     docstring). ``on_mismatch`` is told of a config mismatch, which must fail the start;
     the tokenizer passes each agent's heartbeat to [`heard`][mmsched.hosts.JoinServer.heard],
-    which keeps the claims alive."""
+    which keeps the claims alive. ``own_ranks``: node 0 is a server's own group (a
+    [`RankGroup`][mmsched.rank_group.RankGroup]), whose agents start no ranks."""
 
     def __init__(
         self,
@@ -178,9 +202,12 @@ class JoinServer:
         token: str,
         on_mismatch: Callable[[ConfigError], None],
         probe: str | None = None,
+        *,
+        own_ranks: bool = False,
     ) -> None:
         self.config = config
         self.probe = probe
+        self.own_ranks = own_ranks
         self._token = token
         self._on_mismatch = on_mismatch
         self.claims: dict[int, Claim] = {}  # node rank -> who holds its slot
@@ -273,7 +300,7 @@ class JoinServer:
                 f"freed if that joiner stays silent for {wait:.1f} s more",
                 "retry": True,
             }
-        refusal = self._refusal(node, hello.config, hello.probe)
+        refusal = self._refusal(node, hello)
         if refusal is not None:
             log.warning("refused node %d (pid %d): %s", node, hello.pid, refusal)
             if 0 < node < self.config.nnodes:
@@ -295,13 +322,25 @@ class JoinServer:
                 self._last_trouble[node] = why
                 del self.claims[node]
 
-    def _refusal(self, node: int, config: Any, probe: Any) -> str | None:
+    def _refusal(self, node: int, hello: Hello) -> str | None:
         if not 0 < node < self.config.nnodes:
             return f"node rank {node} is not one of 1..{self.config.nnodes - 1}"
-        mismatch = config_mismatch(self.config, config)
-        if mismatch is None and probe != self.probe:
+        mismatch = config_mismatch(self.config, hello.config)
+        if mismatch is None and hello.probe != self.probe:
             # A probe that reports makes every answer wait for every rank's report.
-            mismatch = f"node 0 runs with probe {self.probe!r}, the joining host with {probe!r}"
+            mismatch = (
+                f"node 0 runs with probe {self.probe!r}, the joining host with {hello.probe!r}"
+            )
+        if mismatch is None and hello.own_ranks != self.own_ranks:
+            # Ranks an agent started would report to a tokenizer that is not there, and a
+            # pipeline would wait for ranks that no agent starts.
+            mismatch = (
+                "node 0 is a server's own group (RankGroup): start the joining host's agent "
+                "with --rendezvous, where that host's ranks meet"
+                if self.own_ranks
+                else "node 0 runs a Pipeline, whose agents start their host's ranks: start "
+                "the joining host's agent without --rendezvous"
+            )
         if mismatch is not None:
             self._on_mismatch(ConfigError(f"node {node} cannot join: {mismatch}"))
         return mismatch
@@ -315,8 +354,11 @@ def probe_name(probe: object | None) -> str | None:
     return None if probe is None else type(probe).__qualname__
 
 
-async def join(config: Config, node_rank: int, probe: str | None = None) -> str:
+async def join(
+    config: Config, node_rank: int, probe: str | None = None, *, own_ranks: bool = False
+) -> str:
     """An agent's side: introduce this host to node 0; returns the run's token.
+    ``own_ranks``: the agent feeds the server's own ranks instead of starting its own.
 
     Waits up to ``startup_timeout_s`` for node 0 (which may start after this host), and for
     this node's slot while another joiner claims it (node 0 tells it to retry).
@@ -337,6 +379,7 @@ async def join(config: Config, node_rank: int, probe: str | None = None) -> str:
             "hostname": socket.gethostname(),
             "config": config.as_dict(),
             "probe": probe,
+            "own_ranks": own_ranks,
         }
     )
     try:

@@ -19,6 +19,12 @@
    ``min(1 s, timeout_s / 8)``; node 0 counts a host silent for ``timeout_s / 2`` as lost and
    fails every request in flight with [`PeerLost`][mmsched.errors.PeerLost].
 
+With ``--rendezvous DIR`` (``rendezvous=`` here) the agent starts no ranks: node 0 is a
+server's own group ([`RankGroup`][mmsched.rank_group.RankGroup]), and this host's ranks are
+the server's own processes, which meet the agent in ``DIR`` (this host's rendezvous
+directory) with ``RankGroup.join``. The agent announces its store and transport there as a
+group's entry rank does on one host, and relays node 0's iterations to them the same way.
+
 It stops when node 0 shuts the group down, when node 0 is silent for ``timeout_s / 2`` (no
 iteration arrived: node 0 announces one at least every ``idle_wait_ms``), or when one of its
 ranks dies (it tells node 0 why first). Whatever ends it, its ranks are asked to stop, killed
@@ -32,10 +38,7 @@ import contextlib
 import ctypes
 import logging
 import os
-import shutil
 import signal
-import tempfile
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ import zmq.asyncio
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
 from mmsched.credentials import present_credentials
-from mmsched.errors import CodecError, ConfigError, EndOfStream, MmschedError, PeerLost
+from mmsched.errors import CodecError, ConfigError, EndOfStream, PeerLost
 from mmsched.hosts import (
     HostAddresses,
     heartbeat_period_s,
@@ -56,19 +59,13 @@ from mmsched.hosts import (
 )
 from mmsched.messages import Batch, MaterializedInputs, NodeStatus
 from mmsched.outputs import IterationCallback
-from mmsched.pipeline import RUN_DIR_PREFIX, check_picklable, sweep_stale_run_dirs
 from mmsched.probes import Probe
-from mmsched.processes import join_or_kill
-from mmsched.scheduler import (
-    RankAddresses,
-    RankStartCallback,
-    read_failure,
-    start_rank_process,
-    store_options,
-    sweep_stale_stores,
-)
-from mmsched.stores import PayloadStore, store_class
-from mmsched.transports import GroupSpec, Transport, open_transport, transport_class
+from mmsched.runtime.endpoints import Resources
+from mmsched.runtime.rundir import RENDEZVOUS_FILE, Announcement, announce
+from mmsched.runtime.supervisor import RankProcesses, check_picklable
+from mmsched.scheduler import RankAddresses, RankStartCallback
+from mmsched.stores import PayloadStore
+from mmsched.transports import Transport
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +81,10 @@ class NodeAgent:
         on_iteration: as [`Pipeline`][mmsched.pipeline.Pipeline]'s, for this host's ranks.
         probe: as ``Pipeline``'s; node 0 refuses a host whose probe differs from its own.
         on_rank_start: as ``Pipeline``'s.
+        rendezvous: start no ranks: feed the server's own, which join a
+            [`RankGroup`][mmsched.rank_group.RankGroup] in this directory (this host's
+            rendezvous; node 0 must be a ``RankGroup`` too). No callbacks then: the
+            server's ranks run its model.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class NodeAgent:
         on_iteration: IterationCallback | None = None,
         probe: Probe | None = None,
         on_rank_start: RankStartCallback | None = None,
+        rendezvous: str | os.PathLike[str] | None = None,
     ) -> None:
         if config.nnodes < 2:
             raise ConfigError("a node agent serves a group of several hosts: set nnodes >= 2")
@@ -102,6 +104,12 @@ class NodeAgent:
                 f"node_rank must be one of 1..{config.nnodes - 1} (node 0 is the process "
                 f"that runs the pipeline), got {node_rank}"
             )
+        self.rendezvous = Path(rendezvous) if rendezvous is not None else None
+        if self.rendezvous is not None and (on_iteration or probe or on_rank_start):
+            raise ConfigError(
+                "an agent with a rendezvous starts no ranks: the model step and the probe "
+                "are the server's own ranks' (drop on_iteration, probe and on_rank_start)"
+            )
         self.config = config
         self.node_rank = node_rank
         self.on_iteration = on_iteration
@@ -109,10 +117,11 @@ class NodeAgent:
         self.on_rank_start = on_rank_start
         per_node = config.ranks_per_node
         self.ranks = range(node_rank * per_node, (node_rank + 1) * per_node)
-        self._processes: list[BaseProcess] = []
-        self._workdir: Path | None = None
+        # What this host's side of the run opened, undone in reverse at the end: the run
+        # directory, node 0's iterations, the store, the ranks, the ranks' group.
+        self._resources = Resources(config)
+        self._processes: RankProcesses | None = None  # the ranks, unless they are the server's
         self._store: PayloadStore | None = None
-        self._group_address: str | None = None
         self._zmq = zmq.asyncio.Context()
         self._status: zmq.asyncio.Socket | None = None
         self._upstream: Transport | None = None  # node 0's iterations, received once here
@@ -130,9 +139,15 @@ class NodeAgent:
             PeerLost: node 0 did not answer within ``startup_timeout_s``, went silent for
                 ``timeout_s / 2``, or a rank of this host died.
         """
-        check_picklable(self.on_iteration, self.probe, self.on_rank_start)
+        if self.rendezvous is None:
+            check_picklable(self.on_iteration, self.probe, self.on_rank_start)
+        elif not self.rendezvous.is_dir():
+            raise ConfigError(f"rendezvous {str(self.rendezvous)!r} is not a directory")
+        own_ranks = self.rendezvous is not None
         try:
-            token = await join(self.config, self.node_rank, probe_name(self.probe))
+            token = await join(
+                self.config, self.node_rank, probe_name(self.probe), own_ranks=own_ranks
+            )
             log.info(
                 "node %d claimed its slot; starting ranks %s", self.node_rank, list(self.ranks)
             )
@@ -144,7 +159,8 @@ class NodeAgent:
                 await self._start(token)
                 self._ready = True
                 await self._send_status()  # node 0 counts this host joined from now on
-                group.start_soon(self._watch, name="mmsched-node-watch")
+                if self._processes is not None:
+                    group.start_soon(self._watch, name="mmsched-node-watch")
                 await self._relay()
                 group.cancel_scope.cancel()
         except BaseException as exc:
@@ -170,56 +186,37 @@ class NodeAgent:
         self._status.connect(HostAddresses.of(self.config).results)
 
     async def _start(self, token: str) -> None:
-        sweep_stale_run_dirs()
-        sweep_stale_stores()
-        config = self.config
-        hosts = HostAddresses.of(config)
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
+        config, resources = self.config, self._resources
+        # The server's own ranks reach the group's sockets in their rendezvous directory.
+        workdir = resources.run_dir(self.rendezvous)
         # Subscribe first: node 0's entry rank waits for every host's subscription.
-        self._upstream = await open_transport(
-            "zmq",
-            GroupSpec(
-                self.node_rank,
-                config.nnodes,
-                hosts.iterations,
-                host_lost_after_s(config),
-                config.transport_options(token),
-            ),
-        )
-        self._store = await asyncio.to_thread(
-            store_class(config.payload_store).create, store_options(config)
-        )
-        self._group_address = transport_class(config.transport).new_address(self._workdir)
-        addresses = RankAddresses(
-            requests="",  # only node 0's entry rank reads requests
-            results=hosts.results,
-            group=self._group_address,
-            run_dir=str(self._workdir),
-            parent_pid=os.getpid(),
-            token=token,
-            store=self._store.address,
-        )
+        self._upstream = await resources.subscribe_to_node0(self.node_rank, token)
+        self._store = await resources.create_store()
+        group_address = resources.group_address(workdir)
         size = config.ranks_per_node + 1  # this agent sends; its ranks receive
-        hooks = (self.on_iteration, self.probe, self.on_rank_start)
-        for index, rank in enumerate(self.ranks):
-            group = (index + 1, size)
-            self._processes.append(start_rank_process(config, rank, addresses, *hooks, group=group))
-        spec = GroupSpec(
-            0,
-            size,
-            self._group_address,
-            config.timeout_s,
-            options=config.transport_options(token),
-            # Its ranks are starting (spawned, a model to load): bounded as every start is.
-            join_timeout_s=config.startup_timeout_s,
-        )
-        opening = asyncio.ensure_future(open_transport(config.transport, spec))
-        while not opening.done():  # a rank that fails to start must not leave us waiting
-            await asyncio.wait([opening], timeout=_WATCH_PERIOD_S)
-            if not opening.done() and (error := self._dead_rank()) is not None:
-                opening.cancel()
-                raise error
-        self._local = opening.result()
+        if self.rendezvous is not None:
+            found = self.rendezvous / RENDEZVOUS_FILE
+            announce(found, Announcement(self._store.address, group_address, token))
+            resources.on_close("announcement", lambda: found.unlink(missing_ok=True))
+            self._local = await resources.open_group(0, size, group_address, token)
+        else:
+            self._processes = ranks = RankProcesses(config, workdir, f" on node {self.node_rank}")
+            addresses = RankAddresses(
+                requests="",  # only node 0's entry rank reads requests
+                results=HostAddresses.of(config).results,
+                group=group_address,
+                run_dir=str(workdir),
+                parent_pid=os.getpid(),
+                token=token,
+                store=self._store.address,
+            )
+            hooks = (self.on_iteration, self.probe, self.on_rank_start)
+            for index, rank in enumerate(self.ranks):
+                ranks.start(rank, addresses, hooks, group=(index + 1, size))
+            # Stopped after their group's endpoint closes, before the store goes.
+            resources.on_close("rank processes", self._stop_ranks, bounded=False)
+            opening = resources.open_group(0, size, group_address, token)
+            self._local = await ranks.unless_one_dies(opening)
         self._store.consumers_attached()  # every rank attached before joining the group
 
     async def _relay(self) -> None:
@@ -266,21 +263,12 @@ class NodeAgent:
         await self._status.send_multipart(encode(status))
 
     async def _watch(self) -> None:
+        assert self._processes is not None
         while True:
             await asyncio.sleep(_WATCH_PERIOD_S)
-            error = self._dead_rank()
+            error = self._processes.lost()
             if error is not None:
                 raise error
-
-    def _dead_rank(self) -> MmschedError | None:
-        for rank, proc in zip(self.ranks, self._processes, strict=False):
-            if proc.exitcode is not None:
-                left = read_failure(self._workdir, rank) if self._workdir else None
-                why = f"{left[0]}: {left[1]}" if left else f"exited with code {proc.exitcode}"
-                if left is not None and left[0] in ("ConfigError", "UnknownNameError"):
-                    return ConfigError(f"scheduler rank {rank} on node {self.node_rank}: {why}")
-                return PeerLost(f"scheduler rank {rank} on node {self.node_rank}: {why}")
-        return None
 
     def _report_failure(self, why: str) -> None:
         if self._status is None:
@@ -293,26 +281,18 @@ class NodeAgent:
 
     async def _stop(self) -> None:
         """Stop this host's ranks (killed after a grace) and remove everything of the run."""
-        if self._local is not None:
-            if not self._shutdown_relayed and any(p.is_alive() for p in self._processes):
-                with contextlib.suppress(Exception):
-                    stop = Batch(iteration=self._iteration + 1, shutdown=True)
-                    await asyncio.wait_for(self._local.send(encode(stop)), 1.0)
+        ranks_alive = self._processes is None or self._processes.any_alive()
+        if self._local is not None and not self._shutdown_relayed and ranks_alive:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._local.aclose(), self.config.timeout_s)
-        await join_or_kill(self._processes, self.config.timeout_s if self._local else 1.0)
-        if self._upstream is not None:
-            with contextlib.suppress(Exception):
-                await self._upstream.aclose()
-        if self._store is not None:
-            self._store.close()
-            store_class(self.config.payload_store).remove_leftovers(self._store.address)
-        if self._group_address is not None:
-            transport_class(self.config.transport).remove_leftovers(self._group_address)
+                stop = Batch(iteration=self._iteration + 1, shutdown=True)
+                await asyncio.wait_for(self._local.send(encode(stop)), 1.0)
+        await self._resources.aclose()
         self._zmq.destroy(linger=0)
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
         log.info("node %d stopped", self.node_rank)
+
+    async def _stop_ranks(self) -> None:
+        assert self._processes is not None
+        await self._processes.stop(self.config.timeout_s if self._local else 1.0)
 
 
 def run_node(config: Config, node_rank: int, **callbacks: Any) -> None:

@@ -38,12 +38,7 @@ import dataclasses
 import logging
 import os
 import secrets
-import shutil
-import tempfile
-import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from multiprocessing.process import BaseProcess
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -58,29 +53,19 @@ from mmsched.cache import CacheStats
 from mmsched.config import Config
 from mmsched.credentials import check_credentials
 from mmsched.errors import ConfigError, MmschedError, NotRunning, PeerLost
-from mmsched.hosts import HostAddresses, JoinServer, host_lost_after_s, probe_name
+from mmsched.hosts import HostAddresses, JoinServer, lost_host, probe_name
 from mmsched.inputs import MultimodalInputs
 from mmsched.messages import GenerateOutput, NodeStatus
 from mmsched.outputs import IterationCallback
 from mmsched.probes import Probe
-from mmsched.processes import join_or_kill, pid_alive
-from mmsched.scheduler import (
-    RankAddresses,
-    RankStartCallback,
-    SchedulerRank,
-    read_failure,
-    start_rank_process,
-    store_options,
-    sweep_stale_stores,
-)
-from mmsched.stores import PayloadStore, store_class
+from mmsched.runtime.endpoints import Resources
+from mmsched.runtime.supervisor import RankProcesses, check_picklable, rank_error
+from mmsched.scheduler import RankAddresses, RankStartCallback, SchedulerRank
+from mmsched.stores import PayloadStore
 from mmsched.tokenizer import RequestTrace, TokenizerStage
 from mmsched.transports import transport_class
 
 log = logging.getLogger(__name__)
-
-RUN_DIR_PREFIX = "mmsched-"
-"""Run directories are ``mmsched-<pid of the tokenizer>-<random>`` in the temp directory."""
 
 _WATCHDOG_PERIOD_S = 0.2
 # A group that never came up all the way cannot be told to stop: its ranks are killed after
@@ -121,9 +106,10 @@ class Pipeline:
         self.probe = probe
         self.on_rank_start = on_rank_start
         self.in_process = not transport_class(config.transport).cross_process
+        self._resources = Resources(config)  # run directory, payload store, group address
         self._workdir: Path | None = None
         self._zmq: zmq.asyncio.Context | None = None
-        self._processes: list[BaseProcess] = []
+        self._ranks: RankProcesses | None = None  # this host's rank processes
         self._stage: TokenizerStage | None = None
         self._background: asyncio.Task[None] | None = None
         self._ranks_running = 0
@@ -144,7 +130,7 @@ class Pipeline:
     @property
     def pids(self) -> list[int]:
         """Process ids of the rank processes, rank order (none when ranks are tasks)."""
-        return [p.pid for p in self._processes if p.pid is not None]
+        return self._ranks.pids if self._ranks is not None else []
 
     def node_status(self) -> dict[int, NodeStatus]:
         """Several hosts: each other host's last heartbeat, by node rank, with the bytes
@@ -187,11 +173,9 @@ class Pipeline:
     async def _start(self) -> None:
         if not self.in_process:
             check_picklable(self.on_iteration, self.probe, self.on_rank_start)
-        # What a crashed earlier run may have left: its ranks clean up after it when they
+        # What a crashed earlier run left goes first: its ranks clean up after it when they
         # can, but a rank killed with its parent before it ran any code of ours cannot.
-        sweep_stale_run_dirs()
-        sweep_stale_stores()
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
+        self._workdir = self._resources.run_dir()
         self._zmq = zmq.asyncio.Context()
         token = secrets.token_hex(16)
         self._authenticator = check_credentials(self._zmq, token)
@@ -200,9 +184,7 @@ class Pipeline:
         for sock in (requests, results):
             sock.setsockopt(zmq.LINGER, 0)
             sock.plain_server = True
-        self._store = await asyncio.to_thread(
-            store_class(self.config.payload_store).create, store_options(self.config)
-        )
+        self._store = await self._resources.create_store()
         bound = [
             _bind(sock, address, self._workdir / name)
             for sock, address, name in (
@@ -219,7 +201,7 @@ class Pipeline:
         addresses = RankAddresses(
             requests=bound[0],
             results=bound[1],
-            group=transport_class(self.config.transport).new_address(self._workdir),
+            group=self._resources.group_address(self._workdir),
             run_dir=str(self._workdir),
             parent_pid=os.getpid(),
             token=token,
@@ -239,10 +221,10 @@ class Pipeline:
             )
             self._stage.claim_of = self._join_server.heard
         if not self.in_process:
+            self._ranks = RankProcesses(self.config, self._workdir)
             for rank in range(self.config.ranks_per_node):  # this host's; the others' agents
                 hooks = (self.on_iteration, self.probe, self.on_rank_start)
-                addresses = self._rank_addresses(rank)
-                self._processes.append(start_rank_process(self.config, rank, addresses, *hooks))
+                self._ranks.start(rank, self._rank_addresses(rank), hooks)
         self._background = asyncio.create_task(self._supervise(), name="mmsched-background")
         self._background.add_done_callback(self._background_stopped)
         try:
@@ -270,8 +252,7 @@ class Pipeline:
         if rank != 0 or self.config.nnodes == 1:
             return self._addresses
         # The entry rank also publishes every iteration to the other hosts' agents.
-        iterations = HostAddresses.of(self.config).iterations
-        return dataclasses.replace(self._addresses, iterations=iterations)
+        return dataclasses.replace(self._addresses, to_hosts=True)
 
     async def _supervise(self) -> None:
         """The pipeline's background work, in one task group: if one part fails, the rest
@@ -327,7 +308,7 @@ class Pipeline:
         try:
             await rank_loop.run()
         except Exception as exc:
-            error = _rank_error(rank, type(exc).__name__, str(exc))
+            error = rank_error(rank, type(exc).__name__, str(exc))
             self._failure = error
             log.error("%s", error)
             self._stage.fail_all(error)
@@ -499,7 +480,7 @@ class Pipeline:
             if self.in_process:
                 await self._stop_rank_tasks()
             else:
-                if any(p.is_alive() for p in self._processes):
+                if self._ranks is not None and self._ranks.any_alive():
                     await self._stage.shutdown_when_connected(self._shutdown_wait_s())
                 await self._join_ranks()
         if self._background is not None:
@@ -513,13 +494,7 @@ class Pipeline:
             self._authenticator.stop()
         if self._zmq is not None:
             self._zmq.destroy(linger=0)
-        if self._store is not None:
-            self._store.close()
-            store_class(self.config.payload_store).remove_leftovers(self._store.address)
-        if self._addresses is not None:
-            transport_class(self.config.transport).remove_leftovers(self._addresses.group)
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+        await self._resources.aclose()
         log.info("pipeline closed")
 
     def _shutdown_wait_s(self) -> float:
@@ -537,14 +512,16 @@ class Pipeline:
 
     async def _join_ranks(self) -> None:
         grace = self.config.timeout_s if self._ready else _STARTUP_FAILURE_GRACE_S
-        await join_or_kill(self._processes, grace)
+        if self._ranks is not None:
+            await self._ranks.stop(grace)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD_S)
             if self._closing:
                 return  # ranks exiting now were told to: not a failure
-            error = self._lost_rank() or self._lost_host()
+            lost_rank = self._ranks.lost(started=self._ready) if self._ranks else None
+            error = lost_rank or self._lost_host()
             if error is not None and self._stage is not None:
                 self._failure = error
                 log.error("%s", error)
@@ -555,43 +532,11 @@ class Pipeline:
                 await self._join_ranks()
                 return
 
-    def _lost_rank(self) -> MmschedError | None:
-        for rank, proc in enumerate(self._processes):
-            if proc.exitcode is not None:
-                return self._process_error(rank, proc.exitcode)
-        return None
-
     def _lost_host(self) -> MmschedError | None:
         """Another host that said it stopped, or that went silent (``timeout_s / 2``)."""
         if self._stage is None or self.config.nnodes == 1:
             return None
-        if self._stage.node_failure is not None:
-            return self._stage.node_failure
-        silent_for = host_lost_after_s(self.config)
-        now = time.monotonic()
-        for node, seen in self._stage.node_seen.items():
-            if now - seen > silent_for:
-                return PeerLost(
-                    f"node {node} sent no heartbeat for {silent_for:.1f} s (timeout_s / 2): "
-                    "the host is gone, or the link to it is cut"
-                )
-        return None
-
-    def _process_error(self, rank: int, exitcode: int) -> MmschedError:
-        """What a dead rank process's death means to callers: the error it left, if any."""
-        left = read_failure(self._workdir, rank) if self._workdir is not None else None
-        if left is None and exitcode > 0 and not self._ready:
-            # Failed before any rank code ran: the spawned process could not import the
-            # main module or unpickle the callback. Its traceback went to stderr.
-            return PeerLost(
-                f"scheduler rank {rank} exited with code {exitcode} before it started: the "
-                "spawned rank imports the program's main module, so a script that starts a "
-                'Pipeline must do so under `if __name__ == "__main__":`, and callbacks must '
-                "be importable module-level functions (the rank's traceback is on stderr)"
-            )
-        if left is None:
-            return PeerLost(f"scheduler rank {rank} exited with code {exitcode}")
-        return _rank_error(rank, *left, exitcode=exitcode)
+        return lost_host(self.config, self._stage.node_seen, self._stage.node_failure)
 
     async def __aenter__(self) -> Pipeline:
         await self.start()
@@ -604,13 +549,6 @@ class Pipeline:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-def _rank_error(rank: int, kind: str, message: str, exitcode: int | None = None) -> MmschedError:
-    if kind in ("ConfigError", "UnknownNameError"):
-        return ConfigError(f"scheduler rank {rank}: {message}")
-    exited = f" exited with code {exitcode}" if exitcode is not None else " failed"
-    return PeerLost(f"scheduler rank {rank}{exited}: {kind}: {message}")
 
 
 def _bind(sock: zmq.asyncio.Socket, address: str | None, ipc_path: Path) -> str:
@@ -626,29 +564,3 @@ def _bind(sock: zmq.asyncio.Socket, address: str | None, ipc_path: Path) -> str:
         raise ConfigError(f"cannot bind {address}: {exc}") from exc
     bound = sock.getsockopt(zmq.LAST_ENDPOINT)
     return bound.decode() if isinstance(bound, bytes) else str(bound)
-
-
-def check_picklable(*hooks: object) -> None:
-    """Raise ``ConfigError`` unless every hook can be sent to a spawned rank."""
-    # Spawned ranks receive the callback and the probe pickled; a lambda or a local function
-    # fails there with an AttributeError that does not say why.
-    for hook in hooks:
-        try:
-            ForkingPickler.dumps(hook)
-        except Exception as exc:
-            raise ConfigError(
-                f"{hook!r} cannot be sent to the rank processes ({exc}): pass a function "
-                "defined at module level, or a picklable object"
-            ) from exc
-
-
-def sweep_stale_run_dirs() -> list[Path]:
-    """Remove run directories whose tokenizer process is gone; returns those removed."""
-    removed = []
-    for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
-        pid = path.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and path.is_dir() and not pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)  # another user's: not ours to remove
-            if not path.exists():
-                removed.append(path)
-    return removed

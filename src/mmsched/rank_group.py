@@ -29,53 +29,58 @@ await group.aclose()
   loop broadcasts every iteration: receivers treat ``timeout_s`` of silence as a dead entry
   rank ([`PeerLost`][mmsched.errors.PeerLost]).
 
-Ranks find each other through ``rendezvous``, a directory every rank of the group can read
-and only the server's user can write (one host): the entry rank leaves there, in a file of
-mode 0600, where its payload store and transport are; the others wait for it up to
-``startup_timeout_s``. A host store's tensors stay valid while the request object holds
-them; their room is reused once every rank has dropped them.
+Ranks find each other through ``rendezvous``, a directory of their host that every rank
+there can read and only the server's user can write: the entry rank leaves there, in a file
+of mode 0600, where its payload store and transport are and the secret its transport asks
+for; the others wait for it up to ``startup_timeout_s``. A host store's tensors stay valid
+while the request object holds them; their room is reused once every rank has dropped them.
+
+**Several hosts** (``nnodes > 1``): the ranks of node 0 meet as above; on every other host an
+agent (``mmsched rank --nnodes N --node-rank K --dist-init-addr HOST:PORT --rendezvous DIR``,
+see [`mmsched.node`][]) takes the entry rank's place: it joins node 0, leaves the same file
+in that host's ``DIR`` for the host's ranks, and relays each iteration into that host's
+store. Node 0's entry rank admits the agents at ``dist_init_addr`` and publishes each
+iteration to them once ([`mmsched.hosts`][]); ``join`` returns on rank 0 once every host's
+ranks have joined. A host that stops reporting for ``timeout_s / 2`` fails the next
+``publish`` with ``PeerLost``; an agent whose node 0 is silent that long stops, and its
+ranks' ``receive`` raises ([`EndOfStream`][mmsched.errors.EndOfStream] or ``PeerLost``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-import orjson
 import torch
+import zmq
+import zmq.asyncio
 
 from mmsched.codec import Decoder, encode
 from mmsched.config import Config
+from mmsched.credentials import check_credentials
 from mmsched.devices import DevicePlacer, rank_device
-from mmsched.errors import CodecError, ConfigError, NotRunning, PeerLost
+from mmsched.errors import CodecError, ConfigError, EndOfStream, NotRunning, PeerLost
 from mmsched.frames import Frames
-from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
-from mmsched.messages import Batch, ErrorOutput, TokenizedGenerateReqInput
-from mmsched.processes import process_started, same_process
-from mmsched.scheduler import store_options
-from mmsched.stores import PayloadStore, StoreOptions, store_class
-from mmsched.transports import (
-    GroupSpec,
-    Transport,
-    TransportStatistics,
-    open_transport,
-    transport_class,
-)
+from mmsched.hosts import HostAddresses, JoinServer, lost_host
+from mmsched.inputs import MultimodalInputs, validate_input_ids
+from mmsched.messages import Batch, ErrorOutput, NodeStatus, TokenizedGenerateReqInput
+from mmsched.runtime.building import build_inputs
+from mmsched.runtime.endpoints import Resources
+from mmsched.runtime.rundir import RENDEZVOUS_FILE, Announcement, announce, read_announcement
+from mmsched.stores import PayloadStore
+from mmsched.transports import Transport, TransportStatistics, transport_class
+
+__all__ = ["RENDEZVOUS_FILE", "Iteration", "RankGroup"]
 
 log = logging.getLogger(__name__)
-
-RENDEZVOUS_FILE = "mmsched-group.json"
-"""What the entry rank leaves in the rendezvous directory for the other ranks."""
 
 _POLL_S = 0.05
 
@@ -104,39 +109,35 @@ class RankGroup:
         self,
         config: Config,
         rank: int,
-        store: PayloadStore | None,
-        transport: Transport | None,
-        rendezvous_file: Path | None,
+        resources: Resources,
+        store: PayloadStore | None = None,
+        transport: Transport | None = None,
+        hosts: _OtherHosts | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
+        self._resources = resources  # everything this rank opened, undone at close
         self._store = store
         self._transport = transport
-        self._rendezvous_file = rendezvous_file  # the entry rank's, removed at close
+        self._hosts = hosts  # node 0's entry rank of several hosts: the other hosts' agents
         self._decoder = Decoder(allow_pickle=config.allow_pickle, store=store)
         self._placer = DevicePlacer(rank_device(config.device, rank))
         self._iteration = 0
         self._closed = False
-        # Entry rank: the transport's address and private directory, removed at close.
-        self._leftovers: tuple[str, Path] | None = None
 
     @classmethod
     async def join(cls, config: Config, rank: int, rendezvous: str | os.PathLike[str]) -> RankGroup:
-        """Join the group of ``config.tp_size`` ranks that meet in ``rendezvous``.
+        """Join the group of ``config.tp_size`` ranks; this host's meet in ``rendezvous``.
 
         Raises:
             ConfigError: ``rank`` is outside the group, the config cannot serve a group of
-                its own processes (the in-process ``memory`` transport) or spans hosts
-                (``nnodes > 1``), or ``rendezvous`` is not a directory.
+                its own processes (the in-process ``memory`` transport), ``rendezvous`` is
+                not a directory, or (rank 0 of several hosts) a host's agent has another
+                config or cannot be admitted at ``dist_init_addr``.
             PeerLost: the group was not complete within ``startup_timeout_s``.
         """
         if not 0 <= rank < config.tp_size:
             raise ConfigError(f"rank {rank} outside a group of tp_size={config.tp_size}")
-        if config.nnodes > 1:
-            raise ConfigError(
-                "a RankGroup meets through a directory of one host: with nnodes > 1, run the "
-                "ranks through Pipeline and mmsched rank (see Several hosts)"
-            )
         if not transport_class(config.transport).cross_process:
             raise ConfigError(
                 f"transport {config.transport!r} runs in one process; a RankGroup's ranks are "
@@ -148,80 +149,70 @@ class RankGroup:
         device = rank_device(config.device, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if config.tp_size == 1:  # nobody to send to
-            return cls(config, rank, None, None, None)
-        if rank == 0:
-            return await cls._open_entry(config, where / RENDEZVOUS_FILE)
-        return await cls._open_receiver(config, rank, where / RENDEZVOUS_FILE)
-
-    @classmethod
-    async def _open_entry(cls, config: Config, announce: Path) -> RankGroup:
-        announce.unlink(missing_ok=True)  # an earlier run's: its ranks must not find it
-        kind = store_class(config.payload_store)
-        kind.sweep_stale()
-        store = await asyncio.to_thread(kind.create, _options(config, None))
-        # The transport's sockets go in a private directory of their own, removed at close.
-        private = Path(tempfile.mkdtemp(prefix="mmsched-", dir=announce.parent))
-        group_address = transport_class(config.transport).new_address(private)
-        token = secrets.token_hex(16)
+        resources = Resources(config)
         try:
-            # The pid and its start time: a pid alone is reused by another process once an
-            # earlier run's entry rank is gone, and its file would then look alive.
-            started = process_started(os.getpid())
-            _write_private(
-                announce,
-                {
-                    "pid": os.getpid(),
-                    "started": started,
-                    "store": store.address,
-                    "group": group_address,
-                    # The group's secret: a process that cannot read this private file
-                    # cannot join the group (its transport refuses a peer without it).
-                    "token": token,
-                },
-            )
-            transport = await _open_within(config, 0, group_address, token)
+            if rank == 0:
+                return await cls._open_entry(config, where, resources)
+            return await cls._open_receiver(config, rank, where, resources)
         except BaseException:
-            announce.unlink(missing_ok=True)
-            store.close()
-            kind.remove_leftovers(store.address)
-            transport_class(config.transport).remove_leftovers(group_address)
-            shutil.rmtree(private, ignore_errors=True)
+            await resources.aclose()
             raise
-        store.consumers_attached()  # every receiver attached before it joined the transport
-        log.info("rank group ready: entry rank, %d ranks", config.tp_size)
-        group = cls(config, 0, store, transport, announce)
-        group._leftovers = (group_address, private)
-        return group
 
     @classmethod
-    async def _open_receiver(cls, config: Config, rank: int, announce: Path) -> RankGroup:
+    async def _open_entry(cls, config: Config, where: Path, resources: Resources) -> RankGroup:
+        token = secrets.token_hex(16)  # the group's secret, in the announcement (mode 0600)
+        hosts = _OtherHosts(config, token, resources) if config.nnodes > 1 else None
+        store, transport = None, None
+        if config.ranks_per_node > 1:  # anyone on this host to send to
+            found = where / RENDEZVOUS_FILE
+            found.unlink(missing_ok=True)  # an earlier run's: its ranks must not find it
+            store = await resources.create_store(consumers=config.ranks_per_node - 1)
+            # The transport's sockets go in a private directory of their own.
+            address = resources.group_address(resources.run_dir(where))
+            announce(found, Announcement(store.address, address, token))
+            resources.on_close("announcement", lambda: found.unlink(missing_ok=True))
+            transport = await resources.open_group(0, config.ranks_per_node, address, token)
+            store.consumers_attached()  # every receiver attached before it joined
+        if hosts is not None:
+            await hosts.wait_joined()
+        log.info("rank group ready: entry rank, %d ranks", config.tp_size)
+        return cls(config, 0, resources, store, transport, hosts)
+
+    @classmethod
+    async def _open_receiver(
+        cls, config: Config, rank: int, where: Path, resources: Resources
+    ) -> RankGroup:
+        per_node = config.ranks_per_node
+        node, local = divmod(rank, per_node)
+        # On node 0 the entry rank sends (member 0); on another host its agent does, and
+        # every rank there reads its store.
+        index, size, consumer, consumers = (
+            (local, per_node, local - 1, per_node - 1)
+            if node == 0
+            else (local + 1, per_node + 1, local, per_node)
+        )
+        sender = "entry rank" if node == 0 else f"agent of node {node} (mmsched rank)"
+        found = where / RENDEZVOUS_FILE
         deadline = time.monotonic() + config.startup_timeout_s
-        kind = store_class(config.payload_store)
         last_error: Exception | None = None
         while time.monotonic() < deadline:
-            found = _read_announcement(announce)
-            if found is None:
+            announced = read_announcement(found)
+            if announced is None:
                 await asyncio.sleep(_POLL_S)
                 continue
-            store_address, group_address, token = found
             try:
-                store = await asyncio.to_thread(
-                    kind.attach, store_address, rank - 1, _options(config, rank)
+                store = await resources.attach_store(
+                    announced.store, consumer, rank, consumers=consumers
                 )
             except Exception as exc:  # an earlier run's file, or one not finished yet
                 last_error = exc
                 await asyncio.sleep(_POLL_S)
                 continue
-            try:
-                transport = await _open_within(config, rank, group_address, token)
-            except BaseException:
-                store.close()
-                raise
+            transport = await resources.open_group(index, size, announced.group, announced.token)
             log.info("rank group ready: rank %d of %d", rank, config.tp_size)
-            return cls(config, rank, store, transport, None)
+            return cls(config, rank, resources, store, transport)
         raise PeerLost(
-            f"rank {rank}: no entry rank announced a group in {announce.parent} within "
+            f"rank {rank}: no {sender} announced a group in {where} within "
             f"startup_timeout_s={config.startup_timeout_s}"
             + (f" (last attempt: {last_error})" if last_error else "")
         )
@@ -255,6 +246,8 @@ class RankGroup:
         """
         if self._closed or self.rank != 0:
             raise NotRunning("publish is the open entry rank's (rank 0)")
+        if self._hosts is not None and (lost := self._hosts.lost()) is not None:
+            raise lost
         iteration = Iteration(self._iteration)
         self._iteration += 1
         for req in requests:
@@ -266,8 +259,16 @@ class RankGroup:
                 iteration.failed.append(ErrorOutput.from_exception(rid, exc))
                 continue
             iteration.requests.append(req)
-        if self._transport is not None:
-            await self._transport.send(self._encode(iteration))
+        if self._transport is not None or self._hosts is not None:
+            frames = self._encode(iteration)
+            if self._transport is not None:
+                await self._transport.send(frames)
+            if self._hosts is not None:
+                # Once per other host, tensors inline: its agent writes them into its store.
+                if self._store is not None:
+                    batch = Batch(iteration.index, iteration.requests)
+                    frames = encode(batch, allow_pickle=self.config.allow_pickle)
+                await self._hosts.send(frames)
         await self._place(iteration)
         return iteration
 
@@ -296,19 +297,14 @@ class RankGroup:
     def _build(self, req: TokenizedGenerateReqInput) -> None:
         """``req``'s ids checked and its inputs built and hashed, in place (raises if bad)."""
         req.input_ids = validate_input_ids(req.input_ids)
-        req.mm_inputs = materialize(
-            req.mm_inputs,
-            hasher=self.config.hasher,
-            input_len=len(req.input_ids),
-            max_bytes=self.config.max_request_bytes,
-        )
+        req.mm_inputs = build_inputs(self.config, req)
 
     async def receive(self) -> Iteration:
         """Other ranks: the entry rank's next iteration.
 
         Raises:
             NotRunning: closed, or called on rank 0.
-            EndOfStream: the entry rank closed the group.
+            EndOfStream: the entry rank (on another host: its agent) closed the group.
             PeerLost: nothing arrived within ``timeout_s`` (the entry rank is gone).
             CodecError: what arrived is not an iteration.
         """
@@ -317,6 +313,8 @@ class RankGroup:
         message = self._decoder.decode(await self._transport.recv())
         if not isinstance(message, Batch):
             raise CodecError(f"expected an iteration, got {type(message).__name__}")
+        if message.shutdown:  # another host's agent ends its ranks' group this way
+            raise EndOfStream("the group was shut down")
         iteration = Iteration(message.iteration, list(message.requests))
         await self._place(iteration)
         return iteration
@@ -346,23 +344,13 @@ class RankGroup:
         iteration.requests = kept
 
     async def aclose(self) -> None:
-        """Leave the group; on the entry rank, receivers then see ``EndOfStream``, and the
-        payload store and the rendezvous file are removed. Safe to call twice."""
+        """Leave the group; on the entry rank, receivers (and other hosts' agents) then see
+        ``EndOfStream``, and the payload store and the rendezvous file are removed. Safe to
+        call twice."""
         if self._closed:
             return
         self._closed = True
-        if self._transport is not None:
-            await self._transport.aclose()
-        if self._store is not None:
-            self._store.close()
-            if self.rank == 0:
-                store_class(self.config.payload_store).remove_leftovers(self._store.address)
-        if self._rendezvous_file is not None:
-            self._rendezvous_file.unlink(missing_ok=True)
-        if self._leftovers is not None:
-            address, private = self._leftovers
-            transport_class(self.config.transport).remove_leftovers(address)
-            shutil.rmtree(private, ignore_errors=True)
+        await self._resources.aclose()
 
     async def __aenter__(self) -> RankGroup:
         return self
@@ -376,66 +364,108 @@ class RankGroup:
         await self.aclose()
 
 
-def _options(config: Config, rank: int | None) -> StoreOptions:
-    # The entry rank is the producer; the other tp_size - 1 ranks are the consumers.
-    return dataclasses.replace(store_options(config, rank), consumers=config.tp_size - 1)
+class _OtherHosts:
+    """Node 0's entry rank, of a group on several hosts: the join port admits each other
+    host's agent, the results port hears its heartbeats, the iterations port publishes each
+    iteration to them once ([`mmsched.hosts`][]). What it opens closes with ``resources``."""
 
-
-async def _open_within(config: Config, rank: int, address: str, token: str) -> Transport:
-    spec = GroupSpec(
-        rank,
-        config.tp_size,
-        address,
-        config.timeout_s,
-        options=config.transport_options(token),
-        # Ranks the server starts itself may come up far apart (one loads its model
-        # first): the entry rank waits for the others as long as they wait for it.
-        join_timeout_s=config.startup_timeout_s,
-    )
-    try:
-        return await asyncio.wait_for(
-            open_transport(config.transport, spec), config.startup_timeout_s
+    def __init__(self, config: Config, token: str, resources: Resources) -> None:
+        self.config = config
+        self._context = zmq.asyncio.Context()
+        self._tasks: list[asyncio.Future[Any]] = []
+        self._join: JoinServer | None = None
+        self._authenticator = check_credentials(self._context, token)
+        # Polled without waiting (``lost``), between the server's iterations: a plain socket.
+        plain: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self._context.underlying)
+        self._status: zmq.Socket[bytes] = plain.socket(zmq.PULL)
+        resources.on_close("the ports of the other hosts", self._close)
+        self._status.setsockopt(zmq.LINGER, 0)
+        self._status.plain_server = True  # the agents present the run's token
+        address = HostAddresses.of(config).results
+        try:
+            self._status.bind(address)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind {address}: {exc}") from exc
+        self._mismatch: ConfigError | None = None
+        self._join = JoinServer(self._context, config, token, self._mismatched, own_ranks=True)
+        self._decoder = Decoder(allow_pickle=False)
+        self._seen: dict[int, float] = {}  # node rank -> when its last heartbeat was read
+        self._failure: PeerLost | None = None  # a host's own report that it stopped
+        self._fanout: asyncio.Future[Transport] = asyncio.ensure_future(
+            resources.open_host_fanout(token)
         )
-    except TimeoutError:
-        waited = f"ranks 1..{config.tp_size - 1}" if rank == 0 else "the entry rank (rank 0)"
-        raise PeerLost(
-            f"rank {rank}: {waited} did not join the group within "
-            f"startup_timeout_s={config.startup_timeout_s}"
-        ) from None
+        self._tasks = [asyncio.ensure_future(self._join.serve()), self._fanout]
 
+    def _mismatched(self, error: ConfigError) -> None:
+        self._mismatch = self._mismatch or error
 
-def _write_private(path: Path, data: dict[str, object]) -> None:
-    # Written under a temporary name, then renamed: a reader never sees half a file.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(orjson.dumps(data))
-    tmp.rename(path)
+    async def wait_joined(self) -> None:
+        """Return once every other host's agent has joined (its ranks too) and subscribed.
 
+        Raises:
+            ConfigError: an agent's config differs, or the iterations port cannot be bound.
+            PeerLost: not every host joined within ``startup_timeout_s``.
+        """
+        assert self._join is not None
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        others = set(range(1, self.config.nnodes))
+        while True:
+            self._drain()
+            if self._mismatch is not None:
+                raise self._mismatch
+            if self._fanout.done():
+                self._fanout.result()  # raises why it failed
+                if set(self._join.joined) == others:
+                    return
+            if time.monotonic() > deadline:
+                absent = sorted(others - set(self._join.joined))
+                raise PeerLost(
+                    f"rank 0: node(s) {absent} never joined at {self.config.dist_init_addr} "
+                    f"within startup_timeout_s={self.config.startup_timeout_s} "
+                    f"({self._join.waiting_for()})"
+                )
+            await asyncio.sleep(_POLL_S)
 
-def _read_announcement(path: Path) -> tuple[str | None, str, str] | None:
-    """``(store address, group address, token)`` from a live entry rank's file, else
-    ``None``.
+    def lost(self) -> PeerLost | None:
+        """A host that said it stopped, or that nothing was heard from for ``timeout_s / 2``
+        (read as the entry rank's event loop runs)."""
+        self._drain()
+        return lost_host(self.config, self._seen, self._failure)
 
-    Live means the pid *and* its start time match a running process. Why not the pid alone:
-    an earlier run's file outlives its entry rank, and the pid is soon another process's,
-    so the file would send a receiver to a dead address. Why not a nonce: a receiver has
-    nothing to compare it with. Why not probing the address: a ZMQ connect succeeds
-    whether or not anyone listens. The kernel's start time of the pid is known to every
-    process of the host, and differs between two processes that shared a pid.
-    """
-    try:
-        data = orjson.loads(path.read_bytes())
-        pid, started, store, group = data["pid"], data["started"], data["store"], data["group"]
-        token = data["token"]
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    if type(pid) is not int or pid <= 0 or not isinstance(group, str):
-        return None
-    if not isinstance(token, str):
-        return None
-    if type(started) is not float or not same_process(pid, started):
-        return None
-    if store is not None and not isinstance(store, str):
-        return None
-    return store, group, token
+    async def send(self, frames: Frames) -> None:
+        await self._fanout.result().send(frames)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frames = self._status.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                status = self._decoder.decode(frames)
+            except Exception as exc:  # foreign bytes with the token: nothing to act on
+                log.warning("ignored a malformed status from another host: %s", exc)
+                continue
+            if isinstance(status, NodeStatus):
+                self._heard(status)
+
+    def _heard(self, status: NodeStatus) -> None:
+        assert self._join is not None
+        if not (type(status.node) is int and 0 < status.node < self.config.nnodes):
+            return
+        claim = self._join.heard(status)
+        if claim is None or (status.failed is None and not claim.joined):
+            return  # a stale or foreign status, or an agent still starting
+        self._seen[status.node] = time.monotonic()
+        if status.failed is not None and self._failure is None:
+            self._failure = PeerLost(f"node {status.node} stopped: {status.failed}")
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._join is not None:
+            self._join.close()
+        self._status.close()
+        self._authenticator.stop()
+        self._context.destroy(linger=0)

@@ -25,11 +25,8 @@ or the entry rank's verdict carried over), so ranks never diverge. Whatever is r
 a request's inputs are built (not only mmsched's own errors) is that request's error: one
 request never stops a rank.
 
-A rank outlives nobody: a watcher thread exits the process as soon as the process that
-started it (the tokenizer) is gone, even while the rank is still joining its group, and
-removes the run's directory. A rank that fails (at start-up, say, when ``/dev/shm`` is too
-small) writes its error into the run's directory before exiting, so that the pipeline can
-raise that error rather than a bare exit code.
+The rank's payload store and transport endpoints are opened and closed through the rank
+runtime ([`mmsched.runtime`][]), which also starts and watches rank processes.
 """
 
 from __future__ import annotations
@@ -37,18 +34,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import multiprocessing
 import os
-import shutil
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
-import orjson
 import torch
 import zmq
 import zmq.asyncio
@@ -60,8 +50,7 @@ from mmsched.credentials import present_credentials
 from mmsched.devices import DevicePlacer, rank_device
 from mmsched.errors import CodecError, ConfigError, ModelOutputError
 from mmsched.frames import Frames, Int64List
-from mmsched.hosts import host_lost_after_s
-from mmsched.inputs import MultimodalInputs, materialize
+from mmsched.inputs import MultimodalInputs
 from mmsched.messages import (
     ABORTED,
     AbortReq,
@@ -83,17 +72,13 @@ from mmsched.outputs import (
     run_callback,
 )
 from mmsched.probes import Probe
-from mmsched.processes import RANK_PROCESS_PREFIX
-from mmsched.stores import PayloadStore, StoreOptions, store_class, store_names
+from mmsched.runtime.building import build_inputs
+from mmsched.runtime.endpoints import Resources
+from mmsched.stores import PayloadStore
 from mmsched.strategies import get_strategy
-from mmsched.transports import GroupSpec, Transport, open_transport
+from mmsched.transports import Transport
 
 log = logging.getLogger(__name__)
-
-_ORPHAN_POLL_S = 0.2
-FAILURE_FILE = "rank-{rank}.failed.json"
-"""Name of the file in the run directory where a failed rank leaves its error."""
-
 
 RankStartCallback = Callable[[int, torch.device], Awaitable[None] | None]
 """``on_rank_start(rank, device)``: once per rank, in its process, before it reports ready
@@ -116,117 +101,9 @@ class RankAddresses:
     parent_pid: int  # the process that started the ranks (the tokenizer)
     token: str  # the run's secret (see above)
     store: str | None = None  # where the payload store's consumers attach
-    # Several hosts: where node 0's entry rank publishes each iteration to the other hosts'
-    # agents (``None`` on one host, and for every rank but node 0's entry rank).
-    iterations: str | None = None
-
-
-def store_options(config: Config, rank: int | None = None) -> StoreOptions:
-    """What the pipeline's payload store is made with on rank ``rank``, or (``None``) on the
-    tokenizer, whose device is rank 0's where the store keeps its bytes on a GPU."""
-    store = store_class(config.payload_store)
-    if rank is not None or store.needs_gpu:
-        device = str(rank_device(config.device, rank or 0))
-    else:
-        device = "cpu"  # a host store's producer needs no device: CUDA stays untouched
-    return StoreOptions(
-        capacity_bytes=int(getattr(config, store.capacity_setting)) << 20,
-        consumers=config.ranks_per_node,  # each host's ranks attach to that host's store
-        timeout_s=config.timeout_s,
-        min_bytes=_STORE_MIN_BYTES,
-        device=device,
-        reject_when_full=config.backpressure == "reject",
-    )
-
-
-# Tensors from this size up go through the payload store; smaller ones ride the header.
-_STORE_MIN_BYTES = 4096
-
-
-def sweep_stale_stores() -> list[str]:
-    """What every registered payload store's crashed runs left behind, removed."""
-    return [left for name in store_names() for left in store_class(name).sweep_stale()]
-
-
-def rank_main(
-    config: Config,
-    rank: int,
-    addresses: RankAddresses,
-    on_iteration: IterationCallback | None = None,
-    probe: Probe | None = None,
-    on_rank_start: RankStartCallback | None = None,
-    group: tuple[int, int] | None = None,
-) -> None:
-    """Process entry point of scheduler rank ``rank`` (``group``: see ``SchedulerRank``)."""
-    threading.Thread(
-        target=_exit_if_orphaned, args=(addresses,), name="mmsched-orphan", daemon=True
-    ).start()
-    try:
-        device = rank_device(config.device, rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # the callback's default device is its own
-        rank_loop = SchedulerRank(
-            config, rank, addresses, on_iteration, probe, on_rank_start, group=group
-        )
-        asyncio.run(rank_loop.run())
-    except BaseException as exc:
-        log.error("scheduler rank %d failed: %r", rank, exc)
-        _leave_failure(addresses.run_dir, rank, exc)
-        raise
-
-
-def start_rank_process(
-    config: Config,
-    rank: int,
-    addresses: RankAddresses,
-    on_iteration: IterationCallback | None = None,
-    probe: Probe | None = None,
-    on_rank_start: RankStartCallback | None = None,
-    *,
-    group: tuple[int, int] | None = None,
-) -> BaseProcess:
-    """Rank ``rank``'s process, started (``spawn``: safe with torch and threads; daemonic, so
-    it does not outlive the process that started it)."""
-    proc = multiprocessing.get_context("spawn").Process(
-        target=rank_main,
-        args=(config, rank, addresses, on_iteration, probe, on_rank_start, group),
-        name=f"{RANK_PROCESS_PREFIX}{rank}",
-        daemon=True,
-    )
-    proc.start()
-    return proc
-
-
-def _leave_failure(run_dir: str, rank: int, exc: BaseException) -> None:
-    # Atomic (write, then rename): the pipeline reads it as soon as it sees this process exit.
-    path = Path(run_dir) / FAILURE_FILE.format(rank=rank)
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_bytes(orjson.dumps({"kind": type(exc).__name__, "message": str(exc)}))
-        tmp.rename(path)
-    except OSError as write_error:  # the run directory is gone: nobody is left to tell
-        log.warning("could not leave rank %d's error in %s: %s", rank, run_dir, write_error)
-
-
-def read_failure(run_dir: str | Path, rank: int) -> tuple[str, str] | None:
-    """``(kind, message)`` of the error rank ``rank`` left before exiting, if it left one."""
-    try:
-        data = orjson.loads((Path(run_dir) / FAILURE_FILE.format(rank=rank)).read_bytes())
-        return str(data["kind"]), str(data["message"])
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def _exit_if_orphaned(addresses: RankAddresses) -> None:
-    # The parent's pid comes from the parent itself: a rank that read getppid() after the
-    # spawn bootstrap would record 1 if the parent had already died, and never notice.
-    while True:
-        time.sleep(_ORPHAN_POLL_S)
-        if os.getppid() != addresses.parent_pid:
-            log.error("the tokenizer (pid %d) is gone; this rank exits", addresses.parent_pid)
-            shutil.rmtree(addresses.run_dir, ignore_errors=True)
-            sweep_stale_stores()  # the run's segments, named for the dead tokenizer
-            os._exit(1)
+    # Several hosts: node 0's entry rank also publishes each iteration to the other hosts'
+    # agents (at the iterations port of ``dist_init_addr``; see mmsched.hosts).
+    to_hosts: bool = False
 
 
 class SchedulerRank:
@@ -264,6 +141,7 @@ class SchedulerRank:
             FeatureCache(config.feature_cache_mb << 20) if config.feature_cache_mb else None
         )
         self._store: PayloadStore | None = None
+        self._resources = Resources(config)  # the store and the transport endpoints
         self.decoder = Decoder(allow_pickle=config.allow_pickle)
         self._zmq = zmq.asyncio.Context()
         self._results = self._zmq.socket(zmq.PUSH)
@@ -289,16 +167,11 @@ class SchedulerRank:
                     break
                 iteration += 1
         finally:
-            if self._transport is not None:
-                await self._transport.aclose()
-            if self._hosts is not None:
-                await self._hosts.aclose()
+            await self._resources.aclose()
             self._results.close()
             if self._inbox is not None:
                 self._inbox.close()
             self._zmq.term()
-            if self._store is not None:
-                self._store.close()
 
     async def _run_start_hook(self) -> None:
         """The server's per-rank set-up (its model load), before this rank says ready: the
@@ -326,28 +199,18 @@ class SchedulerRank:
             self._inbox_now = zmq.Socket.shadow(self._inbox.underlying)
         # Attach to the payload store before saying ready: the tokenizer may then drop its
         # public name (the shm store unlinks its segment).
-        self._store = await asyncio.to_thread(
-            store_class(self.config.payload_store).attach,
+        self._store = await self._resources.attach_store(
             self.addresses.store,
             self.rank % self.config.ranks_per_node,  # its index among its host's consumers
-            store_options(self.config, self.rank),
+            self.rank,
         )
         self.decoder = Decoder(allow_pickle=self.config.allow_pickle, store=self._store)
-        spec = GroupSpec(
-            self.group[0],
-            self.group[1],
-            self.addresses.group,
-            self.config.timeout_s,
-            options={"arena_bytes": self.config.shm_transport_bytes, "token": self.addresses.token},
-            # The group's ranks start apart (spawned, each loading its model): joining is
-            # bounded by startup_timeout_s, a live peer's silence by timeout_s.
-            join_timeout_s=self.config.startup_timeout_s,
+        index, size = self.group
+        self._transport = await self._resources.open_group(
+            index, size, self.addresses.group, self.addresses.token
         )
-        self._transport = await open_transport(self.config.transport, spec)
-        if self.rank == 0 and self.addresses.iterations is not None:
-            self._hosts = await open_host_fanout(
-                self.config, self.addresses.iterations, self.addresses.token
-            )
+        if self.rank == 0 and self.addresses.to_hosts:
+            self._hosts = await self._resources.open_host_fanout(self.addresses.token)
 
     # -- step 1: agree on the iteration's requests ------------------------------------------
 
@@ -546,13 +409,7 @@ class SchedulerRank:
 
     async def build(self, req: TokenizedGenerateReqInput) -> MultimodalInputs | None:
         """Validate and hash ``req``'s raw inputs here, off the event loop (raises if bad)."""
-        return await asyncio.to_thread(
-            materialize,
-            req.mm_inputs,
-            hasher=self.config.hasher,
-            input_len=len(req.input_ids),
-            max_bytes=self.config.max_request_bytes,
-        )
+        return await asyncio.to_thread(build_inputs, self.config, req)
 
     async def send_to_group(self, message: Message) -> None:
         """Entry rank: one message to every other rank (a strategy's own: the iteration's
@@ -584,22 +441,6 @@ class SchedulerRank:
 
     async def _send(self, message: Message) -> None:
         await self._results.send_multipart(encode(message), copy=False)
-
-
-async def open_host_fanout(config: Config, address: str, token: str) -> Transport:
-    """Node 0's entry rank: the ``zmq`` publisher at ``address`` that every other host's
-    agent subscribes to (with the run's ``token``); returns once all ``nnodes - 1`` have
-    (``startup_timeout_s``)."""
-    # Closing waits for queued iterations to leave only as long as a live host may take to
-    # be heard from: past that, a host behind a cut link would hold the shutdown.
-    options = {"linger_s": host_lost_after_s(config), "token": token}
-    spec = GroupSpec(0, config.nnodes, address, config.startup_timeout_s, options)
-    try:
-        return await open_transport("zmq", spec)
-    except zmq.ZMQError as exc:
-        raise ConfigError(
-            f"cannot publish iterations to the other hosts at {address}: {exc}"
-        ) from exc
 
 
 def _check_request(message: Message) -> None:

@@ -49,7 +49,7 @@ from mmsched.errors import (
     RequestFailed,
 )
 from mmsched.frames import Frames, Int64List, frames_nbytes
-from mmsched.inputs import MultimodalInputs, materialize, validate_input_ids
+from mmsched.inputs import MultimodalInputs, validate_input_ids
 from mmsched.messages import (
     ABORTED,
     AbortReq,
@@ -63,6 +63,7 @@ from mmsched.messages import (
     Shutdown,
     TokenizedGenerateReqInput,
 )
+from mmsched.runtime.building import build_inputs
 from mmsched.stores import PayloadStore
 from mmsched.strategies import get_strategy
 
@@ -499,13 +500,7 @@ class TokenizerStage:
         req: TokenizedGenerateReqInput,
         on_valid: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> MultimodalInputs | None:
-        return materialize(
-            req.mm_inputs,
-            hasher=self.config.hasher,
-            input_len=len(req.input_ids),
-            max_bytes=self.config.max_request_bytes,
-            on_valid=on_valid,
-        )
+        return build_inputs(self.config, req, on_valid)
 
     def shutdown(self) -> None:
         """Ask the ranks to exit after their current iteration, if the entry rank's
