@@ -320,6 +320,14 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     "mmsched rank --tp 8 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:29500 "
     "--rendezvous /run/myserver": ParseOnly(HOSTS),
     "sudo .venv/bin/mmsched bench fanout --hosts 2 --tp 8 --sizes 10,100": ParseOnly(ROOT_NS),
+    # docs/serving.md: the preprocessing measurements
+    "python3 scripts/preprocess_compare.py --images 64 --workers 12": ParseOnly(
+        "the accelerator host's comparison of the backends: its cuda rows need a GPU and its cpu "
+        "rows torchvision; its --help runs"
+    ),
+    "mmsched serve --tp 2": ParseOnly(
+        "the server the repeat measurement ran against; the Quickstart's serve line runs"
+    ),
     # docs/serving.md: the script itself (it has no setup step), two images per request at most
     'MMSCHED_TRANSPORT=zmq MMSCHED_PAYLOAD_STORE=shm "SERVE_ARGS=--tp 4" bash '
     "scripts/bench_serve.sh --rates 5 --images 1,4 --requests 100 --json PATH": Run(

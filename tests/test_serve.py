@@ -307,7 +307,11 @@ def test_images_reach_the_ranks_as_the_processor_sees_them(server: Server) -> No
     ]
 
     async def features(*urls: str) -> list[torch.Tensor]:
-        stage = Preprocessor(StageSettings.of(Config(preprocess_cache_mb=0)), MediaLimits())
+        # float32 features, as a direct processor call returns them (uint8 is tested beside the
+        # pixels it carries)
+        stage = Preprocessor(
+            StageSettings.of(Config(preprocess_cache_mb=0, wire_pixels="float32")), MediaLimits()
+        )
         await stage.start(None)
         try:
             chat = ChatProcessor(preprocessor=stage)
