@@ -345,6 +345,42 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+def test_the_gpu_budget_reserves_what_each_wire_format_holds() -> None:
+    # The budget's arithmetic needs no GPU: the cuda backend reserves GpuFootprint.of.
+    from mmsched.errors import ConfigError
+    from mmsched.preprocess.cuda import GpuBudget, GpuFootprint
+
+    processor = build_processor(PIL)
+    floats = GpuFootprint(processor, "float32").of(1024, 768)
+    uint8 = GpuFootprint(processor, "uint8").of(1024, 768)
+    decoded = 3 * 1024 * 768
+    assert uint8.held == 3 * 756 * 1036  # the resized pixels, 2.35 MB
+    assert floats.held == 3996 * 1176 * 4 == 8 * uint8.held  # pixel_values, 18.8 MB
+    assert floats.work == decoded + floats.held  # the processor's intermediates: as much again
+    # uint8: resized in float32 on the GPU (a float copy in, a float image out).
+    assert uint8.work == decoded + 4 * (decoded + uint8.held)
+    assert uint8.total < floats.total
+
+    def held_at_once(footprint: GpuFootprint) -> int:
+        """Images whose features wait for the pipeline, each batch done, until one is refused."""
+        budget, count = GpuBudget(256 << 20), 0
+        while budget.reserve(footprint.of(1024, 768).total):
+            budget.release(footprint.of(1024, 768).work)  # its batch ran
+            count += 1
+        assert budget.refused == 1 and budget.held == count * footprint.of(1024, 768).held
+        return count
+
+    many, few = (
+        held_at_once(GpuFootprint(processor, "uint8")),
+        held_at_once(GpuFootprint(processor, "float32")),
+    )
+    assert many >= 7 * few, (many, few)
+    with pytest.raises(ValueError):  # the processor refuses it: the backend answers 400
+        GpuFootprint(processor, "uint8").of(201 * 28, 28)
+    with pytest.raises(ConfigError, match="wire_pixels"):
+        GpuFootprint(processor, "float16")
+
+
 def photo(width: int, height: int, seed: int, fmt: str = "JPEG") -> EncodedImage:
     """Smooth colour with a little noise, as a photo is (pure noise is every decoder's and
     resizer's worst case, and no camera's)."""

@@ -9,12 +9,15 @@ over the whole batch. The features stay on the GPU: under the ``cuda-ipc`` paylo
 reach the ranks device to device, and with the content key as their hash nothing copies them
 to the host to hash them.
 
-GPU memory is bounded: each image reserves, before any work, what its decoded pixels and its
-features take (from its header's size; features twice, for the processor's intermediate),
-against ``preprocess_gpu_mb``. An image that does not fit is refused with
-[`Overloaded`][mmsched.errors.Overloaded] (HTTP 503) rather than queued; its decoded pixels
-and the intermediate are given back when its batch is done, its features' share when the
-tensor is freed (after the request's pipeline has copied it).
+GPU memory is bounded: each image reserves, before any work, what it will take
+([`GpuFootprint`][mmsched.preprocess.cuda.GpuFootprint], from its header's size) against
+``preprocess_gpu_mb``: a work share (its decoded pixels and the processor's intermediates),
+given back when its batch is done, and a held share (what the stage hands over), given back
+when that tensor is freed (after the request's pipeline has copied it). The held share is
+what the wire format makes: under ``wire_pixels="float32"`` the processor's ``pixel_values``
+(18.8 MB for a 1024x768 photo), under ``"uint8"`` the resized pixels, an eighth of that
+(2.35 MB). An image that does not fit is refused with
+[`Overloaded`][mmsched.errors.Overloaded] (HTTP 503) rather than queued.
 
 One bad image never fails a batch: a batch decode or processor run that raises is retried
 image by image, and only the images that fail alone get their error (HTTP 400).
@@ -30,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 import time
 import weakref
@@ -43,10 +45,17 @@ import numpy as np
 import torch
 
 from mmsched.errors import ConfigError, MmschedError, Overloaded
+from mmsched.pixels import WIRE_FORMATS, specs_of
 from mmsched.preprocess.backend import Backend, Outcome, Processed
 from mmsched.preprocess.keys import processor_identity
 from mmsched.preprocess.processor import TORCHVISION, build_processor, run_processor
-from mmsched.serve.media import EncodedImage, MediaLimits, decode_image, open_checked
+from mmsched.serve.media import (
+    BadRequest,
+    EncodedImage,
+    MediaLimits,
+    decode_image,
+    open_checked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +82,70 @@ class GpuBudget:
             self.held = max(0, self.held - nbytes)
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """One image's share of the GPU budget, in bytes.
+
+    Attributes:
+        work: held while its batch runs: the decoded pixels and the processor's intermediates.
+        held: what the stage hands over, held until that tensor is freed.
+    """
+
+    work: int
+    held: int
+
+    @property
+    def total(self) -> int:
+        return self.work + self.held
+
+
+class GpuFootprint:
+    """What an image of a given size takes on the GPU, by the processor's resize rule and the
+    wire format, without decoding it.
+
+    Args:
+        processor: a Qwen2-VL image processor ([`specs_of`][mmsched.pixels.specs_of] reads it).
+        wire_pixels: ``float32`` or ``uint8`` (the config's ``wire_pixels``).
+
+    Raises:
+        ConfigError: an unknown wire format, or a processor that is not Qwen2-VL's.
+    """
+
+    def __init__(self, processor: Any, wire_pixels: str) -> None:
+        if wire_pixels not in WIRE_FORMATS:
+            raise ConfigError(
+                f"wire_pixels must be one of {', '.join(WIRE_FORMATS)}, got {wire_pixels!r}"
+            )
+        self.wire_pixels = wire_pixels
+        self._resize, patch = specs_of(processor)
+        self._frames = patch.temporal_patch_size
+
+    def of(self, width: int, height: int) -> Reservation:
+        """The reservation of a ``width x height`` image.
+
+        Raises:
+            ValueError: the processor refuses the size (an aspect ratio over 200).
+        """
+        new_h, new_w = self._resize.size(height, width)
+        decoded = 3 * width * height  # uint8 (3, H, W), as nvJPEG or Pillow gives it
+        resized = 3 * new_h * new_w
+        if self.wire_pixels == "uint8":
+            # Only the resize runs, one image at a time. On a GPU torchvision resizes uint8
+            # bicubically in float32: a float copy of the decoded image and a float output,
+            # rounded into the uint8 pixels that are kept.
+            return Reservation(decoded + 4 * (decoded + resized), resized)
+        # The processor's pixel_values: every resized pixel repeated to the temporal patch's
+        # frames, float32; its intermediates are counted as that much again.
+        features = 4 * self._frames * resized
+        return Reservation(decoded + features, features)
+
+
 @dataclass
 class _Item:
     image: EncodedImage
     size: tuple[int, int]  # width, height
     orientation: int
-    reserved: int
-    features: int
+    reserved: Reservation
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Outcome] = field(repr=False)
 
@@ -116,6 +182,7 @@ class CudaBackend(Backend):
             self._processor,
             {"decoder": "nvjpeg", "torch": torch.__version__, "wire_pixels": wire_pixels},
         )
+        self.footprint = GpuFootprint(self._processor, wire_pixels)
         self.budget = GpuBudget(budget_mb << 20)
         self.batch_s = batch_ms / 1e3
         self.batch_images = batch_images
@@ -171,7 +238,8 @@ class CudaBackend(Backend):
         """The image's header read (its size checked) and its GPU memory reserved.
 
         Raises:
-            BadRequest: not an image of its format, or too many pixels.
+            BadRequest: not an image of its format, too many pixels, or a size the
+                processor refuses.
             Overloaded: its memory does not fit in the budget now.
         """
         header = open_checked(image, self.limits)
@@ -180,16 +248,16 @@ class CudaBackend(Backend):
         if image.format == "JPEG":
             with contextlib.suppress(Exception):  # a broken EXIF block: decode as it is
                 orientation = int(header.getexif().get(0x0112, 1))
-        features = _feature_bytes(self._processor, width, height)
-        reserved = width * height * 3 + 2 * features
-        if not self.budget.reserve(reserved):
+        try:
+            reserved = self.footprint.of(width, height)
+        except ValueError as exc:  # the processor would refuse it: no room taken for it
+            raise BadRequest(image.param, f"the image processor refused it: {exc}") from None
+        if not self.budget.reserve(reserved.total):
             raise Overloaded(
                 f"{image.param}: the GPU preprocessing budget (preprocess_gpu_mb="
                 f"{self.budget.capacity >> 20}) is full: {self.budget.held >> 20} MB held"
             )
-        return _Item(
-            image, (width, height), orientation, reserved, features, loop, loop.create_future()
-        )
+        return _Item(image, (width, height), orientation, reserved, loop, loop.create_future())
 
     async def _batcher(self) -> None:
         assert self._wake is not None
@@ -225,13 +293,13 @@ class CudaBackend(Backend):
             outcomes = self._process(batch, decoded)
             torch.cuda.synchronize(self.device)  # the features are ready when handed over
         finally:
-            for item in batch:  # the pixels and the intermediate are gone; features stay
-                self.budget.release(item.reserved - item.features)
+            for item in batch:  # the decoded pixels and the intermediates are gone
+                self.budget.release(item.reserved.work)
         for item, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Processed):
-                weakref.finalize(outcome.pixels, self.budget.release, item.features)
+                weakref.finalize(outcome.pixels, self.budget.release, item.reserved.held)
             else:
-                self.budget.release(item.features)
+                self.budget.release(item.reserved.held)
         return outcomes
 
     def _decode(self, batch: list[_Item]) -> list[torch.Tensor | MmschedError]:
@@ -308,33 +376,6 @@ class CudaBackend(Backend):
         for item in self._queue:
             if not item.future.done():
                 item.future.set_result(MmschedError("the preprocessing stage closed"))
-            self.budget.release(item.reserved)
+            self.budget.release(item.reserved.total)
         self._queue.clear()
         self._runner.shutdown(wait=True)
-
-
-def _feature_bytes(processor: Any, width: int, height: int) -> int:
-    """Bytes of the float32 ``pixel_values`` the processor makes of a ``width x height``
-    image (its resize rule, from the header's size: no decoding)."""
-    patch, merge = int(processor.patch_size), int(processor.merge_size)
-    size = processor.size
-    lo = (
-        size.get("shortest_edge")
-        if isinstance(size, dict)
-        else getattr(size, "shortest_edge", None)
-    )
-    hi = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
-    factor = patch * merge
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if hi and h_bar * w_bar > hi:
-        beta = math.sqrt(height * width / hi)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif lo and h_bar * w_bar < lo:
-        beta = math.sqrt(lo / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    rows = (h_bar // patch) * (w_bar // patch)
-    row = 3 * int(processor.temporal_patch_size) * patch * patch
-    return rows * row * 4
