@@ -236,6 +236,21 @@ def test_models_health_and_metrics(server: Server) -> None:
     assert "mmsched_request_latency_seconds_bucket" in text
 
 
+def test_a_completion_says_where_its_time_went(server: Server) -> None:
+    body = {"model": MODEL, "messages": ask(image_part(png(seed=7)))}
+    request = urllib.request.Request(
+        server.url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        header = response.headers["x-mmsched-timing"]
+    parts = {k: float(v) for k, v in (p.split("=") for p in header.split(";"))}
+    assert list(parts) == ["read", "key", "process", "prepare", "pipeline"], header
+    assert all(v >= 0 for v in parts.values()), header
+    assert parts["read"] + parts["key"] + parts["process"] <= parts["prepare"] + 0.05, header
+
+
 def test_bench_serve_drives_it_and_the_report_plots_it(server: Server, tmp_path: Path) -> None:
     from mmsched.cli import main
 

@@ -76,8 +76,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = STUB_MODEL
 TIMING_HEADER = "x-mmsched-timing"
-"""Response header: ``prepare=<ms>;pipeline=<ms>``, image decoding and processing, then the
-pipeline's part (hashing, placement, delivery to every rank and the answer)."""
+"""Response header: where a request's time went, in ms, as
+``read=<ms>;key=<ms>;process=<ms>;prepare=<ms>;pipeline=<ms>``: ``read``, its body read and
+parsed; ``key``, its images read from their URLs and keyed; ``process``, the cache or
+decoding and the image processor; ``prepare``, everything from its arrival to its inputs
+ready (``read``, ``key`` and ``process`` among it); ``pipeline``, the pipeline's part
+(hashing, placement, delivery to every rank and the answer). ``key`` and ``process`` come
+through a preprocessing stage only; a model's stream, whose headers leave before its answer,
+carries no ``pipeline``."""
 CLIENT_CLOSED = 499
 """The status counted for a request whose client hung up before its body was complete
 (nginx's "client closed request"): nobody receives it, and it is no failure of the server's."""
@@ -226,8 +232,10 @@ def create_app(
                 pipeline = state.get("pipeline")
                 if pipeline is None:
                     raise _HttpError(503, "service_unavailable", "the pipeline is not running")
+                parsed = time.perf_counter()
                 prepared = await _prepare(chat, body.get("messages"), config.max_prompt_tokens)
                 processed = time.perf_counter()
+                timing = _timing(prepared, arrived, parsed, processed)
                 rid = f"chatcmpl-{uuid.uuid4().hex}"
                 sampling = {"max_new_tokens": max_tokens} if max_tokens is not None else {}
                 if stream and generates_text:
@@ -244,6 +252,7 @@ def create_app(
                         include_usage,
                         metrics,
                         arrived,
+                        timing,
                     )
                     streaming = True
                     return response
@@ -291,10 +300,8 @@ def create_app(
             if max_tokens is not None and len(pieces) == max_tokens
             else "stop",
             completion_tokens=len(output.output_ids) if generates_text else None,
-            # Where the time went, for load generators: decoding and processing the
-            # images, then the pipeline (hash, placement, every rank's delivery, answer).
-            timing=f"prepare={(processed - arrived) * 1e3:.2f};"
-            f"pipeline={(delivered - processed) * 1e3:.2f}",
+            # Where the time went, for load generators (TIMING_HEADER).
+            timing=f"{timing};pipeline={(delivered - processed) * 1e3:.2f}",
         )
         return reply.stream(include_usage) if stream else reply.completion()
 
@@ -429,6 +436,12 @@ async def _prepare(chat: ChatProcessor, messages: Any, max_tokens: int | None) -
         raise _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}") from None
 
 
+def _timing(prepared: PreparedChat, arrived: float, parsed: float, processed: float) -> str:
+    """The [`TIMING_HEADER`][mmsched.serve.app.TIMING_HEADER] up to the inputs' being ready."""
+    parts = {"read": parsed - arrived, **prepared.timings, "prepare": processed - arrived}
+    return ";".join(f"{name}={seconds * 1e3:.2f}" for name, seconds in parts.items())
+
+
 async def _generate(
     pipeline: Pipeline, rid: str, prepared: PreparedChat, sampling: dict[str, Any]
 ) -> GenerateOutput:
@@ -446,6 +459,7 @@ async def _model_stream(
     include_usage: bool,
     metrics: ServerMetrics,
     arrived: float,
+    timing: str,
 ) -> Response:
     """A model's streamed answer as server-sent events, text decoded as the ids come.
 
@@ -460,7 +474,7 @@ async def _model_stream(
         await chunks.aclose()
         raise
     metrics.answered("chat", 200)  # the status line goes now; what follows is the stream's
-    reply = _Reply(rid, model, [], len(prepared.input_ids), "stop", timing="")
+    reply = _Reply(rid, model, [], len(prepared.input_ids), "stop", timing=timing)
 
     async def events() -> AsyncIterator[bytes]:
         ids: list[int] = []

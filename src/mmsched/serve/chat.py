@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,6 +107,9 @@ class PreparedChat:
     input_ids: list[int]
     mm_inputs: dict[str, Any] | None
     image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    # Seconds spent, through a preprocessing stage: "key" (reading each image's bytes from
+    # its URL and keying them), "process" (the cache, or decoding and the processor).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
@@ -195,8 +199,11 @@ class ChatProcessor:
         stage = self.preprocessor
         if stage is None:
             return await asyncio.to_thread(self.prepare, messages)
+        started = time.perf_counter()
         layout, encoded, keys = await asyncio.to_thread(self._layout_and_keys, messages, stage)
+        keyed = time.perf_counter()
         results = await stage.process(encoded, keys) if encoded else []
+        processed = time.perf_counter()
         done: list[tuple[torch.Tensor, tuple[int, int, int], bytes | None]] = []
         for image, result in zip(encoded, results, strict=True):
             # The first failure, in request order, is the answer; named as this request
@@ -207,7 +214,9 @@ class ChatProcessor:
                 raise result
             supplied = result.key if stage.settings.supply_keys else None
             done.append((result.processed.pixels, result.processed.grid, supplied))
-        return self._assemble(layout, done)
+        prepared = self._assemble(layout, done)
+        prepared.timings.update(key=keyed - started, process=processed - keyed)
+        return prepared
 
     def _layout_and_keys(
         self, messages: Any, stage: Preprocessor
