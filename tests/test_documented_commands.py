@@ -333,6 +333,12 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     "scripts/bench_serve.sh --rates 5 --images 1,4 --requests 100 --json PATH": Run(
         ("--images", "1,2", "--requests", "2"), env={"SERVE_ARGS": "--tp 2"}
     ),
+    # docs/serving.md: the load from several client processes, with repeats
+    '"SERVE_ARGS=--tp 4" bash scripts/bench_serve.sh --rates 250,500,1000 --images 1 '
+    "--requests 5000 --clients 8 --repeat 0.2 --json PATH": Run(
+        ("--rates", "5", "--requests", "4", "--image-size", "128x96", "--clients", "2"),
+        env={"SERVE_ARGS": "--tp 2"},
+    ),
 }
 
 

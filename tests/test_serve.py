@@ -272,6 +272,60 @@ def test_bench_serve_drives_it_and_the_report_plots_it(server: Server, tmp_path:
     assert (tmp_path / "report" / "serve_serve_e2e.png").stat().st_size > 0
 
 
+def preprocess_images(server: Server, outcome: str) -> int:
+    """``/metrics``' count of images the preprocessing stage gave ``outcome``."""
+    text = server.get("/metrics")[1].decode()
+    key = f'mmsched_preprocess_images_total{{outcome="{outcome}"}}'
+    line = next((ln for ln in text.splitlines() if ln.startswith(key)), None)
+    return int(line.split()[1]) if line else 0
+
+
+def test_bench_serve_from_two_processes_with_repeats(server: Server, tmp_path: Path) -> None:
+    from mmsched.bench.serve import plan
+    from mmsched.cli import main
+
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--base-url", f"{server.url}/v1", "--rates", "8", "--images", "1"]
+    argv += ["--requests", "10", "--image-size", "128x96", "--clients", "2", "--repeat", "0.5"]
+    cached = preprocess_images(server, "cached") + preprocess_images(server, "joined")
+    assert main([*argv, "--json", str(out)]) == 0
+    [r] = json.loads(out.read_text())
+    assert (r["requests"], r["completed"], r["failed"], r["clients"]) == (10, 10, 0, 2)
+    # The schedule is drawn once: the same seed gives the run's repeats.
+    expected = plan(10, 1, 8.0, 0.5, hash((0, 1, 8.0)) & 0xFFFFFFFF)
+    assert r["repeated"] == sum(p.repeat for p in expected) > 0
+    assert preprocess_images(server, "cached") + preprocess_images(server, "joined") >= (
+        cached + r["repeated"]
+    )  # every repeat was answered by the cache (or joined its first sending)
+    # The clients' side: what they sent, and how late.
+    assert r["sent_rps"] > 0 and r["client_lag_ms"]["max"] >= r["client_lag_ms"]["p50"] >= 0
+    assert isinstance(r["client_keeps_up"], bool)
+    # The server's split, the repeats' processing apart from the fresh images'.
+    for part in ("read", "key", "process", "prepare", "pipeline"):
+        assert r[f"server_{part}_ms"]["p50"] > 0, part
+    assert r["server_process_repeat_ms"]["p50"] < r["server_process_ms"]["p50"]
+
+
+def test_a_schedule_repeats_only_images_already_due() -> None:
+    from mmsched.bench.serve import plan
+    from mmsched.errors import ConfigError
+
+    planned = plan(400, 2, 100.0, 0.25, seed=3)
+    assert [p.index for p in planned] == list(range(400))
+    dues = [p.due_s for p in planned]
+    assert dues == sorted(dues) and len(set(dues)) == len(dues)
+    assert not planned[0].repeat and 60 < sum(p.repeat for p in planned) < 140
+    seen: set[int] = set()
+    for p in planned:
+        assert len(p.images) == 2
+        assert p.repeat == (set(p.images) <= seen)  # a repeat's images were sent before it
+        seen |= set(p.images)
+    assert len(seen) == 2 * sum(not p.repeat for p in planned)  # the rest: fresh each
+    assert not any(p.repeat for p in plan(50, 1, 10.0, 0.0, seed=3))
+    with pytest.raises(ConfigError, match="repeat"):
+        plan(1, 1, 1.0, 1.5, seed=0)
+
+
 def data_url(image: Any, fmt: str = "PNG", **save: object) -> str:
     out = io.BytesIO()
     image.save(out, format=fmt, **save)
