@@ -280,15 +280,12 @@ async def _one(
                 text = (await response.aread()).decode(errors="replace")[:200]
                 error = f"HTTP {response.status_code}: {text}"
             else:
+                # Read to the stream's end, past [DONE]: a response left unread closes its
+                # connection, and a new one per request costs the client a connect and the
+                # host a socket in TIME_WAIT.
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        break
-                    if ttft is None:
-                        chunk = orjson.loads(data)
-                        choices = chunk.get("choices") or [{}]
+                    if ttft is None and line.startswith("data: ") and line != "data: [DONE]":
+                        choices = orjson.loads(line[6:]).get("choices") or [{}]
                         if choices[0].get("delta", {}).get("content"):
                             ttft = time.perf_counter() - due
     except Exception as exc:  # a dropped connection, a timeout: this request failed
