@@ -669,8 +669,10 @@ MB sent/req feature bytes that travelled to the ranks, per request (with a cache
 SERVE_LEGEND = """\
 arrived/s  the rate the random (Poisson) schedule realised
 sent/s     the rate the client processes actually sent at; lag: a request's start after it
-           was due; clients ok: p99 lag <= 5 ms and sent/s >= 95% of arrived/s (if not, the
-           load generator, not the server, limited the run: add --clients)
+           was due; client CPU/req: the client processes' CPU time per request (rate x it /
+           clients: the share of a core each needs); clients ok: p99 lag <= 5 ms and
+           sent/s >= 95% of arrived/s (if not, the load generator, not the server, limited
+           the run: add --clients, as many as there are cores to run them)
 TTFT, e2e  from each request's scheduled arrival, client side (queueing counts)
 keeps up   the server: no request failed, done/s >= 95% of arrived/s
 read       server: body read and parsed; key: images read from their URLs and keyed;
@@ -736,8 +738,8 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
     table = _new_table(
         f"bench serve: {args.base_url}, {args.image_size} {args.image_format}, "
         f"{args.requests} requests per point, {args.clients} client process(es){repeat}",
-        ["images", "MB/req", "offered/s", "arrived/s", "sent/s", "lag p99", "clients ok",
-         "done/s", "failed", "TTFT p50", "TTFT p99", "e2e p50", "e2e p90", "e2e p99",
+        ["images", "MB/req", "offered/s", "arrived/s", "sent/s", "lag p99", "client CPU/req",
+         "clients ok", "done/s", "failed", "TTFT p50", "TTFT p99", "e2e p50", "e2e p90", "e2e p99",
          "keeps up"],
     )  # fmt: skip
     split = _new_table(
@@ -758,6 +760,7 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
             f"{r.arrived_rps:.2f}",
             f"{r.sent_rps:.2f}",
             f"{r.client_lag_ms['p99']:.1f} ms",
+            f"{r.client_cpu_ms_per_request:.2f} ms",
             "yes" if r.client_keeps_up else "no",
             f"{r.achieved_rps:.2f}",
             str(r.failed),

@@ -70,7 +70,10 @@ class ServeRecord:
     from the start to the last request's leaving); ``client_lag_ms``, how late the requests
     left after their due time (percentiles and ``max``); ``client_keeps_up``: a p99 lag of
     at most [`LAG_OK_MS`][mmsched.bench.serve.LAG_OK_MS] and ``sent_rps`` at 95% or more of
-    ``arrived_rps``, so the server, not the load generator, set the figures.
+    ``arrived_rps``, so the server, not the load generator, set the figures;
+    ``client_cpu_ms_per_request``, the CPU time the client processes spent per request
+    (building excluded): a rate times it, over the clients, is the share of a core each
+    needs.
 
     The server's split (``server_*_ms``, from ``x-mmsched-timing``; empty percentiles, all
     zero, from a server that sends none): ``read``, ``key``, ``prepare`` and ``pipeline``
@@ -105,6 +108,7 @@ class ServeRecord:
     sent_rps: float = 0.0
     client_lag_ms: dict[str, float] = field(default_factory=dict)
     client_keeps_up: bool = True
+    client_cpu_ms_per_request: float = 0.0
     server_read_ms: dict[str, float] = field(default_factory=dict)
     server_key_ms: dict[str, float] = field(default_factory=dict)
     server_process_ms: dict[str, float] = field(default_factory=dict)
@@ -143,6 +147,14 @@ class _Outcome:
     e2e_s: float | None
     error: str
     server_ms: dict[str, float] | None = None  # mmsched's timing header, where it answers one
+
+
+@dataclass
+class _Share:
+    """One client's part of a point: its outcomes, and the CPU its process spent sending."""
+
+    outcomes: list[_Outcome]
+    cpu_s: float  # the process's CPU time (every thread) from the start to the last answer
 
 
 @dataclass(frozen=True)
@@ -308,7 +320,7 @@ async def _one(
 
 async def _drive(
     job: _Job, bodies: tuple[list[bytes], list[bytes]], ready: Callable[[], Awaitable[float]]
-) -> list[_Outcome]:
+) -> _Share:
     """One client's share: its warm-up, then (``ready`` gives the start, a ``time.time()``)
     each request sent when due."""
     import httpx
@@ -322,6 +334,7 @@ async def _drive(
         start_wall = await ready()
         # Wall clock to this process's perf_counter: the clients share the one start.
         start = time.perf_counter() + (start_wall - time.time())
+        cpu = time.process_time()
         tasks = []
         for planned, body in zip(job.planned, timed, strict=True):
             due = start + planned.due_s
@@ -329,7 +342,8 @@ async def _drive(
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(_one(client, job.url, body, due, start, planned)))
-        return list(await asyncio.gather(*tasks))
+        outcomes = list(await asyncio.gather(*tasks))
+        return _Share(outcomes, time.process_time() - cpu)
 
 
 def _client_main(conn: Any) -> None:
@@ -375,7 +389,7 @@ class _Clients:
             self._conns.append(parent)
             self._procs.append(proc)
 
-    async def run(self, jobs: Sequence[_Job]) -> list[_Outcome]:
+    async def run(self, jobs: Sequence[_Job]) -> list[_Share]:
         """Every job on its client, all started at one moment; their outcomes merged.
 
         Raises:
@@ -390,13 +404,13 @@ class _Clients:
         start = time.time() + START_DELAY_S
         for conn in self._conns:
             conn.send(start)
-        outcomes: list[_Outcome] = []
+        shares: list[_Share] = []
         for conn in self._conns:
             kind, value = await asyncio.to_thread(self._recv, conn)
             if kind != "done":
                 raise MmschedError(f"a bench client failed: {value}")
-            outcomes += value
-        return outcomes
+            shares.append(value)
+        return shares
 
     @staticmethod
     def _recv(conn: Any) -> Any:
@@ -487,15 +501,15 @@ async def run_serve(
                     for n in range(clients)
                 ]  # fmt: skip
                 if pool is not None:
-                    outcomes = await pool.run(jobs)
+                    shares = await pool.run(jobs)
                 else:
                     bodies = await asyncio.to_thread(_bodies, jobs[0])
 
                     async def now() -> float:
                         return time.time() + 0.01
 
-                    outcomes = await _drive(jobs[0], bodies, now)
-                record = _summary(planned, outcomes, rate, repeat, clients)
+                    shares = [await _drive(jobs[0], bodies, now)]
+                record = _summary(planned, shares, repeat, clients)
                 record.update(
                     base_url=base,
                     model=model,
@@ -515,9 +529,9 @@ async def run_serve(
 
 
 def _summary(
-    planned: list[Planned], outcomes: list[_Outcome], rate: float, repeat: float, clients: int
+    planned: list[Planned], shares: list[_Share], repeat: float, clients: int
 ) -> dict[str, Any]:
-    outcomes = sorted(outcomes, key=lambda o: o.index)
+    outcomes = sorted((o for share in shares for o in share.outcomes), key=lambda o: o.index)
     arrived = len(planned) / planned[-1].due_s  # the rate the Poisson draws actually gave
     duration = max(o.ended_s for o in outcomes)
     sent = len(outcomes) / max(o.sent_s for o in outcomes)
@@ -554,6 +568,7 @@ def _summary(
         "sent_rps": sent,
         "client_lag_ms": lag_ms,
         "client_keeps_up": lag_ms["p99"] <= LAG_OK_MS and sent >= 0.95 * arrived,
+        "client_cpu_ms_per_request": sum(share.cpu_s for share in shares) / len(outcomes) * 1e3,
         "server_read_ms": server("read"),
         "server_key_ms": server("key"),
         "server_process_ms": server("process", [o for o in done if not o.repeat]),
