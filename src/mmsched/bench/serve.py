@@ -265,7 +265,7 @@ def _bodies(job: _Job) -> tuple[list[bytes], list[bytes]]:
     words = [(job.seed, 0, i) for i in ids] + warm
     with ThreadPoolExecutor() as pool:
         urls = list(pool.map(lambda w: make_image(w, job.size, job.image_format), words))
-    by_id = dict(zip(ids, urls, strict=False))
+    by_id = dict(zip(ids, urls[: len(ids)], strict=True))
     n = job.images_per_request
     warmup = [
         body_of(job.model, urls[len(ids) + k * n : len(ids) + (k + 1) * n], job.max_tokens)
@@ -483,6 +483,8 @@ async def run_serve(
         raise ConfigError(f"image format {image_format!r}: png or jpeg")
     if clients < 1:
         raise ConfigError(f"clients must be at least 1, got {clients}")
+    if requests < 1:
+        raise ConfigError(f"requests must be at least 1, got {requests}")
     for rate in rates:  # refused before any process starts or image is made
         plan(1, 1, rate, repeat, seed)
     base = base_url.rstrip("/")
