@@ -129,7 +129,9 @@ def open_checked(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
-        raise BadRequest(encoded.param, f"not a decodable {encoded.format} image: {exc}") from None
+        raise BadRequest(
+            encoded.param, f"not a decodable {encoded.format} image: {exc}"
+        ) from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise BadRequest(
