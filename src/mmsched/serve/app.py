@@ -37,14 +37,14 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from mmsched.config import Config
@@ -65,7 +65,8 @@ from mmsched.pipeline import Pipeline
 from mmsched.scheduler import RankStartCallback
 from mmsched.serve.chat import ChatProcessor, PreparedChat
 from mmsched.serve.media import BadRequest, MediaLimits
-from mmsched.serve.metrics import ServerMetrics
+from mmsched.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from mmsched.serve.metrics import ServerMetrics, engine_families
 from mmsched.serve.options import ChatOptions, chat_options
 from mmsched.serve.shutdown import Drain, ShuttingDown
 
@@ -207,13 +208,13 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         pipeline = state.get("pipeline")
-        text = metrics.render(
+        stage = stages.get("preprocess")
+        engine = engine_families(
             request_bytes_sent=pipeline.request_bytes_sent if pipeline else 0,
             cache=pipeline.cache_stats() if pipeline else None,
+            preprocess=stage.stats() if stage is not None else None,
         )
-        if "preprocess" in stages:
-            text += stages["preprocess"].metrics_text()
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(engine), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -416,8 +417,13 @@ async def _prepare(chat: ChatProcessor, messages: Any, max_tokens: int | None) -
     """``chat.prepare_async(messages)`` (the preprocessing stage); its prompt at most
     ``max_tokens`` long (a processor of the default kind refuses a longer one on its way,
     another is checked here)."""
+    return await _prepared(chat.prepare_async(messages), max_tokens)
+
+
+async def _prepared(work: Awaitable[PreparedChat], max_tokens: int | None) -> PreparedChat:
+    """What ``work`` prepares, its errors as the HTTP errors they mean (``_prepare``'s)."""
     try:
-        prepared = await chat.prepare_async(messages)
+        prepared = await work
         if max_tokens is not None and len(prepared.input_ids) > max_tokens:
             raise BadRequest(
                 "messages",
@@ -449,10 +455,35 @@ async def _generate(
         return await pipeline.generate(rid, prepared.input_ids, prepared.mm_inputs, sampling)
 
 
+class _Streams(Protocol):
+    """What ``_model_stream`` needs of a pipeline (an engine's hop serves it too)."""
+
+    def generate_stream(
+        self,
+        rid: str,
+        input_ids: list[int],
+        mm_inputs: Any = None,
+        sampling_params: dict[str, Any] | None = None,
+    ) -> AsyncGenerator[GenerateOutput, None]: ...
+
+
+class _Prepared(Protocol):
+    """What ``_model_stream`` needs of a prepared chat."""
+
+    @property
+    def input_ids(self) -> list[int]: ...
+    @property
+    def mm_inputs(self) -> Any: ...
+    @property
+    def images(self) -> int: ...
+    @property
+    def feature_bytes(self) -> int: ...
+
+
 async def _model_stream(
-    pipeline: Pipeline,
+    pipeline: _Streams,
     rid: str,
-    prepared: PreparedChat,
+    prepared: _Prepared,
     sampling: dict[str, Any],
     chat: ChatProcessor,
     model: str,
