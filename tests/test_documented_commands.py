@@ -201,6 +201,8 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     # README.md, docs/index.md, docs/serving.md
     "bash scripts/serve.sh --tp 2": Serve(reply="reached all 2 rank(s)"),
     "bash scripts/serve.sh --tp 2 --model tiny-qwen2-vl": Serve(),
+    # docs/serving.md: two HTTP processes in front of the engine
+    "bash scripts/serve.sh --tp 2 --api-servers 2": Serve(reply="reached all 2 rank(s)"),
     "bash scripts/test.sh": ParseOnly(RECURSES),
     "bash scripts/test.sh -m faults": ParseOnly(RECURSES),
     # The whole matrix at full size takes minutes: every strategy with its defaults, ranks as
@@ -327,6 +329,10 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     ),
     "mmsched serve --tp 2": ParseOnly(
         "the server the repeat measurement ran against; the Quickstart's serve line runs"
+    ),
+    # docs/serving.md: the HTTP layer's cost, fewer requests and repeats
+    ".venv/bin/python scripts/http_cost.py --image-size 1184x888": Run(
+        ("--requests", "8", "--warmup", "2", "--repeats", "3")
     ),
     # docs/serving.md: the script itself (it has no setup step), two images per request at most
     'MMSCHED_TRANSPORT=zmq MMSCHED_PAYLOAD_STORE=shm "SERVE_ARGS=--tp 4" bash '

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Qwen2-VL's image processor and carried to every rank by the pipeline. The pipeline "
         "is configured by --config, then MMSCHED_* variables, then the flags that name a "
         "config field (--tp, --max-prompt-tokens, --shutdown-timeout, --wire-pixels, "
-        "--nnodes, --dist-init-addr, --preprocess*).",
+        "--nnodes, --dist-init-addr, --preprocess*, --api-servers).",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -314,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--preprocess-device", help="the cuda backend's GPU (preprocess_device; default cuda:0)"
+    )
+    serve.add_argument(
+        "--api-servers",
+        type=int,
+        help="HTTP processes sharing the port, each parsing and checking requests, feeding "
+        "one engine process (api_servers; default 1: one process does everything)",
     )
     serve.add_argument(
         "--preprocess-cache-mb",
@@ -370,6 +376,7 @@ def _config(args: argparse.Namespace) -> Config:
         "preprocess_workers": getattr(args, "preprocess_workers", None),
         "preprocess_device": getattr(args, "preprocess_device", None),
         "preprocess_cache_mb": getattr(args, "preprocess_cache_mb", None),
+        "api_servers": getattr(args, "api_servers", None),
     }
     return config.replace(**{k: v for k, v in flags.items() if v is not None})
 
@@ -833,6 +840,18 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         f"{config.strategy} over {config.transport}, {config.payload_store} store"
     )
     served = served_model(settings.model)
+    if config.api_servers > 1:
+        from mmsched.serve.apiservers import serve_api_servers
+
+        return serve_api_servers(
+            config,
+            settings,
+            host=args.host,
+            port=args.port,
+            on_iteration=served.on_iteration,
+            on_rank_start=served.on_rank_start,
+            generates_text=served.generates_text,
+        )
     app = create_app(
         config,
         settings,

@@ -139,6 +139,11 @@ class Config:
         preprocess_cache_mb: bytes of processed features ``mmsched serve`` keeps by content
             key (the image's encoded bytes and the processor), so that a repeated image is
             neither decoded nor processed again; ``0``: no cache.
+        api_servers: HTTP processes of ``mmsched serve``, sharing its port: each reads,
+            parses and checks requests (base64 decoded, images keyed) and hands them to the
+            one engine process (the preprocessing stage and the pipeline) over a local
+            socket. ``1``: one process does everything, as without the option. See
+            [Several HTTP processes](../serving.md#several-http-processes).
     """
 
     transport: str = "zmq"
@@ -174,6 +179,7 @@ class Config:
     preprocess_batch_ms: float = 2.0
     preprocess_batch_images: int = 32
     preprocess_cache_mb: int = 1024
+    api_servers: int = 1
 
     def __post_init__(self) -> None:
         for key, value in PRESETS.get(self.strategy, {}).items():
@@ -240,6 +246,8 @@ class Config:
             raise ConfigError(f"shm_transport_mb must be at least 1, got {self.shm_transport_mb}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"max_prompt_tokens must be at least 1, got {self.max_prompt_tokens}")
+        if self.api_servers < 1:
+            raise ConfigError(f"api_servers must be at least 1, got {self.api_servers}")
         if self.max_request_bytes is not None and self.max_request_bytes <= 0:
             raise ConfigError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
         self._check_hosts()

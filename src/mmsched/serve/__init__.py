@@ -7,10 +7,12 @@
 - [`mmsched.serve.metrics`][]: the Prometheus counters;
 - [`mmsched.serve.options`][]: the request fields honoured, accepted and refused;
 - [`mmsched.serve.shutdown`][]: [`run`][mmsched.serve.shutdown.run], serving with a bounded
-  stop.
+  stop;
+- [`mmsched.serve.apiservers`][] and [`mmsched.serve.frontend`][]: ``--api-servers N``,
+  several HTTP processes on one port feeding one engine process.
 
 Needs the ``serve`` extra (``pip install 'mmsched[serve]'``: FastAPI, uvicorn, Pillow,
-transformers); the rest of mmsched does not import this package.
+transformers, prometheus-client); the rest of mmsched does not import this package.
 """
 
 from mmsched.serve.app import DEFAULT_MODEL, ServeSettings, create_app

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -122,6 +122,16 @@ class PreparedChat:
         return sum(int(item["feature"].nbytes) for item in items)
 
 
+@dataclass
+class ReadChat:
+    """A chat request read but not processed: its layout (token runs, and where each image
+    goes, by index), its images' encoded bytes and their content keys."""
+
+    layout: list[list[int] | int]
+    images: list[EncodedImage]
+    keys: list[bytes]
+
+
 class ChatProcessor:
     """Messages to input ids and processed images (module docstring)."""
 
@@ -200,8 +210,40 @@ class ChatProcessor:
         if stage is None:
             return await asyncio.to_thread(self.prepare, messages)
         started = time.perf_counter()
-        layout, encoded, keys = await asyncio.to_thread(self._layout_and_keys, messages, stage)
+        read = await asyncio.to_thread(self.read, messages, stage.key)
         keyed = time.perf_counter()
+        prepared = await self.process_read(read)
+        prepared.timings = {"key": keyed - started, **prepared.timings}  # in their order
+        return prepared
+
+    def read(self, messages: Any, key: Callable[[EncodedImage], bytes]) -> ReadChat:
+        """The first half of [`prepare_async`][mmsched.serve.chat.ChatProcessor.prepare_async]
+        (blocking, and the bulk of an HTTP process's work): ``messages`` laid out, the text
+        tokenized, each image's bytes read out of its URL (base64 undone, limits checked) and
+        keyed by ``key``. Nothing is decoded.
+
+        Raises:
+            BadRequest: naming the first field that cannot be used.
+        """
+        layout, images = self._layout(messages)
+        encoded = [read_image_url(param, url, self.limits) for param, url in images]
+        return ReadChat(layout, encoded, [key(image) for image in encoded])
+
+    async def process_read(self, read: ReadChat) -> PreparedChat:
+        """The second half: ``read``'s images through the attached preprocessing stage (its
+        cache answers a repeat), then the ids and items assembled.
+
+        Raises:
+            BadRequest: an image that does not decode or process (HTTP 400).
+            Overloaded: a preprocessing budget is full (HTTP 503).
+            PreprocessWorkerLost: a worker process died holding one of the images (503).
+            ConfigError: no stage is attached.
+        """
+        stage = self.preprocessor
+        if stage is None:
+            raise ConfigError("process_read needs a preprocessing stage (attach)")
+        layout, encoded, keys = read.layout, read.images, read.keys
+        started = time.perf_counter()
         results = await stage.process(encoded, keys) if encoded else []
         processed = time.perf_counter()
         done: list[tuple[torch.Tensor, tuple[int, int, int], bytes | None]] = []
@@ -215,15 +257,8 @@ class ChatProcessor:
             supplied = result.key if stage.settings.supply_keys else None
             done.append((result.processed.pixels, result.processed.grid, supplied))
         prepared = self._assemble(layout, done)
-        prepared.timings.update(key=keyed - started, process=processed - keyed)
+        prepared.timings["process"] = processed - started
         return prepared
-
-    def _layout_and_keys(
-        self, messages: Any, stage: Preprocessor
-    ) -> tuple[list[list[int] | int], list[EncodedImage], list[bytes]]:
-        layout, images = self._layout(messages)
-        encoded = [read_image_url(param, url, self.limits) for param, url in images]
-        return layout, encoded, [stage.key(image) for image in encoded]
 
     def _layout(self, messages: Any) -> tuple[list[list[int] | int], list[tuple[str, Any]]]:
         """The prompt's token runs with an image's index where it goes, and each image's

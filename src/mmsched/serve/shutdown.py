@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
@@ -90,10 +91,18 @@ class Drain:
             raise
 
 
-def run(app: Any, *, host: str, port: int, log_level: str = "warning") -> None:
+def run(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    sockets: list[socket.socket] | None = None,
+) -> None:
     """Serve ``app`` (from [`create_app`][mmsched.serve.app.create_app]) until a signal, then
     stop within its config's ``shutdown_timeout_s``: requests still in progress then are
-    answered 503, and the pipeline closes."""
+    answered 503, and the pipeline closes. ``sockets``: listen on these, bound already
+    (an HTTP process of several sharing a port), rather than on ``host:port``."""
     import uvicorn
 
     drain: Drain = app.state.drain
@@ -113,4 +122,4 @@ def run(app: Any, *, host: str, port: int, log_level: str = "warning") -> None:
     # SIGINT comes back as KeyboardInterrupt once all is closed (uvicorn re-raises the
     # signal it caught); it ends the server as asked, as uvicorn.run treats it.
     with contextlib.suppress(KeyboardInterrupt):
-        Server(config).run()
+        Server(config).run(sockets=sockets)
