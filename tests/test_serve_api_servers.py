@@ -5,6 +5,7 @@ summed over both processes, a dead HTTP process replaced, and SIGTERM leaving no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
+import zmq.asyncio
 
 openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
 pytest.importorskip("prometheus_client", reason="the serve extra installs prometheus-client")
@@ -287,3 +290,36 @@ def test_sigterm_stops_every_process_and_leaves_nothing(server: Server) -> None:
     assert [p for p in alive if not exited(p)] == []
     assert segments_of([process.pid, *(p.pid for p in everything)]) == set()
     assert not directory.exists()  # the socket and the metrics' files
+
+
+def test_an_engine_that_does_not_answer_is_a_503_and_is_told_to_drop_it(tmp_path: Path) -> None:
+    """In-process: the HTTP side's end of the hop, against an engine that never answers."""
+    from mmsched.serve.app import _HttpError
+    from mmsched.serve.frontend import EngineClient
+
+    async def main() -> None:
+        address = f"ipc://{tmp_path}/engine"
+        context = zmq.asyncio.Context()
+        silent = context.socket(zmq.ROUTER)
+        silent.bind(address)
+        client = EngineClient(address, 0, timeout_s=0.3)
+        client.connect()
+        try:
+            call, queue = client.open(b"chat", {"rid": "r"}, [b"image bytes"])
+            started = time.monotonic()
+            with pytest.raises(_HttpError) as info:
+                await client.next(queue, 0.3)
+            assert 0.25 < time.monotonic() - started < 2.0
+            assert info.value.status == 503 and "did not answer within 0.3 s" in info.value.message
+            client.close(call, cancel=True)
+            frames = await asyncio.wait_for(silent.recv_multipart(), 5)
+            assert frames[1] == b"chat" and frames[3] == b"image bytes"
+            assert json.loads(frames[2]) == {"rid": "r", "id": call}
+            frames = await asyncio.wait_for(silent.recv_multipart(), 5)
+            assert frames[1] == b"cancel" and json.loads(frames[2]) == {"id": call}
+        finally:
+            await client.aclose()
+            silent.close(linger=0)
+            context.term()
+
+    asyncio.run(main())

@@ -115,10 +115,14 @@ class EngineClient:
         self._pending: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
 
-    async def start(self) -> dict[str, Any]:
-        """Connect, and the engine's hello (its processor's identity, for the keys)."""
+    def connect(self) -> None:
+        """Connect, and route the replies from now on (on the running loop)."""
         self._socket.connect(self.address)
         self._reader = asyncio.create_task(self._read())
+
+    async def start(self) -> dict[str, Any]:
+        """Connect, and the engine's hello (its processor's identity, for the keys)."""
+        self.connect()
         hello: dict[str, Any] = await self.call(b"hello", {})
         return hello
 
