@@ -11,6 +11,7 @@ import http.client
 import json
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -85,9 +86,13 @@ def server() -> Iterator[Server]:
     running = start_server(command, clean_env(MMSCHED_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S)))
     wait_listening(running, 2)
     yield running
-    if running.process.poll() is None:
-        running.process.kill()
-        running.process.wait(60)
+    if running.process.poll() is None:  # a test failed before the last one stopped it
+        running.process.send_signal(signal.SIGTERM)
+        try:
+            running.process.wait(60)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait(60)
 
 
 def owners(server: Server, count: int) -> dict[int, list[http.client.HTTPConnection]]:
@@ -290,6 +295,26 @@ def test_sigterm_stops_every_process_and_leaves_nothing(server: Server) -> None:
     assert [p for p in alive if not exited(p)] == []
     assert segments_of([process.pid, *(p.pid for p in everything)]) == set()
     assert not directory.exists()  # the socket and the metrics' files
+
+
+def test_a_port_another_program_holds_stops_the_server_with_status_1() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        command = [str(Path(sys.executable).parent / "mmsched"), "serve", "--tp", str(TP)]
+        command += ["--api-servers", "2", "--port", str(port)]
+        process = psutil.Popen(
+            command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            output = process.communicate(timeout=180)[0]
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 1, output
+    assert "cannot listen on 127.0.0.1" in output
+    assert "exited (status 2) before it served: stopping" in output
 
 
 def test_an_engine_that_does_not_answer_is_a_503_and_is_told_to_drop_it(tmp_path: Path) -> None:

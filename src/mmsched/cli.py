@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -842,6 +843,10 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     served = served_model(settings.model)
     if config.api_servers > 1:
         from mmsched.serve.apiservers import serve_api_servers
+
+        # Warnings and errors on stderr, as each HTTP process writes its own: one that
+        # dies, and its replacement, are worth an operator's eye.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
         return serve_api_servers(
             config,

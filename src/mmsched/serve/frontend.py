@@ -67,7 +67,7 @@ from mmsched.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mmsched.serve.metrics import ServerMetrics
 from mmsched.serve.shutdown import Drain, ShuttingDown
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmsched.serve.frontend")  # its name run as __main__ too
 
 _HEALTH_TIMEOUT_S = 2.0
 """``/health`` is 503 when the engine does not answer within this."""
@@ -444,7 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     spec = FrontSpec.from_json((sys.argv[1:] if argv is None else argv)[0])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sock = listening_socket(spec.host, spec.port)
+    try:
+        sock = listening_socket(spec.host, spec.port)
+    except OSError as exc:  # the engine process sees the exit, and stops the server
+        log.error(
+            "HTTP process %d cannot listen on %s:%d: %s", spec.index, spec.host, spec.port, exc
+        )
+        return 2
     run(create_front_app(spec), host=spec.host, port=spec.port, sockets=[sock])
     return 0
 
