@@ -1,7 +1,7 @@
 """``mmsched serve --api-servers N``: N HTTP processes on one port, feeding one engine.
 
 One process's event loop reads every request body, parses its JSON, undoes its base64 and
-keys its images: about 8.7 ms of CPU for a 1.25 MB body with one JPEG on a small Xeon core
+keys its images: 8.3-8.7 ms of CPU for a 1.26 MB body with one JPEG on a small Xeon core
 (``scripts/http_cost.py``), so near 115 requests/s at most, whatever the ranks could take.
 With ``api_servers > 1`` that work is spread over N processes
 ([`mmsched.serve.frontend`][]), each listening on the server's port with ``SO_REUSEPORT``
