@@ -257,7 +257,11 @@ def test_a_dead_http_process_is_replaced(server: Server) -> None:
     ready = wait_listening(server, 2)
     assert victim.pid not in [p.pid for p in ready]  # another took its place
     assert server.get("/health")[0] == 200
-    assert len(owners(server, 16)) == 2  # and it is given connections
+    found = owners(server, 16)
+    assert len(found) == 2  # and it is given connections
+    for connections in found.values():
+        for c in connections:
+            c.close()
     for _ in range(4):
         assert server.chat()[0] == 200
 
