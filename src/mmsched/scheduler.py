@@ -76,7 +76,7 @@ from mmsched.runtime.building import build_inputs
 from mmsched.runtime.endpoints import Resources
 from mmsched.stores import PayloadStore
 from mmsched.strategies import get_strategy
-from mmsched.transports import Transport
+from mmsched.transports import Transport, transport_class
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ class SchedulerRank:
         self._hosts: Transport | None = None  # entry rank of several hosts: to their agents
         self.refused = 0  # messages the entry rank refused (logged one by one)
         self._streams: dict[str, _Stream] = {}  # streamed answers in progress, by rid
+        # Ranks that are tasks of one event loop (the memory transport) take turns on it.
+        self._shares_loop = not transport_class(config.transport).cross_process
 
     async def run(self) -> None:
         """Join the group, say ready, then run iterations until shut down or a peer is lost."""
@@ -279,6 +281,7 @@ class SchedulerRank:
     async def _run_batch(self, batch: Batch) -> None:
         aborted = set(batch.aborted)
         ready: list[TokenizedGenerateReqInput] = []
+        reports: list[ProbeReport] = []
         for req in batch.requests:
             if req.rid in aborted:
                 if isinstance(req.mm_inputs, MultimodalInputs) and req.mm_inputs.cache:
@@ -294,14 +297,22 @@ class SchedulerRank:
                 outcome = await self._ready_inputs(req, outcome)
             if isinstance(outcome, ErrorOutput):
                 outcome.iteration = batch.iteration
-                await self._observe(req, batch.iteration, None, outcome)
+                await self._observe(req, batch.iteration, None, outcome, reports)
                 if self.rank == 0:
                     log.info("request %r failed: %s: %s", req.rid, outcome.kind, outcome.message)
                     await self._send(outcome)
                 continue
             req.mm_inputs = outcome
-            await self._observe(req, batch.iteration, outcome, None)
+            await self._observe(req, batch.iteration, outcome, None, reports)
             ready.append(req)
+        if batch.requests and self._shares_loop:
+            # Ranks that share a loop would otherwise hold their inputs one after another's
+            # model step and answers: this one steps aside once its inputs are ready, so
+            # that every rank's are ready before any rank runs the step (as ranks in
+            # processes of their own are, side by side).
+            await asyncio.sleep(0)
+        for report in reports:
+            await self._send(report)
 
         outputs: Mapping[str, Any] = {}
         failed: ModelOutputError | None = None
@@ -432,12 +443,15 @@ class SchedulerRank:
         iteration: int,
         mm: MultimodalInputs | None,
         error: ErrorOutput | None,
+        reports: list[ProbeReport],
     ) -> None:
+        """The probe's look at ``req`` now that this rank holds its inputs; its report, if
+        any, joins ``reports`` (sent once every request of the iteration is observed)."""
         if self.probe is None:
             return
         data = await self.probe.observe(self.rank, iteration, req, mm, error)
         if data is not None and self.probe.reports:
-            await self._send(ProbeReport(rid=req.rid, rank=self.rank, data=data))
+            reports.append(ProbeReport(rid=req.rid, rank=self.rank, data=data))
 
     async def _send(self, message: Message) -> None:
         await self._results.send_multipart(encode(message), copy=False)
