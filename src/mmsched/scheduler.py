@@ -77,6 +77,7 @@ from mmsched.runtime.endpoints import Resources
 from mmsched.stores import PayloadStore
 from mmsched.strategies import get_strategy
 from mmsched.transports import Transport, transport_class
+from mmsched.zmqwait import wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class SchedulerRank:
         on_rank_start: RankStartCallback | None = None,
         *,
         group: tuple[int, int] | None = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
@@ -143,7 +145,10 @@ class SchedulerRank:
         self._store: PayloadStore | None = None
         self._resources = Resources(config)  # the store and the transport endpoints
         self.decoder = Decoder(allow_pickle=config.allow_pickle)
-        self._zmq = zmq.asyncio.Context()
+        # A rank that is a task of the tokenizer's process shares its ZMQ context, and
+        # reaches the tokenizer's sockets over inproc:// (no I/O thread on the way).
+        self._own_context = context is None
+        self._zmq = zmq.asyncio.Context() if context is None else context
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
         self._inbox_now: zmq.Socket[Any] | None = None  # the inbox, read without waiting
@@ -173,7 +178,8 @@ class SchedulerRank:
             self._results.close()
             if self._inbox is not None:
                 self._inbox.close()
-            self._zmq.term()
+            if self._own_context:
+                self._zmq.term()
 
     async def _run_start_hook(self) -> None:
         """The server's per-rank set-up (its model load), before this rank says ready: the
@@ -242,14 +248,14 @@ class SchedulerRank:
         # Streams in progress are stepped every iteration: no waiting for new requests then.
         timeout_ms = 0 if self._streams else int(self.config.idle_wait_ms)
         # What has arrived is taken at once (no future, no trip through the loop); only an
-        # empty inbox is waited on, once, and a wake-up brings its message.
+        # empty inbox is waited on, and the turn of the loop that sees a message wakes it.
         inbox = self._inbox_now
         assert inbox is not None
         while True:
             try:
                 frames = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                if not timeout_ms or not await self._inbox.poll(timeout=timeout_ms):
+                if not timeout_ms or not await wait_readable(inbox, timeout_ms / 1000):
                     break
                 timeout_ms = 0  # drain what is there, then go
                 continue

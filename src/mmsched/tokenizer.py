@@ -550,9 +550,16 @@ class TokenizerStage:
         Raises:
             PeerLost: the results socket itself failed; nothing more can arrive.
         """
+        # What has arrived is taken at once through a plain view of the socket (no future
+        # per message); only an empty socket is waited on, through the asyncio socket,
+        # whose closing fails the wait.
+        now: zmq.Socket[Any] = zmq.Socket.shadow(self._results.underlying)
         while True:
             try:
-                frames = await self._results.recv_multipart(copy=False)
+                try:
+                    frames = now.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    frames = await self._results.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 raise PeerLost(f"the tokenizer's result router failed: {exc}") from exc
             buffers = [f.buffer for f in frames]
