@@ -97,6 +97,11 @@ def tensor_from_frame(buf: Buffer, dtype: str, shape: Any) -> torch.Tensor:
     return flat.view(*dims) if dims else flat.reshape(())
 
 
+INT_FRAME_MIN = 64
+"""Lists of this many ints or more (token ids) travel as one int64 frame; shorter ones as
+JSON numbers in the header, which cost less than a frame to make and read."""
+
+
 class Int64List(list[int]):
     """Token ids with the int64 frame they travel in, made once.
 

@@ -19,10 +19,15 @@ from typing import Any
 
 import zmq
 
+# Plain ints: zmq's flags are enums, whose every ``&`` costs a call into the enum module.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_FD = int(zmq.FD)
+
 
 def has_message(sock: zmq.Socket[Any]) -> bool:
     """Whether a message can be received from ``sock`` now, without waiting."""
-    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+    return bool(int(sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 async def wait_readable(sock: zmq.Socket[Any], timeout_s: float | None) -> bool:
@@ -46,7 +51,7 @@ async def wait_readable(sock: zmq.Socket[Any], timeout_s: float | None) -> bool:
         if not ready.done():
             ready.set_result(False)
 
-    fd = int(sock.getsockopt(zmq.FD))
+    fd = int(sock.getsockopt(_FD))
     loop.add_reader(fd, signalled)
     timer = loop.call_later(timeout_s, expired) if timeout_s is not None else None
     try:
