@@ -20,7 +20,7 @@ from mmsched.errors import ArenaFull
 from mmsched.probes import RankTimings
 from mmsched.stores import StoreOptions
 from mmsched.stores.shm import ShmStore
-from mmsched.tokenizer import INLINE_MAX_BYTES
+from mmsched.tokenizer import IDLE_INLINE_MAX_BYTES, INLINE_MAX_BYTES
 from mmsched.zmqwait import has_message, wait_readable
 
 
@@ -103,18 +103,42 @@ def _worker_threads() -> list[str]:
 async def test_small_requests_are_prepared_on_the_loop_and_large_ones_in_a_worker() -> None:
     config = Config(strategy="zero-copy", transport="memory", tp_size=2)
     small = torch.randn(2_500)  # 10 kB
-    large = torch.randn(INLINE_MAX_BYTES // 4 + 1)
+    mid = torch.randn(INLINE_MAX_BYTES // 4 + 1)  # on the loop only when nothing else runs
+    large = torch.randn(IDLE_INLINE_MAX_BYTES // 4 + 1)
     ids = list(range(8))
+
+    def item(feature: torch.Tensor) -> dict[str, object]:
+        return {"mm_items": [{"modality": "image", "feature": feature, "offsets": [(1, 2)]}]}
+
     async with Pipeline(config) as pipeline:
+        stage = pipeline._stage
+        assert stage is not None
+        on_loop: dict[str, bool] = {}
+        prepare = stage._prepare
+
+        def spy(req: TokenizedGenerateReqInput, inline: bool = False) -> object:
+            on_loop[req.rid] = inline
+            return prepare(req, inline)
+
+        stage._prepare = spy  # type: ignore[assignment,method-assign]
         for i in range(3):
-            item = {"modality": "image", "feature": small.clone(), "offsets": [(1, 2)]}
-            out = await pipeline.generate(f"s{i}", ids, {"mm_items": [item]})
+            out = await pipeline.generate(f"s{i}", ids, item(small.clone()))
             assert len(out.pad_values) == 1
         await pipeline.generate("text", ids)
-        assert _worker_threads() == []  # the pool's threads start only once it is used
-        item = {"modality": "image", "feature": large, "offsets": [(1, 2)]}
-        out = await pipeline.generate("large", ids, {"mm_items": [item]})
+        out = await pipeline.generate("mid alone", ids, item(mid.clone()))
         assert len(out.pad_values) == 1
+        assert _worker_threads() == []  # the pool's threads start only once it is used
+        assert all(on_loop.values()) and len(on_loop) == 5
+        # With another request in flight, a mid-sized one goes to a worker thread.
+        outs = await asyncio.gather(
+            pipeline.generate("mid first", ids, item(mid.clone())),
+            pipeline.generate("mid second", ids, item(mid.clone())),
+        )
+        assert [len(o.pad_values) for o in outs] == [1, 1]
+        assert on_loop["mid first"] and not on_loop["mid second"]
+        out = await pipeline.generate("large", ids, item(large))
+        assert len(out.pad_values) == 1
+        assert not on_loop["large"]
         assert _worker_threads()
 
 
