@@ -6,17 +6,22 @@ here: the targets are met in ``mmsched bench fanout``).
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import orjson
 import pytest
 import torch
+import zmq
 
 from mmsched import Batch, CodecError, Config, Decoder, Pipeline, TokenizedGenerateReqInput, encode
 from mmsched.errors import ArenaFull
+from mmsched.probes import RankTimings
 from mmsched.stores import StoreOptions
 from mmsched.stores.shm import ShmStore
-from mmsched.tokenizer import INLINE_MAX_BYTES
+from mmsched.tokenizer import IDLE_INLINE_MAX_BYTES, INLINE_MAX_BYTES
+from mmsched.zmqwait import has_message, wait_readable
 
 
 def _request(rid: str, ids: int) -> TokenizedGenerateReqInput:
@@ -98,16 +103,104 @@ def _worker_threads() -> list[str]:
 async def test_small_requests_are_prepared_on_the_loop_and_large_ones_in_a_worker() -> None:
     config = Config(strategy="zero-copy", transport="memory", tp_size=2)
     small = torch.randn(2_500)  # 10 kB
-    large = torch.randn(INLINE_MAX_BYTES // 4 + 1)
+    mid = torch.randn(INLINE_MAX_BYTES // 4 + 1)  # on the loop only when nothing else runs
+    large = torch.randn(IDLE_INLINE_MAX_BYTES // 4 + 1)
     ids = list(range(8))
+
+    def item(feature: torch.Tensor) -> dict[str, object]:
+        return {"mm_items": [{"modality": "image", "feature": feature, "offsets": [(1, 2)]}]}
+
     async with Pipeline(config) as pipeline:
+        stage = pipeline._stage
+        assert stage is not None
+        on_loop: dict[str, bool] = {}
+        prepare = stage._prepare
+
+        def spy(req: TokenizedGenerateReqInput, inline: bool = False) -> object:
+            on_loop[req.rid] = inline
+            return prepare(req, inline)
+
+        stage._prepare = spy  # type: ignore[assignment,method-assign]
         for i in range(3):
-            item = {"modality": "image", "feature": small.clone(), "offsets": [(1, 2)]}
-            out = await pipeline.generate(f"s{i}", ids, {"mm_items": [item]})
+            out = await pipeline.generate(f"s{i}", ids, item(small.clone()))
             assert len(out.pad_values) == 1
         await pipeline.generate("text", ids)
-        assert _worker_threads() == []  # the pool's threads start only once it is used
-        item = {"modality": "image", "feature": large, "offsets": [(1, 2)]}
-        out = await pipeline.generate("large", ids, {"mm_items": [item]})
+        out = await pipeline.generate("mid alone", ids, item(mid.clone()))
         assert len(out.pad_values) == 1
+        assert _worker_threads() == []  # the pool's threads start only once it is used
+        assert all(on_loop.values()) and len(on_loop) == 5
+        # With another request in flight, a mid-sized one goes to a worker thread.
+        outs = await asyncio.gather(
+            pipeline.generate("mid first", ids, item(mid.clone())),
+            pipeline.generate("mid second", ids, item(mid.clone())),
+        )
+        assert [len(o.pad_values) for o in outs] == [1, 1]
+        assert on_loop["mid first"] and not on_loop["mid second"]
+        out = await pipeline.generate("large", ids, item(large))
+        assert len(out.pad_values) == 1
+        assert not on_loop["large"]
         assert _worker_threads()
+
+
+_STEPS: list[float] = []  # when each in-process rank ran its model step
+
+
+class _StepTimes(RankTimings):
+    """Reports each rank's ``ready_at``, and records when its model step ran (in-process
+    ranks are tasks of this process: they share this list)."""
+
+    async def model_step(
+        self, rank: int, iteration: int, requests: list[TokenizedGenerateReqInput]
+    ) -> None:
+        _STEPS.append(time.monotonic())
+
+
+async def test_in_process_ranks_all_hold_their_inputs_before_any_model_step() -> None:
+    config = Config(strategy="zero-copy", transport="memory", tp_size=4)
+    feature = torch.randn(2_500)
+    async with Pipeline(config, probe=_StepTimes()) as pipeline:
+        assert pipeline._task_addresses is not None and pipeline._addresses is not None
+        # The ranks reach the tokenizer inside this process; what other processes see
+        # (and must present the token to) stays the private ipc endpoints.
+        assert pipeline._task_addresses.requests.startswith("inproc://")
+        assert pipeline._task_addresses.results.startswith("inproc://")
+        assert pipeline._addresses.requests.startswith("ipc://")
+        for i in range(3):
+            _STEPS.clear()
+            item = {"modality": "image", "feature": feature.clone(), "offsets": [(1, 2)]}
+            trace = await pipeline.generate_traced(f"r{i}", list(range(8)), {"mm_items": [item]})
+            assert len(trace.reports) == 4
+            last_ready = max(float(r.data["ready_at"]) for r in trace.reports)
+            assert len(_STEPS) == 4 and min(_STEPS) >= last_ready
+
+
+async def test_a_descriptor_wait_wakes_for_a_message_and_times_out_without_one() -> None:
+    ctx = zmq.Context()
+    try:
+        pull = ctx.socket(zmq.PULL)
+        push = ctx.socket(zmq.PUSH)
+        pull.bind("inproc://wait-test")
+        push.connect("inproc://wait-test")
+        assert not has_message(pull)
+        assert await wait_readable(pull, 0.05) is False
+        assert await wait_readable(pull, 0) is False
+        waiting = asyncio.ensure_future(wait_readable(pull, 5))
+        await asyncio.sleep(0.01)
+        push.send(b"x")
+        assert await asyncio.wait_for(waiting, 5) is True
+        assert pull.recv(zmq.NOBLOCK) == b"x"
+        push.send(b"y")  # there before the wait starts: found without a wake-up
+        await asyncio.sleep(0.01)
+        assert await wait_readable(pull, None) is True
+        assert pull.recv(zmq.NOBLOCK) == b"y"
+        # Cancelled, it leaves nothing behind: the message is still there to read.
+        waiting = asyncio.ensure_future(wait_readable(pull, None))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        push.send(b"z")
+        assert await wait_readable(pull, 5) is True
+        assert pull.recv(zmq.NOBLOCK) == b"z"
+    finally:
+        ctx.destroy(linger=0)

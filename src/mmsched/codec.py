@@ -40,6 +40,7 @@ import torch
 from mmsched.errors import CodecError, MmschedError, PickleRefused
 from mmsched.frames import (
     DTYPES,
+    INT_FRAME_MIN,
     Buffer,
     Frames,
     Int64List,
@@ -395,7 +396,7 @@ _FIELDS: dict[type[Any], tuple[str, ...]] = {
 _DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 _Forward = Mapping[int, Sequence[Buffer]] | None
 
-_INT_RUN_MIN = 64
+_INT_RUN_MIN = INT_FRAME_MIN
 _NUMPY_SCALAR_KINDS = frozenset("biufc")  # bool, ints, floats, complex: fixed-size bytes
 _NON_FINITE = frozenset({"nan", "inf", "-inf"})
 

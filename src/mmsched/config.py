@@ -82,7 +82,9 @@ class Config:
         max_request_bytes: largest total feature size of one request; ``None``: no limit.
         allow_pickle: let the codec unpickle opaque values (trust every sender first).
         tokenizer_workers: threads that materialize inputs in the tokenizer (a request with
-            features under ``mmsched.tokenizer.INLINE_MAX_BYTES`` is prepared on the loop).
+            features under ``mmsched.tokenizer.INLINE_MAX_BYTES``, or under
+            ``IDLE_INLINE_MAX_BYTES`` with no other request in flight, is prepared on the
+            loop).
         shm_arena_mb: size of the ``shm`` (and ``pinned``) payload store's shared-memory
             arena, where tensor bytes travel; reserved and faulted in at start.
         shm_transport_mb: size of the ``shm`` transport's own arena, which carries frames.

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from mmsched.errors import InvalidMultimodalInput, MmschedError
-from mmsched.frames import Int64List
+from mmsched.frames import INT_FRAME_MIN, Int64List
 from mmsched.hashing import (
     DEFAULT_HASHER,
     get_hasher,
@@ -447,8 +447,13 @@ def validate_input_ids(input_ids: Any) -> list[int]:
     if len(input_ids) > MAX_INPUT_LEN:
         raise InvalidMultimodalInput("input_ids", f"{len(input_ids)} ids, over 2**31")
     # The common case at C speed; the loop below only runs to name what is wrong. The int64
-    # array made for the range check is the frame the ids will travel in.
+    # array made for the range check is the frame the ids will travel in; ids too few for
+    # a frame of their own travel as JSON numbers, and are checked without numpy.
     if set(map(type, input_ids)) <= {int}:
+        if len(input_ids) < INT_FRAME_MIN and (
+            not input_ids or (min(input_ids) >= 0 and max(input_ids) < MAX_INPUT_LEN)
+        ):
+            return list(input_ids)
         try:
             array = np.asarray(input_ids, dtype=np.int64)
         except OverflowError:
@@ -688,11 +693,13 @@ def _check_model_specific(
                 name,
                 f"expected an integer tensor of shape (n, 3), got {grid.dtype} {tuple(grid.shape)}",
             )
-        if bool((grid <= 0).any()):
+        # Python ints, read once (a torch comparison costs more than the few rows of a
+        # grid): a product in int64 can overflow into a plausible count.
+        rows = grid.tolist()
+        if any(v <= 0 for row in rows for v in row):
             raise InvalidMultimodalInput(name, "every t, h, w must be positive")
         # Qwen2-VL-style processors emit one feature row per patch: rows == sum(t*h*w).
-        # Python ints: a product in int64 can overflow into a plausible count.
-        patches = sum(t * h * w for t, h, w in grid.tolist())
+        patches = sum(t * h * w for t, h, w in rows)
         if feature.dim() == 2 and feature.shape[0] != patches:
             raise InvalidMultimodalInput(
                 name, f"grid has {patches} patches but feature has {feature.shape[0]} rows"

@@ -22,7 +22,9 @@ The tokenizer's two sockets are, by default, ``ipc://`` files of mode 0600 in th
 directory (``requests_address`` and ``results_address`` may name ``tcp://`` endpoints
 instead), and they accept only peers that present the run's secret token in the ZMQ
 handshake (PLAIN credentials checked by a ZAP handler): another process cannot answer,
-steal or forge requests by connecting to them.
+steal or forge requests by connecting to them. Ranks that are tasks of this process reach
+the same two sockets over ``inproc://`` endpoints of the pipeline's own ZMQ context, which
+no other process can reach (and which skip the I/O threads and the kernel).
 
 With ``nnodes > 1`` this process is node 0: it starts its own ``tp_size / nnodes`` ranks,
 admits the other hosts' agents at ``dist_init_addr`` ([`mmsched.hosts`][]), and ``start``
@@ -117,6 +119,7 @@ class Pipeline:
         self._store: PayloadStore | None = None
         self._authenticator: ThreadAuthenticator | None = None
         self._addresses: RankAddresses | None = None
+        self._task_addresses: RankAddresses | None = None  # in-process ranks' (inproc://)
         self._join_server: JoinServer | None = None  # several hosts: where the others join
         self._ready = False
         self._closing = False
@@ -208,6 +211,16 @@ class Pipeline:
             store=self._store.address,
         )
         self._addresses = addresses
+        if self.in_process:
+            # Ranks that are tasks of this process connect over inproc:// endpoints of this
+            # context: a message then goes from socket to socket without the I/O threads
+            # and the kernel, and no other process can reach them. (The ipc or tcp
+            # endpoints stay bound, and keep asking for the token.)
+            inproc = [f"inproc://mmsched-{token}-{name}" for name in ("requests", "results")]
+            requests.bind(inproc[0])
+            results.bind(inproc[1])
+            addresses = dataclasses.replace(addresses, requests=inproc[0], results=inproc[1])
+        self._task_addresses = addresses
         self._stage = TokenizerStage(
             self.config,
             requests,
@@ -301,9 +314,15 @@ class Pipeline:
 
     async def _run_rank_task(self, rank: int) -> None:
         """An in-process rank: its failure fails the pipeline, as a process's death does."""
-        assert self._addresses is not None and self._stage is not None
+        assert self._task_addresses is not None and self._stage is not None
         rank_loop = SchedulerRank(
-            self.config, rank, self._addresses, self.on_iteration, self.probe, self.on_rank_start
+            self.config,
+            rank,
+            self._task_addresses,
+            self.on_iteration,
+            self.probe,
+            self.on_rank_start,
+            context=self._zmq,
         )
         try:
             await rank_loop.run()

@@ -76,7 +76,8 @@ from mmsched.runtime.building import build_inputs
 from mmsched.runtime.endpoints import Resources
 from mmsched.stores import PayloadStore
 from mmsched.strategies import get_strategy
-from mmsched.transports import Transport
+from mmsched.transports import Transport, transport_class
+from mmsched.zmqwait import wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class SchedulerRank:
         on_rank_start: RankStartCallback | None = None,
         *,
         group: tuple[int, int] | None = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
@@ -143,7 +145,10 @@ class SchedulerRank:
         self._store: PayloadStore | None = None
         self._resources = Resources(config)  # the store and the transport endpoints
         self.decoder = Decoder(allow_pickle=config.allow_pickle)
-        self._zmq = zmq.asyncio.Context()
+        # A rank that is a task of the tokenizer's process shares its ZMQ context, and
+        # reaches the tokenizer's sockets over inproc:// (no I/O thread on the way).
+        self._own_context = context is None
+        self._zmq = zmq.asyncio.Context() if context is None else context
         self._results = self._zmq.socket(zmq.PUSH)
         self._inbox: zmq.asyncio.Socket | None = None
         self._inbox_now: zmq.Socket[Any] | None = None  # the inbox, read without waiting
@@ -151,6 +156,8 @@ class SchedulerRank:
         self._hosts: Transport | None = None  # entry rank of several hosts: to their agents
         self.refused = 0  # messages the entry rank refused (logged one by one)
         self._streams: dict[str, _Stream] = {}  # streamed answers in progress, by rid
+        # Ranks that are tasks of one event loop (the memory transport) take turns on it.
+        self._shares_loop = not transport_class(config.transport).cross_process
 
     async def run(self) -> None:
         """Join the group, say ready, then run iterations until shut down or a peer is lost."""
@@ -171,7 +178,8 @@ class SchedulerRank:
             self._results.close()
             if self._inbox is not None:
                 self._inbox.close()
-            self._zmq.term()
+            if self._own_context:
+                self._zmq.term()
 
     async def _run_start_hook(self) -> None:
         """The server's per-rank set-up (its model load), before this rank says ready: the
@@ -240,14 +248,14 @@ class SchedulerRank:
         # Streams in progress are stepped every iteration: no waiting for new requests then.
         timeout_ms = 0 if self._streams else int(self.config.idle_wait_ms)
         # What has arrived is taken at once (no future, no trip through the loop); only an
-        # empty inbox is waited on, once, and a wake-up brings its message.
+        # empty inbox is waited on, and the turn of the loop that sees a message wakes it.
         inbox = self._inbox_now
         assert inbox is not None
         while True:
             try:
                 frames = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                if not timeout_ms or not await self._inbox.poll(timeout=timeout_ms):
+                if not timeout_ms or not await wait_readable(inbox, timeout_ms / 1000):
                     break
                 timeout_ms = 0  # drain what is there, then go
                 continue
@@ -279,6 +287,7 @@ class SchedulerRank:
     async def _run_batch(self, batch: Batch) -> None:
         aborted = set(batch.aborted)
         ready: list[TokenizedGenerateReqInput] = []
+        reports: list[ProbeReport] = []
         for req in batch.requests:
             if req.rid in aborted:
                 if isinstance(req.mm_inputs, MultimodalInputs) and req.mm_inputs.cache:
@@ -294,14 +303,22 @@ class SchedulerRank:
                 outcome = await self._ready_inputs(req, outcome)
             if isinstance(outcome, ErrorOutput):
                 outcome.iteration = batch.iteration
-                await self._observe(req, batch.iteration, None, outcome)
+                await self._observe(req, batch.iteration, None, outcome, reports)
                 if self.rank == 0:
                     log.info("request %r failed: %s: %s", req.rid, outcome.kind, outcome.message)
                     await self._send(outcome)
                 continue
             req.mm_inputs = outcome
-            await self._observe(req, batch.iteration, outcome, None)
+            await self._observe(req, batch.iteration, outcome, None, reports)
             ready.append(req)
+        if batch.requests and self._shares_loop:
+            # Ranks that share a loop would otherwise hold their inputs one after another's
+            # model step and answers: this one steps aside once its inputs are ready, so
+            # that every rank's are ready before any rank runs the step (as ranks in
+            # processes of their own are, side by side).
+            await asyncio.sleep(0)
+        for report in reports:
+            await self._send(report)
 
         outputs: Mapping[str, Any] = {}
         failed: ModelOutputError | None = None
@@ -432,12 +449,15 @@ class SchedulerRank:
         iteration: int,
         mm: MultimodalInputs | None,
         error: ErrorOutput | None,
+        reports: list[ProbeReport],
     ) -> None:
+        """The probe's look at ``req`` now that this rank holds its inputs; its report, if
+        any, joins ``reports`` (sent once every request of the iteration is observed)."""
         if self.probe is None:
             return
         data = await self.probe.observe(self.rank, iteration, req, mm, error)
         if data is not None and self.probe.reports:
-            await self._send(ProbeReport(rid=req.rid, rank=self.rank, data=data))
+            reports.append(ProbeReport(rid=req.rid, rank=self.rank, data=data))
 
     async def _send(self, message: Message) -> None:
         await self._results.send_multipart(encode(message), copy=False)

@@ -3,8 +3,10 @@
 Under the ``tokenizer`` strategy this is where [`MultimodalInputs.from_dict`][] runs, once
 per request, in a pool of worker threads: hashing releases the GIL, so the event loop stays
 responsive and several requests build at once. A small request (features under
-[`INLINE_MAX_BYTES`][mmsched.tokenizer.INLINE_MAX_BYTES]) is prepared on the event loop
-instead: its work is less than the hop to a thread and back. Either way it is validated
+[`INLINE_MAX_BYTES`][mmsched.tokenizer.INLINE_MAX_BYTES]), or a mid-sized one (under
+[`IDLE_INLINE_MAX_BYTES`][mmsched.tokenizer.IDLE_INLINE_MAX_BYTES]) that finds no other
+request in flight, is prepared on the event loop instead: its work is less than the hop to
+a thread and back, or (idle) nothing else waits for the loop. Either way it is validated
 first, then placed in the payload store through its own
 [`Placement`][mmsched.stores.base.Placement] and encoded once. A malformed input raises
 [`InvalidMultimodalInput`][] to its own caller and never reaches a rank.
@@ -88,6 +90,12 @@ INLINE_MAX_BYTES = 256 << 10
 are prepared on the event loop: validating, hashing (about 0.05 ms for 256 KiB of BLAKE3 on
 one core) and copying them costs less than the hop to a worker thread and back."""
 _INLINE_MAX_IDS = 4096  # validating an id costs about as much as hashing 100 bytes
+
+IDLE_INLINE_MAX_BYTES = 2 << 20
+"""Requests with fewer feature bytes than this are also prepared on the event loop when no
+other request is in flight (sent and unanswered, or in a worker thread): nothing then waits
+for the loop, and the hops to a worker thread and back cost as much as hashing and copying
+a megabyte. Under load they go to the worker threads, which hash several requests at once."""
 
 # Longest wait of a request planned by the cache mirror for the ones planned before it (they
 # are encoding: milliseconds); past it they are skipped and the caches start over.
@@ -204,6 +212,7 @@ class TokenizerStage:
         self._decoder = Decoder(allow_pickle=config.allow_pickle)
         self._pool = ThreadPoolExecutor(config.tokenizer_workers, thread_name_prefix="mmsched-tok")
         self._pending: dict[str, _Pending] = {}
+        self._preparing = 0  # requests in a worker thread now (not pending yet)
         self._ready_ranks: dict[int, int] = {}
         self._ranks_ready = asyncio.Event()
         self._failure: MmschedError | None = None
@@ -346,9 +355,12 @@ class TokenizerStage:
         )
         loop = self._loop = asyncio.get_running_loop()
         prepared = None
-        if nbytes < INLINE_MAX_BYTES and _id_count(input_ids) <= _INLINE_MAX_IDS:
+        idle = not self._pending and not self._preparing
+        small = nbytes < INLINE_MAX_BYTES or (idle and nbytes < IDLE_INLINE_MAX_BYTES)
+        if small and _id_count(input_ids) <= _INLINE_MAX_IDS:
             # Less work than the hop to a worker thread and back (a wake-up each way, and
-            # the GIL handed over twice): done here, on the loop, without waiting for room.
+            # the GIL handed over twice), or nothing else waiting for the loop: done here,
+            # on the loop, without waiting for room.
             given = req.input_ids, req.mm_inputs
             try:
                 prepared = self._prepare(req, inline=True)
@@ -362,11 +374,14 @@ class TokenizerStage:
             # Building, hashing and copying into shared memory release the GIL: worker
             # threads keep the event loop free for other requests.
             job = loop.run_in_executor(self._pool, self._prepare, req)
+            self._preparing += 1
             try:
                 prepared = await asyncio.shield(job)
             except asyncio.CancelledError:
                 job.add_done_callback(self._drop_unsent)  # the thread finishes on its own
                 raise
+            finally:
+                self._preparing -= 1
         frames, placed = prepared.frames, prepared.placed
         try:
             if prepared.ticket is not None:  # the cache mirror planned it: go in that order
@@ -550,9 +565,16 @@ class TokenizerStage:
         Raises:
             PeerLost: the results socket itself failed; nothing more can arrive.
         """
+        # What has arrived is taken at once through a plain view of the socket (no future
+        # per message); only an empty socket is waited on, through the asyncio socket,
+        # whose closing fails the wait.
+        now: zmq.Socket[Any] = zmq.Socket.shadow(self._results.underlying)
         while True:
             try:
-                frames = await self._results.recv_multipart(copy=False)
+                try:
+                    frames = now.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    frames = await self._results.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 raise PeerLost(f"the tokenizer's result router failed: {exc}") from exc
             buffers = [f.buffer for f in frames]

@@ -501,7 +501,7 @@ class ArenaReader:
         ):
             raise TransportError(f"ref {ref} is not a payload of arena {self.name}")
         arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=ref.nbytes, offset=ref.offset)
-        self.hold(ref, arr)
+        self._hold(ref, arr)  # checked above
         return arr.data
 
     def hold(self, ref: Ref, owner: object) -> None:
@@ -509,6 +509,9 @@ class ArenaReader:
         live outside this segment: a header-only arena's ring of offsets)."""
         if not all(type(v) is int and v >= 0 for v in (ref.seq, ref.offset, ref.nbytes)):
             raise TransportError(f"ref {ref} is not a payload of arena {self.name}")
+        self._hold(ref, owner)
+
+    def _hold(self, ref: Ref, owner: object) -> None:
         with self._lock:
             self._outstanding[ref.seq] = self._outstanding.get(ref.seq, 0) + 1
             self._last_seen = max(self._last_seen, ref.seq)

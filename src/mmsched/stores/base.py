@@ -97,18 +97,29 @@ class PayloadRef:
         Raises:
             CodecError: ``tree`` is not a well-formed reference.
         """
-        ok = (
-            isinstance(tree, list)
-            and len(tree) == 5
-            and all(isinstance(tree[i], str) for i in (0, 1, 3))
-            and isinstance(tree[2], list)
-            and all(type(x) is int and 0 <= x < 2**63 for x in tree[2])
-            and isinstance(tree[4], list)
-            and all(isinstance(x, str) or (type(x) is int and 0 <= x < 2**63) for x in tree[4])
-        )
-        if not ok:
-            raise CodecError(f"malformed payload reference {str(tree)[:200]}")
-        return cls(tree[0], tree[1], tuple(tree[2]), tree[3], tuple(tree[4]))
+        # Each part checked once, the three names without a generator: every rank reads
+        # one reference per tensor of every request.
+        if isinstance(tree, list) and len(tree) == 5:
+            store, dtype, shape, device, location = tree
+            if (
+                isinstance(store, str)
+                and isinstance(dtype, str)
+                and isinstance(device, str)
+                and isinstance(shape, list)
+                and isinstance(location, list)
+                and _non_negative_ints(shape)
+                and _names_or_non_negative_ints(location)
+            ):
+                return cls(store, dtype, tuple(shape), device, tuple(location))
+        raise CodecError(f"malformed payload reference {str(tree)[:200]}")
+
+
+def _non_negative_ints(values: list[Any]) -> bool:
+    return all(type(x) is int and 0 <= x < 2**63 for x in values)
+
+
+def _names_or_non_negative_ints(values: list[Any]) -> bool:
+    return all(isinstance(x, str) or (type(x) is int and 0 <= x < 2**63) for x in values)
 
 
 class PayloadStore(ABC):

@@ -44,6 +44,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from mmsched.credentials import check_credentials, present_credentials
 from mmsched.errors import PeerLost
 from mmsched.transports.base import Buffer, Frames, GroupSpec, Transport
+from mmsched.zmqwait import wait_readable
 
 _MESSAGE = b"M"
 _END = b"E"
@@ -133,7 +134,7 @@ class ZmqTransport(Transport):
         try:  # a message already there is taken at once: no future, no trip through the loop
             parts = self._now.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            if not await self._socket.poll(timeout=int(self._timeout_s * 1000)):
+            if not await wait_readable(self._now, self._timeout_s):
                 raise PeerLost(
                     f"rank {self.rank} heard nothing from the sender in {self._timeout_s} s"
                 ) from None
