@@ -322,6 +322,11 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     "mmsched rank --tp 8 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:29500 "
     "--rendezvous /run/myserver": ParseOnly(HOSTS),
     "sudo .venv/bin/mmsched bench fanout --hosts 2 --tp 8 --sizes 10,100": ParseOnly(ROOT_NS),
+    # docs/benchmarks.md: the small-request fixed cost
+    "python -m mmsched bench fanout --tp 4 --sizes 0.01,1 --strategies zero-copy --transports "
+    "zmq,memory --input copy --consume none --requests 30 --warmup 5": Run(FANOUT),
+    "python -m mmsched bench fanout --tp 4 --sizes 100 --strategies zero-copy --transports zmq "
+    "--input copy --consume none --requests 20 --warmup 3": Run(FANOUT),
     # docs/serving.md: the preprocessing measurements
     "python3 scripts/preprocess_compare.py --images 64 --workers 12": ParseOnly(
         "the accelerator host's comparison of the backends: its cuda rows need a GPU and its cpu "
