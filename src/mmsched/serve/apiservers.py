@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,10 @@ class Engine:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # A ROUTER at its high-water mark drops what it sends without an error: a stream
+        # would lose chunks, a call its answer. No limit here: what waits is the answers of
+        # requests in flight, and each HTTP process reads its socket all the time.
+        self._socket.setsockopt(zmq.SNDHWM, 0)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self.greeted: set[str] = set()
         """The HTTP processes (``http-INDEX-PID``) that said hello: they are serving."""
@@ -129,6 +134,14 @@ class Engine:
         elif kind == b"metrics":
             await self._send(who, {"id": call, "text": self._metrics()})
 
+    def drop(self, who: bytes) -> int:
+        """Cancel every call of the HTTP process ``who`` (it is gone: nobody would read the
+        answers); the number cancelled."""
+        calls = [key for key in self._tasks if key[0] == who]
+        for key in calls:
+            self._tasks.pop(key).cancel()
+        return len(calls)
+
     def _forget(self, who: bytes, call: int) -> Callable[[asyncio.Task[None]], None]:
         def forget(_: asyncio.Task[None]) -> None:
             self._tasks.pop((who, call), None)
@@ -150,13 +163,15 @@ class Engine:
     async def _chat(
         self, who: bytes, call: int, header: dict[str, Any], frames: list[zmq.Frame]
     ) -> None:
-        rid, sampling = header["rid"], header["sampling"]
-        images = [
-            EncodedImage(param, frame.bytes, fmt)
-            for (param, fmt), frame in zip(header["images"], frames, strict=True)
-        ]
-        read = ReadChat(header["layout"], images, [bytes.fromhex(k) for k in header["keys"]])
+        rid = header.get("rid")
         try:
+            sampling = header["sampling"]
+            images = [
+                EncodedImage(param, frame.bytes, fmt)
+                for (param, fmt), frame in zip(header["images"], frames, strict=True)
+            ]
+            keys = [bytes.fromhex(k) for k in header["keys"]]
+            read = ReadChat(header["layout"], images, keys)
             prepared = await _prepared(self.chat.process_read(read), self.config.max_prompt_tokens)
             processed = time.perf_counter()
             if header["stream"]:
@@ -290,6 +305,19 @@ def serve_api_servers(
     )
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` binds without ``SO_REUSEPORT``: it fails while any socket holds
+    the port, one of another server's HTTP processes included."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no holder
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class _Supervisor:
     def __init__(
         self,
@@ -307,6 +335,11 @@ class _Supervisor:
         self.fronts: list[_Front] = []
 
     async def main(self) -> int:
+        if self.port and not _port_is_free(self.host, self.port):
+            # The HTTP processes bind with SO_REUSEPORT, which would let them join another
+            # server's processes on this port (another instance, or one still draining).
+            log.error("%s:%d is in use: not serving", self.host, self.port)
+            return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -366,8 +399,10 @@ class _Supervisor:
                 generates_text=self.generates_text,
             )
             env = {**os.environ, MULTIPROC_ENV: str(metrics_dir)}
-            self.fronts = [self._start(spec, i, env) for i in range(config.api_servers)]
-            return await self._watch(spec, env, engine, metrics_dir, stop)
+            # One at a time: if a start fails, those already started are stopped below.
+            for i in range(config.api_servers):
+                self.fronts.append(self._start(spec, i, env))
+            return await self._watch(spec, env, engine, serving, metrics_dir, stop)
         finally:
             await self._stop_fronts()
             if serving is not None:
@@ -394,6 +429,7 @@ class _Supervisor:
         spec: FrontSpec,
         env: dict[str, str],
         engine: Engine,
+        serving: asyncio.Task[None],
         metrics_dir: Path,
         stop: asyncio.Event,
     ) -> int:
@@ -404,12 +440,17 @@ class _Supervisor:
                 await asyncio.wait_for(stop.wait(), _WATCH_S)
             if stop.is_set():
                 return 0
+            if serving.done():  # the engine's receiver ended: no call could be answered
+                error = None if serving.cancelled() else serving.exception()
+                log.error("the engine stopped answering the HTTP processes: %r", error)
+                return 1
             for n, front in enumerate(self.fronts):
                 status = front.process.poll()
                 if status is None:
                     continue
                 # Its requests in flight are not in flight any more (livesum gauges).
                 multiprocess.mark_process_dead(front.process.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+                dropped = engine.drop(front.name.encode())
                 if front.name not in engine.greeted:
                     log.error(
                         "HTTP process %d exited (status %s) before it served: stopping",
@@ -418,10 +459,12 @@ class _Supervisor:
                     )
                     return 1
                 log.error(
-                    "HTTP process %d (pid %d) exited (status %s): starting another",
+                    "HTTP process %d (pid %d) exited (status %s), %d requests with it: "
+                    "starting another",
                     front.index,
                     front.process.pid,
                     status,
+                    dropped,
                 )
                 self.fronts[n] = self._start(spec, front.index, env)
 

@@ -110,6 +110,7 @@ class EngineClient:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)  # the engine's answers are never dropped here
         self._socket.setsockopt(zmq.IDENTITY, f"http-{index}-{os.getpid()}".encode())
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Queue[dict[str, Any]]] = {}
@@ -272,10 +273,11 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         drain.attach(asyncio.get_running_loop())
-        hello = await engine.start()
-        identity.append(bytes.fromhex(hello["identity"]))
+        # Watched from the start: an engine gone before its hello stops this process too.
         watch = asyncio.create_task(_watch_parent(os.getppid()))
         try:
+            hello = await engine.start()
+            identity.append(bytes.fromhex(hello["identity"]))
             yield
         finally:
             watch.cancel()
