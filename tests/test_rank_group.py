@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -191,6 +192,21 @@ def test_the_entry_rank_waits_startup_timeout_for_a_late_receiver(tmp_path: Path
     assert first["rids"] == second["rids"] == ["r"]
     assert first["sum"] == second["sum"] == float(sum(range(64)))
     assert float(str(first["join_s"])) > 3.0  # it did wait for the late one
+
+
+def test_a_rendezvous_too_deep_for_socket_paths_still_meets(tmp_path: Path) -> None:
+    """A rendezvous directory whose path leaves no room for a Unix socket's (107 bytes): the
+    group's sockets go in the temp directory, which the announcement names, and the members
+    meet; nothing is left there afterwards."""
+    deep = tmp_path / ("d" * 70)
+    (deep / "rendezvous").mkdir(parents=True)
+    config = Config(transport="zmq", tp_size=2, timeout_s=5, startup_timeout_s=30)
+    members = [_start_member(deep, config, rank) for rank in (0, 1)]
+    first, second = (_outcome(*member) for member in members)
+    assert first["ok"] and second["ok"], (first, second)
+    assert first["rids"] == second["rids"] == ["r"]
+    runs = Path(tempfile.gettempdir()).glob(f"mmsched-{members[0][0].pid}-*")
+    assert not list(runs)  # the entry's run directory went with it
 
 
 def test_a_stale_file_whose_pid_is_alive_again_is_not_followed(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 # Tensors from this size up go through the payload store; smaller ones ride the header.
 _STORE_MIN_BYTES = 4096
 # The legs between hosts are zmq whatever the transport of each host's group.
+_RUN_DIR_PARENT_MAX = 60
+"""The deepest parent a run directory is made in: its name (``mmsched-<pid>-<random>``, up to
+about 30 bytes) and a socket's name in it (``zmq-<8 hex>``, 12) must fit a Unix socket's
+107-byte path."""
+
 _HOSTS_TRANSPORT = "zmq"
 
 
@@ -83,7 +90,16 @@ class Resources:
 
     def run_dir(self, parent: Path | None = None) -> Path:
         """A private run directory (in ``parent`` or the temp directory; what crashed runs
-        left there is removed first), removed at close."""
+        left there is removed first), removed at close. A ``parent`` too deep for the
+        sockets made in it (a Unix socket's path holds at most 107 bytes) gives way to the
+        temp directory: the group's announcement says where its sockets are."""
+        if parent is not None and len(os.fsencode(parent)) > _RUN_DIR_PARENT_MAX:
+            log.info(
+                "%s is too deep for socket paths: the run directory goes in %s",
+                parent,
+                tempfile.gettempdir(),
+            )
+            parent = None
         sweep_stale_run_dirs(parent)
         path = make_run_dir(parent)
         self.on_close(f"run directory {path}", lambda: shutil.rmtree(path, ignore_errors=True))

@@ -2,7 +2,8 @@
 announcement a group's sender leaves in a rendezvous directory for its receivers.
 
 A run directory is ``mmsched-<pid of its owner>-<random>``, mode 0700: in the temp directory
-for a pipeline or a node agent, in the rendezvous directory for a server's own group. The
+for a pipeline or a node agent, in the rendezvous directory for a server's own group (in the
+temp directory where the rendezvous directory is too deep for socket paths). The
 pid in its name lets a later run remove what a crashed one left
 ([`sweep_stale_run_dirs`][mmsched.runtime.rundir.sweep_stale_run_dirs]).
 """

@@ -163,8 +163,9 @@ class Engine:
     async def _chat(
         self, who: bytes, call: int, header: dict[str, Any], frames: list[zmq.Frame]
     ) -> None:
-        rid = header.get("rid")
+        rid = "?"  # for the log, should the header itself be malformed
         try:
+            rid = str(header["rid"])
             sampling = header["sampling"]
             images = [
                 EncodedImage(param, frame.bytes, fmt)
