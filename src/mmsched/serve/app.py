@@ -269,23 +269,8 @@ def create_app(
                         )
                     )
                 metrics.completed(delivered - arrived, prepared.images, prepared.feature_bytes)
-        except ShuttingDown as exc:
-            metrics.answered("chat", 503)
-            log.warning("chat request cut short: %s", exc)
-            return _HttpError(503, "service_unavailable", str(exc)).response()
-        except _HttpError as exc:
-            metrics.answered("chat", exc.status)
-            if exc.status == CLIENT_CLOSED:
-                log.info("chat request abandoned: %s", exc.message)
-            elif exc.status >= 500:
-                log.warning("chat request failed: %s", exc.message)
-            else:  # the client's mistake: worth a line, not a warning
-                log.info("chat request refused (%d): %s", exc.status, exc.message)
-            return exc.response()
-        except Exception as exc:  # a bug of ours: this request's 500, never the server's end
-            log.exception("chat request failed")
-            metrics.answered("chat", 500)
-            return _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}").response()
+        except Exception as exc:  # every failure is this request's answer, never the server's end
+            return chat_failure(metrics, exc)
         finally:
             if not streaming:
                 metrics.inflight -= 1
@@ -582,3 +567,24 @@ def _pieces(text: str, max_tokens: int | None) -> list[str]:
     words = text.split(" ")
     pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
     return pieces[:max_tokens] if max_tokens is not None else pieces
+
+
+def chat_failure(metrics: ServerMetrics, exc: Exception) -> Response:
+    """The answer to a chat request that failed with ``exc``, counted and logged: a
+    shutdown's 503, an :class:`_HttpError`'s own status, or a 500 for a bug of ours."""
+    if isinstance(exc, ShuttingDown):
+        metrics.answered("chat", 503)
+        log.warning("chat request cut short: %s", exc)
+        return _HttpError(503, "service_unavailable", str(exc)).response()
+    if isinstance(exc, _HttpError):
+        metrics.answered("chat", exc.status)
+        if exc.status == CLIENT_CLOSED:
+            log.info("chat request abandoned: %s", exc.message)
+        elif exc.status >= 500:
+            log.warning("chat request failed: %s", exc.message)
+        else:  # the client's mistake: worth a line, not a warning
+            log.info("chat request refused (%d): %s", exc.status, exc.message)
+        return exc.response()
+    log.error("chat request failed", exc_info=exc)
+    metrics.answered("chat", 500)
+    return _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}").response()

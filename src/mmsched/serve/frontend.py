@@ -53,19 +53,19 @@ from mmsched.errors import MmschedError
 from mmsched.messages import GenerateOutput
 from mmsched.preprocess.keys import content_key
 from mmsched.serve.app import (
-    CLIENT_CLOSED,
     ServeSettings,
     _HttpError,
     _model_stream,
     _options,
     _read_json,
     _Reply,
+    chat_failure,
 )
 from mmsched.serve.chat import ChatProcessor, ReadChat
 from mmsched.serve.media import BadRequest, EncodedImage, MediaLimits
 from mmsched.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mmsched.serve.metrics import ServerMetrics
-from mmsched.serve.shutdown import Drain, ShuttingDown
+from mmsched.serve.shutdown import Drain
 
 log = logging.getLogger("mmsched.serve.frontend")  # its name run as __main__ too
 
@@ -377,23 +377,8 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
                 done = first["done"]
                 answered = time.perf_counter()
                 metrics.completed(answered - arrived, done["images"], done["feature_bytes"])
-        except ShuttingDown as exc:
-            metrics.answered("chat", 503)
-            log.warning("chat request cut short: %s", exc)
-            return _HttpError(503, "service_unavailable", str(exc)).response()
-        except _HttpError as exc:
-            metrics.answered("chat", exc.status)
-            if exc.status == CLIENT_CLOSED:
-                log.info("chat request abandoned: %s", exc.message)
-            elif exc.status >= 500:
-                log.warning("chat request failed: %s", exc.message)
-            else:
-                log.info("chat request refused (%d): %s", exc.status, exc.message)
-            return exc.response()
-        except Exception as exc:  # a bug of ours: this request's 500, never the server's end
-            log.exception("chat request failed")
-            metrics.answered("chat", 500)
-            return _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}").response()
+        except Exception as exc:  # every failure is this request's answer, never the server's end
+            return chat_failure(metrics, exc)
         finally:
             if not streaming:
                 metrics.inflight -= 1
