@@ -80,6 +80,24 @@ class Server:
         return int(float(line.split()[1])) if line else 0  # the exposition writes floats
 
 
+def sigterm_mid_request(server: Server) -> tuple[bytes, float, float]:
+    """Start a chat request whose body never comes, SIGTERM the server, and read its answer
+    to the end: the answer, when the signal went, and how long the answer took after it."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        head += "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        sock.sendall(head.encode() + b'{"model": "')  # ... and the rest never comes
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        sock.settimeout(SHUTDOWN_TIMEOUT_S + 10)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer, stopped, time.monotonic() - stopped
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -577,19 +595,7 @@ def test_sigterm_with_a_client_mid_request_ends_everything_within_the_bound(
     process = psutil.Process(bounded_server.process.pid)
     ranks = process.children(recursive=True)
     assert len(ranks) >= TP
-    port = int(bounded_server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-        head += "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-        sock.sendall(head.encode() + b'{"model": "')  # ... and the rest never comes
-        time.sleep(0.5)
-        stopped = time.monotonic()
-        bounded_server.process.send_signal(signal.SIGTERM)
-        sock.settimeout(SHUTDOWN_TIMEOUT_S + 10)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-        answered = time.monotonic() - stopped
+    answer, stopped, answered = sigterm_mid_request(bounded_server)
     assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
     assert b"shutdown_timeout_s=2" in answer
     assert SHUTDOWN_TIMEOUT_S - 0.5 < answered < SHUTDOWN_TIMEOUT_S + 2, answered

@@ -35,6 +35,7 @@ from test_serve import (  # noqa: E402
     exited,
     image_part,
     png,
+    sigterm_mid_request,
     start_server,
 )
 
@@ -273,18 +274,7 @@ def test_sigterm_stops_every_process_and_leaves_nothing(server: Server) -> None:
     assert len(everything) >= TP + 2  # the ranks and the two HTTP processes at least
     directory = workdir(server)
     assert directory.is_dir()
-    port = int(server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-        head += "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-        sock.sendall(head.encode() + b'{"model": "')  # ... and the rest never comes
-        time.sleep(0.5)
-        stopped = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        sock.settimeout(SHUTDOWN_TIMEOUT_S + 10)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer, stopped, _ = sigterm_mid_request(server)
     assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
     assert b"shutdown_timeout_s=2" in answer
     try:

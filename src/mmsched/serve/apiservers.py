@@ -56,10 +56,11 @@ from mmsched.serve.app import (
     _pieces,
     _pipeline_errors,
     _prepared,
+    server_chat_processor,
 )
 from mmsched.serve.chat import ChatProcessor, PreparedChat, ReadChat
 from mmsched.serve.frontend import FrontSpec
-from mmsched.serve.media import EncodedImage, MediaLimits
+from mmsched.serve.media import EncodedImage
 from mmsched.serve.metrics import MULTIPROC_ENV, engine_families, render_families
 
 log = logging.getLogger(__name__)
@@ -357,13 +358,7 @@ class _Supervisor:
         from mmsched.preprocess import Preprocessor, StageSettings  # (a cycle, at import)
 
         config, settings = self.config, self.settings
-        limits = MediaLimits(settings.max_image_mb << 20, settings.max_image_pixels)
-        chat = ChatProcessor(
-            limits=limits,
-            max_images=settings.max_images,
-            max_prompt_tokens=config.max_prompt_tokens,
-            wire_pixels=config.wire_pixels,
-        )
+        chat = server_chat_processor(settings, config.max_prompt_tokens, config.wire_pixels)
         pipeline = Pipeline(
             config, on_iteration=self.on_iteration, on_rank_start=self.on_rank_start
         )
@@ -372,7 +367,7 @@ class _Supervisor:
         engine: Engine | None = None
         serving: asyncio.Task[None] | None = None
         try:
-            stage = Preprocessor(StageSettings.of(config), limits)
+            stage = Preprocessor(StageSettings.of(config), settings.media_limits())
             await stage.start(pipeline)
             chat.attach(stage)
             engine = Engine(config, chat, pipeline, stage.backend.identity, self.generates_text)

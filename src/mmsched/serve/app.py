@@ -110,6 +110,10 @@ class ServeSettings:
     max_image_mb: int = 20
     max_image_pixels: int = 40_000_000
 
+    def media_limits(self) -> MediaLimits:
+        """The limits every image of a request is read and decoded within."""
+        return MediaLimits(self.max_image_mb << 20, self.max_image_pixels)
+
 
 class _HttpError(Exception):
     def __init__(self, status: int, kind: str, message: str, param: str | None = None) -> None:
@@ -147,12 +151,8 @@ def create_app(
             as for the stub. Default: whether ``on_iteration`` is given.
     """
     settings = settings or ServeSettings()
-    limits = MediaLimits(settings.max_image_mb << 20, settings.max_image_pixels)
-    chat = processor or ChatProcessor(
-        limits=limits,
-        max_images=settings.max_images,
-        max_prompt_tokens=config.max_prompt_tokens,
-        wire_pixels=config.wire_pixels,
+    chat = processor or server_chat_processor(
+        settings, config.max_prompt_tokens, config.wire_pixels
     )
     metrics = ServerMetrics()
     state: dict[str, Pipeline] = {}
@@ -171,7 +171,7 @@ def create_app(
             if processor is None:  # the default processor: through the preprocessing stage
                 from mmsched.preprocess import Preprocessor, StageSettings  # (a cycle, at import)
 
-                stage = Preprocessor(StageSettings.of(config), limits)
+                stage = Preprocessor(StageSettings.of(config), settings.media_limits())
                 await stage.start(pipeline)
                 chat.attach(stage)
                 stages["preprocess"] = stage
@@ -196,14 +196,11 @@ def create_app(
     @app.get("/health")
     async def health() -> Response:
         pipeline = state.get("pipeline")
-        if pipeline is None or not pipeline.running:
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return health_response(pipeline is not None and pipeline.running)
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {"id": settings.model, "object": "model", "created": 0, "owned_by": "mmsched"}
-        return JSONResponse({"object": "list", "data": [card]})
+        return models_response(settings.model)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -588,3 +585,29 @@ def chat_failure(metrics: ServerMetrics, exc: Exception) -> Response:
     log.error("chat request failed", exc_info=exc)
     metrics.answered("chat", 500)
     return _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}").response()
+
+
+def server_chat_processor(
+    settings: ServeSettings, max_prompt_tokens: int | None, wire_pixels: str
+) -> ChatProcessor:
+    """The server's default chat processor: Qwen2-VL's image processor and the byte
+    tokenizer, within ``settings``' image limits."""
+    return ChatProcessor(
+        limits=settings.media_limits(),
+        max_images=settings.max_images,
+        max_prompt_tokens=max_prompt_tokens,
+        wire_pixels=wire_pixels,
+    )
+
+
+def health_response(running: bool) -> Response:
+    """``/health``: 200 while the pipeline runs, else 503."""
+    if not running:
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+def models_response(model: str) -> Response:
+    """``/v1/models``: the one model this server serves."""
+    card = {"id": model, "object": "model", "created": 0, "owned_by": "mmsched"}
+    return JSONResponse({"object": "list", "data": [card]})

@@ -47,7 +47,7 @@ import orjson
 import zmq
 import zmq.asyncio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from mmsched.errors import MmschedError
 from mmsched.messages import GenerateOutput
@@ -60,9 +60,12 @@ from mmsched.serve.app import (
     _read_json,
     _Reply,
     chat_failure,
+    health_response,
+    models_response,
+    server_chat_processor,
 )
 from mmsched.serve.chat import ChatProcessor, ReadChat
-from mmsched.serve.media import BadRequest, EncodedImage, MediaLimits
+from mmsched.serve.media import BadRequest, EncodedImage
 from mmsched.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mmsched.serve.metrics import ServerMetrics
 from mmsched.serve.shutdown import Drain
@@ -254,14 +257,8 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
     """The application of one HTTP process: the routes of
     [`create_app`][mmsched.serve.app.create_app]'s, answered through the engine."""
     settings = spec.settings
-    limits = MediaLimits(settings.max_image_mb << 20, settings.max_image_pixels)
     # For the layout alone (tokenizer, image limits): it decodes nothing here.
-    chat = ChatProcessor(
-        limits=limits,
-        max_images=settings.max_images,
-        max_prompt_tokens=spec.max_prompt_tokens,
-        wire_pixels=spec.wire_pixels,
-    )
+    chat = server_chat_processor(settings, spec.max_prompt_tokens, spec.wire_pixels)
     metrics = ServerMetrics()
     drain = Drain(spec.shutdown_timeout_s)
     engine = EngineClient(spec.engine, spec.index, spec.hop_timeout_s)
@@ -292,14 +289,11 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
             running = (await engine.call(b"health", {}, _HEALTH_TIMEOUT_S))["running"]
         except _HttpError:
             running = False
-        if not running:
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return health_response(running)
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {"id": settings.model, "object": "model", "created": 0, "owned_by": "mmsched"}
-        return JSONResponse({"object": "list", "data": [card]})
+        return models_response(settings.model)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
