@@ -127,6 +127,32 @@ def test_equal_to_the_torchvision_processors_pixel_values(width: int, height: in
     assert (pixel_values(pixels, spec) - expected).abs().max().item() <= TOLERANCE
 
 
+def test_images_of_one_size_resized_together_equal_each_resized_alone() -> None:
+    pytest.importorskip("torchvision", reason="the torchvision backend needs torchvision")
+    import transformers
+
+    from mmsched.pixels import resized_batch
+
+    processor = transformers.Qwen2VLImageProcessor()
+    if getattr(processor, "backend", None) != "torchvision":
+        pytest.skip("this transformers' Qwen2VLImageProcessor is not the torchvision backend")
+    resize, _ = specs_of(processor)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        sizes = [(1024, 768), (333, 517), (1024, 768), (1024, 768), (5, 300)]
+        images: list[Any] = [
+            torch.from_numpy(np.array(photo(w, h, seed=n))).permute(2, 0, 1).contiguous().to(device)
+            for n, (w, h) in enumerate(sizes)
+        ]
+        images.append(photo(64, 64, seed=9))  # a PIL image among them: resized alone
+        together = resized_batch(images, resize)
+        assert len(together) == len(images)
+        for image, (pixels, grid) in zip(images, together, strict=True):
+            alone, alone_grid = resized_pixels(image, resize)
+            assert grid == alone_grid and torch.equal(pixels.cpu(), alone.cpu()), device
+            assert pixels.is_contiguous() and pixels.untyped_storage().nbytes() == pixels.nbytes
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none")
 @pytest.mark.parametrize(("width", "height"), [(1024, 768), (2000, 90), (1, 1)])

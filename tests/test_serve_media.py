@@ -147,12 +147,16 @@ def test_the_server_and_a_direct_processor_call_see_the_same_pixels(
         images=[decode_image_url("p", url_of(data, media_type), MediaLimits())],
         return_tensors="np",
     )
-    # The reference: transformers' loading (EXIF applied) and the processor's own RGB
-    # conversion (alpha onto white); load_image's own convert("RGB") would drop the alpha
-    # and clip 16 bits, so an image with either is handed over before it, 16 bits scaled.
+    # The reference: transformers' loading (EXIF applied) and its RGB conversion,
+    # convert_to_rgb (alpha onto white); load_image's own convert("RGB") would drop the
+    # alpha and clip 16 bits, so an image with either is handed over before it, 16 bits
+    # scaled. The conversion is called here, not left to the processor: the torchvision
+    # backend of some versions (5.17) drops the alpha of an RGBA image instead.
+    from transformers.image_transforms import convert_to_rgb
+
     opened = Image.open(io.BytesIO(data))
     if "A" in opened.getbands():
-        reference_image = ImageOps.exif_transpose(opened)
+        reference_image = convert_to_rgb(ImageOps.exif_transpose(opened))
     elif opened.mode.startswith("I"):
         reference_image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
     else:
@@ -160,3 +164,32 @@ def test_the_server_and_a_direct_processor_call_see_the_same_pixels(
     reference = processor(images=[reference_image], return_tensors="np")
     assert (served["image_grid_thw"] == reference["image_grid_thw"]).all()
     assert np.array_equal(served["pixel_values"], reference["pixel_values"])
+
+
+def test_a_header_is_read_once_where_the_bytes_arrive() -> None:
+    from mmsched.serve.chat import ChatProcessor
+    from mmsched.serve.media import EncodedImage, ImageHeader, read_header, with_header
+
+    limits = MediaLimits()
+    rotated = EncodedImage("p", memoryview(exif_rotated()), "JPEG")
+    assert read_header(rotated, limits) == ImageHeader(64, 32, 6)  # as stored, and its tag
+    read = with_header(rotated, limits)
+    assert read.header == ImageHeader(64, 32, 6) and read.data is rotated.data
+    # Once read it is what a backend gets, without opening the bytes again.
+    claimed = EncodedImage("p", b"not an image", "PNG", ImageHeader(5, 7))
+    assert read_header(claimed, limits) == ImageHeader(5, 7)
+    with pytest.raises(BadRequest, match="p"):
+        read_header(EncodedImage("p", b"not an image", "PNG"), limits)
+
+    def messages(url: str) -> list[dict[str, object]]:
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]
+
+    chat = ChatProcessor()
+    good = chat.read(messages(url_of(exif_rotated(), "image/jpeg")), lambda i: b"k", headers=True)
+    assert [i.header for i in good.images] == [ImageHeader(64, 32, 6)]
+    plain = chat.read(messages(url_of(exif_rotated(), "image/jpeg")), lambda i: b"k")
+    assert [i.header for i in plain.images] == [None]  # nothing opened unless asked
+    broken = url_of(exif_rotated()[:200], "image/jpeg")  # a cut-off file: refused at the read
+    with pytest.raises(BadRequest, match="image_url"):
+        chat.read(messages(broken), lambda i: b"k", headers=True)

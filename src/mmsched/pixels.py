@@ -37,7 +37,7 @@ only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -259,6 +259,44 @@ def resized_pixels(
         pixels = _resize_pil(image, new_h, new_w, resize.resample)
     grid = (1, new_h // resize.patch_size, new_w // resize.patch_size)
     return pixels, grid
+
+
+def resized_batch(
+    images: Sequence[Image.Image | torch.Tensor], resize: ResizeSpec
+) -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
+    """[`resized_pixels`][mmsched.pixels.resized_pixels] of each of ``images``, in order,
+    with the tensors of one size (and device) resized together in one call under the
+    torchvision backend: on a GPU a resize is a dozen small operations launched from Python,
+    so a batch of photos of one camera costs what one of them does. Each result is a tensor
+    of its own (not a view of the batch's), so that each is freed when its user is done.
+
+    Raises:
+        ValueError: as [`resized_pixels`][mmsched.pixels.resized_pixels].
+    """
+    out: list[tuple[torch.Tensor, tuple[int, int, int]] | None] = [None] * len(images)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for n, image in enumerate(images):
+        if (
+            resize.backend == "torchvision"
+            and isinstance(image, torch.Tensor)
+            and image.dtype == torch.uint8
+            and image.dim() == 3
+            and image.shape[0] == 3
+        ):
+            groups.setdefault((tuple(image.shape), image.device), []).append(n)
+        else:
+            out[n] = resized_pixels(image, resize)
+    for (shape, _), members in groups.items():
+        if len(members) == 1:
+            out[members[0]] = resized_pixels(images[members[0]], resize)
+            continue
+        new_h, new_w = resize.size(shape[1], shape[2])
+        stacked = torch.stack([images[n] for n in members])  # type: ignore[misc]
+        together = _resize_torchvision(stacked, new_h, new_w, resize.resample)
+        grid = (1, new_h // resize.patch_size, new_w // resize.patch_size)
+        for n, pixels in zip(members, together.unbind(0), strict=True):
+            out[n] = (pixels.clone(), grid)
+    return [o for o in out if o is not None]
 
 
 def _resize_pil(

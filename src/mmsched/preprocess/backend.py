@@ -44,6 +44,10 @@ class Backend(ABC):
     name: str
     identity: bytes
     """What makes its output what it is (``processor_identity``): part of every key."""
+    wants_headers: bool = False
+    """Whether it reads each image's header before decoding (to budget for it): then the
+    process that reads the bytes reads the header too ([`EncodedImage.header`][
+    mmsched.serve.media.EncodedImage]), off this one's event loop."""
 
     @property
     @abstractmethod

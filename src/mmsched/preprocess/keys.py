@@ -31,16 +31,17 @@ KEY_BYTES = 32
 _DOMAIN = b"mmsched.media.v1"
 
 
-def _framed(fields: Iterable[bytes]) -> Iterable[bytes]:
+def _framed(fields: Iterable[bytes | memoryview]) -> Iterable[bytes | memoryview]:
     for value in fields:
-        yield len(value).to_bytes(8, "big")
+        yield len(value).to_bytes(8, "big")  # bytes: a view's are cast to bytes below
         yield value
 
 
 def content_key(data: bytes | memoryview, media_format: str, identity: bytes) -> bytes:
     """The 32-byte key of one encoded image under the processor ``identity``."""
     h = blake3.blake3()
-    for part in _framed((_DOMAIN, identity, media_format.encode(), bytes(memoryview(data)))):
+    encoded = memoryview(data).cast("B")  # its bytes as they are: no copy of a megabyte
+    for part in _framed((_DOMAIN, identity, media_format.encode(), encoded)):
         h.update(part)
     return h.digest(KEY_BYTES)
 

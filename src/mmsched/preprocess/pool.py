@@ -289,7 +289,8 @@ class _Slot:
         image = job.image
         self.busy = True
         try:
-            conn.send((next(self._ids), image.param, image.data, image.format))
+            data = image.data if isinstance(image.data, bytes) else bytes(image.data)  # picklable
+            conn.send((next(self._ids), image.param, data, image.format))
             if not conn.poll(self.pool.timeout_s):
                 self.kill()
                 pid = self.pid

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsched.pixels import resized_pixels, specs_of
+from mmsched.pixels import resized_batch, specs_of
 from mmsched.serve.media import BadRequest
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def run_processor(
     through ``processor``: each one's ``pixel_values`` (float32, one row per patch) and its
     ``(t, h, w)`` patch grid, in order. Under ``wire="uint8"`` only the processor's resize
     runs: each one's resized uint8 ``(3, H, W)`` pixels ([`mmsched.pixels`][]), which every
-    rank normalizes and patchifies.
+    rank normalizes and patchifies; tensors of one size are resized together
+    ([`resized_batch`][mmsched.pixels.resized_batch]).
 
     Raises:
         BadRequest: naming ``param``: the processor refused one of them (an aspect ratio
@@ -80,7 +81,7 @@ def run_processor(
     if wire == "uint8":
         resize, _ = specs_of(processor)
         try:
-            return [resized_pixels(image, resize) for image in images]
+            return resized_batch(images, resize)
         except ValueError as exc:  # a size the processor refuses (an extreme aspect ratio)
             raise BadRequest(param, f"the image processor refused it: {exc}") from None
     torch_backend = getattr(processor, "backend", None) == TORCHVISION or device is not None

@@ -41,7 +41,6 @@ from typing import Any
 
 import orjson
 import zmq
-import zmq.asyncio
 
 from mmsched.config import Config
 from mmsched.errors import MmschedError
@@ -60,13 +59,16 @@ from mmsched.serve.app import (
 )
 from mmsched.serve.chat import ChatProcessor, PreparedChat, ReadChat
 from mmsched.serve.frontend import FrontSpec
-from mmsched.serve.media import EncodedImage
+from mmsched.serve.media import EncodedImage, ImageHeader
 from mmsched.serve.metrics import MULTIPROC_ENV, engine_families, render_families
+from mmsched.zmqwait import wait_readable
 
 log = logging.getLogger(__name__)
 
 _WATCH_S = 0.25
 """How often the HTTP processes are looked at."""
+_DRAIN = 64
+"""Most calls taken off the engine's socket in one turn of its loop."""
 _STOP_MARGIN_S = 3.0
 """An HTTP process's stop: its shutdown_timeout_s, uvicorn's own second, and this; then
 it is killed."""
@@ -89,11 +91,17 @@ class Engine:
         pipeline: Pipeline,
         identity: bytes,
         generates_text: bool,
+        headers: bool = False,
     ) -> None:
         self.config, self.chat, self.pipeline = config, chat, pipeline
         self.identity, self.generates_text = identity, generates_text
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
+        self.headers = headers
+        """Whether the HTTP processes read each image's header (the backend wants them)."""
+        # A plain socket, watched by its descriptor ([`mmsched.zmqwait`][]): at hundreds of
+        # calls a second an asyncio socket's futures per message cost this one loop (which
+        # also runs the stage and the pipeline) more than the messages themselves.
+        self._context = zmq.Context()
+        self._socket: zmq.Socket[Any] = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         # A ROUTER at its high-water mark drops what it sends without an error: a stream
         # would lose chunks, a call its answer. No limit here: what waits is the answers of
@@ -109,15 +117,23 @@ class Engine:
     async def serve(self) -> None:
         """Answer calls until cancelled."""
         while True:
-            message = await self._socket.recv_multipart(copy=False)
-            try:
-                await self._dispatch(message)
-            except Exception:  # a malformed call: that call's loss, never the engine's
-                log.exception("an HTTP process's call could not be read")
+            await wait_readable(self._socket, None)
+            # What has arrived, at most _DRAIN calls before the loop's other work runs.
+            for _ in range(_DRAIN):
+                try:
+                    message = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    self._dispatch(message)
+                except Exception:  # a malformed call: that call's loss, never the engine's
+                    log.exception("an HTTP process's call could not be read")
+            else:
+                await asyncio.sleep(0)
 
-    async def _dispatch(self, message: list[zmq.Frame]) -> None:
+    def _dispatch(self, message: list[zmq.Frame]) -> None:
         peer, op, body, *frames = message
-        who, header = peer.bytes, orjson.loads(body.bytes)
+        who, header = peer.bytes, orjson.loads(body.buffer)
         call, kind = header["id"], op.bytes
         if kind == b"chat":
             task = asyncio.create_task(self._chat(who, call, header, frames))
@@ -129,11 +145,12 @@ class Engine:
                 running.cancel()
         elif kind == b"hello":
             self.greeted.add(who.decode())
-            await self._send(who, {"id": call, "identity": self.identity.hex()})
+            hello = {"id": call, "identity": self.identity.hex(), "headers": self.headers}
+            self._send(who, hello)
         elif kind == b"health":
-            await self._send(who, {"id": call, "running": self.pipeline.running})
+            self._send(who, {"id": call, "running": self.pipeline.running})
         elif kind == b"metrics":
-            await self._send(who, {"id": call, "text": self._metrics()})
+            self._send(who, {"id": call, "text": self._metrics()})
 
     def drop(self, who: bytes) -> int:
         """Cancel every call of the HTTP process ``who`` (it is gone: nobody would read the
@@ -158,8 +175,9 @@ class Engine:
         )
         return render_families(families).decode()
 
-    async def _send(self, who: bytes, message: dict[str, Any]) -> None:
-        await self._socket.send_multipart([who, orjson.dumps(message)])
+    def _send(self, who: bytes, message: dict[str, Any]) -> None:
+        # A ROUTER with no high-water mark never blocks a send (nor drops one for room).
+        self._socket.send_multipart([who, orjson.dumps(message)], zmq.NOBLOCK)
 
     async def _chat(
         self, who: bytes, call: int, header: dict[str, Any], frames: list[zmq.Frame]
@@ -168,9 +186,11 @@ class Engine:
         try:
             rid = str(header["rid"])
             sampling = header["sampling"]
+            # The bytes as they came off the socket (no copy), with the header the HTTP
+            # process read where the backend wants one.
             images = [
-                EncodedImage(param, frame.bytes, fmt)
-                for (param, fmt), frame in zip(header["images"], frames, strict=True)
+                EncodedImage(param, frame.buffer, fmt, ImageHeader(*size) if size else None)
+                for (param, fmt, *size), frame in zip(header["images"], frames, strict=True)
             ]
             keys = [bytes.fromhex(k) for k in header["keys"]]
             read = ReadChat(header["layout"], images, keys)
@@ -201,15 +221,15 @@ class Engine:
                 "pipeline_ms": (delivered - processed) * 1e3,
                 **_times(prepared, processed),
             }
-            await self._send(who, {"id": call, "done": done})
+            self._send(who, {"id": call, "done": done})
         except _HttpError as exc:
-            await self._send(who, {"id": call, "error": _error(exc)})
+            self._send(who, {"id": call, "error": _error(exc)})
         except asyncio.CancelledError:
             raise  # the HTTP side gave up: nobody to answer
         except Exception as exc:  # a bug of ours: this request's 500, never the engine's end
             log.exception("chat request %s failed", rid)
             failure = _HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}")
-            await self._send(who, {"id": call, "error": _error(failure)})
+            self._send(who, {"id": call, "error": _error(failure)})
 
     async def _stream(
         self,
@@ -230,16 +250,16 @@ class Engine:
             sizes = {"images": prepared.images, "feature_bytes": prepared.feature_bytes}
             first = {"prompt_tokens": len(input_ids), "sizes": sizes}
             first |= _times(prepared, processed)
-            await self._send(who, {"id": call, **first, "chunk": _chunk(chunk)})
+            self._send(who, {"id": call, **first, "chunk": _chunk(chunk)})
             try:
                 while not chunk.finished:
                     following = await anext(chunks, None)
                     if following is None:
                         break
                     chunk = following
-                    await self._send(who, {"id": call, "chunk": _chunk(chunk)})
+                    self._send(who, {"id": call, "chunk": _chunk(chunk)})
             except MmschedError as exc:
-                await self._send(who, {"id": call, "stream_error": str(exc)})
+                self._send(who, {"id": call, "stream_error": str(exc)})
         finally:
             await chunks.aclose()
 
@@ -370,7 +390,10 @@ class _Supervisor:
             stage = Preprocessor(StageSettings.of(config), settings.media_limits())
             await stage.start(pipeline)
             chat.attach(stage)
-            engine = Engine(config, chat, pipeline, stage.backend.identity, self.generates_text)
+            backend = stage.backend
+            engine = Engine(
+                config, chat, pipeline, backend.identity, self.generates_text, backend.wants_headers
+            )
             address = f"ipc://{workdir}/engine"
             engine.bind(address)
             serving = asyncio.create_task(engine.serve())

@@ -49,6 +49,7 @@ from mmsched.serve.media import (
     MediaLimits,
     decode_image_url,
     read_image_url,
+    with_header,
 )
 
 if TYPE_CHECKING:
@@ -210,23 +211,31 @@ class ChatProcessor:
         if stage is None:
             return await asyncio.to_thread(self.prepare, messages)
         started = time.perf_counter()
-        read = await asyncio.to_thread(self.read, messages, stage.key)
+        headers = stage.backend.wants_headers
+        read = await asyncio.to_thread(self.read, messages, stage.key, headers=headers)
         keyed = time.perf_counter()
         prepared = await self.process_read(read)
         prepared.timings = {"key": keyed - started, **prepared.timings}  # in their order
         return prepared
 
-    def read(self, messages: Any, key: Callable[[EncodedImage], bytes]) -> ReadChat:
+    def read(
+        self, messages: Any, key: Callable[[EncodedImage], bytes], *, headers: bool = False
+    ) -> ReadChat:
         """The first half of [`prepare_async`][mmsched.serve.chat.ChatProcessor.prepare_async]
         (blocking, and the bulk of an HTTP process's work): ``messages`` laid out, the text
         tokenized, each image's bytes read out of its URL (base64 undone, limits checked) and
-        keyed by ``key``. Nothing is decoded.
+        keyed by ``key``. Nothing is decoded; with ``headers`` each image's header is read
+        and checked too (size, pixel bound, orientation: [`read_header`][
+        mmsched.serve.media.read_header]), for a backend that
+        [wants it][mmsched.preprocess.backend.Backend.wants_headers].
 
         Raises:
             BadRequest: naming the first field that cannot be used.
         """
         layout, images = self._layout(messages)
         encoded = [read_image_url(param, url, self.limits) for param, url in images]
+        if headers:
+            encoded = [with_header(image, self.limits) for image in encoded]
         return ReadChat(layout, encoded, [key(image) for image in encoded])
 
     async def process_read(self, read: ReadChat) -> PreparedChat:

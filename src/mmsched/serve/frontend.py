@@ -139,7 +139,7 @@ class EngineClient:
                 queue.put_nowait(message)
 
     def open(
-        self, op: bytes, header: dict[str, Any], frames: Sequence[bytes] = ()
+        self, op: bytes, header: dict[str, Any], frames: Sequence[bytes | memoryview] = ()
     ) -> tuple[int, asyncio.Queue[dict[str, Any]]]:
         """Send a call; its replies come on the queue (until ``close``)."""
         call = next(self._ids)
@@ -263,6 +263,7 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
     drain = Drain(spec.shutdown_timeout_s)
     engine = EngineClient(spec.engine, spec.index, spec.hop_timeout_s)
     identity: list[bytes] = []
+    headers: list[bool] = []  # whether the engine's backend wants each image's header read
 
     def key(image: EncodedImage) -> bytes:
         return content_key(image.data, image.format, identity[0])
@@ -275,6 +276,7 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
         try:
             hello = await engine.start()
             identity.append(bytes.fromhex(hello["identity"]))
+            headers.append(bool(hello.get("headers", False)))
             yield
         finally:
             watch.cancel()
@@ -314,7 +316,7 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
                 body = await _read_json(request, settings.max_body_mb << 20)
                 options = _options(body, settings.model)
                 parsed = time.perf_counter()
-                read = await _read(chat, body.get("messages"), key)
+                read = await _read(chat, body.get("messages"), key, headers[0])
                 keyed = time.perf_counter()
                 rid = f"chatcmpl-{uuid.uuid4().hex}"
                 cap = options.max_tokens
@@ -323,7 +325,7 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
                 header = {
                     "rid": rid,
                     "layout": read.layout,
-                    "images": [[image.param, image.format] for image in read.images],
+                    "images": [_image_entry(image) for image in read.images],
                     "keys": [k.hex() for k in read.keys],
                     "sampling": sampling,
                     "stream": model_stream,
@@ -391,10 +393,19 @@ def create_front_app(spec: FrontSpec) -> FastAPI:
     return app
 
 
-async def _read(chat: ChatProcessor, messages: Any, key: Any) -> ReadChat:
+def _image_entry(image: EncodedImage) -> list[Any]:
+    """How the engine is told of an image: its part, its format, and its header where read
+    (width, height, orientation)."""
+    entry: list[Any] = [image.param, image.format]
+    if image.header is not None:
+        entry += [image.header.width, image.header.height, image.header.orientation]
+    return entry
+
+
+async def _read(chat: ChatProcessor, messages: Any, key: Any, headers: bool) -> ReadChat:
     """``chat.read`` off the loop (base64 of a megabyte is milliseconds), as an HTTP error."""
     try:
-        return await asyncio.to_thread(chat.read, messages, key)
+        return await asyncio.to_thread(chat.read, messages, key, headers=headers)
     except BadRequest as exc:
         raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -53,14 +55,40 @@ class MediaLimits:
     max_pixels: int = 40_000_000
 
 
+Encoded: TypeAlias = bytes | memoryview
+"""An image's encoded bytes: ``bytes``, or a read-only view of a received message (the
+engine of ``--api-servers`` takes them as they came off its socket, without a copy)."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read before its pixels are decoded
+    ([`read_header`][mmsched.serve.media.read_header]).
+
+    Attributes:
+        width, height: its size as stored (before any EXIF rotation).
+        orientation: its EXIF orientation tag (1, upright, where there is none).
+    """
+
+    width: int
+    height: int
+    orientation: int = 1
+
+
 @dataclass(frozen=True)
 class EncodedImage:
     """One image's encoded bytes, as the client sent them (base64 undone), not decoded yet:
-    what a content key is taken over and what a preprocessing worker decodes."""
+    what a content key is taken over and what a preprocessing worker decodes.
+
+    ``header`` is its [`ImageHeader`][mmsched.serve.media.ImageHeader] where the process that
+    read the bytes also read that (the HTTP processes of ``--api-servers`` do, on their own
+    cores), so that a backend that needs the size before decoding need not open it again.
+    """
 
     param: str
-    data: bytes
+    data: Encoded
     format: str  # the Pillow format its media type names: PNG or JPEG
+    header: ImageHeader | None = None
 
 
 def decode_image_url(param: str, url: object, limits: MediaLimits) -> Image.Image:
@@ -140,6 +168,37 @@ def open_checked(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
     return image
 
 
+def read_header(encoded: EncodedImage, limits: MediaLimits) -> ImageHeader:
+    """``encoded``'s header, checked as [`open_checked`][mmsched.serve.media.open_checked]
+    checks it (its pixels are not decoded); a JPEG's EXIF orientation read too, a broken
+    EXIF block counting as none.
+
+    Raises:
+        BadRequest: naming its ``param``: not a file of its format, or too many pixels.
+    """
+    if encoded.header is not None:
+        return encoded.header
+    image = open_checked(encoded, limits)
+    width, height = image.size
+    orientation = 1
+    if encoded.format == "JPEG":
+        with contextlib.suppress(Exception):  # a broken EXIF block: decoded as it is
+            orientation = int(image.getexif().get(0x0112, 1))
+    return ImageHeader(width, height, orientation)
+
+
+def with_header(encoded: EncodedImage, limits: MediaLimits) -> EncodedImage:
+    """``encoded`` with its [`ImageHeader`][mmsched.serve.media.ImageHeader] read.
+
+    Raises:
+        BadRequest: as [`read_header`][mmsched.serve.media.read_header].
+    """
+    if encoded.header is not None:
+        return encoded
+    header = read_header(encoded, limits)
+    return EncodedImage(encoded.param, encoded.data, encoded.format, header)
+
+
 def _decoded_size(payload: str) -> int:
     padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
     return len(payload) * 3 // 4 - padding
@@ -174,7 +233,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(param: str, data: bytes, expected: str, limits: MediaLimits) -> Image.Image:
+def _decode(param: str, data: Encoded, expected: str, limits: MediaLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
