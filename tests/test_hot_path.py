@@ -159,12 +159,13 @@ async def test_in_process_ranks_all_hold_their_inputs_before_any_model_step() ->
     config = Config(strategy="zero-copy", transport="memory", tp_size=4)
     feature = torch.randn(2_500)
     async with Pipeline(config, probe=_StepTimes()) as pipeline:
-        assert pipeline._task_addresses is not None and pipeline._addresses is not None
+        tasks, processes = pipeline.in_process_rank_addresses, pipeline.rank_addresses
+        assert tasks is not None and processes is not None
         # The ranks reach the tokenizer inside this process; what other processes see
         # (and must present the token to) stays the private ipc endpoints.
-        assert pipeline._task_addresses.requests.startswith("inproc://")
-        assert pipeline._task_addresses.results.startswith("inproc://")
-        assert pipeline._addresses.requests.startswith("ipc://")
+        assert tasks.requests.startswith("inproc://")
+        assert tasks.results.startswith("inproc://")
+        assert processes.requests.startswith("ipc://")
         for i in range(3):
             _STEPS.clear()
             item = {"modality": "image", "feature": feature.clone(), "offsets": [(1, 2)]}
