@@ -23,6 +23,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Literal
 
 import orjson
 import psutil
@@ -47,7 +48,7 @@ from mmsched.codec import encode
 from mmsched.credentials import present_credentials
 from mmsched.messages import GenerateOutput
 from mmsched.stores.arena import SHM_DIR
-from mmsched.testing import SlowRank
+from mmsched.testing import SlowRank, stop_result_router
 from own_run import run_dirs_of, segments_of
 
 pytestmark = pytest.mark.faults
@@ -191,12 +192,17 @@ async def test_bad_result_frames_fail_their_request_and_the_router_goes_on(
             ctx.destroy(linger=0)
 
 
+RouterStop = Literal["socket fails", "cancelled"]
+
+
 @pytest.mark.parametrize("how", ["socket fails", "cancelled"])
-def test_a_dead_result_router_fails_every_waiting_caller(how: str, on_each_loop: RunOnLoop) -> None:
+def test_a_dead_result_router_fails_every_waiting_caller(
+    how: RouterStop, on_each_loop: RunOnLoop
+) -> None:
     on_each_loop(_dead_router(how))
 
 
-async def _dead_router(how: str) -> None:
+async def _dead_router(how: RouterStop) -> None:
     config = Config(strategy="tokenizer", transport="memory", tp_size=TP, timeout_s=5)
     sample = image_sample(2, 4)
     async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=3.0)) as pipeline:
@@ -205,12 +211,8 @@ async def _dead_router(how: str) -> None:
             for i in range(4)
         ]
         await asyncio.sleep(0.3)
-        assert pipeline._stage is not None and pipeline._background is not None
         start = time.monotonic()
-        if how == "socket fails":
-            pipeline._stage._results.close()  # nothing can arrive any more
-        else:
-            pipeline._background.cancel()  # routing and the in-process ranks with it
+        stop_result_router(pipeline, how)
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         assert all(isinstance(r, PeerLost) and "router" in str(r) for r in results), results
         assert time.monotonic() - start < config.timeout_s
