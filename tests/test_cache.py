@@ -58,7 +58,7 @@ def test_the_mirror_and_a_rank_cache_hold_the_same_keys_in_the_same_order() -> N
         rank.keep(received, inserts, ops)
         for got, want in zip(received.mm_items, request.mm_items, strict=True):
             assert torch.equal(got.feature, want.feature)
-        assert list(rank._entries) == list(mirror._entries)
+        assert rank.keys() == mirror.keys()
     stats = mirror.stats()
     assert stats.hits > 0 and stats.evictions > 0 and stats.bytes_held <= capacity
 

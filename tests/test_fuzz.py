@@ -239,12 +239,13 @@ def frame_lists(draw: st.DrawFn) -> list[bytes]:
 
 
 def test_fuzzed_frames_decode_to_a_message_or_codec_error(live: LivePipeline) -> None:
-    assert live.pipeline._addresses is not None and live.pipeline._stage is not None
+    addresses = live.pipeline.rank_addresses
+    assert addresses is not None and live.pipeline.running
     ctx = zmq.Context()
     rank_like = ctx.socket(zmq.PUSH)
     rank_like.setsockopt(zmq.LINGER, 0)
-    present_credentials(rank_like, live.pipeline._addresses.token)
-    rank_like.connect(live.pipeline._addresses.results)
+    present_credentials(rank_like, addresses.token)
+    rank_like.connect(addresses.results)
     count = 0
     try:
 

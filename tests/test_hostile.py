@@ -23,6 +23,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Literal
 
 import orjson
 import psutil
@@ -47,7 +48,7 @@ from mmsched.codec import encode
 from mmsched.credentials import present_credentials
 from mmsched.messages import GenerateOutput
 from mmsched.stores.arena import SHM_DIR
-from mmsched.testing import SlowRank
+from mmsched.testing import SlowRank, stop_result_router
 from own_run import run_dirs_of, segments_of
 
 pytestmark = pytest.mark.faults
@@ -61,8 +62,9 @@ def padded_ids(ids: list[int]) -> list[int]:
 
 
 def results_address(pipeline: Pipeline) -> tuple[str, str]:
-    assert pipeline._addresses is not None
-    return pipeline._addresses.results, pipeline._addresses.token
+    addresses = pipeline.rank_addresses
+    assert addresses is not None
+    return addresses.results, addresses.token
 
 
 # -- 1. one request must not kill every rank ----------------------------------------------
@@ -183,20 +185,24 @@ async def test_bad_result_frames_fail_their_request_and_the_router_goes_on(
                     pipeline.generate(f"after-{i}", sample.input_ids, sample.mm_inputs), 10
                 )
                 assert out.rid == f"after-{i}"
-            assert pipeline._stage is not None
-            assert sum(pipeline._stage.rejected.values()) == len(forged_results("victim"))
+            assert sum(pipeline.rejected_results().values()) == len(forged_results("victim"))
             dropped = [r for r in caplog.records if "dropped a result frame" in r.getMessage()]
             assert len(dropped) == len(forged_results("victim"))  # one log line per frame
         finally:
             ctx.destroy(linger=0)
 
 
+RouterStop = Literal["socket fails", "cancelled"]
+
+
 @pytest.mark.parametrize("how", ["socket fails", "cancelled"])
-def test_a_dead_result_router_fails_every_waiting_caller(how: str, on_each_loop: RunOnLoop) -> None:
+def test_a_dead_result_router_fails_every_waiting_caller(
+    how: RouterStop, on_each_loop: RunOnLoop
+) -> None:
     on_each_loop(_dead_router(how))
 
 
-async def _dead_router(how: str) -> None:
+async def _dead_router(how: RouterStop) -> None:
     config = Config(strategy="tokenizer", transport="memory", tp_size=TP, timeout_s=5)
     sample = image_sample(2, 4)
     async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=3.0)) as pipeline:
@@ -205,12 +211,8 @@ async def _dead_router(how: str) -> None:
             for i in range(4)
         ]
         await asyncio.sleep(0.3)
-        assert pipeline._stage is not None and pipeline._background is not None
         start = time.monotonic()
-        if how == "socket fails":
-            pipeline._stage._results.close()  # nothing can arrive any more
-        else:
-            pipeline._background.cancel()  # routing and the in-process ranks with it
+        stop_result_router(pipeline, how)
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         assert all(isinstance(r, PeerLost) and "router" in str(r) for r in results), results
         assert time.monotonic() - start < config.timeout_s
@@ -230,8 +232,6 @@ async def _cancelled_callers() -> None:
     config = Config(strategy="tokenizer", transport="memory", tp_size=TP, max_inflight_mb=4)
     rng = random.Random(7)
     async with Pipeline(config) as pipeline:
-        stage = pipeline._stage
-        assert stage is not None
 
         async def cancelled_after(i: int, delay: float) -> None:
             task = asyncio.create_task(
@@ -246,9 +246,9 @@ async def _cancelled_callers() -> None:
         # one more request, answered after the others, lets the ranks report progress.
         await pipeline.generate("last", sample.input_ids, sample.mm_inputs)
         deadline = time.monotonic() + 5
-        while stage.inflight_bytes and time.monotonic() < deadline:
+        while pipeline.inflight_bytes and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert stage.inflight_bytes == 0
+        assert pipeline.inflight_bytes == 0
 
 
 # -- 4. no listening socket on a wildcard address ----------------------------------------
@@ -291,8 +291,9 @@ async def test_tcp_legs_bind_where_asked_and_still_want_the_token() -> None:
     async with Pipeline(config) as pipeline:
         output = await pipeline.generate("r", sample.input_ids, sample.mm_inputs)
         assert output.rid == "r"
-        assert pipeline._addresses is not None
-        legs = [pipeline._addresses.requests, pipeline._addresses.results]
+        addresses = pipeline.rank_addresses
+        assert addresses is not None
+        legs = [addresses.requests, addresses.results]
         assert all(leg.startswith("tcp://127.0.0.1:") for leg in legs), legs
         ports = {int(leg.rsplit(":", 1)[1]) for leg in legs}
         assert ports <= {port for ip, port in listening([os.getpid()]) if ip == "127.0.0.1"}
@@ -301,10 +302,10 @@ async def test_tcp_legs_bind_where_asked_and_still_want_the_token() -> None:
         try:
             thief = ctx.socket(zmq.PUSH)
             thief.setsockopt(zmq.LINGER, 0)
-            thief.connect(pipeline._addresses.results)
+            thief.connect(addresses.results)
             thief.send_multipart(encode(GenerateOutput(rid="r2", output_ids=[1])), flags=0)
             await asyncio.sleep(0.3)
-            assert pipeline._stage is not None and not pipeline._stage.rejected
+            assert pipeline.running and not pipeline.rejected_results()
         finally:
             ctx.destroy(linger=0)
         again = await pipeline.generate("r2", sample.input_ids, sample.mm_inputs)
@@ -416,9 +417,9 @@ async def test_sockets_are_owner_only_and_refuse_peers_without_the_token() -> No
     config = Config(strategy="tokenizer", transport="zmq", tp_size=TP)
     sample = image_sample(2, 4)
     async with Pipeline(config, on_iteration=SlowRank(rank=0, seconds=0.5)) as pipeline:
-        assert pipeline._addresses is not None
-        requests = pipeline._addresses.requests
-        results = pipeline._addresses.results
+        addresses = pipeline.rank_addresses
+        assert addresses is not None
+        requests, results = addresses.requests, addresses.results
         for address in (requests, results):
             mode = stat.S_IMODE(os.stat(address.removeprefix("ipc://")).st_mode)
             assert mode == 0o600, oct(mode)

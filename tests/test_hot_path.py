@@ -15,7 +15,16 @@ import pytest
 import torch
 import zmq
 
-from mmsched import Batch, CodecError, Config, Decoder, Pipeline, TokenizedGenerateReqInput, encode
+from mmsched import (
+    Batch,
+    CodecError,
+    Config,
+    Decoder,
+    GenerateOutput,
+    Pipeline,
+    TokenizedGenerateReqInput,
+    encode,
+)
 from mmsched.errors import ArenaFull
 from mmsched.probes import RankTimings
 from mmsched.stores import StoreOptions
@@ -111,32 +120,29 @@ async def test_small_requests_are_prepared_on_the_loop_and_large_ones_in_a_worke
         return {"mm_items": [{"modality": "image", "feature": feature, "offsets": [(1, 2)]}]}
 
     async with Pipeline(config) as pipeline:
-        stage = pipeline._stage
-        assert stage is not None
         on_loop: dict[str, bool] = {}
-        prepare = stage._prepare
 
-        def spy(req: TokenizedGenerateReqInput, inline: bool = False) -> object:
-            on_loop[req.rid] = inline
-            return prepare(req, inline)
+        async def generate(rid: str, mm_inputs: dict[str, object] | None = None) -> GenerateOutput:
+            trace = await pipeline.generate_traced(rid, ids, mm_inputs)
+            on_loop[rid] = trace.prepared_on_loop
+            return trace.output
 
-        stage._prepare = spy  # type: ignore[assignment,method-assign]
         for i in range(3):
-            out = await pipeline.generate(f"s{i}", ids, item(small.clone()))
+            out = await generate(f"s{i}", item(small.clone()))
             assert len(out.pad_values) == 1
-        await pipeline.generate("text", ids)
-        out = await pipeline.generate("mid alone", ids, item(mid.clone()))
+        await generate("text")
+        out = await generate("mid alone", item(mid.clone()))
         assert len(out.pad_values) == 1
         assert _worker_threads() == []  # the pool's threads start only once it is used
         assert all(on_loop.values()) and len(on_loop) == 5
         # With another request in flight, a mid-sized one goes to a worker thread.
         outs = await asyncio.gather(
-            pipeline.generate("mid first", ids, item(mid.clone())),
-            pipeline.generate("mid second", ids, item(mid.clone())),
+            generate("mid first", item(mid.clone())),
+            generate("mid second", item(mid.clone())),
         )
         assert [len(o.pad_values) for o in outs] == [1, 1]
         assert on_loop["mid first"] and not on_loop["mid second"]
-        out = await pipeline.generate("large", ids, item(large))
+        out = await generate("large", item(large))
         assert len(out.pad_values) == 1
         assert not on_loop["large"]
         assert _worker_threads()
@@ -159,12 +165,13 @@ async def test_in_process_ranks_all_hold_their_inputs_before_any_model_step() ->
     config = Config(strategy="zero-copy", transport="memory", tp_size=4)
     feature = torch.randn(2_500)
     async with Pipeline(config, probe=_StepTimes()) as pipeline:
-        assert pipeline._task_addresses is not None and pipeline._addresses is not None
+        tasks, processes = pipeline.in_process_rank_addresses, pipeline.rank_addresses
+        assert tasks is not None and processes is not None
         # The ranks reach the tokenizer inside this process; what other processes see
         # (and must present the token to) stays the private ipc endpoints.
-        assert pipeline._task_addresses.requests.startswith("inproc://")
-        assert pipeline._task_addresses.results.startswith("inproc://")
-        assert pipeline._addresses.requests.startswith("ipc://")
+        assert tasks.requests.startswith("inproc://")
+        assert tasks.results.startswith("inproc://")
+        assert processes.requests.startswith("ipc://")
         for i in range(3):
             _STEPS.clear()
             item = {"modality": "image", "feature": feature.clone(), "offsets": [(1, 2)]}

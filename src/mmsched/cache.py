@@ -205,6 +205,12 @@ class CacheMirror:
         )
         return sent, ticket
 
+    def keys(self) -> list[CacheKey]:
+        """The keys every rank's cache holds once it has applied the requests planned so
+        far, least recently used first (the next to be evicted first)."""
+        with self._lock:
+            return list(self._entries)
+
     def reset(self) -> None:
         """Start a new epoch: empty here, and on every rank at its next request."""
         with self._lock:
@@ -247,6 +253,12 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def keys(self) -> list[CacheKey]:
+        """The keys this rank holds or has reserved for a feature on its way, least
+        recently used first: the tokenizer's [`CacheMirror.keys`][mmsched.cache.CacheMirror.keys]
+        in the same order, by construction."""
+        return list(self._entries)
 
     def clear(self) -> None:
         """Forget everything (a rank restarted: what a test simulates with this)."""

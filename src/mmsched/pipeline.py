@@ -154,6 +154,33 @@ class Pipeline:
         feature saves shows here."""
         return self._stage.bytes_sent if self._stage is not None else 0
 
+    @property
+    def inflight_bytes(self) -> int:
+        """Feature bytes of requests sent and not yet released by every rank: what
+        ``max_inflight_mb`` bounds (0 before ``start``)."""
+        return self._stage.inflight_bytes if self._stage is not None else 0
+
+    def rejected_results(self) -> dict[str, int]:
+        """Result frames the tokenizer dropped so far (they did not decode, or decoded to
+        nonsense), counted by the name of the error each raised; empty before ``start``."""
+        return dict(self._stage.rejected) if self._stage is not None else {}
+
+    @property
+    def rank_addresses(self) -> RankAddresses | None:
+        """What this host's rank processes are given to join the run: the tokenizer's two
+        sockets as bound (``ipc://`` files, or the configured ``tcp://`` endpoints), the
+        group's address, the payload store's and the run's secret token. ``None`` before
+        ``start``. The token lets a peer in: hand it only to processes of this run."""
+        return self._addresses
+
+    @property
+    def in_process_rank_addresses(self) -> RankAddresses | None:
+        """What ranks that are tasks of this process connect to: the same as
+        [`rank_addresses`][mmsched.pipeline.Pipeline.rank_addresses], but the two sockets
+        reached over ``inproc://`` endpoints of the pipeline's own ZMQ context when the
+        transport is in-process. ``None`` before ``start``."""
+        return self._task_addresses
+
     async def start(self) -> None:
         """Start the tokenizer stage and the ranks; return once every rank is ready.
 

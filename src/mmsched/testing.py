@@ -1,5 +1,5 @@
-"""Test helpers: the contracts every transport and every payload store must pass, and
-rank-side callbacks.
+"""Test helpers: the contracts every transport and every payload store must pass,
+rank-side callbacks, and faults to inject into a running pipeline.
 
 The transport contract ([`run_contract_rank`][]) is one scenario run on every rank of a
 group: the sender sends [`CONTRACT_MESSAGES`][] and closes; each receiver returns what it
@@ -31,15 +31,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import blake3
 import torch
 
-from mmsched.errors import ArenaFull, EndOfStream, MmschedError, TransportClosed
+from mmsched.errors import ArenaFull, EndOfStream, MmschedError, NotRunning, TransportClosed
 from mmsched.messages import TokenizedGenerateReqInput
 from mmsched.stores import STORES, PayloadRef, PayloadStore, StoreOptions, store_class
 from mmsched.transports import GroupSpec, Transport, open_transport
+
+if TYPE_CHECKING:
+    from mmsched.pipeline import Pipeline
 
 _BIG = 3 * (1 << 20) + 17  # larger than any chunk a transport might cut at, and odd
 
@@ -232,6 +235,32 @@ class FailingRank:
     ) -> None:
         if rank == self.rank and requests:
             raise RuntimeError(f"rank {rank} failed in iteration {iteration} (FailingRank)")
+
+
+# -- faults in the tokenizer's process --------------------------------------------------------
+
+
+def stop_result_router(pipeline: Pipeline, how: Literal["socket fails", "cancelled"]) -> None:
+    """Stop a started pipeline's result router as a fault would, for a test of what every
+    waiting and later caller then gets ([`PeerLost`][mmsched.errors.PeerLost], at once).
+
+    Args:
+        pipeline: a started pipeline; it cannot serve again afterwards.
+        how: ``"socket fails"`` closes the results socket under the router (nothing can
+            arrive any more); ``"cancelled"`` cancels the task that runs the pipeline's
+            background work (the router, and in-process ranks with it).
+
+    Raises:
+        NotRunning: the pipeline is not started.
+    """
+    # Only a fault reaches these: the pipeline offers no way to stop its router and go on.
+    stage, background = pipeline._stage, pipeline._background
+    if stage is None or background is None:
+        raise NotRunning("the pipeline is not started")
+    if how == "socket fails":
+        stage._results.close()
+    else:
+        background.cancel()
 
 
 # -- the payload-store contract ---------------------------------------------------------------

@@ -77,12 +77,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RequestTrace:
-    """One request's result, when it was submitted (``time.monotonic()``), and what every
-    rank's [probe][mmsched.probes] reported of it (none without a probe)."""
+    """One request's result, when it was submitted (``time.monotonic()``), what every
+    rank's [probe][mmsched.probes] reported of it (none without a probe), and whether it
+    was prepared (validated, hashed, placed and encoded) on the event loop rather than in a
+    worker thread (see [`INLINE_MAX_BYTES`][mmsched.tokenizer.INLINE_MAX_BYTES])."""
 
     output: GenerateOutput
     created_at: float
     reports: list[ProbeReport] = field(default_factory=list)
+    prepared_on_loop: bool = False
 
 
 INLINE_MAX_BYTES = 256 << 10
@@ -120,6 +123,7 @@ class _Pending:
     streamed: list[int] = field(default_factory=list)
     stream: Callable[[GenerateOutput], None] | None = None
     heard_at: float = 0.0
+    prepared_on_loop: bool = False
 
 
 class InflightBudget:
@@ -370,6 +374,7 @@ class TokenizerStage:
                 # No room now: a worker thread may wait for it (the loop gives it back),
                 # and starts again from the request as it was given.
                 req.input_ids, req.mm_inputs = given
+        on_loop = prepared is not None
         if prepared is None:
             # Building, hashing and copying into shared memory release the GIL: worker
             # threads keep the event loop free for other requests.
@@ -394,7 +399,9 @@ class TokenizerStage:
         except BaseException:
             self._drop_unsent(prepared)
             raise
-        pending = _Pending(loop.create_future(), created_at, stream=stream)
+        pending = _Pending(
+            loop.create_future(), created_at, stream=stream, prepared_on_loop=on_loop
+        )
         self._pending[rid] = pending
         if placed:
             self._unsettled.setdefault(rid, deque()).append(placed)
@@ -660,7 +667,9 @@ class TokenizerStage:
         if self._answers_wait_for_ranks and output.iteration > min(self._progress.values()):
             self._answers_held.add(rid)  # looked at again when a rank reports progress
             return
-        pending.future.set_result(RequestTrace(output, pending.created_at, pending.reports))
+        pending.future.set_result(
+            RequestTrace(output, pending.created_at, pending.reports, pending.prepared_on_loop)
+        )
 
     def _node_reported(self, message: NodeStatus) -> None:
         if not (type(message.node) is int and 0 < message.node < self.config.nnodes):
