@@ -9,4 +9,7 @@ MMSCHED_EXTRAS="[test,lint,docs,serve]" source "$(dirname "${BASH_SOURCE[0]}")/s
 # Into site/ (ignored by git). Not --quiet: it hides the warnings that --strict counts, and
 # the build then passes.
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
-exec .venv/bin/python -m pytest "$@"
+# Three test processes, each test file whole on one (its module-scoped servers start once,
+# and its timing-bound tests never run beside each other): most tests wait on processes
+# they started, not on the CPU, so three overlap well even on 2 cores. `-n 0` runs serially.
+exec .venv/bin/python -m pytest -n 3 --dist loadfile "$@"

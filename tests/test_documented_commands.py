@@ -453,7 +453,7 @@ def test_scripts_the_docs_run_through_end_in_the_line_followed_here() -> None:
         "bench.sh": [".venv/bin/mmsched", "bench", "fanout", "$@"],
         "serve.sh": [".venv/bin/mmsched", "serve", "$@"],
         "docs.sh": [".venv/bin/mkdocs", "${@:-build}"],
-        "test.sh": [".venv/bin/python", "-m", "pytest", "$@"],
+        "test.sh": [".venv/bin/python", "-m", "pytest", "-n", "3", "--dist", "loadfile", "$@"],
     }
     for name, words in expected.items():
         assert exec_line(ROOT / "scripts" / name) == words, name
