@@ -10,6 +10,11 @@ socket).
 ZMQ's descriptor signals that the socket's events *changed*, not that a message is there,
 and it is edge-triggered: the events are read again after each signal, and once more right
 after the descriptor is watched, so that a message that came before is not missed.
+
+A socket this process also sends on needs one thing more: a send processes the socket's
+pending commands, an arrival's among them, and takes the descriptor's edge with it, so a
+waiter would sleep beside a message. [`RecvWaiter`][mmsched.zmqwait.RecvWaiter] is woken
+by every send (``recheck`` after it) for that.
 """
 
 from __future__ import annotations
@@ -62,3 +67,36 @@ async def wait_readable(sock: zmq.Socket[Any], timeout_s: float | None) -> bool:
         if timer is not None:
             timer.cancel()
         loop.remove_reader(fd)
+
+
+class RecvWaiter:
+    """[`wait_readable`][mmsched.zmqwait.wait_readable] for a socket that is sent on too
+    (a ROUTER answering its peers): call ``recheck`` after each send, which may have
+    taken the edge of a message that arrived meanwhile (module docstring)."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self.sock = sock
+        self._ready: asyncio.Future[bool] | None = None
+
+    async def wait(self) -> None:
+        """Until ``sock`` has a message."""
+        if has_message(self.sock):
+            return
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[bool] = loop.create_future()
+        self._ready = ready
+        fd = int(self.sock.getsockopt(_FD))
+        loop.add_reader(fd, self.recheck)
+        try:
+            if has_message(self.sock):  # came between the first look and the watch
+                return
+            await ready
+        finally:
+            self._ready = None
+            loop.remove_reader(fd)
+
+    def recheck(self) -> None:
+        """Wake the waiter if a message is there (after a send, or on the descriptor)."""
+        ready = self._ready
+        if ready is not None and not ready.done() and has_message(self.sock):
+            ready.set_result(True)

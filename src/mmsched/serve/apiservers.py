@@ -61,7 +61,7 @@ from mmsched.serve.chat import ChatProcessor, PreparedChat, ReadChat
 from mmsched.serve.frontend import FrontSpec
 from mmsched.serve.media import EncodedImage, ImageHeader
 from mmsched.serve.metrics import MULTIPROC_ENV, engine_families, render_families
-from mmsched.zmqwait import wait_readable
+from mmsched.zmqwait import RecvWaiter
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class Engine:
         # would lose chunks, a call its answer. No limit here: what waits is the answers of
         # requests in flight, and each HTTP process reads its socket all the time.
         self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._readable = RecvWaiter(self._socket)  # woken by the answers' sends too
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self.greeted: set[str] = set()
         """The HTTP processes (``http-INDEX-PID``) that said hello: they are serving."""
@@ -117,7 +118,7 @@ class Engine:
     async def serve(self) -> None:
         """Answer calls until cancelled."""
         while True:
-            await wait_readable(self._socket, None)
+            await self._readable.wait()
             # What has arrived, at most _DRAIN calls before the loop's other work runs.
             for _ in range(_DRAIN):
                 try:
@@ -178,6 +179,7 @@ class Engine:
     def _send(self, who: bytes, message: dict[str, Any]) -> None:
         # A ROUTER with no high-water mark never blocks a send (nor drops one for room).
         self._socket.send_multipart([who, orjson.dumps(message)], zmq.NOBLOCK)
+        self._readable.recheck()  # the send may have taken the edge of a call's arrival
 
     async def _chat(
         self, who: bytes, call: int, header: dict[str, Any], frames: list[zmq.Frame]
