@@ -147,16 +147,16 @@ def test_the_server_and_a_direct_processor_call_see_the_same_pixels(
         images=[decode_image_url("p", url_of(data, media_type), MediaLimits())],
         return_tensors="np",
     )
-    # The reference: transformers' loading (EXIF applied) and its RGB conversion,
-    # convert_to_rgb (alpha onto white); load_image's own convert("RGB") would drop the
-    # alpha and clip 16 bits, so an image with either is handed over before it, 16 bits
-    # scaled. The conversion is called here, not left to the processor: the torchvision
-    # backend of some versions (5.17) drops the alpha of an RGBA image instead.
-    from transformers.image_transforms import convert_to_rgb
-
+    # The reference: transformers' loading (EXIF applied), alpha composited onto white
+    # with Pillow (what transformers' convert_to_rgb does in 5.24; 5.17's, and its
+    # torchvision backend, drop the alpha instead: a transparent pixel's black), 16 bits
+    # scaled; load_image's own convert("RGB") would drop the alpha and clip 16 bits, so an
+    # image with either is handed over before it.
     opened = Image.open(io.BytesIO(data))
     if "A" in opened.getbands():
-        reference_image = convert_to_rgb(ImageOps.exif_transpose(opened))
+        rgba = ImageOps.exif_transpose(opened).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        reference_image = Image.alpha_composite(white, rgba).convert("RGB")
     elif opened.mode.startswith("I"):
         reference_image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
     else:
