@@ -322,6 +322,13 @@ def test_bench_serve_from_two_processes_with_repeats(server: Server, tmp_path: P
     for part in ("read", "key", "process", "prepare", "pipeline"):
         assert r[f"server_{part}_ms"]["p50"] > 0, part
     assert r["server_process_repeat_ms"]["p50"] < r["server_process_ms"]["p50"]
+    assert r["server_repeat_ms"]["p50"] > 0 and r["server_ms"]["p50"] > 0
+    # Its stage's counters over the point: each fresh image processed once (the clients'
+    # warm-up's too), every repeat answered without it.
+    fresh = r["requests"] - r["repeated"] + r["warmup_images"]
+    images = r["server_images"]
+    assert images["processed"] == fresh and r["warmup_images"] == 4
+    assert images["cached"] + images["joined"] == r["repeated"] and images["refused"] == 0
 
 
 def test_a_schedule_repeats_only_images_already_due() -> None:

@@ -685,7 +685,11 @@ TTFT, e2e  from each request's scheduled arrival, client side (queueing counts)
 keeps up   the server: no request failed, done/s >= 95% of arrived/s
 read       server: body read and parsed; key: images read from their URLs and keyed;
            process: cache or decoding and processor (fresh images; repeats apart);
-           prepare: arrival to inputs ready; pipeline: hash, placement, ranks, answer"""
+           prepare: arrival to inputs ready; pipeline: hash, placement, ranks, answer;
+           server: prepare + pipeline (fresh images; repeats apart)
+processed  images the server's preprocessing stage decoded and processed over the point
+           (warm-up included: each client's untimed first requests, all fresh), and those
+           its cache answered"""
 
 
 def _bench_load(args: argparse.Namespace, console: Console) -> int:
@@ -757,12 +761,18 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
     split = _new_table(
         "where the server's time went (x-mmsched-timing, p50)",
         ["images", "offered/s", "read", "key", "process", "process (repeats)", "prepare",
-         "pipeline"],
+         "pipeline", "server", "server (repeats)", "processed / from cache"],
     )  # fmt: skip
 
     def ms(m: dict[str, float]) -> str:
         value = m.get("p50", 0.0)  # a cache's answer takes hundredths of a ms
         return "-" if not value else f"{value:.1f} ms" if value >= 1 else f"{value:.2f} ms"
+
+    def images_done(r: ServeRecord) -> str:
+        if not r.server_images:
+            return "-"
+        cached = r.server_images.get("cached", 0) + r.server_images.get("joined", 0)
+        return f"{r.server_images.get('processed', 0)} / {cached}"
 
     def row(r: ServeRecord) -> None:
         point = (str(r.images_per_request), f"{r.offered_rps:g}")
@@ -790,8 +800,10 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
             *map(
                 ms,
                 (r.server_read_ms, r.server_key_ms, r.server_process_ms,
-                 r.server_process_repeat_ms, r.server_prepare_ms, r.server_pipeline_ms),
+                 r.server_process_repeat_ms, r.server_prepare_ms, r.server_pipeline_ms,
+                 r.server_ms, r.server_repeat_ms),
             ),
+            images_done(r),
         )  # fmt: skip
         console.print(f"done: {r.images_per_request} image(s) at {r.offered_rps:g}/s")
 

@@ -78,7 +78,14 @@ class ServeRecord:
     The server's split (``server_*_ms``, from ``x-mmsched-timing``; empty percentiles, all
     zero, from a server that sends none): ``read``, ``key``, ``prepare`` and ``pipeline``
     over every completed request, ``process`` over the requests with fresh images and
-    ``process_repeat`` over those that resent earlier ones (``repeated`` of them).
+    ``process_repeat`` over those that resent earlier ones (``repeated`` of them);
+    ``server`` and ``server_repeat``, the server's whole time for a request (its
+    ``prepare`` plus its ``pipeline``: from the body's arrival to the answer), over each.
+
+    ``server_images``: what the server's preprocessing stage did with the point's images
+    (``processed``, ``cached``, ``joined``, ``refused``: the change in its
+    ``mmsched_preprocess_images`` counter over the point, warm-up included, whose
+    ``warmup_images`` were all fresh); empty from a server that does not export it.
     """
 
     bench: str
@@ -113,6 +120,10 @@ class ServeRecord:
     server_key_ms: dict[str, float] = field(default_factory=dict)
     server_process_ms: dict[str, float] = field(default_factory=dict)
     server_process_repeat_ms: dict[str, float] = field(default_factory=dict)
+    server_ms: dict[str, float] = field(default_factory=dict)
+    server_repeat_ms: dict[str, float] = field(default_factory=dict)
+    server_images: dict[str, int] = field(default_factory=dict)
+    warmup_images: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -452,6 +463,28 @@ async def first_model(base_url: str) -> str:
         return str(response.json()["data"][0]["id"])
 
 
+async def preprocess_counts(base_url: str) -> dict[str, int]:
+    """The server's ``mmsched_preprocess_images`` counter by outcome (``GET /metrics`` at
+    the root of ``base_url``'s host); empty where there is none (another server, or a
+    preprocessing stage that is off)."""
+    import httpx
+
+    counts: dict[str, int] = {}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(str(httpx.URL(base_url).join("/metrics")))
+        if response.status_code != 200:
+            return counts
+        prefix = 'mmsched_preprocess_images_total{outcome="'
+        for line in response.text.splitlines():
+            if line.startswith(prefix):
+                outcome, _, value = line[len(prefix) :].partition('"} ')
+                counts[outcome] = int(float(value))
+    except (httpx.HTTPError, ValueError):  # a figure the record goes without
+        return {}
+    return counts
+
+
 async def run_serve(
     base_url: str,
     *,
@@ -502,6 +535,7 @@ async def run_serve(
                          timeout_s, tuple(planned[n::clients]))
                     for n in range(clients)
                 ]  # fmt: skip
+                before = await preprocess_counts(base)
                 if pool is not None:
                     shares = await pool.run(jobs)
                 else:
@@ -512,6 +546,11 @@ async def run_serve(
 
                     shares = [await _drive(jobs[0], bodies, now)]
                 record = _summary(planned, shares, repeat, clients)
+                after = await preprocess_counts(base)
+                record["server_images"] = {
+                    k: v - before.get(k, 0) for k, v in after.items()
+                }  # fmt: skip
+                record["warmup_images"] = clients * WARMUP_REQUESTS * images
                 record.update(
                     base_url=base,
                     model=model,
@@ -549,6 +588,16 @@ def _summary(
             [o.server_ms[part] / 1e3 for o in among if o.server_ms and part in o.server_ms]
         )
 
+    def whole(among: list[_Outcome]) -> dict[str, float]:
+        parts = ("prepare", "pipeline")
+        return _percentiles(
+            [
+                sum(o.server_ms[part] for part in parts) / 1e3
+                for o in among
+                if o.server_ms and all(part in o.server_ms for part in parts)
+            ]
+        )
+
     return {
         "mb_per_request": mb / len(outcomes),
         "requests": len(outcomes),
@@ -575,4 +624,6 @@ def _summary(
         "server_key_ms": server("key"),
         "server_process_ms": server("process", [o for o in done if not o.repeat]),
         "server_process_repeat_ms": server("process", [o for o in done if o.repeat]),
+        "server_ms": whole([o for o in done if not o.repeat]),
+        "server_repeat_ms": whole([o for o in done if o.repeat]),
     }
