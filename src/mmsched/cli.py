@@ -260,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of requests (0-1) that resend an earlier request's images (default 0)",
     )
+    serve_bench.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="draws the images and arrivals (default 0); the same seed sends the same "
+        "images again, which a server's cache then answers: change it between runs against "
+        "one live server",
+    )
     serve_bench.add_argument("--json", type=Path, help="write one record per point")
 
     report = bench.add_parser("report", help="a Markdown report with plots from --json files")
@@ -819,6 +827,7 @@ def _bench_serve(args: argparse.Namespace, console: Console) -> int:
             max_tokens=args.max_tokens,
             clients=args.clients,
             repeat=args.repeat,
+            seed=args.seed,
             on_record=row,
         )
     )

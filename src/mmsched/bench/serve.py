@@ -463,10 +463,10 @@ async def first_model(base_url: str) -> str:
         return str(response.json()["data"][0]["id"])
 
 
-async def preprocess_counts(base_url: str) -> dict[str, int]:
+async def preprocess_counts(base_url: str) -> dict[str, int] | None:
     """The server's ``mmsched_preprocess_images`` counter by outcome (``GET /metrics`` at
-    the root of ``base_url``'s host); empty where there is none (another server, or a
-    preprocessing stage that is off)."""
+    the root of ``base_url``'s host); empty where it has counted nothing yet, ``None``
+    where there is no such page (another server) or it could not be read."""
     import httpx
 
     counts: dict[str, int] = {}
@@ -474,14 +474,14 @@ async def preprocess_counts(base_url: str) -> dict[str, int]:
         async with httpx.AsyncClient(timeout=10) as client:
             response = await client.get(str(httpx.URL(base_url).join("/metrics")))
         if response.status_code != 200:
-            return counts
+            return None
         prefix = 'mmsched_preprocess_images_total{outcome="'
         for line in response.text.splitlines():
             if line.startswith(prefix):
                 outcome, _, value = line[len(prefix) :].partition('"} ')
                 counts[outcome] = int(float(value))
     except (httpx.HTTPError, ValueError):  # a figure the record goes without
-        return {}
+        return None
     return counts
 
 
@@ -547,11 +547,16 @@ async def run_serve(
                     shares = [await _drive(jobs[0], bodies, now)]
                 record = _summary(planned, shares, repeat, clients)
                 after = await preprocess_counts(base)
-                record["server_images"] = {
-                    k: v - before.get(k, 0) for k, v in after.items()
-                }  # fmt: skip
+                # Both scrapes or none: a difference against a failed scrape would count the
+                # server's whole life as this point's.
+                record["server_images"] = (
+                    {}
+                    if before is None or after is None
+                    else {k: v - before.get(k, 0) for k, v in after.items()}
+                )
                 record["warmup_images"] = clients * WARMUP_REQUESTS * images
                 record.update(
+                    seed=seed,
                     base_url=base,
                     model=model,
                     images_per_request=images,
