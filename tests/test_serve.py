@@ -284,6 +284,12 @@ def test_bench_serve_drives_it_and_the_report_plots_it(server: Server, tmp_path:
     for r in records:
         assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"]
         assert r["model"] == MODEL
+    # Run again, another seed: fresh images, every one processed (the same seed's would
+    # all be the cache's).
+    assert main([*argv[:-2], "--images", "1", "--seed", "5", "--json", str(out)]) == 0
+    [again] = json.loads(out.read_text())
+    assert again["seed"] == 5 and again["completed"] == 6
+    assert again["server_images"]["processed"] == 6 + again["warmup_images"]
     assert main(["bench", "report", str(out), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Serving: serve" in report

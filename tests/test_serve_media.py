@@ -148,8 +148,8 @@ def test_the_server_and_a_direct_processor_call_see_the_same_pixels(
         return_tensors="np",
     )
     # The reference: transformers' loading (EXIF applied), alpha composited onto white
-    # with Pillow (what transformers' convert_to_rgb does in 5.24; 5.17's, and its
-    # torchvision backend, drop the alpha instead: a transparent pixel's black), 16 bits
+    # with Pillow (what transformers' convert_to_rgb does in 5.24; 5.17's drops the alpha
+    # instead, a transparent pixel keeping the colour stored under it), 16 bits
     # scaled; load_image's own convert("RGB") would drop the alpha and clip 16 bits, so an
     # image with either is handed over before it.
     opened = Image.open(io.BytesIO(data))

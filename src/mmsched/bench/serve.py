@@ -86,6 +86,7 @@ class ServeRecord:
     (``processed``, ``cached``, ``joined``, ``refused``: the change in its
     ``mmsched_preprocess_images`` counter over the point, warm-up included, whose
     ``warmup_images`` were all fresh); empty from a server that does not export it.
+    ``seed``: the run's, which drew its images and arrivals.
     """
 
     bench: str
@@ -124,6 +125,7 @@ class ServeRecord:
     server_repeat_ms: dict[str, float] = field(default_factory=dict)
     server_images: dict[str, int] = field(default_factory=dict)
     warmup_images: int = 0
+    seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
