@@ -357,8 +357,9 @@ def test_the_gpu_budget_reserves_what_each_wire_format_holds() -> None:
     assert uint8.held == 3 * 756 * 1036  # the resized pixels, 2.35 MB
     assert floats.held == 3996 * 1176 * 4 == 8 * uint8.held  # pixel_values, 18.8 MB
     assert floats.work == decoded + floats.held  # the processor's intermediates: as much again
-    # uint8: resized in float32 on the GPU (a float copy in, a float image out).
-    assert uint8.work == decoded + 4 * (decoded + uint8.held)
+    # uint8: stacked with the images of its size (a copy), resized in float32 on the GPU
+    # (a float copy in, a float image out).
+    assert uint8.work == 2 * decoded + 4 * (decoded + uint8.held)
     assert uint8.total < floats.total
 
     def held_at_once(footprint: GpuFootprint) -> int:

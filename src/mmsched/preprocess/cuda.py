@@ -131,10 +131,13 @@ class GpuFootprint:
         decoded = 3 * width * height  # uint8 (3, H, W), as nvJPEG or Pillow gives it
         resized = 3 * new_h * new_w
         if self.wire_pixels == "uint8":
-            # Only the resize runs, one image at a time. On a GPU torchvision resizes uint8
-            # bicubically in float32: a float copy of the decoded image and a float output,
-            # rounded into the uint8 pixels that are kept.
-            return Reservation(decoded + 4 * (decoded + resized), resized)
+            # Only the resize runs, but images of one size are resized together
+            # (pixels.resized_batch stacks them): each holds, besides its decoded image, its
+            # copy in the stack and, as torchvision resizes uint8 bicubically in float32 on a
+            # GPU, a float copy of that and a float output, rounded into the uint8 pixels
+            # that are kept. An image resized alone is not stacked: reserved for all the same,
+            # as which company it will have is not known when it is admitted.
+            return Reservation(2 * decoded + 4 * (decoded + resized), resized)
         # The processor's pixel_values: every resized pixel repeated to the temporal patch's
         # frames, float32; its intermediates are counted as that much again.
         features = 4 * self._frames * resized
