@@ -347,3 +347,65 @@ def test_an_engine_that_does_not_answer_is_a_503_and_is_told_to_drop_it(tmp_path
             context.term()
 
     asyncio.run(main())
+
+
+def test_an_images_header_reaches_the_engine_as_read_and_a_malformed_one_is_a_400() -> None:
+    """In-process: the HTTP process's entry of an image, through JSON, read by the engine,
+    which checks the header it is told of before its backend sizes any work by it."""
+    from types import SimpleNamespace
+
+    import orjson
+
+    from mmsched.serve.apiservers import Engine, _received_images
+    from mmsched.serve.chat import ChatProcessor
+    from mmsched.serve.frontend import _image_entry
+    from mmsched.serve.media import EncodedImage, ImageHeader, MediaLimits
+
+    limits = MediaLimits()
+    sent = [
+        EncodedImage(
+            "messages[0].content[1].image_url", b"jpeg bytes", "JPEG", ImageHeader(64, 32, 6)
+        ),
+        EncodedImage("messages[0].content[2].image_url", b"png bytes", "PNG"),  # none read
+    ]
+    entries = orjson.loads(orjson.dumps([_image_entry(image) for image in sent]))
+    frames = [zmq.Frame(image.data) for image in sent]
+    received = _received_images(entries, frames, limits)
+    assert [(i.param, bytes(i.data), i.format, i.header) for i in received] == [
+        (i.param, i.data, i.format, i.header) for i in sent
+    ]
+
+    async def answer(fields: list[object]) -> dict[str, object]:
+        config = SimpleNamespace(max_prompt_tokens=None)
+        engine = Engine(config, ChatProcessor(limits=limits), None, b"id", False)  # type: ignore[arg-type]
+        answers: list[dict[str, object]] = []
+        engine._send = lambda who, message: answers.append(message)  # type: ignore[method-assign]
+        try:
+            call = {
+                "rid": "r",
+                "sampling": {},
+                "images": [["messages[0].content[1].image_url", "JPEG", *fields]],
+                "keys": ["00" * 16],
+                "layout": [[1, 2], 0],
+                "stream": False,
+                "max_tokens": None,
+            }
+            await engine._chat(b"http-0-1", 7, call, [zmq.Frame(b"jpeg bytes")])
+        finally:
+            await engine.aclose()
+        [reply] = answers
+        return reply
+
+    for fields, problem in (
+        ([64, 32, 9], "EXIF orientation is not 1 to 8"),
+        ([0, 32, 1], "width is not a positive int"),
+        ([100_000, 100_000, 1], "more than 40,000,000 pixels"),
+        ([64, 32], "expected a header"),
+    ):
+        reply = asyncio.run(answer(fields))
+        assert reply["id"] == 7, reply
+        error = reply["error"]
+        assert isinstance(error, dict) and error["status"] == 400, reply
+        assert error["kind"] == "invalid_request_error", reply
+        assert error["param"] == "messages[0].content[1].image_url", reply
+        assert problem in error["message"], reply

@@ -74,6 +74,37 @@ class ImageHeader:
     height: int
     orientation: int = 1
 
+    def fields(self) -> list[int]:
+        """The header as it travels in JSON (``--api-servers``): ``[width, height,
+        orientation]``, read back by
+        [`from_fields`][mmsched.serve.media.ImageHeader.from_fields]."""
+        return [self.width, self.height, self.orientation]
+
+    @classmethod
+    def from_fields(cls, param: str, fields: object, limits: MediaLimits) -> ImageHeader:
+        """A header from its [`fields`][mmsched.serve.media.ImageHeader.fields], checked as
+        what another process says of an image must be: positive sizes, at most
+        ``limits.max_pixels`` pixels, and an EXIF orientation from 1 to 8.
+
+        Raises:
+            BadRequest: naming ``param``: fields that are not such a header.
+        """
+        if not isinstance(fields, list | tuple) or len(fields) != 3:
+            raise BadRequest(
+                param, f"expected a header [width, height, orientation]: {fields!r:.80}"
+            )
+        width, height, orientation = fields
+        for name, value in (("width", width), ("height", height)):
+            if type(value) is not int or value < 1:
+                raise BadRequest(param, f"the header's {name} is not a positive int: {value!r:.40}")
+        if width * height > limits.max_pixels:
+            raise BadRequest(param, f"{width}x{height} is more than {limits.max_pixels:,} pixels")
+        if type(orientation) is not int or not 1 <= orientation <= 8:
+            raise BadRequest(
+                param, f"the header's EXIF orientation is not 1 to 8: {orientation!r:.40}"
+            )
+        return cls(width, height, orientation)
+
 
 @dataclass(frozen=True)
 class EncodedImage:
@@ -157,9 +188,7 @@ def open_checked(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
-        raise BadRequest(
-            encoded.param, f"not a decodable {encoded.format} image: {exc}"
-        ) from None
+        raise BadRequest(encoded.param, f"not a decodable {encoded.format} image: {exc}") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise BadRequest(
