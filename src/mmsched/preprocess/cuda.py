@@ -166,10 +166,14 @@ def _out_of_memory(param: str) -> Overloaded:
 
 def _host_bytes(data: bytes | memoryview) -> torch.Tensor:
     """``data`` as a uint8 tensor on the host, without a copy: nvJPEG only reads it (on its
-    way to the GPU), so torch's warning that the buffer is read-only says nothing here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.uint8)
+    way to the GPU), so torch's warning that the buffer is read-only (as ``bytes`` are) says
+    nothing here (the filter below)."""
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+# Set once, for the process: warnings.catch_warnings around each call would swap the
+# process's filters from several threads at once, which is not safe.
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
 
 
 class CudaBackend(Backend):

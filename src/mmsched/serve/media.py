@@ -22,7 +22,6 @@ import base64
 import binascii
 import contextlib
 import io
-import warnings
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -184,9 +183,11 @@ def open_checked(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
         BadRequest: naming its ``param``: not a file of its format, or too many pixels.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
+        # Pillow's own bound (Image.MAX_IMAGE_PIXELS: a warning past it, an error past twice
+        # it) is not the server's: limits.max_pixels, checked below, is. No warnings filter
+        # around the open: warnings.catch_warnings swaps the process's filters, which is not
+        # safe from the threads that open images at once.
+        image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
         raise BadRequest(encoded.param, f"not a decodable {encoded.format} image: {exc}") from None
     width, height = image.size
@@ -264,16 +265,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _decode(param: str, data: Encoded, expected: str, limits: MediaLimits) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[expected])
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise BadRequest(
-                    param, f"{width}x{height} is more than {limits.max_pixels:,} pixels"
-                )
-            image.load()  # decode now: a truncated or corrupt file fails here, not later
-            return to_rgb(image)
+        image = Image.open(io.BytesIO(data), formats=[expected])  # Pillow's bound: open_checked
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise BadRequest(param, f"{width}x{height} is more than {limits.max_pixels:,} pixels")
+        image.load()  # decode now: a truncated or corrupt file fails here, not later
+        return to_rgb(image)
     except BadRequest:
         raise
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
