@@ -166,8 +166,9 @@ def _out_of_memory(param: str) -> Overloaded:
 
 def _host_bytes(data: bytes | memoryview) -> torch.Tensor:
     """``data`` as a uint8 tensor on the host, without a copy: nvJPEG only reads it (on its
-    way to the GPU), so torch's warning that the buffer is read-only (as ``bytes`` are) says
-    nothing here (the filter below)."""
+    way to the GPU). ``bytes`` are read-only, and torch warns that its tensor could write
+    them, which says nothing here (the filter below); a zmq frame's buffer (the engine of
+    ``--api-servers``) is a writable view, and gets no warning."""
     return torch.frombuffer(data, dtype=torch.uint8)
 
 

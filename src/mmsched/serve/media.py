@@ -55,8 +55,9 @@ class MediaLimits:
 
 
 Encoded: TypeAlias = bytes | memoryview
-"""An image's encoded bytes: ``bytes``, or a read-only view of a received message (the
-engine of ``--api-servers`` takes them as they came off its socket, without a copy)."""
+"""An image's encoded bytes: ``bytes``, or a view of a received message's frame
+(``zmq.Frame.buffer``, a writable ``memoryview``, which nothing here writes: the engine of
+``--api-servers`` takes them as they came off its socket, without a copy)."""
 
 
 @dataclass(frozen=True)
