@@ -409,3 +409,63 @@ def test_an_images_header_reaches_the_engine_as_read_and_a_malformed_one_is_a_40
         assert error["kind"] == "invalid_request_error", reply
         assert error["param"] == "messages[0].content[1].image_url", reply
         assert problem in error["message"], reply
+
+
+def test_the_engine_lets_a_requests_image_bytes_go_once_its_images_are_processed() -> None:
+    """In-process: the frames a chat call came with are not held while it generates."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from mmsched.errors import NotRunning
+    from mmsched.serve.apiservers import Engine
+    from mmsched.serve.chat import PreparedChat
+    from mmsched.serve.media import MediaLimits
+
+    class Frame:  # as zmq.Frame (its buffer), and weakly referenced
+        def __init__(self, data: bytes) -> None:
+            self.buffer = memoryview(data)
+
+    frame = Frame(b"png bytes")
+    held = weakref.ref(frame)
+    frames = [frame]
+    del frame
+    processed: list[bool] = []
+    generating: list[bool] = []
+
+    async def process_read(read: object) -> PreparedChat:
+        processed.append(held() is not None)
+        return PreparedChat([1, 2, 3], None)
+
+    async def generate(*args: object) -> object:
+        gc.collect()
+        generating.append(held() is not None)
+        raise NotRunning("stopped")
+
+    async def main(frames: list[Frame]) -> list[dict[str, object]]:
+        chat = SimpleNamespace(limits=MediaLimits(), process_read=process_read)
+        pipeline = SimpleNamespace(generate=generate)
+        config = SimpleNamespace(max_prompt_tokens=None)
+        engine = Engine(config, chat, pipeline, b"id", False)  # type: ignore[arg-type]
+        answers: list[dict[str, object]] = []
+        engine._send = lambda who, message: answers.append(message)  # type: ignore[method-assign]
+        call = {
+            "rid": "r",
+            "sampling": {},
+            "images": [["messages[0].content[1].image_url", "PNG"]],
+            "keys": ["00" * 16],
+            "layout": [[1, 2], 0],
+            "stream": False,
+            "max_tokens": None,
+        }
+        chatting = engine._chat(b"http-0-1", 7, call, list(frames))  # type: ignore[arg-type]
+        frames.clear()  # the call's own list holds the frame now, as a received one's does
+        try:
+            await chatting
+        finally:
+            await engine.aclose()
+        return answers
+
+    answers = asyncio.run(main(frames))
+    assert processed == [True] and generating == [False], (processed, generating)
+    assert [a["error"]["status"] for a in answers] == [503], answers  # type: ignore[index]

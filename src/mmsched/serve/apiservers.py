@@ -129,6 +129,7 @@ class Engine:
                     self._dispatch(message)
                 except Exception:  # a malformed call: that call's loss, never the engine's
                     log.exception("an HTTP process's call could not be read")
+                del message  # its call holds what it needs: the frames not kept past it
             else:
                 await asyncio.sleep(0)
 
@@ -195,6 +196,9 @@ class Engine:
             keys = [bytes.fromhex(k) for k in header["keys"]]
             read = ReadChat(header["layout"], images, keys)
             prepared = await _prepared(self.chat.process_read(read), self.config.max_prompt_tokens)
+            # Processed: the images' bytes (the frames, and the views of them) go now, not
+            # when the request ends, a whole generation later.
+            del frames, images, read
             processed = time.perf_counter()
             if header["stream"]:
                 await self._stream(who, call, rid, prepared, sampling, processed)
