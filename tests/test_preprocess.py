@@ -357,8 +357,9 @@ def test_the_gpu_budget_reserves_what_each_wire_format_holds() -> None:
     assert uint8.held == 3 * 756 * 1036  # the resized pixels, 2.35 MB
     assert floats.held == 3996 * 1176 * 4 == 8 * uint8.held  # pixel_values, 18.8 MB
     assert floats.work == decoded + floats.held  # the processor's intermediates: as much again
-    # uint8: resized in float32 on the GPU (a float copy in, a float image out).
-    assert uint8.work == decoded + 4 * (decoded + uint8.held)
+    # uint8: stacked with the images of its size (a copy), resized in float32 on the GPU
+    # (a float copy in, a float image out).
+    assert uint8.work == 2 * decoded + 4 * (decoded + uint8.held)
     assert uint8.total < floats.total
 
     def held_at_once(footprint: GpuFootprint) -> int:
@@ -379,6 +380,56 @@ def test_the_gpu_budget_reserves_what_each_wire_format_holds() -> None:
         GpuFootprint(processor, "uint8").of(201 * 28, 28)
     with pytest.raises(ConfigError, match="wire_pixels"):
         GpuFootprint(processor, "float16")
+
+
+def test_a_batch_out_of_gpu_memory_is_retried_image_by_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The retry needs no GPU: the resize of the batch runs out of memory, as it would on one.
+    from types import SimpleNamespace
+
+    import mmsched.preprocess.processor as processor_module
+    from mmsched.pixels import resized_batch
+    from mmsched.preprocess.cuda import CudaBackend
+    from mmsched.preprocess.processor import run_processor
+
+    too_large = torch.zeros((3, 64, 96), dtype=torch.uint8)
+    calls: list[int] = []
+
+    def resize_in_little_memory(images: list[torch.Tensor], resize: object) -> object:
+        calls.append(len(images))
+        if len(images) > 1 or images[0] is too_large:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return resized_batch(images, resize)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(processor_module, "resized_batch", resize_in_little_memory)
+    backend = CudaBackend.__new__(CudaBackend)  # its GPU is not needed for this
+    backend._processor = build_processor(PIL)
+    backend.device, backend.wire_pixels = torch.device("cpu"), "uint8"
+    rng = np.random.default_rng(0)
+    fits = [torch.from_numpy(rng.integers(0, 255, (3, 48, 64), dtype=np.uint8)) for _ in "ab"]
+    decoded = [fits[0], too_large, BadRequest("c", "not decodable"), fits[1]]
+    batch = [SimpleNamespace(image=EncodedImage(p, b"", "PNG")) for p in "abcd"]
+    outcomes = backend._process(batch, decoded)  # type: ignore[arg-type]
+    assert calls == [3, 1, 1, 1]  # the batch, then each image alone
+    resize, _ = specs_of(backend._processor)
+    for n, tensor in ((0, fits[0]), (3, fits[1])):
+        got = outcomes[n]
+        expected, grid = resized_pixels(tensor, resize)
+        assert isinstance(got, Processed) and torch.equal(got.pixels, expected), n
+        assert got.grid == grid
+    # Only the image that does not fit even alone fails, and as the GPU's lack (503).
+    assert isinstance(outcomes[1], Overloaded) and "b: the GPU ran out of memory" in str(
+        outcomes[1]
+    )
+    assert isinstance(outcomes[2], BadRequest)
+
+    # The float32 processor's OutOfMemoryError is no client's 400: it reaches the backend.
+    def out_of_memory(**kwargs: object) -> object:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_processor(out_of_memory, "p", [fits[0]], torch.device("cpu"))
 
 
 def photo(width: int, height: int, seed: int, fmt: str = "JPEG") -> EncodedImage:

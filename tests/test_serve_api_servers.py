@@ -347,3 +347,125 @@ def test_an_engine_that_does_not_answer_is_a_503_and_is_told_to_drop_it(tmp_path
             context.term()
 
     asyncio.run(main())
+
+
+def test_an_images_header_reaches_the_engine_as_read_and_a_malformed_one_is_a_400() -> None:
+    """In-process: the HTTP process's entry of an image, through JSON, read by the engine,
+    which checks the header it is told of before its backend sizes any work by it."""
+    from types import SimpleNamespace
+
+    import orjson
+
+    from mmsched.serve.apiservers import Engine, _received_images
+    from mmsched.serve.chat import ChatProcessor
+    from mmsched.serve.frontend import _image_entry
+    from mmsched.serve.media import EncodedImage, ImageHeader, MediaLimits
+
+    limits = MediaLimits()
+    sent = [
+        EncodedImage(
+            "messages[0].content[1].image_url", b"jpeg bytes", "JPEG", ImageHeader(64, 32, 6)
+        ),
+        EncodedImage("messages[0].content[2].image_url", b"png bytes", "PNG"),  # none read
+    ]
+    entries = orjson.loads(orjson.dumps([_image_entry(image) for image in sent]))
+    frames = [zmq.Frame(image.data) for image in sent]
+    received = _received_images(entries, frames, limits)
+    assert [(i.param, bytes(i.data), i.format, i.header) for i in received] == [
+        (i.param, i.data, i.format, i.header) for i in sent
+    ]
+
+    async def answer(fields: list[object]) -> dict[str, object]:
+        config = SimpleNamespace(max_prompt_tokens=None)
+        engine = Engine(config, ChatProcessor(limits=limits), None, b"id", False)  # type: ignore[arg-type]
+        answers: list[dict[str, object]] = []
+        engine._send = lambda who, message: answers.append(message)  # type: ignore[method-assign]
+        try:
+            call = {
+                "rid": "r",
+                "sampling": {},
+                "images": [["messages[0].content[1].image_url", "JPEG", *fields]],
+                "keys": ["00" * 16],
+                "layout": [[1, 2], 0],
+                "stream": False,
+                "max_tokens": None,
+            }
+            await engine._chat(b"http-0-1", 7, call, [zmq.Frame(b"jpeg bytes")])
+        finally:
+            await engine.aclose()
+        [reply] = answers
+        return reply
+
+    for fields, problem in (
+        ([64, 32, 9], "EXIF orientation is not 1 to 8"),
+        ([0, 32, 1], "width is not a positive int"),
+        ([100_000, 100_000, 1], "more than 40,000,000 pixels"),
+        ([64, 32], "expected a header"),
+    ):
+        reply = asyncio.run(answer(fields))
+        assert reply["id"] == 7, reply
+        error = reply["error"]
+        assert isinstance(error, dict) and error["status"] == 400, reply
+        assert error["kind"] == "invalid_request_error", reply
+        assert error["param"] == "messages[0].content[1].image_url", reply
+        assert problem in error["message"], reply
+
+
+def test_the_engine_lets_a_requests_image_bytes_go_once_its_images_are_processed() -> None:
+    """In-process: the frames a chat call came with are not held while it generates."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from mmsched.errors import NotRunning
+    from mmsched.serve.apiservers import Engine
+    from mmsched.serve.chat import PreparedChat
+    from mmsched.serve.media import MediaLimits
+
+    class Frame:  # as zmq.Frame (its buffer), and weakly referenced
+        def __init__(self, data: bytes) -> None:
+            self.buffer = memoryview(data)
+
+    frame = Frame(b"png bytes")
+    held = weakref.ref(frame)
+    frames = [frame]
+    del frame
+    processed: list[bool] = []
+    generating: list[bool] = []
+
+    async def process_read(read: object) -> PreparedChat:
+        processed.append(held() is not None)
+        return PreparedChat([1, 2, 3], None)
+
+    async def generate(*args: object) -> object:
+        gc.collect()
+        generating.append(held() is not None)
+        raise NotRunning("stopped")
+
+    async def main(frames: list[Frame]) -> list[dict[str, object]]:
+        chat = SimpleNamespace(limits=MediaLimits(), process_read=process_read)
+        pipeline = SimpleNamespace(generate=generate)
+        config = SimpleNamespace(max_prompt_tokens=None)
+        engine = Engine(config, chat, pipeline, b"id", False)  # type: ignore[arg-type]
+        answers: list[dict[str, object]] = []
+        engine._send = lambda who, message: answers.append(message)  # type: ignore[method-assign]
+        call = {
+            "rid": "r",
+            "sampling": {},
+            "images": [["messages[0].content[1].image_url", "PNG"]],
+            "keys": ["00" * 16],
+            "layout": [[1, 2], 0],
+            "stream": False,
+            "max_tokens": None,
+        }
+        chatting = engine._chat(b"http-0-1", 7, call, list(frames))  # type: ignore[arg-type]
+        frames.clear()  # the call's own list holds the frame now, as a received one's does
+        try:
+            await chatting
+        finally:
+            await engine.aclose()
+        return answers
+
+    answers = asyncio.run(main(frames))
+    assert processed == [True] and generating == [False], (processed, generating)
+    assert [a["error"]["status"] for a in answers] == [503], answers  # type: ignore[index]

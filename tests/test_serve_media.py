@@ -193,3 +193,23 @@ def test_a_header_is_read_once_where_the_bytes_arrive() -> None:
     broken = url_of(exif_rotated()[:200], "image/jpeg")  # a cut-off file: refused at the read
     with pytest.raises(BadRequest, match="image_url"):
         chat.read(messages(broken), lambda i: b"k", headers=True)
+
+
+def test_a_header_travels_as_its_fields_and_comes_back_checked() -> None:
+    from mmsched.serve.media import ImageHeader
+
+    limits = MediaLimits(max_pixels=1000)
+    for header in (ImageHeader(40, 25, 1), ImageHeader(1, 1, 8), ImageHeader(10, 100, 6)):
+        assert ImageHeader.from_fields("p", header.fields(), limits) == header
+    refused = {
+        "expected a header": [[5, 7], [5, 7, 1, 1], {"width": 5}, None, "5x7"],
+        "width is not a positive int": [[0, 7, 1], [-5, 7, 1], [5.0, 7, 1], [True, 7, 1]],
+        "height is not a positive int": [[5, 0, 1], [5, "7", 1], [5, None, 1]],
+        "more than 1,000 pixels": [[40, 26, 1], [10**9, 10**9, 1]],
+        "orientation is not 1 to 8": [[5, 7, 0], [5, 7, 9], [5, 7, -1], [5, 7, 1.0]],
+    }
+    for problem, cases in refused.items():
+        for fields in cases:
+            with pytest.raises(BadRequest, match=problem) as info:
+                ImageHeader.from_fields("messages[0].content[1].image_url", fields, limits)
+            assert info.value.param == "messages[0].content[1].image_url", fields

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import zmq
 
@@ -46,3 +49,48 @@ def test_a_send_does_not_hide_an_arrival_from_the_waiter(tmp_path: Path) -> None
     assert not asyncio.run(_answer_while_a_call_arrives(address, use_waiter=False))
     # ... and a waiter rechecked after each send takes it.
     assert asyncio.run(_answer_while_a_call_arrives(address, use_waiter=True))
+
+
+async def _reply(dealer: zmq.Socket[bytes], timeout_s: float = 1.0) -> dict[str, object] | None:
+    """The next answer on ``dealer``, waited for on the loop (the engine runs there)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if dealer.poll(0):
+            answer: dict[str, object] = json.loads(dealer.recv())
+            return answer
+        await asyncio.sleep(0.01)
+    return None
+
+
+def test_the_engine_answers_a_call_that_arrived_while_it_answered_another(
+    tmp_path: Path,
+) -> None:
+    """The hazard above, in the engine of ``--api-servers``: its every answer rechecks."""
+    from mmsched.serve.apiservers import Engine
+
+    async def main() -> list[dict[str, object] | None]:
+        pipeline = SimpleNamespace(running=True)
+        engine = Engine(SimpleNamespace(), SimpleNamespace(), pipeline, b"id", False)  # type: ignore[arg-type]
+        address = f"ipc://{tmp_path}/engine"
+        engine.bind(address)
+        serving = asyncio.create_task(engine.serve())
+        context = zmq.Context()
+        try:
+            dealer = context.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, b"http-0-1")
+            dealer.connect(address)
+            dealer.send_multipart([b"hello", b'{"id": 1}'])
+            assert await _reply(dealer) == {"id": 1, "identity": b"id".hex(), "headers": False}
+            await asyncio.sleep(0.05)  # the engine waits now
+            dealer.send_multipart([b"health", b'{"id": 2}'])
+            time.sleep(0.05)  # the call is there before the loop looks again
+            engine._send(b"http-0-1", {"id": 0})  # as an earlier call's answer goes
+            return [await _reply(dealer), await _reply(dealer)]
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            await engine.aclose()
+            context.destroy(linger=0)
+
+    assert asyncio.run(main()) == [{"id": 0}, {"id": 2, "running": True}]

@@ -85,16 +85,15 @@ def tensor_from_frame(buf: Buffer, dtype: str, shape: Any) -> torch.Tensor:
     # Read as its dtype at once (the size is a whole number of elements: checked above),
     # and shaped by view(*dims): the cheapest of torch's ways, a few microseconds less
     # per tensor than a uint8 view cast and reshaped.
-    if view.readonly:
-        with warnings.catch_warnings():
-            # A read-only frame (bytes, a zmq frame) gives a tensor torch calls
-            # non-writable; sharing the frame's memory is the point. (Only then: setting
-            # the filters up costs more than the tensor, on shared memory's views too.)
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(buf, dtype=torch_dtype)
-    else:
-        flat = torch.frombuffer(buf, dtype=torch_dtype)
+    flat = torch.frombuffer(buf, dtype=torch_dtype)  # a read-only one: the filter below
     return flat.view(*dims) if dims else flat.reshape(())
+
+
+# A read-only frame (``bytes``) gives a tensor torch warns could write it; sharing the
+# frame's memory is the point. Set once, for the process: warnings.catch_warnings around
+# each call would swap the process's filters from several threads at once, which is not
+# safe (and setting them up cost more than the tensor).
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
 
 
 INT_FRAME_MIN = 64

@@ -19,8 +19,9 @@ what the wire format makes: under ``wire_pixels="float32"`` the processor's ``pi
 (2.35 MB). An image that does not fit is refused with
 [`Overloaded`][mmsched.errors.Overloaded] (HTTP 503) rather than queued.
 
-One bad image never fails a batch: a batch decode or processor run that raises is retried
-image by image, and only the images that fail alone get their error (HTTP 400).
+One bad image never fails a batch: a batch decode or processor run that raises (the GPU out
+of memory for the batch at once included) is retried image by image, and only the images
+that fail alone get their error (HTTP 400; 503 for one the GPU has no memory for).
 
 Sharing the GPU with the ranks (the default device is rank 0's, ``cuda:0``): this process
 then holds a CUDA context (a few hundred MB) plus up to ``preprocess_gpu_mb`` on that GPU,
@@ -131,10 +132,13 @@ class GpuFootprint:
         decoded = 3 * width * height  # uint8 (3, H, W), as nvJPEG or Pillow gives it
         resized = 3 * new_h * new_w
         if self.wire_pixels == "uint8":
-            # Only the resize runs, one image at a time. On a GPU torchvision resizes uint8
-            # bicubically in float32: a float copy of the decoded image and a float output,
-            # rounded into the uint8 pixels that are kept.
-            return Reservation(decoded + 4 * (decoded + resized), resized)
+            # Only the resize runs, but images of one size are resized together
+            # (pixels.resized_batch stacks them): each holds, besides its decoded image, its
+            # copy in the stack and, as torchvision resizes uint8 bicubically in float32 on a
+            # GPU, a float copy of that and a float output, rounded into the uint8 pixels
+            # that are kept. An image resized alone is not stacked: reserved for all the same,
+            # as which company it will have is not known when it is admitted.
+            return Reservation(2 * decoded + 4 * (decoded + resized), resized)
         # The processor's pixel_values: every resized pixel repeated to the temporal patch's
         # frames, float32; its intermediates are counted as that much again.
         features = 4 * self._frames * resized
@@ -151,12 +155,26 @@ class _Item:
     future: asyncio.Future[Outcome] = field(repr=False)
 
 
+def _out_of_memory(param: str) -> Overloaded:
+    """The error of an image the GPU had no memory for, even alone (HTTP 503, as a full
+    budget is: the memory is not the image's fault, and may be there on a retry)."""
+    return Overloaded(
+        f"{param}: the GPU ran out of memory preprocessing it (the GPU is shared, or "
+        "preprocess_gpu_mb is more than it has free)"
+    )
+
+
 def _host_bytes(data: bytes | memoryview) -> torch.Tensor:
     """``data`` as a uint8 tensor on the host, without a copy: nvJPEG only reads it (on its
-    way to the GPU), so torch's warning that the buffer is read-only says nothing here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.uint8)
+    way to the GPU). ``bytes`` are read-only, and torch warns that its tensor could write
+    them, which says nothing here (the filter below); a zmq frame's buffer (the engine of
+    ``--api-servers``) is a writable view, and gets no warning."""
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+# Set once, for the process: warnings.catch_warnings around each call would swap the
+# process's filters from several threads at once, which is not safe.
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
 
 
 class CudaBackend(Backend):
@@ -342,7 +360,10 @@ class CudaBackend(Backend):
             return exc
         array = np.array(image)  # (H, W, 3) uint8, upright and RGB (media.to_rgb); writable
         tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        try:
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        except torch.cuda.OutOfMemoryError:
+            return _out_of_memory(item.image.param)
 
     def _process(
         self, batch: list[_Item], decoded: list[torch.Tensor | MmschedError]
@@ -352,27 +373,42 @@ class CudaBackend(Backend):
         ]
         good = [n for n, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
         tensors = [d for d in decoded if isinstance(d, torch.Tensor)]
-        if good:
-            try:
-                results = run_processor(
-                    self._processor, "images", tensors, self.device, self.wire_pixels
-                )
-            except MmschedError:  # one refused image fails the batch's call: each alone
-                results = []
-            if results:
-                for n, (pixels, grid) in zip(good, results, strict=True):
-                    outcomes[n] = Processed(pixels, grid, owned=False)
-            else:
-                for n, tensor in zip(good, tensors, strict=True):
-                    param = batch[n].image.param
-                    try:
-                        [(pixels, grid)] = run_processor(
-                            self._processor, param, [tensor], self.device, self.wire_pixels
-                        )
-                        outcomes[n] = Processed(pixels, grid, owned=False)
-                    except MmschedError as exc:
-                        outcomes[n] = exc
+        if not good:
+            return [o for o in outcomes if o is not None]
+        results: list[tuple[torch.Tensor, tuple[int, int, int]]] | None = None
+        out_of_memory = False
+        try:
+            results = run_processor(
+                self._processor, "images", tensors, self.device, self.wire_pixels
+            )
+        except MmschedError:  # one refused image fails the batch's call: each alone
+            pass
+        except torch.cuda.OutOfMemoryError:  # the batch did not fit at once: each alone
+            out_of_memory = True
+        if results is not None:
+            for n, (pixels, grid) in zip(good, results, strict=True):
+                outcomes[n] = Processed(pixels, grid, owned=False)
+            return [o for o in outcomes if o is not None]
+        if out_of_memory:
+            # Here, not in the handler, whose traceback kept the failed call's tensors: what
+            # the allocator caches goes back to the GPU, whose other users (the ranks) may
+            # be what left too little.
+            torch.cuda.empty_cache()
+        for n, tensor in zip(good, tensors, strict=True):
+            outcomes[n] = self._process_one(batch[n].image.param, tensor)
         return [o for o in outcomes if o is not None]
+
+    def _process_one(self, param: str, tensor: torch.Tensor) -> Outcome:
+        """One image through the processor alone: its features, or its error."""
+        try:
+            [(pixels, grid)] = run_processor(
+                self._processor, param, [tensor], self.device, self.wire_pixels
+            )
+        except MmschedError as exc:
+            return exc
+        except torch.cuda.OutOfMemoryError:
+            return _out_of_memory(param)
+        return Processed(pixels, grid, owned=False)
 
     async def aclose(self) -> None:
         if self._task is not None:

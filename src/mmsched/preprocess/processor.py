@@ -77,6 +77,8 @@ def run_processor(
     Raises:
         BadRequest: naming ``param``: the processor refused one of them (an aspect ratio
             over 200, say).
+        torch.cuda.OutOfMemoryError: the GPU had no room for them: not the images' fault,
+            and the caller's to answer (they may fit one at a time).
     """
     if wire == "uint8":
         resize, _ = specs_of(processor)
@@ -102,6 +104,8 @@ def run_processor(
             pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
         elif pixels.dtype != torch.float32:
             pixels = pixels.float()
+    except torch.cuda.OutOfMemoryError:
+        raise
     except Exception as exc:  # an image the processor refuses (an extreme aspect ratio)
         raise BadRequest(param, f"the image processor refused it: {exc}") from None
     rows = [t * h * w for t, h, w in grids]

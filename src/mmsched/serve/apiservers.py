@@ -59,7 +59,7 @@ from mmsched.serve.app import (
 )
 from mmsched.serve.chat import ChatProcessor, PreparedChat, ReadChat
 from mmsched.serve.frontend import FrontSpec
-from mmsched.serve.media import EncodedImage, ImageHeader
+from mmsched.serve.media import BadRequest, EncodedImage, ImageHeader, MediaLimits
 from mmsched.serve.metrics import MULTIPROC_ENV, engine_families, render_families
 from mmsched.zmqwait import RecvWaiter
 
@@ -129,6 +129,7 @@ class Engine:
                     self._dispatch(message)
                 except Exception:  # a malformed call: that call's loss, never the engine's
                     log.exception("an HTTP process's call could not be read")
+                del message  # its call holds what it needs: the frames not kept past it
             else:
                 await asyncio.sleep(0)
 
@@ -188,15 +189,16 @@ class Engine:
         try:
             rid = str(header["rid"])
             sampling = header["sampling"]
-            # The bytes as they came off the socket (no copy), with the header the HTTP
-            # process read where the backend wants one.
-            images = [
-                EncodedImage(param, frame.buffer, fmt, ImageHeader(*size) if size else None)
-                for (param, fmt, *size), frame in zip(header["images"], frames, strict=True)
-            ]
+            try:
+                images = _received_images(header["images"], frames, self.chat.limits)
+            except BadRequest as exc:
+                raise _HttpError(400, "invalid_request_error", exc.problem, exc.param) from None
             keys = [bytes.fromhex(k) for k in header["keys"]]
             read = ReadChat(header["layout"], images, keys)
             prepared = await _prepared(self.chat.process_read(read), self.config.max_prompt_tokens)
+            # Processed: the images' bytes (the frames, and the views of them) go now, not
+            # when the request ends, a whole generation later.
+            del frames, images, read
             processed = time.perf_counter()
             if header["stream"]:
                 await self._stream(who, call, rid, prepared, sampling, processed)
@@ -271,6 +273,23 @@ class Engine:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._socket.close(linger=0)
         self._context.term()
+
+
+def _received_images(
+    entries: Any, frames: list[zmq.Frame], limits: MediaLimits
+) -> list[EncodedImage]:
+    """A chat call's images: the bytes as they came off the socket (no copy), with the
+    header the HTTP process read where the backend wants one (``frontend._image_entry``),
+    checked: the backend sizes its work by it before it opens the bytes.
+
+    Raises:
+        BadRequest: naming the image: a header that is not one, or one of too many pixels.
+    """
+    images = []
+    for (param, fmt, *fields), frame in zip(entries, frames, strict=True):
+        header = ImageHeader.from_fields(param, fields, limits) if fields else None
+        images.append(EncodedImage(param, frame.buffer, fmt, header))
+    return images
 
 
 def _times(prepared: PreparedChat, processed: float) -> dict[str, float]:

@@ -398,7 +398,7 @@ def _image_entry(image: EncodedImage) -> list[Any]:
     (width, height, orientation)."""
     entry: list[Any] = [image.param, image.format]
     if image.header is not None:
-        entry += [image.header.width, image.header.height, image.header.orientation]
+        entry += image.header.fields()
     return entry
 
 

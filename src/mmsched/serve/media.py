@@ -22,7 +22,6 @@ import base64
 import binascii
 import contextlib
 import io
-import warnings
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -56,8 +55,9 @@ class MediaLimits:
 
 
 Encoded: TypeAlias = bytes | memoryview
-"""An image's encoded bytes: ``bytes``, or a read-only view of a received message (the
-engine of ``--api-servers`` takes them as they came off its socket, without a copy)."""
+"""An image's encoded bytes: ``bytes``, or a view of a received message's frame
+(``zmq.Frame.buffer``, a writable ``memoryview``, which nothing here writes: the engine of
+``--api-servers`` takes them as they came off its socket, without a copy)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,37 @@ class ImageHeader:
     width: int
     height: int
     orientation: int = 1
+
+    def fields(self) -> list[int]:
+        """The header as it travels in JSON (``--api-servers``): ``[width, height,
+        orientation]``, read back by
+        [`from_fields`][mmsched.serve.media.ImageHeader.from_fields]."""
+        return [self.width, self.height, self.orientation]
+
+    @classmethod
+    def from_fields(cls, param: str, fields: object, limits: MediaLimits) -> ImageHeader:
+        """A header from its [`fields`][mmsched.serve.media.ImageHeader.fields], checked as
+        what another process says of an image must be: positive sizes, at most
+        ``limits.max_pixels`` pixels, and an EXIF orientation from 1 to 8.
+
+        Raises:
+            BadRequest: naming ``param``: fields that are not such a header.
+        """
+        if not isinstance(fields, list | tuple) or len(fields) != 3:
+            raise BadRequest(
+                param, f"expected a header [width, height, orientation]: {fields!r:.80}"
+            )
+        width, height, orientation = fields
+        for name, value in (("width", width), ("height", height)):
+            if type(value) is not int or value < 1:
+                raise BadRequest(param, f"the header's {name} is not a positive int: {value!r:.40}")
+        if width * height > limits.max_pixels:
+            raise BadRequest(param, f"{width}x{height} is more than {limits.max_pixels:,} pixels")
+        if type(orientation) is not int or not 1 <= orientation <= 8:
+            raise BadRequest(
+                param, f"the header's EXIF orientation is not 1 to 8: {orientation!r:.40}"
+            )
+        return cls(width, height, orientation)
 
 
 @dataclass(frozen=True)
@@ -153,13 +184,13 @@ def open_checked(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
         BadRequest: naming its ``param``: not a file of its format, or too many pixels.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
+        # Pillow's own bound (Image.MAX_IMAGE_PIXELS: a warning past it, an error past twice
+        # it) is not the server's: limits.max_pixels, checked below, is. No warnings filter
+        # around the open: warnings.catch_warnings swaps the process's filters, which is not
+        # safe from the threads that open images at once.
+        image = Image.open(io.BytesIO(encoded.data), formats=[encoded.format])
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
-        raise BadRequest(
-            encoded.param, f"not a decodable {encoded.format} image: {exc}"
-        ) from None
+        raise BadRequest(encoded.param, f"not a decodable {encoded.format} image: {exc}") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise BadRequest(
@@ -235,16 +266,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _decode(param: str, data: Encoded, expected: str, limits: MediaLimits) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[expected])
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise BadRequest(
-                    param, f"{width}x{height} is more than {limits.max_pixels:,} pixels"
-                )
-            image.load()  # decode now: a truncated or corrupt file fails here, not later
-            return to_rgb(image)
+        image = Image.open(io.BytesIO(data), formats=[expected])  # Pillow's bound: open_checked
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise BadRequest(param, f"{width}x{height} is more than {limits.max_pixels:,} pixels")
+        image.load()  # decode now: a truncated or corrupt file fails here, not later
+        return to_rgb(image)
     except BadRequest:
         raise
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
