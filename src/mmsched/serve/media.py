@@ -22,6 +22,7 @@ import base64
 import binascii
 import contextlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -29,6 +30,23 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mmsched.errors import MmschedError
+
+
+def _pick_b64decode() -> Callable[..., bytes]:
+    """pybase64's SIMD decoder where it is installed (the ``serve`` extra's), else the
+    standard library's. Undoing the base64 of a 0.94 MB image takes the standard library
+    3.5 ms and pybase64 0.06 ms (one core of the development machine), and it was half of
+    each HTTP process's time at 600 images/s. pybase64's ``validate=True`` is the standard
+    library's, save that it also refuses padding past a complete group (``"QUJD="``), which
+    the standard library ignores: that is malformed base64 either way."""
+    try:
+        from pybase64 import b64decode
+    except ImportError:
+        return base64.b64decode
+    return b64decode
+
+
+_b64decode = _pick_b64decode()
 
 # Media types accepted, and the Pillow format each must decode as.
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG"}
@@ -159,7 +177,7 @@ def read_image_url(param: str, url: object, limits: MediaLimits) -> EncodedImage
     if _decoded_size(payload) > limits.max_bytes:
         raise BadRequest(param, _too_large(limits.max_bytes))
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = _b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(param, f"invalid base64: {exc}") from None
     if len(data) > limits.max_bytes:  # the estimate above is exact for valid base64; belt
