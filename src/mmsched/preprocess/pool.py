@@ -16,7 +16,7 @@ features come back through the worker's pipe.
 Failures stay with their image: a worker that dies (or gives no answer within
 ``timeout_s``) fails the image it held with
 [`PreprocessWorkerLost`][mmsched.errors.PreprocessWorkerLost] and is replaced by a new
-process before it takes the next image. Closing the pool stops every worker (killing one
+process as soon as that image is answered. Closing the pool stops every worker (killing one
 that does not stop within a second); workers are daemonic and also exit by themselves when
 the server's end of their pipe closes, so none outlives the server.
 """
@@ -274,6 +274,15 @@ class _Slot:
             if job.future.done():  # its request went away while it waited
                 continue
             _resolve(job, self._serve(job))
+            if self.conn is None and not self.pool._closing:
+                # The worker died with that image (answered above): its replacement starts
+                # now, not when this slot next takes an image, so that the pool is whole
+                # again before the next burst (the other slots may take every image till
+                # then). A failed start is retried with the next image, which it fails.
+                try:
+                    self._spawn()
+                except MmschedError as exc:
+                    log.warning("%s", exc)
         self._shutdown()
 
     def _serve(self, job: _Job) -> Outcome:
