@@ -332,6 +332,24 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
         "the accelerator host's comparison of the backends: its cuda rows need a GPU and its cpu "
         "rows torchvision; its --help runs"
     ),
+    "python -m mmsched serve --port 8051 --tp 4 --preprocess cuda --api-servers 4": ParseOnly(
+        "the H200 limits' cuda server; " + CUDA
+    ),
+    "python -m mmsched bench serve --base-url http://127.0.0.1:8051/v1 --clients 6 --rates "
+    "200,600 --images 1 --requests 2400 --seed 71 --json PATH": ParseOnly(
+        "against the cuda server above; bench_serve.sh's line runs"
+    ),
+    "python -m mmsched bench serve --base-url http://127.0.0.1:8051/v1 --clients 6 --rates "
+    "150 --images 4 --requests 600 --seed 81 --json PATH": ParseOnly(
+        "against the cuda server above; bench_serve.sh's line runs"
+    ),
+    "python -m mmsched serve --port 8052 --tp 4 --preprocess cpu --api-servers 4": ParseOnly(
+        "the cpu pool needs torchvision, absent here; tests/test_preprocess.py runs the pool"
+    ),
+    "python -m mmsched bench serve --base-url http://127.0.0.1:8052/v1 --clients 4 --rates "
+    "300 --images 1 --requests 1200 --seed 101 --json PATH": ParseOnly(
+        "against the cpu server above; bench_serve.sh's line runs"
+    ),
     "mmsched serve --tp 2": ParseOnly(
         "the server the repeat measurement ran against; the Quickstart's serve line runs"
     ),
