@@ -455,15 +455,17 @@ async def test_sockets_are_owner_only_and_refuse_peers_without_the_token() -> No
 
 
 async def test_a_rank_start_up_error_reaches_the_caller_promptly() -> None:
-    free_mb = shutil.disk_usage(SHM_DIR).free >> 20
-    # Under tokenizer/shm rank 0 makes the transport's arena: too big for /dev/shm. (The
+    # More than /dev/shm holds even empty: its free space, read here, can grow before rank 0
+    # asks (other tests close their arenas), and an arena that then passes the check would
+    # take the host's memory. Under tokenizer/shm rank 0 makes the transport's arena. (The
     # inline store: the tokenizer then makes no arena of its own that would fail first.)
+    shm_mb = shutil.disk_usage(SHM_DIR).total >> 20
     config = Config(
         strategy="tokenizer",
         transport="shm",
         payload_store="inline",
         tp_size=TP,
-        shm_arena_mb=free_mb + 1024,
+        shm_arena_mb=shm_mb + 1024,
         timeout_s=60,
         startup_timeout_s=120,
     )

@@ -189,6 +189,23 @@ def test_dev_shm_too_small_is_a_clear_error() -> None:
         ArenaWriter(1 << 60, n_readers=1)
 
 
+def test_an_arena_beyond_the_memory_left_is_refused_before_any_page_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A /dev/shm sized at the host's RAM has room the memory does not: reserving it would
+    wake the OOM killer (which kills the largest process, not the caller), so it is refused."""
+    from mmsched.stores import arena
+
+    before = live_segments()
+    monkeypatch.setattr(arena, "_memory_available", lambda: 8 << 20)
+    with pytest.raises(ConfigError, match="8 MiB of memory available"):
+        ArenaWriter(64 << 20, n_readers=1)
+    assert live_segments() == before
+    monkeypatch.undo()
+    memory = arena._memory_available()  # the real reading: /proc/meminfo on Linux
+    assert memory is None or memory > 64 << 20
+
+
 def test_stale_segments_of_dead_processes_are_swept() -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -23,6 +23,9 @@ Failure modes addressed:
 
 - ``/dev/shm`` too small: the segment's pages are reserved with ``posix_fallocate`` at
   start, which fails with a clear error instead of a SIGBUS on first touch later;
+- ``/dev/shm`` bigger than the memory left (a tmpfs may be sized at the host's RAM): an
+  arena larger than what ``/proc/meminfo`` says is available is refused before a page is
+  taken, since reserving it would wake the OOM killer rather than fail;
 - page faults per request: every mapping is made with ``MAP_POPULATE``, so pages are faulted
   in once, at start;
 - leaks after a crash: segment names carry the creating process's pid, and
@@ -574,3 +577,23 @@ def _check_free_space(nbytes: int) -> None:
             f"{SHM_DIR} has {free // 2**20} MiB free, the arena needs {nbytes // 2**20} MiB; lower "
             "shm_arena_mb or enlarge /dev/shm (docker: --shm-size)"
         )
+    # /dev/shm's pages are memory, and a tmpfs may be sized at (or above) the host's RAM:
+    # reserving more than the memory left would not fail with ENOSPC but wake the OOM killer,
+    # which kills whichever process is largest (not necessarily this one).
+    memory = _memory_available()
+    if memory is not None and memory < nbytes:
+        raise ConfigError(
+            f"the host has {memory // 2**20} MiB of memory available, the arena in {SHM_DIR} "
+            f"needs {nbytes // 2**20} MiB; lower shm_arena_mb"
+        )
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory (and swap) the kernel could still give, or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        kib = sum(int(fields[key].split()[0]) for key in (b"MemAvailable", b"SwapFree"))
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    return kib << 10
