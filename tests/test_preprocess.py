@@ -496,3 +496,20 @@ async def test_cuda_over_its_memory_budget_is_overloaded() -> None:
         assert backend.budget.held <= backend.budget.capacity
     finally:
         await backend.aclose()
+
+
+def test_the_default_pool_leaves_the_http_processes_their_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 16 cores: the server's process, 4 ranks and (with --api-servers 4) 4 HTTP processes
+    # each take one; one HTTP process is the server's own.
+    from mmsched import Config
+    from mmsched.preprocess import stage
+
+    monkeypatch.setattr(stage.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert stage.default_workers(4) == 11
+    assert stage.default_workers(4, http_processes=1) == 11
+    assert stage.default_workers(4, http_processes=4) == 7
+    assert stage.default_workers(40, http_processes=4) == 1
+    settings = StageSettings.of(Config(tp_size=4, api_servers=4))
+    assert (settings.ranks, settings.http_processes) == (4, 4)

@@ -132,7 +132,8 @@ class Config:
             ``preprocess_device`` in micro-batches), or ``auto``: ``cpu`` where torchvision
             imports, else ``threads``. See [The server](../serving.md#preprocessing).
         preprocess_workers: processes of the ``cpu`` pool; ``None``: the cores left after
-            the server's process and this host's ranks, at least 1.
+            the server's process, its HTTP processes (``api_servers`` above 1) and this
+            host's ranks, at least 1.
         preprocess_device: the GPU of the ``cuda`` backend.
         preprocess_gpu_mb: most GPU memory the ``cuda`` backend holds for images in work
             (decoded pixels, features); an image past it is answered HTTP 503.

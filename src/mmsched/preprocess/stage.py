@@ -53,6 +53,7 @@ class StageSettings:
     timeout_s: float = 60.0
     startup_timeout_s: float = 120.0
     ranks: int = 1  # this host's ranks: the cores they take are not the pool's
+    http_processes: int = 1  # api_servers: with several, their cores are not the pool's either
     supply_keys: bool = True
     wire_pixels: str = "float32"  # what the backends make: the processor's output, or uint8
 
@@ -70,17 +71,20 @@ class StageSettings:
             timeout_s=config.timeout_s,
             startup_timeout_s=config.startup_timeout_s,
             ranks=config.ranks_per_node,
+            http_processes=config.api_servers,
             # SGLang's hashers must hash the features themselves to give SGLang's values.
             supply_keys=not config.hasher.startswith("sglang"),
             wire_pixels=config.wire_pixels,
         )
 
 
-def default_workers(ranks: int) -> int:
-    """The ``cpu`` pool's size by default: the cores left after the tokenizer's process (one)
-    and this host's ranks (one each), at least 1."""
+def default_workers(ranks: int, http_processes: int = 1) -> int:
+    """The ``cpu`` pool's size by default: the cores left after the server's process (one),
+    its HTTP processes where it runs several (one each: each parses, decodes base64 and keys
+    its requests) and this host's ranks (one each), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1 - ranks)
+    http = http_processes if http_processes > 1 else 0  # one: the server's own process
+    return max(1, (cores or 1) - 1 - http - ranks)
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class Preprocessor:
             )
         return ProcessPoolBackend(
             self.limits,
-            settings.workers or default_workers(settings.ranks),
+            settings.workers or default_workers(settings.ranks, settings.http_processes),
             TORCHVISION if tv else PIL,
             timeout_s=settings.timeout_s,
             startup_timeout_s=settings.startup_timeout_s,
