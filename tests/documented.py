@@ -361,6 +361,9 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
     ".venv/bin/python scripts/http_cost.py --image-size 1184x888": Run(
         ("--requests", "8", "--warmup", "2", "--repeats", "3")
     ),
+    ".venv/bin/python scripts/http_cost.py --image-size 1184x888 --api-servers 2": Run(
+        ("--requests", "8", "--warmup", "2", "--repeats", "3")
+    ),
     # docs/serving.md: the script itself (it has no setup step), two images per request at most
     'MMSCHED_TRANSPORT=zmq MMSCHED_PAYLOAD_STORE=shm "SERVE_ARGS=--tp 4" bash '
     "scripts/bench_serve.sh --rates 5 --images 1,4 --requests 100 --json PATH": Run(
