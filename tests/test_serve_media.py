@@ -141,6 +141,23 @@ def test_exif_orientation_is_applied() -> None:
     assert pixels[:4].mean() > 200 and pixels[-4:].mean() < 50
 
 
+@pytest.mark.parametrize("tag", [0, 9, 65535])
+def test_an_exif_orientation_outside_1_to_8_is_read_as_none(tag: int) -> None:
+    # Cameras leave 0; decoding ignores such a tag, so the header the HTTP processes send
+    # the engine (which refuses values outside 1 to 8) must read it as 1 as well.
+    from mmsched.serve.media import ImageHeader, read_header
+
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    data = encoded(Image.fromarray(pixels), "JPEG", exif=exif, quality=95)
+    image = read_image_url("p", url_of(data, "image/jpeg"), MediaLimits())
+    header = read_header(image, MediaLimits())
+    assert header == ImageHeader(64, 32, 1)
+    assert ImageHeader.from_fields("p", header.fields(), MediaLimits()) == header
+    assert decode_image_url("p", url_of(data, "image/jpeg"), MediaLimits()).size == (64, 32)
+
+
 def test_16_bit_grey_is_scaled_not_clipped() -> None:
     pixels = np.asarray(decode_image_url("p", url_of(grey16()), MediaLimits()))[..., 0]
     ramp = np.linspace(0, 0xFFFF, 64 * 48).reshape(48, 64).astype(np.uint16)

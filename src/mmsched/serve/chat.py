@@ -225,7 +225,7 @@ class ChatProcessor:
         (blocking, and the bulk of an HTTP process's work): ``messages`` laid out, the text
         tokenized, each image's bytes read out of its URL (base64 undone, limits checked) and
         keyed by ``key``. Nothing is decoded; with ``headers`` each image's header is read
-        and checked too (size, pixel bound, orientation: [`read_header`][
+        too (its size checked against the pixel bound, its orientation: [`read_header`][
         mmsched.serve.media.read_header]), for a backend that
         [wants it][mmsched.preprocess.backend.Backend.wants_headers].
 

@@ -233,6 +233,9 @@ def read_header(encoded: EncodedImage, limits: MediaLimits) -> ImageHeader:
     if encoded.format == "JPEG":
         with contextlib.suppress(Exception):  # a broken EXIF block: decoded as it is
             orientation = int(image.getexif().get(0x0112, 1))
+    if not 1 <= orientation <= 8:
+        # 0 (cameras that leave it unset), 9, 65535: no transform, as exif_transpose reads it.
+        orientation = 1
     return ImageHeader(width, height, orientation)
 
 
