@@ -432,6 +432,31 @@ def test_a_batch_out_of_gpu_memory_is_retried_image_by_image(
         run_processor(out_of_memory, "p", [fits[0]], torch.device("cpu"))
 
 
+def test_a_batch_that_fails_whole_gives_back_all_its_gpu_budget() -> None:
+    # A failure past the per-image handling (a pinned allocation, an asynchronous CUDA error
+    # seen at the synchronize) fails the batch: none of it is handed over, so neither its
+    # work nor its held share may stay reserved. No GPU needed: the decode fails first.
+    from types import SimpleNamespace
+
+    from mmsched.preprocess.cuda import CudaBackend, GpuBudget, Reservation
+
+    backend = CudaBackend.__new__(CudaBackend)
+    backend.budget = GpuBudget(1 << 30)
+    backend.batches = backend.batched_images = 0
+    reserved = Reservation(work=3 << 20, held=2 << 20)
+    batch = [SimpleNamespace(reserved=reserved) for _ in range(4)]
+    for _ in batch:
+        assert backend.budget.reserve(reserved.total)
+
+    def fails(items: object) -> object:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    backend._decode = fails  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        backend._run_batch(batch)  # type: ignore[arg-type]
+    assert backend.budget.held == 0
+
+
 def photo(width: int, height: int, seed: int, fmt: str = "JPEG") -> EncodedImage:
     """Smooth colour with a little noise, as a photo is (pure noise is every decoder's and
     resizer's worst case, and no camera's)."""

@@ -318,9 +318,15 @@ class CudaBackend(Backend):
             decoded = self._decode(batch)
             outcomes = self._process(batch, decoded)
             torch.cuda.synchronize(self.device)  # the features are ready when handed over
-        finally:
-            for item in batch:  # the decoded pixels and the intermediates are gone
-                self.budget.release(item.reserved.work)
+        except BaseException:
+            # The batch fails whole (the batcher answers each image with the error): nothing
+            # of it is handed over, so what each image held goes back too, or every such
+            # batch would shrink the budget for good.
+            for item in batch:
+                self.budget.release(item.reserved.total)
+            raise
+        for item in batch:  # the decoded pixels and the intermediates are gone
+            self.budget.release(item.reserved.work)
         for item, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Processed):
                 weakref.finalize(outcome.pixels, self.budget.release, item.reserved.held)
