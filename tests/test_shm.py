@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,6 +205,23 @@ def test_an_arena_beyond_the_memory_left_is_refused_before_any_page_is_taken(
     monkeypatch.undo()
     memory = arena._memory_available()  # the real reading: /proc/meminfo on Linux
     assert memory is None or memory > 64 << 20
+
+
+def test_a_containers_memory_limit_bounds_the_arena(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # docker --memory: /proc/meminfo shows the host's memory, the cgroup the container's.
+    from mmsched.stores import arena
+
+    (tmp_path / "memory.max").write_text(f"{96 << 20}\n")
+    (tmp_path / "memory.current").write_text(f"{32 << 20}\n")
+    monkeypatch.setattr(arena, "CGROUP_DIR", tmp_path)
+    assert arena._memory_available() == 64 << 20
+    with pytest.raises(ConfigError, match="64 MiB of memory available"):
+        ArenaWriter(128 << 20, n_readers=1)
+    (tmp_path / "memory.max").write_text("max\n")
+    memory = arena._memory_available()
+    assert memory is not None and memory > 64 << 20
 
 
 def test_stale_segments_of_dead_processes_are_swept() -> None:

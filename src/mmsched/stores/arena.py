@@ -24,8 +24,9 @@ Failure modes addressed:
 - ``/dev/shm`` too small: the segment's pages are reserved with ``posix_fallocate`` at
   start, which fails with a clear error instead of a SIGBUS on first touch later;
 - ``/dev/shm`` bigger than the memory left (a tmpfs may be sized at the host's RAM): an
-  arena larger than what ``/proc/meminfo`` says is available is refused before a page is
-  taken, since reserving it would wake the OOM killer rather than fail;
+  arena larger than what ``/proc/meminfo`` (or a container's cgroup) says is available is
+  refused before a page is taken, since reserving it would wake the OOM killer rather than
+  fail;
 - page faults per request: every mapping is made with ``MAP_POPULATE``, so pages are faulted
   in once, at start;
 - leaks after a crash: segment names carry the creating process's pid, and
@@ -588,12 +589,25 @@ def _check_free_space(nbytes: int) -> None:
         )
 
 
+CGROUP_DIR = Path("/sys/fs/cgroup")  # this process's cgroup (v2), as a container sees it
+
+
 def _memory_available() -> int | None:
-    """Bytes of memory (and swap) the kernel could still give, or ``None`` where unknown."""
+    """Bytes of memory (and swap) the kernel could still give this process, or ``None``
+    where unknown: the host's (``/proc/meminfo``), or less where a cgroup (a container's
+    ``--memory``) caps it."""
     try:
         with open("/proc/meminfo", "rb") as f:
             fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
         kib = sum(int(fields[key].split()[0]) for key in (b"MemAvailable", b"SwapFree"))
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    return kib << 10
+    available = kib << 10
+    try:  # cgroup v2: the limit ("max": none) less what the group already uses
+        limit = (CGROUP_DIR / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((CGROUP_DIR / "memory.current").read_text())
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
