@@ -227,6 +227,7 @@ class _Slot:
             self.process, self.conn = process, parent
         if not parent.poll(self.pool.startup_timeout_s):
             self.kill()
+            self._reap()  # no zombie, and the slot starts afresh with its next image
             raise PreprocessWorkerLost(
                 f"preprocessing worker {self.index} did not start within "
                 f"{self.pool.startup_timeout_s:g} s"

@@ -100,9 +100,13 @@ def rank_main(
 def _exit_cleanly() -> None:
     """End a rank whose loop returned (its stores, transport and group closed) without the
     interpreter's teardown: unloading torch's modules took 1.2 s of each rank's exit on 2
-    cores, which every ``Pipeline.aclose`` waited for. What a program may rely on still runs:
-    its ``atexit`` handlers (multiprocessing's own among them), logging's and stdio's
-    flushes."""
+    cores, which every ``Pipeline.aclose`` waited for. Its ``atexit`` handlers
+    (multiprocessing's own among them) still run, and logging and stdio are flushed. Where a
+    thread that the interpreter would wait for still runs (a callback's own, or an executor's,
+    whose exit hooks ``atexit`` does not hold), the rank exits the ordinary way instead."""
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
