@@ -63,6 +63,12 @@ class BadRequest(MmschedError):
         self.problem = problem
 
 
+def _check_pixels(param: str, width: int, height: int, limits: MediaLimits) -> None:
+    """Refuse an image of more than ``limits.max_pixels`` pixels (decompression bombs)."""
+    if width * height > limits.max_pixels:
+        raise BadRequest(param, f"{width}x{height} is more than {limits.max_pixels:,} pixels")
+
+
 @dataclass(frozen=True)
 class MediaLimits:
     """Bounds on one image: encoded bytes, and decoded pixels (a decompression bomb is a
@@ -115,8 +121,7 @@ class ImageHeader:
         for name, value in (("width", width), ("height", height)):
             if type(value) is not int or value < 1:
                 raise BadRequest(param, f"the header's {name} is not a positive int: {value!r:.40}")
-        if width * height > limits.max_pixels:
-            raise BadRequest(param, f"{width}x{height} is more than {limits.max_pixels:,} pixels")
+        _check_pixels(param, width, height, limits)
         if type(orientation) is not int or not 1 <= orientation <= 8:
             raise BadRequest(
                 param, f"the header's EXIF orientation is not 1 to 8: {orientation!r:.40}"
@@ -210,10 +215,7 @@ def open_checked(encoded: EncodedImage, limits: MediaLimits) -> Image.Image:
     except Exception as exc:  # whatever Pillow raises on foreign bytes: this image's error
         raise BadRequest(encoded.param, f"not a decodable {encoded.format} image: {exc}") from None
     width, height = image.size
-    if width * height > limits.max_pixels:
-        raise BadRequest(
-            encoded.param, f"{width}x{height} is more than {limits.max_pixels:,} pixels"
-        )
+    _check_pixels(encoded.param, width, height, limits)
     return image
 
 
@@ -289,8 +291,7 @@ def _decode(param: str, data: Encoded, expected: str, limits: MediaLimits) -> Im
     try:
         image = Image.open(io.BytesIO(data), formats=[expected])  # Pillow's bound: open_checked
         width, height = image.size
-        if width * height > limits.max_pixels:
-            raise BadRequest(param, f"{width}x{height} is more than {limits.max_pixels:,} pixels")
+        _check_pixels(param, width, height, limits)
         image.load()  # decode now: a truncated or corrupt file fails here, not later
         return to_rgb(image)
     except BadRequest:
