@@ -58,6 +58,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -659,3 +660,19 @@ def check_server(command: str) -> None:
     alive = psutil.wait_procs(ranks, timeout=10)[1]
     assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == [], "ranks outlived it"
     assert segments_of([process.pid, *(p.pid for p in ranks)]) == set()
+
+
+def shard_tests(index: int) -> tuple[Callable[..., None], Callable[..., None]]:
+    """Shard ``index``'s two tests, for a test file to bind as its own
+    ``test_command_runs_small`` and ``test_server_command_serves_one_request_and_stops_clean``."""
+    runs, servers = shard(index)
+
+    @pytest.mark.parametrize("command", runs, ids=command_id)
+    def runs_small(command: str, tmp_path: Path) -> None:
+        check_run_small(command, tmp_path)
+
+    @pytest.mark.parametrize("command", servers, ids=command_id)
+    def serves(command: str) -> None:
+        check_server(command)
+
+    return runs_small, serves

@@ -6,7 +6,6 @@ others."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +15,11 @@ from documented import (
     ROOT,
     ParseOnly,
     check_parse_only,
-    check_run_small,
-    check_server,
     command_id,
     exec_line,
     of_kind,
-    shard,
+    shard_tests,
 )
-
-RUNS, SERVERS = shard(0)
 
 
 def test_the_table_lists_every_documented_command_and_no_other() -> None:
@@ -56,11 +51,4 @@ def test_parse_only_command_is_accepted(command: str) -> None:
     check_parse_only(command)
 
 
-@pytest.mark.parametrize("command", RUNS, ids=command_id)
-def test_command_runs_small(command: str, tmp_path: Path) -> None:
-    check_run_small(command, tmp_path)
-
-
-@pytest.mark.parametrize("command", SERVERS, ids=command_id)
-def test_server_command_serves_one_request_and_stops_clean(command: str) -> None:
-    check_server(command)
+test_command_runs_small, test_server_command_serves_one_request_and_stops_clean = shard_tests(0)
