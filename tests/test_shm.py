@@ -213,8 +213,11 @@ def test_a_containers_memory_limit_bounds_the_arena(
     # docker --memory: /proc/meminfo shows the host's memory, the cgroup the container's.
     from mmsched.stores import arena
 
+    # 96 MiB allowed, 48 MiB used, of which 16 MiB page cache that can be dropped (24 MiB
+    # of "file" is page cache, 8 MiB of it shared memory, which cannot): 64 MiB left.
     (tmp_path / "memory.max").write_text(f"{96 << 20}\n")
-    (tmp_path / "memory.current").write_text(f"{32 << 20}\n")
+    (tmp_path / "memory.current").write_text(f"{48 << 20}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {24 << 20}\nfile {24 << 20}\nshmem {8 << 20}\n")
     monkeypatch.setattr(arena, "CGROUP_DIR", tmp_path)
     assert arena._memory_available() == 64 << 20
     with pytest.raises(ConfigError, match="64 MiB of memory available"):

@@ -603,11 +603,20 @@ def _memory_available() -> int | None:
     except (OSError, KeyError, ValueError, IndexError):
         return None
     available = kib << 10
-    try:  # cgroup v2: the limit ("max": none) less what the group already uses
+    try:  # cgroup v2: the limit ("max": none) less what the group holds and cannot drop
         limit = (CGROUP_DIR / "memory.max").read_text().strip()
         if limit != "max":
             used = int((CGROUP_DIR / "memory.current").read_text())
-            available = min(available, max(0, int(limit) - used))
+            stat = dict(
+                line.split(" ", 1)
+                for line in (CGROUP_DIR / "memory.stat").read_text().splitlines()
+                if " " in line
+            )
+            # The page cache ("file", shared memory included) counts as used, yet all but
+            # the shared memory is dropped under pressure: a model's weights read once
+            # must not make the arena look as if it had no room.
+            reclaimable = max(0, int(stat.get("file", 0)) - int(stat.get("shmem", 0)))
+            available = min(available, max(0, int(limit) - used + reclaimable))
     except (OSError, ValueError):
         pass
     return available
