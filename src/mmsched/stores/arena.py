@@ -584,8 +584,8 @@ def _check_free_space(nbytes: int) -> None:
     memory = _memory_available()
     if memory is not None and memory < nbytes:
         raise ConfigError(
-            f"the host has {memory // 2**20} MiB of memory available, the arena in {SHM_DIR} "
-            f"needs {nbytes // 2**20} MiB; lower shm_arena_mb"
+            f"{memory // 2**20} MiB of memory available here (the host's, or the container's "
+            f"limit), the arena in {SHM_DIR} needs {nbytes // 2**20} MiB; lower shm_arena_mb"
         )
 
 
@@ -602,21 +602,24 @@ def _memory_available() -> int | None:
         kib = sum(int(fields[key].split()[0]) for key in (b"MemAvailable", b"SwapFree"))
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    available = kib << 10
-    try:  # cgroup v2: the limit ("max": none) less what the group holds and cannot drop
+    capped = _cgroup_memory_left()
+    return kib << 10 if capped is None else min(kib << 10, capped)
+
+
+def _cgroup_memory_left() -> int | None:
+    """What this process's cgroup (v2) still allows: its limit less what it holds and cannot
+    drop; ``None`` without a limit (``max``) or a cgroup v2 to read."""
+    try:
         limit = (CGROUP_DIR / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((CGROUP_DIR / "memory.current").read_text())
-            stat = dict(
-                line.split(" ", 1)
-                for line in (CGROUP_DIR / "memory.stat").read_text().splitlines()
-                if " " in line
-            )
-            # The page cache ("file", shared memory included) counts as used, yet all but
-            # the shared memory is dropped under pressure: a model's weights read once
-            # must not make the arena look as if it had no room.
-            reclaimable = max(0, int(stat.get("file", 0)) - int(stat.get("shmem", 0)))
-            available = min(available, max(0, int(limit) - used + reclaimable))
+        if limit == "max":
+            return None
+        used = int((CGROUP_DIR / "memory.current").read_text())
+        lines = (CGROUP_DIR / "memory.stat").read_text().splitlines()
+        stat = dict(line.split(" ", 1) for line in lines if " " in line)
+        # The page cache ("file", shared memory included) counts as used, yet all but the
+        # shared memory is dropped under pressure: a model's weights read once must not
+        # make the arena look as if it had no room.
+        reclaimable = max(0, int(stat.get("file", 0)) - int(stat.get("shmem", 0)))
+        return max(0, int(limit) - used + reclaimable)
     except (OSError, ValueError):
-        pass
-    return available
+        return None
