@@ -100,9 +100,12 @@ other request is in flight (sent and unanswered, or in a worker thread): nothing
 for the loop, and the hops to a worker thread and back cost as much as hashing and copying
 a megabyte. Under load they go to the worker threads, which hash several requests at once."""
 
-# Longest wait of a request planned by the cache mirror for the ones planned before it (they
-# are encoding: milliseconds); past it they are skipped and the caches start over.
-_TURN_WAIT_S = 5.0
+# A request planned by the cache mirror waits for the ones planned before it. Each of those
+# is sent, or gives its turn back when it fails, but may first wait up to timeout_s for room
+# in the payload store (an arena the concurrent requests fill): the wait is that bound plus
+# this slack; past it they are skipped and the caches start over. (A 5 s bound alone was
+# passed by requests waiting for room under load, and emptied the caches for nothing.)
+_TURN_SLACK_S = 5.0
 
 
 @dataclass
@@ -390,7 +393,9 @@ class TokenizerStage:
         frames, placed = prepared.frames, prepared.placed
         try:
             if prepared.ticket is not None:  # the cache mirror planned it: go in that order
-                in_turn = await self._sequencer.wait_turn(prepared.ticket, _TURN_WAIT_S)
+                in_turn = await self._sequencer.wait_turn(
+                    prepared.ticket, self.config.timeout_s + _TURN_SLACK_S
+                )
                 if not in_turn and self._mirror is not None:
                     log.warning("an earlier request never went out: the caches start over")
                     self._mirror.reset()
