@@ -124,6 +124,34 @@ def test_the_pinned_store_page_locks_the_arena_on_each_gpu_rank() -> None:
             producer.close()
 
 
+def test_a_gpu_tensor_reaches_the_shm_arena_in_one_copy() -> None:
+    # The store's put and a placement's put both take a GPU tensor straight into the arena
+    # (no page-locked staging tensor): every dtype and a non-contiguous one arrive exact.
+    options = StoreOptions(capacity_bytes=8 << 20, consumers=1, timeout_s=5.0, min_bytes=1024)
+    producer = ShmStore.create(options)
+    rank = ShmStore.attach(producer.address, 0, options)
+    try:
+        tensors = [
+            torch.randn(300, 200, device="cuda"),
+            torch.randint(0, 255, (3, 448, 448), dtype=torch.uint8, device="cuda"),
+            torch.randn(64, 64, device="cuda").to(torch.bfloat16).t(),  # non-contiguous
+        ]
+        for tensor in tensors:
+            ref = producer.put(tensor)
+            assert ref is not None and ref.device == "cpu"
+            assert torch.equal(rank.resolve(ref), tensor.cpu())
+        placement = producer.placement()
+        try:
+            ref = placement.put(tensors[0])
+            assert ref is not None
+            assert torch.equal(rank.resolve(ref), tensors[0].cpu())
+        finally:
+            placement.finish()
+    finally:
+        rank.close()
+        producer.close()
+
+
 async def test_a_full_cuda_pool_rejects_at_once_and_serves_again() -> None:
     # 8 MB of pool, 3 MB features, ranks that take 300 ms per iteration: a burst of twelve
     # cannot all be in the pool at once. Under reject the rest fail with Overloaded at once,

@@ -30,6 +30,7 @@ from mmsched import (
     encode,
 )
 from mmsched.bench.workloads import image_sample, ordinary_memory, restamped
+from mmsched.hashing import tensor_bytes
 from mmsched.messages import MaterializedInputs
 from mmsched.stores import PayloadRef, StoreOptions
 from mmsched.stores.arena import (
@@ -183,6 +184,15 @@ def orjson_dumps(value: object) -> bytes:
     import orjson
 
     return orjson.dumps(value)
+
+
+def test_put_tensor_copies_any_tensor_once(arena: ArenaWriter) -> None:
+    # On the CPU too (the GPU case: tests/test_gpu.py): a non-contiguous bf16 tensor's
+    # bytes, as tensor_bytes reads them.
+    tensor = torch.randn(40, 30).to(torch.bfloat16).t()
+    ref = arena.put_tensor(tensor)
+    view = arena._mapped.mm[ref.offset : ref.offset + ref.nbytes]
+    assert ref.nbytes == tensor.numel() * 2 and view == bytes(tensor_bytes(tensor))
 
 
 def test_dev_shm_too_small_is_a_clear_error() -> None:

@@ -57,6 +57,7 @@ import torch
 
 from mmsched.errors import ArenaFull, ConfigError, TransportError
 from mmsched.frames import Buffer
+from mmsched.hashing import tensor_bytes
 from mmsched.processes import pid_alive
 from mmsched.stores.copying import shared_copier
 
@@ -294,6 +295,26 @@ class ArenaWriter:
         # Chunks on a few pool threads (idle threads sleep: an OpenMP copy's team kept
         # spinning after each copy, and under load burned 12 cores on the entry rank).
         shared_copier().copy(dst, _address(src), src.nbytes)
+        return ref
+
+    def put_tensor(self, tensor: torch.Tensor, *, hold: bool = False, wait: bool = True) -> Ref:
+        """A tensor's bytes into the arena, as [`tensor_bytes`][mmsched.hashing.tensor_bytes]
+        reads them; like ``put`` otherwise. One on a GPU is copied from the device straight
+        into the mapped segment: one copy, not one into a page-locked staging tensor and a
+        second from there, and no staging memory to find (on the H200 host this took the
+        ``cuda`` preprocessing server from 362 to 495 requests/s served at 600/s offered,
+        docs/serving.md)."""
+        if tensor.device.type != "cuda":
+            return self.put(tensor_bytes(tensor), hold=hold, wait=wait)
+        flat = tensor.detach()
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        flat = flat.reshape(-1).view(torch.uint8)
+        nbytes = flat.numel()
+        ref, _ = self.reserve(nbytes, hold=hold, wait=wait)
+        if nbytes:
+            arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=nbytes, offset=ref.offset)
+            torch.frombuffer(arr.data, dtype=torch.uint8).copy_(flat)  # synchronous D2H
         return ref
 
     def reserve(self, nbytes: int, *, hold: bool = False, wait: bool = True) -> tuple[Ref, int]:

@@ -29,7 +29,7 @@ import torch
 
 from mmsched.errors import ArenaFull, ConfigError, TransportError
 from mmsched.frames import DTYPES, dtype_name, tensor_from_frame
-from mmsched.hashing import large_hashes_running, tensor_bytes
+from mmsched.hashing import large_hashes_running
 from mmsched.stores import arena
 from mmsched.stores.base import PayloadRef, PayloadStore, Placement, StoreOptions
 from mmsched.stores.copying import shared_copier, wait
@@ -161,7 +161,7 @@ class ShmStore(PayloadStore):
         if ref is None and self._writer is not None:
             if nbytes > self._writer.capacity:
                 return None  # can never fit: it travels inline
-            ref = self._writer.put(tensor_bytes(tensor))
+            ref = self._writer.put_tensor(tensor)
         return None if ref is None else self._ref(tensor, ref)
 
     def _ref(self, tensor: torch.Tensor, ref: arena.Ref) -> PayloadRef:
@@ -250,7 +250,7 @@ class _ShmPlacement(Placement):
             # for more (see stage): without room now, the tensor travels inline.
             holding = bool(self.placed) or bool(self._staged)
             try:
-                ref = writer.put(tensor_bytes(tensor), hold=True, wait=self.wait and not holding)
+                ref = writer.put_tensor(tensor, hold=True, wait=self.wait and not holding)
             except ArenaFull:
                 if not holding:
                     raise
