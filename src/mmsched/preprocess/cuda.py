@@ -36,7 +36,6 @@ import contextlib
 import logging
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from mmsched.errors import ConfigError, MmschedError, Overloaded
+from mmsched.frames import tensor_from_frame
 from mmsched.pixels import WIRE_FORMATS, specs_of
 from mmsched.preprocess.backend import Backend, Outcome, Processed
 from mmsched.preprocess.keys import processor_identity
@@ -166,15 +166,9 @@ def _out_of_memory(param: str) -> Overloaded:
 
 def _host_bytes(data: bytes | memoryview) -> torch.Tensor:
     """``data`` as a uint8 tensor on the host, without a copy: nvJPEG only reads it (on its
-    way to the GPU). ``bytes`` are read-only, and torch warns that its tensor could write
-    them, which says nothing here (the filter below); a zmq frame's buffer (the engine of
-    ``--api-servers``) is a writable view, and gets no warning."""
-    return torch.frombuffer(data, dtype=torch.uint8)
-
-
-# Set once, for the process: warnings.catch_warnings around each call would swap the
-# process's filters from several threads at once, which is not safe.
-warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+    way to the GPU). Read-only ``bytes`` are fine for that: ``tensor_from_frame`` silences
+    torch's warning that its tensor could write them, once for the process."""
+    return tensor_from_frame(data, "uint8", [memoryview(data).nbytes])
 
 
 class CudaBackend(Backend):
