@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -193,6 +194,36 @@ def test_put_tensor_copies_any_tensor_once(arena: ArenaWriter) -> None:
     ref = arena.put_tensor(tensor)
     view = arena._mapped.mm[ref.offset : ref.offset + ref.nbytes]
     assert ref.nbytes == tensor.numel() * 2 and view == bytes(tensor_bytes(tensor))
+
+
+class _OnGpu:
+    """A CPU tensor that says it is on a GPU: put_tensor takes its device path."""
+
+    device = SimpleNamespace(type="cuda")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+
+    def detach(self) -> torch.Tensor:
+        return self._tensor
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_failed_copy_from_the_gpu_gives_its_room_back(
+    arena: ArenaWriter, monkeypatch: pytest.MonkeyPatch, hold: bool
+) -> None:
+    # 600 KB of a 1 MiB arena whose copy fails (a CUDA error surfaces there): the room was
+    # never sent, so 600 KB more fit at once, held or not, no reader having read anything.
+    def failing(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    payload = torch.zeros(600_000, dtype=torch.uint8)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "frombuffer", failing)
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            arena.put_tensor(_OnGpu(payload), hold=hold)
+    ref = arena.put(bytes(600_000), wait=False)
+    assert ref.nbytes == 600_000
 
 
 def test_dev_shm_too_small_is_a_clear_error() -> None:

@@ -314,7 +314,13 @@ class ArenaWriter:
         ref, _ = self.reserve(nbytes, hold=hold, wait=wait)
         if nbytes:
             arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=nbytes, offset=ref.offset)
-            torch.frombuffer(arr.data, dtype=torch.uint8).copy_(flat)  # synchronous D2H
+            try:
+                torch.frombuffer(arr.data, dtype=torch.uint8).copy_(flat)  # synchronous D2H
+            except BaseException:
+                # A CUDA error surfaces here: the room was never sent, so it goes back now
+                # (held or not) rather than when the readers' watermarks pass it.
+                self.abandon(ref.seq)
+                raise
         return ref
 
     def reserve(self, nbytes: int, *, hold: bool = False, wait: bool = True) -> tuple[Ref, int]:
