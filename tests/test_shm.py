@@ -187,7 +187,7 @@ def orjson_dumps(value: object) -> bytes:
     return orjson.dumps(value)
 
 
-def test_put_tensor_copies_any_tensor_once(arena: ArenaWriter) -> None:
+def test_put_tensor_writes_the_bytes_tensor_bytes_reads(arena: ArenaWriter) -> None:
     # On the CPU too (the GPU case: tests/test_gpu.py): a non-contiguous bf16 tensor's
     # bytes, as tensor_bytes reads them.
     tensor = torch.randn(40, 30).to(torch.bfloat16).t()

@@ -86,17 +86,24 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     locked host memory (one copy, unavoidable: the hashers run on the CPU; page-locked, it
     goes at the bus's speed). The view keeps the storage alive.
     """
-    flat = tensor.detach()
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
+    flat = raw_bytes(tensor)
     if flat.device.type == "cuda":
         host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
         host.copy_(flat)
         flat = host
     elif flat.device.type != "cpu":
         flat = flat.cpu()
-    # view(uint8) reinterprets any dtype, bf16 included, as its raw bytes.
-    return flat.reshape(-1).view(torch.uint8).numpy().data
+    return flat.numpy().data
+
+
+def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat, contiguous uint8 tensor on its own device: a view, or
+    one copy where it was not contiguous. ``view(uint8)`` reinterprets any dtype, bf16
+    included, as its raw bytes."""
+    flat = tensor.detach()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return flat.reshape(-1).view(torch.uint8)
 
 
 def _preimage_header(modality: str, tensor: torch.Tensor) -> bytes:

@@ -57,7 +57,7 @@ import torch
 
 from mmsched.errors import ArenaFull, ConfigError, TransportError
 from mmsched.frames import Buffer
-from mmsched.hashing import tensor_bytes
+from mmsched.hashing import raw_bytes, tensor_bytes
 from mmsched.processes import pid_alive
 from mmsched.stores.copying import shared_copier
 
@@ -299,23 +299,22 @@ class ArenaWriter:
 
     def put_tensor(self, tensor: torch.Tensor, *, hold: bool = False, wait: bool = True) -> Ref:
         """A tensor's bytes into the arena, as [`tensor_bytes`][mmsched.hashing.tensor_bytes]
-        reads them; like ``put`` otherwise. One on a GPU is copied from the device straight
-        into the mapped segment: one copy, not one into a page-locked staging tensor and a
-        second from there, and no staging memory to find (on the H200 host this took the
-        ``cuda`` preprocessing server from 362 to 495 requests/s served at 600/s offered,
-        docs/serving.md)."""
+        reads them; like ``put`` otherwise. One on a GPU is copied from the device into the
+        mapped segment by one ``copy_``: no page-locked staging tensor of our own and no
+        second copy from it into the arena (the driver still stages the transfer through
+        page-locked memory of its own, the segment not being registered). What it gave the
+        ``cuda`` preprocessing server: docs/serving.md, "Where the H200 host saturates"."""
         if tensor.device.type != "cuda":
             return self.put(tensor_bytes(tensor), hold=hold, wait=wait)
-        flat = tensor.detach()
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
-        flat = flat.reshape(-1).view(torch.uint8)
+        flat = raw_bytes(tensor)
         nbytes = flat.numel()
         ref, _ = self.reserve(nbytes, hold=hold, wait=wait)
         if nbytes:
-            arr = np.frombuffer(self._mapped.mm, dtype=np.uint8, count=nbytes, offset=ref.offset)
             try:
-                torch.frombuffer(arr.data, dtype=torch.uint8).copy_(flat)  # synchronous D2H
+                into = torch.frombuffer(
+                    self._mapped.mm, dtype=torch.uint8, count=nbytes, offset=ref.offset
+                )
+                into.copy_(flat)  # synchronous: the bytes are there when it returns
             except BaseException:
                 # A CUDA error surfaces here: the room was never sent, so it goes back now
                 # (held or not) rather than when the readers' watermarks pass it.
