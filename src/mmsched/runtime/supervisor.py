@@ -99,8 +99,10 @@ def rank_main(
 
 def _exit_cleanly() -> None:
     """End a rank whose loop returned (its stores, transport and group closed) without the
-    interpreter's teardown: unloading torch's modules took 1.2 s of each rank's exit on 2
-    cores, which every ``Pipeline.aclose`` waited for. Its ``atexit`` handlers
+    interpreter's teardown (torch's modules unloaded one by one), which every
+    ``Pipeline.aclose`` waited for: at TP=4 on 2 cores it closed in 1.52-1.68 s with it,
+    0.42-0.47 s without (``scripts/pipeline_start_stop.py``,
+    docs/results/pipeline_start_stop_dev.txt). Its ``atexit`` handlers
     (multiprocessing's own among them) still run, and logging and stdio are flushed. Where a
     thread that the interpreter would wait for still runs (a callback's own, or an executor's,
     whose exit hooks ``atexit`` does not hold), the rank exits the ordinary way instead."""
