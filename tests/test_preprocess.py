@@ -463,6 +463,32 @@ def test_a_batch_that_fails_whole_gives_back_all_its_gpu_budget() -> None:
     assert backend.budget.held == 0
 
 
+def test_each_gpu_batch_says_at_debug_how_long_it_waited_and_ran(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What finds where a cuda server's preprocessing time goes: no GPU needed to check it.
+    import logging
+    from types import SimpleNamespace
+
+    from mmsched.preprocess.cuda import CudaBackend, GpuBudget, Reservation
+
+    backend = CudaBackend.__new__(CudaBackend)
+    backend.budget = GpuBudget(1 << 30)
+    backend.batches = backend.batched_images = 0
+    reserved = Reservation(work=1 << 20, held=0)
+    admitted = time.monotonic() - 0.05  # the first image waited 50 ms for its batch
+    batch = [SimpleNamespace(reserved=reserved, admitted=admitted + n * 0.01) for n in range(3)]
+    monkeypatch.setattr(backend, "_decode", lambda items: [BadRequest("p", "x")] * len(items))
+    monkeypatch.setattr(backend, "_process", lambda items, decoded: decoded)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    backend.device = torch.device("cpu")
+    with caplog.at_level(logging.DEBUG, logger="mmsched.preprocess.cuda"):
+        backend._run_batch(batch)  # type: ignore[arg-type]
+    [record] = [r for r in caplog.records if r.name == "mmsched.preprocess.cuda"]
+    waited = float(record.getMessage().split("admitted ")[1].split(" ms")[0])
+    assert record.getMessage().startswith("a batch of 3 images") and waited >= 50
+
+
 def photo(width: int, height: int, seed: int, fmt: str = "JPEG") -> EncodedImage:
     """Smooth colour with a little noise, as a photo is (pure noise is every decoder's and
     resizer's worst case, and no camera's)."""
