@@ -337,6 +337,10 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
         "the accelerator host's comparison of the backends: its cuda rows need a GPU and its cpu "
         "rows torchvision; its --help runs"
     ),
+    "python3 scripts/cuda_batches.py alone": ParseOnly(
+        "the cuda backend alone on the GPU; " + CUDA + "; its --help runs"
+    ),
+    "python3 scripts/cuda_batches.py log docs/results/serve_h200_batch_log_server.txt": Run(),
     "python -m mmsched serve --port 8051 --tp 4 --preprocess cuda --api-servers 4": ParseOnly(
         "the H200 limits' cuda server; " + CUDA
     ),
