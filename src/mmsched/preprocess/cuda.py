@@ -330,12 +330,14 @@ class CudaBackend(Backend):
                 self.budget.release(item.reserved.held)
         # Where a server's preprocessing time goes, when asked (the mmsched.preprocess.cuda
         # logger at DEBUG): how long the batch's first image waited, and how long it ran.
-        log.debug(
-            "a batch of %d images: the first admitted %.1f ms before it started; it ran %.1f ms",
-            len(batch),
-            (started - min(item.admitted for item in batch)) * 1e3,
-            (time.monotonic() - started) * 1e3,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "a batch of %d images: the first admitted %.1f ms before it started; "
+                "it ran %.1f ms",
+                len(batch),
+                (started - min(item.admitted for item in batch)) * 1e3,
+                (time.monotonic() - started) * 1e3,
+            )
         return outcomes
 
     def _decode(self, batch: list[_Item]) -> list[torch.Tensor | MmschedError]:
