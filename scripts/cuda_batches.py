@@ -3,15 +3,17 @@
     python3 scripts/cuda_batches.py alone          # the backend alone on the bench's JPEGs
     python3 scripts/cuda_batches.py log SERVER_LOG # a server's batches, from its DEBUG lines
 
-``alone`` builds 256 of the 1024x768 random-pixel JPEGs that ``mmsched bench serve`` sends
-(seed 7), runs them through a [`CudaBackend`][mmsched.preprocess.cuda.CudaBackend] of its
-own (2 ms window, batches of up to 32, a 16 GB budget) at 32, 128 and 256 images at once,
-under each wire format, then times nvJPEG's decode of 1, 8 and 32 of them and the uint8
-resize of 32 (ten runs each, after three to warm up). It needs a CUDA GPU and torchvision.
+``alone`` builds 256 JPEGs of the kind ``mmsched bench serve`` sends (1024x768, random
+pixels; made here with seed 7), runs them through a
+[`CudaBackend`][mmsched.preprocess.cuda.CudaBackend] of its own (2 ms window, batches of up
+to 32, a 16 GB budget) at 32, 128 and 256 images at once, under each wire format, then times
+nvJPEG's decode of 1, 8 and 32 of them and the uint8 resize of 32 (ten runs each, after
+three to warm up). It needs a CUDA GPU and torchvision.
 
-``log`` reads the lines the backend logs at DEBUG, one per batch (a server started with the
-``mmsched.preprocess.cuda`` logger at DEBUG, as docs/serving.md shows), and gives, by batch
-size, how many batches, how long their first image waited and how long they ran (p50, p90).
+``log`` reads the lines the backend logs at DEBUG, one per batch (from a server whose
+``mmsched.preprocess.cuda`` logger is at DEBUG and has a handler: docs/serving.md), and
+gives, by batch size, how many batches, how long their first image waited and how long they
+ran (p50, p90).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def summarise(path: str) -> None:
         ran = sorted(r[2] for r in group)
         p90 = int(0.9 * (len(group) - 1))
         print(
-            f"{low}-{high if high < 10**6 else ''}".ljust(19),
+            f"{low}-{high if high < 10**6 else ''}".ljust(18),
             str(len(group)).rjust(7),
             str(sum(r[0] for r in group)).rjust(8),
             f"{statistics.median(waited):12.1f} {waited[p90]:5.1f}",

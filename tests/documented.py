@@ -338,7 +338,7 @@ COMMANDS: dict[str, Run | Serve | ParseOnly] = {
         "rows torchvision; its --help runs"
     ),
     "python3 scripts/cuda_batches.py alone": ParseOnly(
-        "the cuda backend alone on the GPU; " + CUDA + "; its --help runs"
+        "the cuda backend alone: needs a CUDA GPU and torchvision; its --help runs"
     ),
     "python3 scripts/cuda_batches.py log docs/results/serve_h200_batch_log_server.txt": Run(),
     "python -m mmsched serve --port 8051 --tp 4 --preprocess cuda --api-servers 4": ParseOnly(

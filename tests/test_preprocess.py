@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -475,18 +476,36 @@ def test_each_gpu_batch_says_at_debug_how_long_it_waited_and_ran(
     backend = CudaBackend.__new__(CudaBackend)
     backend.budget = GpuBudget(1 << 30)
     backend.batches = backend.batched_images = 0
+    backend.device = torch.device("cpu")
     reserved = Reservation(work=1 << 20, held=0)
-    admitted = time.monotonic() - 0.05  # the first image waited 50 ms for its batch
-    batch = [SimpleNamespace(reserved=reserved, admitted=admitted + n * 0.01) for n in range(3)]
-    monkeypatch.setattr(backend, "_decode", lambda items: [BadRequest("p", "x")] * len(items))
+
+    def decode_in_20_ms(items: list[object]) -> list[object]:
+        time.sleep(0.02)
+        return [BadRequest("p", "x")] * len(items)
+
+    monkeypatch.setattr(backend, "_decode", decode_in_20_ms)
     monkeypatch.setattr(backend, "_process", lambda items, decoded: decoded)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    backend.device = torch.device("cpu")
+    admitted = time.monotonic() - 0.05  # the first image waited 50 ms for its batch
+    batch = [SimpleNamespace(reserved=reserved, admitted=admitted + n * 0.01) for n in range(3)]
     with caplog.at_level(logging.DEBUG, logger="mmsched.preprocess.cuda"):
         backend._run_batch(batch)  # type: ignore[arg-type]
     [record] = [r for r in caplog.records if r.name == "mmsched.preprocess.cuda"]
-    waited = float(record.getMessage().split("admitted ")[1].split(" ms")[0])
-    assert record.getMessage().startswith("a batch of 3 images") and waited >= 50
+    found = re.fullmatch(
+        r"a batch of 3 images: the first admitted ([\d.]+) ms before it started; "
+        r"it ran ([\d.]+) ms",
+        record.getMessage(),
+    )
+    assert found is not None, record.getMessage()
+    waited, ran = float(found[1]), float(found[2])
+    assert 50 <= waited < 1050 and 20 <= ran < 1020, (waited, ran)
+
+    # With DEBUG off nothing is worked out for the line: items without an admission time
+    # (which the line would read) run all the same, and nothing is logged.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmsched.preprocess.cuda"):
+        backend._run_batch([SimpleNamespace(reserved=reserved)])  # type: ignore[list-item]
+    assert not [r for r in caplog.records if r.name == "mmsched.preprocess.cuda"]
 
 
 def photo(width: int, height: int, seed: int, fmt: str = "JPEG") -> EncodedImage:
