@@ -192,7 +192,11 @@ def test_put_tensor_writes_the_bytes_tensor_bytes_reads(arena: ArenaWriter) -> N
     # bytes, as tensor_bytes reads them.
     tensor = torch.randn(40, 30).to(torch.bfloat16).t()
     ref = arena.put_tensor(tensor)
-    view = arena._mapped.mm[ref.offset : ref.offset + ref.nbytes]
+    reader = ArenaReader(arena.name, 0)
+    try:
+        view = bytes(reader.view(ref))
+    finally:
+        reader.close()
     assert ref.nbytes == tensor.numel() * 2 and view == bytes(tensor_bytes(tensor))
 
 
