@@ -13,7 +13,8 @@ three to warm up). It needs a CUDA GPU and torchvision.
 ``log`` reads the lines the backend logs at DEBUG, one per batch (from a server whose
 ``mmsched.preprocess.cuda`` logger is at DEBUG and has a handler: docs/serving.md), and
 gives, by batch size, how many batches, how long their first image waited and how long they
-ran (p50, p90).
+ran (p50, p90), and, where the lines say it (servers since the split was logged), where
+the run went: the decode call, the processor's calls, the wait for the GPU (p50).
 """
 
 from __future__ import annotations
@@ -84,13 +85,16 @@ def alone() -> None:
 
 _LINE = re.compile(
     r"a batch of (\d+) images: the first admitted ([\d.]+) ms before it started; "
-    r"it ran ([\d.]+) ms"
+    r"it ran ([\d.]+) ms(?: \(decode ([\d.]+), process ([\d.]+), GPU wait ([\d.]+)\))?"
 )
 
 
 def summarise(path: str) -> None:
     with open(path, encoding="utf-8") as log:
-        rows = [(int(m[1]), float(m[2]), float(m[3])) for line in log if (m := _LINE.search(line))]
+        found = [m for line in log if (m := _LINE.search(line))]
+    rows = [(int(m[1]), float(m[2]), float(m[3])) for m in found]
+    # Lines from servers since the split was logged also say where the run went.
+    split = [(int(m[1]), float(m[4]), float(m[5]), float(m[6])) for m in found if m[4]]
     print(f"{len(rows)} batches, {sum(r[0] for r in rows)} images")
     print("images per batch   batches   images   waited p50   p90   ran p50   p90 (ms)")
     for low, high in ((1, 8), (9, 31), (32, 10**6)):
@@ -107,6 +111,15 @@ def summarise(path: str) -> None:
             f"{statistics.median(waited):12.1f} {waited[p90]:5.1f}",
             f"{statistics.median(ran):9.1f} {ran[p90]:5.1f}",
         )
+    if split:
+        print("images per batch   decode p50   process p50   GPU wait p50 (ms)")
+        for low, high in ((1, 8), (9, 31), (32, 10**6)):
+            parts = [r[1:] for r in split if low <= r[0] <= high]
+            if parts:
+                print(
+                    f"{low}-{high if high < 10**6 else ''}".ljust(18),
+                    *(f"{statistics.median(p[n] for p in parts):11.1f}" for n in range(3)),
+                )
 
 
 def main() -> None:

@@ -493,12 +493,13 @@ def test_each_gpu_batch_says_at_debug_how_long_it_waited_and_ran(
     [record] = [r for r in caplog.records if r.name == "mmsched.preprocess.cuda"]
     found = re.fullmatch(
         r"a batch of 3 images: the first admitted ([\d.]+) ms before it started; "
-        r"it ran ([\d.]+) ms",
+        r"it ran ([\d.]+) ms \(decode ([\d.]+), process ([\d.]+), GPU wait ([\d.]+)\)",
         record.getMessage(),
     )
     assert found is not None, record.getMessage()
-    waited, ran = float(found[1]), float(found[2])
+    waited, ran, decode, process, gpu = (float(f) for f in found.groups())
     assert 50 <= waited < 1050 and 20 <= ran < 1020, (waited, ran)
+    assert 20 <= decode <= ran and process + gpu <= ran - decode + 0.2, found.groups()
 
     # With DEBUG off nothing is worked out for the line: items without an admission time
     # (which the line would read) run all the same, and nothing is logged.

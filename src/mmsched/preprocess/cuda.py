@@ -312,7 +312,9 @@ class CudaBackend(Backend):
         self.batched_images += len(batch)
         try:
             decoded = self._decode(batch)
+            decoded_at = time.monotonic()
             outcomes = self._process(batch, decoded)
+            processed_at = time.monotonic()
             torch.cuda.synchronize(self.device)  # the features are ready when handed over
         except BaseException:
             # The batch fails whole (the batcher answers each image with the error): nothing
@@ -329,14 +331,20 @@ class CudaBackend(Backend):
             else:
                 self.budget.release(item.reserved.held)
         # Where a server's preprocessing time goes, when asked (the mmsched.preprocess.cuda
-        # logger at DEBUG): how long the batch's first image waited, and how long it ran.
+        # logger at DEBUG): how long the batch's first image waited, and how long it ran, in
+        # the decode call, the processor's calls and the wait for the GPU to finish them
+        # (the calls return once the GPU has their work queued, or sooner where it is busy).
         if log.isEnabledFor(logging.DEBUG):
+            done = time.monotonic()
             log.debug(
                 "a batch of %d images: the first admitted %.1f ms before it started; "
-                "it ran %.1f ms",
+                "it ran %.1f ms (decode %.1f, process %.1f, GPU wait %.1f)",
                 len(batch),
                 (started - min(item.admitted for item in batch)) * 1e3,
-                (time.monotonic() - started) * 1e3,
+                (done - started) * 1e3,
+                (decoded_at - started) * 1e3,
+                (processed_at - decoded_at) * 1e3,
+                (done - processed_at) * 1e3,
             )
         return outcomes
 
