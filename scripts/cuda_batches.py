@@ -7,14 +7,16 @@
 pixels; made here with seed 7), runs them through a
 [`CudaBackend`][mmsched.preprocess.cuda.CudaBackend] of its own (2 ms window, batches of up
 to 32, a 16 GB budget) at 32, 128 and 256 images at once, under each wire format, then times
-nvJPEG's decode of 1, 8 and 32 of them and the uint8 resize of 32 (ten runs each, after
-three to warm up). It needs a CUDA GPU and torchvision.
+nvJPEG's decode of 1, 8 and 32 of them (and the calling thread's CPU time in it) and the
+uint8 resize of 32 (ten runs each, after three to warm up). It needs a CUDA GPU and
+torchvision.
 
-``log`` reads the lines the backend logs at DEBUG, one per batch (from a server whose
-``mmsched.preprocess.cuda`` logger is at DEBUG and has a handler: docs/serving.md), and
-gives, by batch size, how many batches, how long their first image waited and how long they
-ran (p50, p90), and, where the lines say it (servers since the split was logged), where
-the run went: the decode call, the processor's calls, the wait for the GPU (p50).
+``log`` reads the lines the backend logs at DEBUG, one per batch, from a server whose
+``mmsched.preprocess.cuda`` logger is at DEBUG and has a handler (docs/serving.md; the log
+plain or gzipped), and gives, by batch size, how many batches, how long their first image
+waited and how long they ran (p50, p90), and, where the lines say it (servers since the
+split was logged), where the run went: the decode call, the processor's calls, the wait for
+the GPU, and the batch thread's CPU time in the first two (p50).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gzip
 import re
 import statistics
 import time
@@ -66,11 +69,13 @@ def alone() -> None:
         for _ in range(3):
             decode_jpeg(data[:n], mode=ImageReadMode.RGB, device="cuda")
         torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         for _ in range(10):
             decoded = decode_jpeg(data[:n], mode=ImageReadMode.RGB, device="cuda")
         torch.cuda.synchronize()
-        print("decode batch", n, "ms", round((time.perf_counter() - start) / 10 * 1e3, 2))
+        ms = (time.perf_counter() - start) / 10 * 1e3
+        cpu_ms = (time.thread_time() - cpu_start) / 10 * 1e3
+        print("decode batch", n, "ms", round(ms, 2), "thread CPU ms", round(cpu_ms, 2))
     backend = CudaBackend(MediaLimits(), "cuda:0", 16384, 2.0, 32, wire_pixels="uint8")
     device = torch.device("cuda")
     for _ in range(3):
@@ -85,16 +90,18 @@ def alone() -> None:
 
 _LINE = re.compile(
     r"a batch of (\d+) images: the first admitted ([\d.]+) ms before it started; "
-    r"it ran ([\d.]+) ms(?: \(decode ([\d.]+), process ([\d.]+), GPU wait ([\d.]+)\))?"
+    r"it ran ([\d.]+) ms(?: \(decode ([\d.]+), process ([\d.]+), GPU wait ([\d.]+)"
+    r"(?:; on the CPU: decode ([\d.]+), process ([\d.]+))?\))?"
 )
 
 
 def summarise(path: str) -> None:
-    with open(path, encoding="utf-8") as log:
+    opener = gzip.open if path.endswith(".gz") else open  # the committed logs are gzipped
+    with opener(path, "rt", encoding="utf-8") as log:
         found = [m for line in log if (m := _LINE.search(line))]
     rows = [(int(m[1]), float(m[2]), float(m[3])) for m in found]
     # Lines from servers since the split was logged also say where the run went.
-    split = [(int(m[1]), float(m[4]), float(m[5]), float(m[6])) for m in found if m[4]]
+    split = [(int(m[1]), *(float(f) for f in m.groups()[3:] if f)) for m in found if m[4]]
     print(f"{len(rows)} batches, {sum(r[0] for r in rows)} images")
     print("images per batch   batches   images   waited p50   p90   ran p50   p90 (ms)")
     for low, high in ((1, 8), (9, 31), (32, 10**6)):
@@ -112,13 +119,22 @@ def summarise(path: str) -> None:
             f"{statistics.median(ran):9.1f} {ran[p90]:5.1f}",
         )
     if split:
-        print("images per batch   decode p50   process p50   GPU wait p50 (ms)")
+        # The batch thread's CPU time too, where the lines give it (since it was logged).
+        cpu = all(len(r) == 6 for r in split)
+        print(
+            "images per batch   decode p50   process p50   GPU wait p50"
+            + ("   on the CPU: decode p50   process p50" if cpu else "")
+            + " (ms)"
+        )
         for low, high in ((1, 8), (9, 31), (32, 10**6)):
             parts = [r[1:] for r in split if low <= r[0] <= high]
             if parts:
                 print(
                     f"{low}-{high if high < 10**6 else ''}".ljust(18),
-                    *(f"{statistics.median(p[n] for p in parts):11.1f}" for n in range(3)),
+                    *(
+                        f"{statistics.median(p[n] for p in parts):11.1f}"
+                        for n in range(5 if cpu else 3)
+                    ),
                 )
 
 

@@ -493,13 +493,18 @@ def test_each_gpu_batch_says_at_debug_how_long_it_waited_and_ran(
     [record] = [r for r in caplog.records if r.name == "mmsched.preprocess.cuda"]
     found = re.fullmatch(
         r"a batch of 3 images: the first admitted ([\d.]+) ms before it started; "
-        r"it ran ([\d.]+) ms \(decode ([\d.]+), process ([\d.]+), GPU wait ([\d.]+)\)",
+        r"it ran ([\d.]+) ms \(decode ([\d.]+), process ([\d.]+), GPU wait ([\d.]+); "
+        r"on the CPU: decode ([\d.]+), process ([\d.]+)\)",
         record.getMessage(),
     )
     assert found is not None, record.getMessage()
-    waited, ran, decode, process, gpu = (float(f) for f in found.groups())
+    waited, ran, decode, process, gpu, decode_cpu, process_cpu = map(float, found.groups())
     assert 50 <= waited < 1050 and 20 <= ran < 1020, (waited, ran)
     assert 20 <= decode <= ran and process + gpu <= ran - decode + 0.2, found.groups()
+    # The thread's CPU time is within its wall time (0.2 ms: the figures' rounding), and a
+    # decode that slept shows as waiting: its CPU time far below its 20 ms.
+    assert decode_cpu <= decode + 0.2 and process_cpu <= process + 0.2, found.groups()
+    assert decode_cpu < 10, found.groups()
 
     # With DEBUG off nothing is worked out for the line: items without an admission time
     # (which the line would read) run all the same, and nothing is logged.

@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import mmsched.frames  # noqa: F401  (its filter of torch's read-only buffer warning)
 from mmsched.errors import ConfigError, MmschedError, Overloaded
-from mmsched.frames import tensor_from_frame
 from mmsched.pixels import WIRE_FORMATS, specs_of
 from mmsched.preprocess.backend import Backend, Outcome, Processed
 from mmsched.preprocess.keys import processor_identity
@@ -167,9 +167,17 @@ def _out_of_memory(param: str) -> Overloaded:
 
 def _host_bytes(data: bytes | memoryview) -> torch.Tensor:
     """``data`` as a uint8 tensor on the host, without a copy: nvJPEG only reads it (on its
-    way to the GPU). Read-only ``bytes`` are fine for that: ``tensor_from_frame`` silences
-    torch's warning that its tensor could write them, once for the process."""
-    return tensor_from_frame(data, "uint8", [memoryview(data).nbytes])
+    way to the GPU). Read-only ``bytes`` are fine for that: ``mmsched.frames`` silences
+    torch's warning that its tensor could write them, once for the process.
+
+    ``torch.frombuffer`` alone, not a view of it: each torch call from Python lets the GIL
+    go and takes it back, and in a server the batch thread waits for it each time behind
+    the event loop. One call less per image cut a batch of 32's decode from 48 to 34 ms at
+    p50 in a server at 600 requests/s (docs/results/serve_h200_gil.txt); the rest of the
+    batch's calls wait all the same."""
+    if not memoryview(data).nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 class CudaBackend(Backend):
@@ -307,14 +315,14 @@ class CudaBackend(Backend):
                     item.future.set_result(outcome)
 
     def _run_batch(self, batch: list[_Item]) -> list[Outcome]:
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.thread_time()
         self.batches += 1
         self.batched_images += len(batch)
         try:
             decoded = self._decode(batch)
-            decoded_at = time.monotonic()
+            decoded_at, cpu_decoded = time.monotonic(), time.thread_time()
             outcomes = self._process(batch, decoded)
-            processed_at = time.monotonic()
+            processed_at, cpu_processed = time.monotonic(), time.thread_time()
             torch.cuda.synchronize(self.device)  # the features are ready when handed over
         except BaseException:
             # The batch fails whole (the batcher answers each image with the error): nothing
@@ -333,18 +341,23 @@ class CudaBackend(Backend):
         # Where a server's preprocessing time goes, when asked (the mmsched.preprocess.cuda
         # logger at DEBUG): how long the batch's first image waited, and how long it ran, in
         # the decode call, the processor's calls and the wait for the GPU to finish them
-        # (the calls return once the GPU has their work queued, or sooner where it is busy).
+        # (the calls return once the GPU has their work queued, or sooner where it is busy),
+        # and the CPU time this thread spent in the first two: a call that took far longer
+        # than its CPU time waited (for the GIL, a lock or the GPU), one that did not ran.
         if log.isEnabledFor(logging.DEBUG):
             done = time.monotonic()
             log.debug(
                 "a batch of %d images: the first admitted %.1f ms before it started; "
-                "it ran %.1f ms (decode %.1f, process %.1f, GPU wait %.1f)",
+                "it ran %.1f ms (decode %.1f, process %.1f, GPU wait %.1f; on the CPU: "
+                "decode %.1f, process %.1f)",
                 len(batch),
                 (started - min(item.admitted for item in batch)) * 1e3,
                 (done - started) * 1e3,
                 (decoded_at - started) * 1e3,
                 (processed_at - decoded_at) * 1e3,
                 (done - processed_at) * 1e3,
+                (cpu_decoded - cpu_started) * 1e3,
+                (cpu_processed - cpu_decoded) * 1e3,
             )
         return outcomes
 
