@@ -230,6 +230,23 @@ def test_a_failed_copy_from_the_gpu_gives_its_room_back(
     assert ref.nbytes == 600_000
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_failed_copy_from_the_host_gives_its_room_back(
+    arena: ArenaWriter, monkeypatch: pytest.MonkeyPatch, hold: bool
+) -> None:
+    # The same for put: a copy that fails leaves room no reader will see, and it is free.
+    class FailingCopier:
+        def copy(self, *args: object) -> None:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("mmsched.stores.arena.shared_copier", FailingCopier)
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            arena.put(bytes(600_000), hold=hold)
+    ref = arena.put(bytes(600_000), wait=False)
+    assert ref.nbytes == 600_000
+
+
 def test_dev_shm_too_small_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="enlarge /dev/shm"):
         ArenaWriter(1 << 60, n_readers=1)

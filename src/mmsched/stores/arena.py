@@ -294,7 +294,14 @@ class ArenaWriter:
         ref, dst = self.reserve(src.nbytes, hold=hold, wait=wait)
         # Chunks on a few pool threads (idle threads sleep: an OpenMP copy's team kept
         # spinning after each copy, and under load burned 12 cores on the entry rank).
-        shared_copier().copy(dst, _address(src), src.nbytes)
+        try:
+            shared_copier().copy(dst, _address(src), src.nbytes)
+        except BaseException:
+            # A copy that fails (the copier's pool gone at shutdown, an interrupt) leaves
+            # room that was never sent: it goes back now, as in put_tensor, or it would
+            # wait for watermarks that only a later payload moves past it.
+            self.abandon(ref.seq)
+            raise
         return ref
 
     def put_tensor(self, tensor: torch.Tensor, *, hold: bool = False, wait: bool = True) -> Ref:
