@@ -4,12 +4,15 @@ copies, reclaimed, never leaked."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -245,6 +248,41 @@ def test_a_failed_copy_from_the_host_gives_its_room_back(
             arena.put(bytes(600_000), hold=hold)
     ref = arena.put(bytes(600_000), wait=False)
     assert ref.nbytes == 600_000
+
+
+def test_a_copy_that_fails_to_start_returns_only_once_its_chunks_are_done() -> None:
+    # The pool refuses the second chunk (shut down): the first, already running, must be
+    # done before the error reaches the caller, who may then give its room up.
+    copier = ParallelCopier(threads=2)
+    finished = threading.Event()
+
+    def slow_chunk() -> int:
+        time.sleep(0.2)
+        finished.set()
+        return 0
+
+    real_pool = copier._pool
+    submitted: list[Future[int]] = []
+
+    class RefusingPool:
+        def submit(self, *args: object) -> Future[int]:
+            if submitted:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            submitted.append(real_pool.submit(slow_chunk))
+            return submitted[0]
+
+    copier._pool = RefusingPool()  # type: ignore[assignment]
+    src, dst = bytearray(2 << 20), bytearray(2 << 20)
+    try:
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            copier.copy(_address_of(dst), _address_of(src), len(src))
+        assert finished.is_set()
+    finally:
+        real_pool.shutdown(wait=True)
+
+
+def _address_of(buffer: bytearray) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def test_dev_shm_too_small_is_a_clear_error() -> None:

@@ -13,6 +13,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 
 # Below this a single memmove is faster than handing chunks to threads.
 PARALLEL_MIN_BYTES = 1 << 20
@@ -41,17 +42,32 @@ class ParallelCopier:
         """Begin the copy in up to ``pieces`` chunks (default: one per thread); it is done
         when every returned future is."""
         chunk = _chunk_size(nbytes, pieces or self.threads)
-        return [
-            self._pool.submit(ctypes.memmove, dst + at, src + at, min(chunk, nbytes - at))
-            for at in range(0, nbytes, chunk)
-        ]
+        futures: list[Future[int]] = []
+        try:
+            for at in range(0, nbytes, chunk):
+                futures.append(
+                    self._pool.submit(ctypes.memmove, dst + at, src + at, min(chunk, nbytes - at))
+                )
+        except BaseException:
+            # A submit refused (the pool shut down) with chunks already running: they finish
+            # first, so that a caller who gives the room up on this error (ArenaWriter.put)
+            # gives up none that a copy still writes into.
+            wait_all(futures)
+            raise
+        return futures
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
-        """Copy and wait; a small copy runs on the calling thread."""
+        """Copy and wait; a small copy runs on the calling thread. It returns or raises
+        only once no chunk of it runs."""
         if nbytes < PARALLEL_MIN_BYTES or self.threads == 1:
             ctypes.memmove(dst, src, nbytes)
             return
-        wait(self.start(dst, src, nbytes))
+        futures = self.start(dst, src, nbytes)
+        try:
+            wait(futures)
+        except BaseException:  # an interrupt while waiting: the chunks still run out
+            wait_all(futures)
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
