@@ -324,6 +324,7 @@ class CudaBackend(Backend):
             outcomes = self._process(batch, decoded)
             processed_at, cpu_processed = time.monotonic(), time.thread_time()
             torch.cuda.synchronize(self.device)  # the features are ready when handed over
+            synced_at = time.monotonic()
         except BaseException:
             # The batch fails whole (the batcher answers each image with the error): nothing
             # of it is handed over, so what each image held goes back too, or every such
@@ -355,7 +356,7 @@ class CudaBackend(Backend):
                 (done - started) * 1e3,
                 (decoded_at - started) * 1e3,
                 (processed_at - decoded_at) * 1e3,
-                (done - processed_at) * 1e3,
+                (synced_at - processed_at) * 1e3,
                 (cpu_decoded - cpu_started) * 1e3,
                 (cpu_processed - cpu_decoded) * 1e3,
             )
