@@ -15,21 +15,20 @@ by_tail: collections.Counter[str] = collections.Counter()
 by_phase: collections.Counter[str] = collections.Counter()
 in_decode: collections.Counter[str] = collections.Counter()
 with open(sys.argv[1], encoding="utf-8") as profile:
-    lines = profile.readlines()
-for line in lines:
-    stack, _, count = line.rstrip().rpartition(" ")
-    frames = [f.split(" (")[0] for f in stack.split(";")]
-    if "CudaBackend._run_batch" not in frames:
-        continue
-    phase = next(
-        (f for f in frames if f in ("CudaBackend._decode", "CudaBackend._process")), "rest"
-    )
-    gil = any("gil_scoped" in f or f == "take_gil" for f in frames)
-    by_phase[f"{phase} ({'waiting for the GIL' if gil else 'other'})"] += int(count)
-    if phase == "CudaBackend._decode":
-        part = next((f for f in frames if f in ("_host_bytes", "decode_jpeg")), "elsewhere")
-        in_decode[f"{part} ({'waiting for the GIL' if gil else 'other'})"] += int(count)
-    by_tail[phase + " :: " + " < ".join(reversed(frames[-6:]))] += int(count)
+    for line in profile:
+        stack, _, count = line.rstrip().rpartition(" ")
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        if "CudaBackend._run_batch" not in frames:
+            continue
+        phase = next(
+            (f for f in frames if f in ("CudaBackend._decode", "CudaBackend._process")), "rest"
+        )
+        gil = any("gil_scoped" in f or f == "take_gil" for f in frames)
+        by_phase[f"{phase} ({'waiting for the GIL' if gil else 'other'})"] += int(count)
+        if phase == "CudaBackend._decode":
+            part = next((f for f in frames if f in ("_host_bytes", "decode_jpeg")), "elsewhere")
+            in_decode[f"{part} ({'waiting for the GIL' if gil else 'other'})"] += int(count)
+        by_tail[phase + " :: " + " < ".join(reversed(frames[-6:]))] += int(count)
 total = sum(by_phase.values())
 print(f"{total} samples of the batch thread")
 for name, n in by_phase.most_common():
