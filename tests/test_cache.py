@@ -8,13 +8,26 @@ import asyncio
 import dataclasses
 import gc
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from mmsched import Config, ConfigError, MultimodalInputs, Pipeline, RankTimings, RequestFailed
+from mmsched import (
+    Config,
+    ConfigError,
+    MultimodalInputs,
+    Overloaded,
+    Pipeline,
+    RankTimings,
+    RequestFailed,
+)
 from mmsched.bench.workloads import Sample, image_sample, ordinary_memory, restamped
 from mmsched.cache import CacheMirror, CacheOps, FeatureCache
+from mmsched.errors import ArenaFull
+from mmsched.stores import STORES
+from mmsched.stores.base import PayloadRef, Placement
+from mmsched.stores.inline import InlineStore
 
 HASHER = "blake3"
 
@@ -140,6 +153,87 @@ async def test_a_rank_that_misses_fails_that_request_and_the_caches_start_over()
         for i in range(2):
             trace = await pipeline.generate_traced(f"after-{i}", sample.input_ids, sample.mm_inputs)
             assert {r.data["content_digest"] for r in trace.reports} == {expected}
+
+
+class _FullOnTheLoop(Placement):
+    """A placement that finds no room whenever it may not wait: the store as a request
+    prepared on the event loop finds it while the ranks still hold the arena."""
+
+    def wants(self, tensor: torch.Tensor) -> bool:
+        return not self.wait or super().wants(tensor)
+
+    def put(self, tensor: torch.Tensor) -> PayloadRef | None:
+        if not self.wait:
+            raise ArenaFull("no room on the loop (test)")
+        return super().put(tensor)
+
+
+class FullOnTheLoopStore(InlineStore):
+    """The ``inline`` store, full for every placement that may not wait."""
+
+    name = "full-on-the-loop"
+
+    def placement(self, *, wait: bool = True) -> Placement:
+        return _FullOnTheLoop(self, wait=wait)
+
+
+@pytest.fixture
+def full_on_the_loop() -> Iterator[str]:
+    STORES.register(FullOnTheLoopStore.name, FullOnTheLoopStore)
+    yield FullOnTheLoopStore.name
+    STORES.unregister(FullOnTheLoopStore.name)
+
+
+async def test_a_request_planned_on_the_loop_that_finds_no_room_keeps_the_caches(
+    full_on_the_loop: str,
+) -> None:
+    """A small request is built and planned on the event loop; a store with no room for it
+    there sends it to a worker thread, which waits for room. Its plan goes with it: the
+    caches are not started over (before, every such request emptied every rank's cache)."""
+    config = Config(
+        strategy="tokenizer",
+        transport="memory",
+        payload_store=full_on_the_loop,
+        tp_size=2,
+        feature_cache_mb=64,
+        hasher=HASHER,
+    )
+    first, second = images(2)  # 0.38 MB each: prepared on the loop when alone
+    order = [first, second, first, first, second]
+    async with Pipeline(config, probe=RankTimings(digest_prefix="")) as pipeline:
+        for i, sample in enumerate(order):
+            trace = await pipeline.generate_traced(f"r{i}", sample.input_ids, sample.mm_inputs)
+            expected = built(sample).content_digest()
+            assert {r.data["content_digest"] for r in trace.reports} == {expected}
+        stats = pipeline.cache_stats()
+        assert stats is not None
+        assert (stats.resyncs, stats.hits, stats.misses) == (0, 3, 2), stats
+
+
+async def test_a_request_planned_on_the_loop_with_no_room_and_reject_fails_alone(
+    full_on_the_loop: str,
+) -> None:
+    """Under ``backpressure="reject"`` the request fails with ``Overloaded`` at once, its
+    turn is given up (the caches start over, since the ranks never see its plan), and the
+    next request is not held behind it."""
+    config = Config(
+        strategy="tokenizer",
+        transport="memory",
+        payload_store=full_on_the_loop,
+        tp_size=2,
+        feature_cache_mb=64,
+        hasher=HASHER,
+        backpressure="reject",
+    )
+    (small,) = images(1)
+    async with Pipeline(config) as pipeline:
+        for i in range(2):
+            with pytest.raises(Overloaded):
+                await asyncio.wait_for(
+                    pipeline.generate(f"r{i}", small.input_ids, small.mm_inputs), 10
+                )
+        stats = pipeline.cache_stats()
+        assert stats is not None and stats.resyncs == 2, stats
 
 
 @pytest.mark.parametrize("store", ["inline", "shm"])

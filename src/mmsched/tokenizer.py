@@ -115,6 +115,15 @@ class _Prepared:
     ticket: int | None  # its turn to be sent (feature cache), or None
 
 
+class _NoRoomYet(Exception):
+    """A request built and planned by the cache mirror on the event loop found no room in
+    the payload store: its plan and ``ticket`` stay for a worker thread to place it."""
+
+    def __init__(self, ticket: int, error: ArenaFull) -> None:
+        super().__init__(str(error))
+        self.ticket, self.error = ticket, error
+
+
 @dataclass
 class _Pending:
     future: asyncio.Future[RequestTrace]
@@ -364,6 +373,7 @@ class TokenizerStage:
         prepared = None
         idle = not self._pending and not self._preparing
         small = nbytes < INLINE_MAX_BYTES or (idle and nbytes < IDLE_INLINE_MAX_BYTES)
+        planned: int | None = None  # the cache mirror's ticket of a plan kept for the thread
         if small and _id_count(input_ids) <= _INLINE_MAX_IDS:
             # Less work than the hop to a worker thread and back (a wake-up each way, and
             # the GIL handed over twice), or nothing else waiting for the loop: done here,
@@ -371,6 +381,14 @@ class TokenizerStage:
             given = req.input_ids, req.mm_inputs
             try:
                 prepared = self._prepare(req, inline=True)
+            except _NoRoomYet as no_room:
+                if self.config.backpressure == "reject":
+                    self._abandon_ticket(no_room.ticket)  # never sent: the caches start over
+                    raise no_room.error from None
+                # Planned by the cache mirror, then no room to place it: the plan and its
+                # turn stay (undoing them would empty every rank's cache), and a worker
+                # thread places the planned request, waiting for room.
+                planned = no_room.ticket
             except ArenaFull:
                 if self.config.backpressure == "reject":
                     raise
@@ -381,7 +399,7 @@ class TokenizerStage:
         if prepared is None:
             # Building, hashing and copying into shared memory release the GIL: worker
             # threads keep the event loop free for other requests.
-            job = loop.run_in_executor(self._pool, self._prepare, req)
+            job = loop.run_in_executor(self._pool, self._prepare, req, False, planned)
             self._preparing += 1
             try:
                 prepared = await asyncio.shield(job)
@@ -436,26 +454,43 @@ class TokenizerStage:
             if placed and not (sending.done() and not sending.cancelled()):
                 self._settle_unsent(rid, placed)  # it never went out: nobody will read it
 
-    def _prepare(self, req: TokenizedGenerateReqInput, inline: bool = False) -> _Prepared:
+    def _prepare(
+        self, req: TokenizedGenerateReqInput, inline: bool = False, planned: int | None = None
+    ) -> _Prepared:
         """The request's frames, inputs built if the strategy says so (a worker thread, or
         the loop for a small request: ``inline``), the payload-store room they hold (until
-        settled) and, with a feature cache, its turn to be sent."""
-        ticket = None
+        settled) and, with a feature cache, its turn to be sent. ``planned``: the ticket of
+        a request the loop already built and planned (it found no room to place it): only
+        its placement and encoding are left.
+
+        Raises:
+            _NoRoomYet: ``inline``, planned, and no room to place it now.
+        """
+        ticket = planned
         # Placed through this request's own handle; on the loop it must not wait for room.
         placement = self._store.placement(wait=not inline)
         try:
             with placement:
-                req.input_ids = validate_input_ids(req.input_ids)
-                # A worker thread starts the features' copy into the store once they are
-                # valid, so that it overlaps the hash prepare() computes over the same bytes.
-                self.strategy.prepare(
-                    req, lambda r: self._build(r, None if inline else placement.stage)
-                )
-                if self._mirror is not None and isinstance(req.mm_inputs, MultimodalInputs):
-                    # Hits travel as their key only; the order of plans is the order
-                    # of sends, so that every rank applies them as the mirror did.
-                    req.mm_inputs, ticket = self._mirror.plan(req.mm_inputs)
+                if planned is None:
+                    req.input_ids = validate_input_ids(req.input_ids)
+                    # A worker thread starts the features' copy into the store once they
+                    # are valid, so that it overlaps the hash prepare() computes over the
+                    # same bytes.
+                    self.strategy.prepare(
+                        req, lambda r: self._build(r, None if inline else placement.stage)
+                    )
+                    if self._mirror is not None and isinstance(req.mm_inputs, MultimodalInputs):
+                        # Hits travel as their key only; the order of plans is the order
+                        # of sends, so that every rank applies them as the mirror did.
+                        req.mm_inputs, ticket = self._mirror.plan(req.mm_inputs)
                 frames = encode(req, placement)
+        except ArenaFull as exc:
+            self._store.settle(placement.placed, sent=False)  # nothing of it is sent
+            if ticket is not None and inline:
+                raise _NoRoomYet(ticket, exc) from exc  # the plan is kept: see _submit
+            if ticket is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._abandon_ticket, ticket)
+            raise
         except BaseException:
             self._store.settle(placement.placed, sent=False)  # nothing of it is sent
             if ticket is not None and inline:
