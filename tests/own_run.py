@@ -1,5 +1,5 @@
 """What one run owns on the host: its segments, the shared memory its processes map, its
-run directories.
+run directories, its rank processes.
 
 Tests assert on these rather than on the whole of ``/dev/shm``, so that they hold while other
 mmsched runs (parallel CI jobs, a developer's server) come and go on the same machine.
@@ -40,3 +40,25 @@ def run_dirs_of(pids: list[int]) -> set[Path]:
     """Run directories of tokenizers ``pids`` (named ``mmsched-<pid>-...``) that exist."""
     tmp = Path(tempfile.gettempdir())
     return {path for pid in pids for path in tmp.glob(f"{RUN_DIR_PREFIX}{pid}-*")}
+
+
+def rank_processes_of(pid: int) -> list[psutil.Process]:
+    """The rank processes process ``pid`` started, under either ``rank_start_method``: its
+    spawned children, or the children of its fork server (not the server itself, nor
+    multiprocessing's resource tracker)."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for process in descendants:
+        try:
+            command = " ".join(process.cmdline())
+            parent = process.ppid()
+        except psutil.Error:  # gone meanwhile
+            continue
+        if "spawn_main" in command and parent == pid:
+            found.append(process)
+        elif "forkserver" in command and parent != pid:
+            found.append(process)  # forked by the server, a child of this process
+    return found

@@ -69,6 +69,7 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         ({"tp_size": True}, ConfigError, "got a bool"),
         ({"timeout_s": -1}, ConfigError, "must not be negative"),
         ({"max_request_bytes": 0}, ConfigError, "must be positive"),
+        ({"rank_start_method": "fork"}, ConfigError, "one of forkserver, spawn, got 'fork'"),
     ],
 )
 def test_bad_values_are_named(

@@ -49,7 +49,7 @@ from mmsched.credentials import present_credentials
 from mmsched.messages import GenerateOutput
 from mmsched.stores.arena import SHM_DIR
 from mmsched.testing import SlowRank, stop_result_router
-from own_run import run_dirs_of, segments_of
+from own_run import rank_processes_of, run_dirs_of, segments_of
 
 pytestmark = pytest.mark.faults
 
@@ -329,13 +329,17 @@ async def test_a_busy_tcp_address_is_a_config_error() -> None:
 
 STARTING_SCRIPT = textwrap.dedent(
     """
-    import asyncio, sys
+    import asyncio, sys, time
     from mmsched import Config, Pipeline
 
+    def loading(rank, device):
+        time.sleep(60)  # a model's load: the ranks are up, not ready
+
     async def main():
+        method, slow = sys.argv[1], sys.argv[2] == "slow"
         config = Config(strategy="zero-copy", transport="shm", tp_size=2, shm_arena_mb=64,
-                        timeout_s=30, startup_timeout_s=60)
-        async with Pipeline(config):
+                        timeout_s=30, startup_timeout_s=60, rank_start_method=method)
+        async with Pipeline(config, on_rank_start=loading if slow else None):
             print("ready", flush=True)
             await asyncio.sleep(3600)
 
@@ -345,14 +349,6 @@ STARTING_SCRIPT = textwrap.dedent(
 )
 
 
-def spawned_children(pid: int) -> list[psutil.Process]:
-    try:
-        children = psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
-
-
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -360,20 +356,30 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def test_parent_killed_during_startup_leaves_no_orphan(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "when"),
+    [("spawn", "importing torch"), ("forkserver", "loading a model")],
+)
+async def test_parent_killed_during_startup_leaves_no_orphan(
+    tmp_path: Path, method: str, when: str
+) -> None:
     script = tmp_path / "starting.py"
     script.write_text(STARTING_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    # Forked ranks start in milliseconds: a model's load keeps them starting.
+    slow = "slow" if method == "forkserver" else "fast"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), method, slow], stdout=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         ranks: list[psutil.Process] = []
         while len(ranks) < 2 and time.monotonic() < deadline:
-            ranks = spawned_children(proc.pid)
+            ranks = rank_processes_of(proc.pid)
             await asyncio.sleep(0.01)
-        assert len(ranks) == 2, "the ranks were never spawned"
+        assert len(ranks) == 2, "the ranks were never started"
         run_dirs = run_dirs_of([proc.pid])
         assert len(run_dirs) == 1
-        proc.send_signal(signal.SIGKILL)  # the ranks are still importing torch, not ready
+        proc.send_signal(signal.SIGKILL)  # the ranks are still starting (when), not ready
         proc.wait()
         # Not a blocking read: the ranks hold the pipe open too, until they are gone.
         assert proc.stdout is not None

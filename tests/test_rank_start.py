@@ -1,4 +1,5 @@
-"""The per-rank set-up hook (``on_rank_start``) and what a rank that cannot start says."""
+"""The per-rank set-up hook (``on_rank_start``), under each way a rank starts, what a rank
+that cannot start says, and how a rank watches the process that started it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -13,13 +16,15 @@ import pytest
 
 import rank_hooks
 from mmsched import Config, ConfigError, PeerLost, Pipeline
+from mmsched.processes import wait_for_exit
 
 
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
 async def test_every_rank_sets_up_before_start_returns(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     monkeypatch.setenv("RANK_HOOKS_TEST_DIR", str(tmp_path))
-    config = Config(transport="zmq", tp_size=2, timeout_s=30)
+    config = Config(transport="zmq", tp_size=2, timeout_s=30, rank_start_method=method)
     pipeline = Pipeline(
         config, on_iteration=rank_hooks.use_model, on_rank_start=rank_hooks.load_model
     )
@@ -29,6 +34,35 @@ async def test_every_rank_sets_up_before_start_returns(
         assert [r["device"] for r in records] == ["cpu", "cpu"]
         output = await pipeline.generate("r", [1, 2, 3])  # use_model finds the model
         assert output.output_ids == [1, 2, 3]
+
+
+async def test_a_forked_rank_has_the_environment_its_starter_has_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = Config(transport="zmq", tp_size=2, timeout_s=30, rank_start_method="forkserver")
+    async with Pipeline(config):
+        pass  # the fork server runs from here on, with the environment of now
+    monkeypatch.setenv("RANK_HOOKS_TEST_DIR", str(tmp_path))  # set after it started
+    async with Pipeline(config, on_rank_start=rank_hooks.load_model):
+        assert sorted(os.listdir(tmp_path)) == ["rank0.json", "rank1.json"]
+
+
+def test_waiting_for_a_process_returns_as_it_exits() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    waiter = threading.Thread(target=wait_for_exit, args=(sleeper.pid,), daemon=True)
+    waiter.start()
+    try:
+        waiter.join(0.5)
+        assert waiter.is_alive(), "returned while the process ran"
+        sleeper.kill()
+        waiter.join(5)
+        assert not waiter.is_alive(), "still waiting after the exit"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    started = time.monotonic()
+    wait_for_exit(sleeper.pid)  # gone (and reaped): at once
+    assert time.monotonic() - started < 1
 
 
 async def test_a_failing_set_up_fails_start_naming_the_rank() -> None:

@@ -34,6 +34,7 @@ from mmsched.devices import check_device_setting
 from mmsched.errors import ConfigError
 from mmsched.hashing import DEFAULT_HASHER, get_hasher
 from mmsched.pixels import WIRE_FORMATS
+from mmsched.processes import START_METHODS
 from mmsched.stores import store_class
 from mmsched.strategies import PRESETS, get_strategy
 from mmsched.transports import TransportOptions, transport_class
@@ -79,6 +80,12 @@ class Config:
             empty iteration (the other ranks' heartbeat).
         timeout_s: longest wait for a peer in any blocking step before it counts as lost.
         startup_timeout_s: longest wait for every rank to join at start.
+        rank_start_method: how rank processes start: ``forkserver`` (the default where the
+            platform has it: one server process, with torch and the rank's code imported
+            once, forks each rank in milliseconds) or ``spawn`` (each rank a fresh
+            interpreter that imports torch again: 2-3 s of CPU a rank). Under both a rank
+            imports the program's main module again and sees the environment of the
+            process that started it ([`mmsched.processes`][]).
         max_request_bytes: largest total feature size of one request; ``None``: no limit.
         allow_pickle: let the codec unpickle opaque values (trust every sender first).
         tokenizer_workers: threads that materialize inputs in the tokenizer (a request with
@@ -159,6 +166,7 @@ class Config:
     idle_wait_ms: float = 20.0
     timeout_s: float = 60.0
     startup_timeout_s: float = 120.0
+    rank_start_method: str = "forkserver"
     max_request_bytes: int | None = None
     allow_pickle: bool = False
     tokenizer_workers: int = 8
@@ -223,6 +231,11 @@ class Config:
         if self.wire_pixels not in WIRE_FORMATS:
             raise ConfigError(
                 f"wire_pixels must be one of {', '.join(WIRE_FORMATS)}, got {self.wire_pixels!r}"
+            )
+        if self.rank_start_method not in START_METHODS:
+            raise ConfigError(
+                f"rank_start_method must be one of {', '.join(START_METHODS)}, "
+                f"got {self.rank_start_method!r}"
             )
         if self.backpressure not in ("wait", "reject"):
             raise ConfigError(f"backpressure must be 'wait' or 'reject', got {self.backpressure!r}")

@@ -1,8 +1,9 @@
 """Rank processes: started, watched for their exit, stopped within a bound.
 
-A rank process is spawned (safe with torch and threads) and daemonic; it outlives nobody: a
-watcher thread in it exits the process as soon as the process that started it is gone,
-even while the rank is still joining its group, and removes the run's directory. A rank
+A rank process starts from the fork server or is spawned (``rank_start_method``, see
+[`mmsched.processes`][]: both safe with torch and threads) and is daemonic; it outlives
+nobody: a watcher thread in it exits the process as soon as the process that started it is
+gone, even while the rank is still joining its group, and removes the run's directory. A rank
 that fails (at start-up, say, when ``/dev/shm`` is too small) leaves its error in the run
 directory ([`mmsched.runtime.rundir`][]) before exiting, so that its supervisor raises that
 error rather than a bare exit code.
@@ -14,12 +15,10 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Awaitable
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
@@ -33,7 +32,13 @@ from mmsched.devices import rank_device
 from mmsched.errors import ConfigError, MmschedError, PeerLost
 from mmsched.outputs import IterationCallback
 from mmsched.probes import Probe
-from mmsched.processes import RANK_PROCESS_PREFIX, join_or_kill
+from mmsched.processes import (
+    RANK_PROCESS_PREFIX,
+    adopt_environment,
+    join_or_kill,
+    rank_context,
+    wait_for_exit,
+)
 from mmsched.runtime.endpoints import sweep_stale_stores
 from mmsched.runtime.rundir import leave_failure, read_failure
 from mmsched.scheduler import RankAddresses, RankStartCallback, SchedulerRank
@@ -42,7 +47,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_ORPHAN_POLL_S = 0.2
 _WATCH_PERIOD_S = 0.2
 Hooks = tuple[IterationCallback | None, Probe | None, RankStartCallback | None]
 """``(on_iteration, probe, on_rank_start)``: what every rank process is given."""
@@ -79,11 +83,14 @@ def rank_main(
     addresses: RankAddresses,
     hooks: Hooks,
     group: tuple[int, int] | None = None,
+    environ: dict[str, str] | None = None,
 ) -> None:
-    """Process entry point of scheduler rank ``rank`` (``group``: see ``SchedulerRank``)."""
+    """Process entry point of scheduler rank ``rank`` (``group``: see ``SchedulerRank``;
+    ``environ``: the starter's environment, which the rank takes)."""
     threading.Thread(
         target=_exit_if_orphaned, args=(addresses,), name="mmsched-orphan", daemon=True
     ).start()
+    adopt_environment(environ)
     try:
         device = rank_device(config.device, rank)
         if device.type == "cuda":
@@ -118,15 +125,14 @@ def _exit_cleanly() -> None:
 
 
 def _exit_if_orphaned(addresses: RankAddresses) -> None:
-    # The parent's pid comes from the parent itself: a rank that read getppid() after the
-    # spawn bootstrap would record 1 if the parent had already died, and never notice.
-    while True:
-        time.sleep(_ORPHAN_POLL_S)
-        if os.getppid() != addresses.parent_pid:
-            log.error("the tokenizer (pid %d) is gone; this rank exits", addresses.parent_pid)
-            shutil.rmtree(addresses.run_dir, ignore_errors=True)
-            sweep_stale_stores()  # the run's segments, named for the dead tokenizer
-            os._exit(1)
+    # The starter's pid comes from the starter itself: a rank that read getppid() after the
+    # spawn bootstrap would record 1 if the parent had already died, and never notice; and
+    # a rank forked by the fork server has the server for a parent.
+    wait_for_exit(addresses.parent_pid)
+    log.error("the tokenizer (pid %d) is gone; this rank exits", addresses.parent_pid)
+    shutil.rmtree(addresses.run_dir, ignore_errors=True)
+    sweep_stale_stores()  # the run's segments, named for the dead tokenizer
+    os._exit(1)
 
 
 class RankProcesses:
@@ -148,9 +154,9 @@ class RankProcesses:
         group: tuple[int, int] | None = None,
     ) -> None:
         """Start rank ``rank``'s process (daemonic: it does not outlive this one)."""
-        proc = multiprocessing.get_context("spawn").Process(
+        proc = rank_context(self.config.rank_start_method).Process(
             target=rank_main,
-            args=(self.config, rank, addresses, hooks, group),
+            args=(self.config, rank, addresses, hooks, group, dict(os.environ)),
             name=f"{RANK_PROCESS_PREFIX}{rank}",
             daemon=True,
         )
@@ -166,13 +172,19 @@ class RankProcesses:
         return any(p.is_alive() for _, p in self._ranks)
 
     def lost(self, *, started: bool = True) -> MmschedError | None:
-        """The first rank process that exited, as an error (the one it left, if any);
+        """A rank process that exited, as an error (the one it left, if any): one killed by
+        a signal before the others, else the first in rank order;
         ``started``: whether every rank had come up, which tells a rank that could not even
         import its program from one that died serving."""
-        for rank, proc in self._ranks:
-            if proc.exitcode is not None:
-                return self._exit_error(rank, proc.exitcode, started)
-        return None
+        exited = [(rank, proc.exitcode) for rank, proc in self._ranks if proc.exitcode is not None]
+        if not exited:
+            return None
+        # A rank killed by a signal is the cause; the ranks that failed because it went
+        # (a broken collective, say) are its effects, and may have exited first.
+        killed = [(rank, code) for rank, code in exited if code is not None and code < 0]
+        rank, code = (killed or exited)[0]
+        assert code is not None
+        return self._exit_error(rank, code, started)
 
     def _exit_error(self, rank: int, exitcode: int, started: bool) -> MmschedError:
         left = read_failure(self.run_dir, rank)
